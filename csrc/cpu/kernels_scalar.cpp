@@ -1,0 +1,11 @@
+// The portable scalar kernel table: always built, always tested (PYCLIPQ_CPU_ISA=scalar).
+#include "kernels_portable.h"
+
+namespace pyclipq::cpu {
+
+const KernelTable& scalar_kernels() {
+  static const KernelTable table{"scalar", portable_quantize_rows, portable_gemm, portable_linear};
+  return table;
+}
+
+}  // namespace pyclipq::cpu

@@ -1,0 +1,306 @@
+// CPU implementations of the pyclipq ops (schemas: pyclipq/ops/library.py).
+// This file checks, allocates and splits work across threads; the arithmetic lives in
+// the torch-free kernel tables (kernels_*.cpp) chosen at run time.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+
+#include "op_checks.h"
+#include "pyclipq/cpu_kernels.h"
+
+namespace pyclipq::cpu {
+namespace {
+
+constexpr int64_t kRowsPerTask = 16;
+constexpr int64_t kColsPerTask = 64;
+
+struct QuantizedActivation {
+  at::Tensor q, scale, sums;
+};
+
+void check_cpu(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the CPU kernel, got ", t.device());
+}
+
+QuantizedActivation quantize(const at::Tensor& x, int64_t group_size, const std::optional<at::Tensor>& act_scale,
+                             const char* op) {
+  check_float_input(x, op);
+  check_group_size(group_size, op);
+  check_act_scale(act_scale, op);
+  const int64_t k = x.size(-1);
+  const int64_t k_pad = padded_k(k);
+  const int64_t m = x.numel() / k;
+  const int64_t groups = num_groups(k_pad, group_size);
+  // Non-contiguous and bf16/fp16 inputs are accepted: they are copied to contiguous fp32 rows first.
+  const at::Tensor rows = x.reshape({m, k}).to(at::kFloat).contiguous();
+  QuantizedActivation out{at::empty({m, k_pad}, x.options().dtype(at::kChar)),
+                          at::empty({m}, x.options().dtype(at::kFloat)),
+                          at::empty({m, groups}, x.options().dtype(at::kInt))};
+  float static_scale = 0.0f;
+  if (act_scale.has_value()) {
+    check_cpu(*act_scale, "act_scale", op);
+    static_scale = act_scale->item<float>();
+    TORCH_CHECK(std::isfinite(static_scale) && static_scale > 0.0f, op,
+                ": act_scale must be finite and > 0 (was the layer calibrated?), got ", static_scale);
+  }
+  const KernelTable& kt = active_kernels();
+  std::atomic<int64_t> bad_row{-1};
+  const float* xp = rows.data_ptr<float>();
+  int8_t* qp = out.q.data_ptr<int8_t>();
+  float* sp = out.scale.data_ptr<float>();
+  int32_t* gp = out.sums.data_ptr<int32_t>();
+  at::parallel_for(0, m, kRowsPerTask, [&](int64_t r0, int64_t r1) {
+    const int64_t bad = kt.quantize_rows(xp + r0 * k, k, r1 - r0, k, k_pad, group_size,
+                                         act_scale.has_value() ? &static_scale : nullptr, qp + r0 * k_pad, sp + r0,
+                                         gp + r0 * groups);
+    if (bad >= 0) bad_row.store(r0 + bad);
+  });
+  TORCH_CHECK(bad_row.load() < 0, op, ": x contains NaN or Inf (row ", bad_row.load(),
+              " of the flattened input); per-token quantization needs finite activations");
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, int64_t group_size,
+                                                                  const std::optional<at::Tensor>& act_scale) {
+  auto r = quantize(x, group_size, act_scale, "pyclipq.quantize_per_token");
+  return {r.q, r.scale, r.sums};
+}
+
+// Threads split N for small M and (M, N) tiles for large M; every output element is
+// computed by exactly one task in a fixed order, so results do not depend on threads.
+template <typename Fn>
+void for_each_tile(int64_t m, int64_t n, Fn&& fn) {
+  const int64_t m_tiles = (m + kRowsPerTask * 4 - 1) / (kRowsPerTask * 4);
+  const int64_t n_tiles = (n + kColsPerTask - 1) / kColsPerTask;
+  at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t mt = t / n_tiles, nt = t % n_tiles;
+      const int64_t m0 = mt * kRowsPerTask * 4, m1 = std::min(m, m0 + kRowsPerTask * 4);
+      const int64_t n0 = nt * kColsPerTask, n1 = std::min(n, n0 + kColsPerTask);
+      fn(m0, m1, n0, n1);
+    }
+  });
+}
+
+at::Tensor integer_gemm(WeightKind kind, const at::Tensor& x_q, const at::Tensor& x_sums, const at::Tensor& weight,
+                        int64_t group_size, bool grouped_output, const char* op) {
+  check_cpu(x_q, "x_q", op);
+  check_cpu(weight, "weight", op);
+  const int64_t k_pad = check_quantized_activation(x_q, op);
+  check_weight(kind, weight, k_pad, op);
+  check_group_size(group_size, op);
+  const int64_t m = x_q.size(0), n = weight.size(0), groups = num_groups(k_pad, group_size);
+  if (kind != WeightKind::Int8) {
+    check_cpu(x_sums, "x_sums", op);
+    check_group_sums(x_sums, m, groups, op);
+  }
+  at::Tensor out = at::empty({m, n, groups}, x_q.options().dtype(at::kInt));
+  const KernelTable& kt = active_kernels();
+  const int32_t* sums = kind == WeightKind::Int8 ? nullptr : x_sums.data_ptr<int32_t>();
+  for_each_tile(m, n, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    kt.gemm(kind, x_q.data_ptr<int8_t>() + m0 * k_pad, sums ? sums + m0 * groups : nullptr, m1 - m0, k_pad,
+            group_size, weight.data_ptr(), n0, n1, n, out.data_ptr<int32_t>() + m0 * n * groups);
+  });
+  return grouped_output ? out : out.view({m, n});
+}
+
+at::Tensor int8_gemm(const at::Tensor& x_q, const at::Tensor& weight) {
+  return integer_gemm(WeightKind::Int8, x_q, at::Tensor(), weight, 0, false, "pyclipq.int8_gemm");
+}
+at::Tensor int4_gemm(const at::Tensor& x_q, const at::Tensor& x_sums, const at::Tensor& weight, int64_t group_size) {
+  return integer_gemm(WeightKind::Int4, x_q, x_sums, weight, group_size, true, "pyclipq.int4_gemm");
+}
+at::Tensor int2_gemm(const at::Tensor& x_q, const at::Tensor& x_sums, const at::Tensor& weight, int64_t group_size) {
+  return integer_gemm(WeightKind::Int2, x_q, x_sums, weight, group_size, true, "pyclipq.int2_gemm");
+}
+at::Tensor ternary_gemm(const at::Tensor& x_q, const at::Tensor& x_sums, const at::Tensor& weight) {
+  return integer_gemm(WeightKind::Ternary, x_q, x_sums, weight, 0, false, "pyclipq.ternary_gemm");
+}
+
+at::Tensor fused_linear(WeightKind kind, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                        int64_t group_size, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& act_scale, const char* op) {
+  check_float_input(x, op);
+  check_cpu(x, "x", op);
+  check_cpu(weight, "weight", op);
+  check_cpu(weight_scale, "weight_scale", op);
+  check_group_size(group_size, op);
+  const int64_t k_pad = padded_k(x.size(-1));
+  check_weight(kind, weight, k_pad, op);
+  const int64_t n = weight.size(0), groups = num_groups(k_pad, group_size);
+  check_weight_scale(weight_scale, n, groups, op);
+  check_bias(bias, n, op);
+  if (bias.has_value()) check_cpu(*bias, "bias", op);
+  QuantizedActivation a = quantize(x, group_size, act_scale, op);
+  const int64_t m = a.q.size(0);
+  at::Tensor bias_f32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  const KernelTable& kt = active_kernels();
+  for_each_tile(m, n, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    kt.linear(kind, a.q.data_ptr<int8_t>() + m0 * k_pad, a.scale.data_ptr<float>() + m0,
+              a.sums.data_ptr<int32_t>() + m0 * groups, m1 - m0, k_pad, group_size, weight.data_ptr(),
+              weight_scale.data_ptr<float>(), bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr, n0, n1, n,
+              y.data_ptr<float>() + m0 * n);
+  });
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n;
+  return y.to(x.scalar_type()).view(out_shape);
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& act_scale) {
+  return fused_linear(WeightKind::Int8, x, w, ws, 0, bias, act_scale, "pyclipq.int8_linear");
+}
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws, int64_t group_size,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& act_scale) {
+  return fused_linear(WeightKind::Int4, x, w, ws, group_size, bias, act_scale, "pyclipq.int4_linear");
+}
+at::Tensor int2_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws, int64_t group_size,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& act_scale) {
+  return fused_linear(WeightKind::Int2, x, w, ws, group_size, bias, act_scale, "pyclipq.int2_linear");
+}
+at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws,
+                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& act_scale) {
+  return fused_linear(WeightKind::Ternary, x, w, ws, 0, bias, act_scale, "pyclipq.ternary_linear");
+}
+
+// ---------------------------------------------------------------- packing
+
+void check_codes(const at::Tensor& codes, int64_t max_code, const char* op) {
+  check_cpu(codes, "codes", op);
+  TORCH_CHECK(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ", codes.scalar_type());
+  TORCH_CHECK(codes.dim() == 2, op, ": codes must be 2-D [N, K], got shape ", codes.sizes());
+  if (codes.numel() > 0) {
+    const int64_t found = codes.max().item<int64_t>();
+    TORCH_CHECK(found <= max_code, op, ": codes must be <= ", max_code, " for this format, found ", found);
+  }
+}
+
+int64_t bits_to_codes_per_byte(int64_t bits, const char* op) {
+  TORCH_CHECK(bits == 2 || bits == 4, op, ": bits must be 2 or 4, got ", bits);
+  return 8 / bits;
+}
+
+at::Tensor pack_codes(const at::Tensor& codes_in, int64_t bits) {
+  const char* op = "pyclipq.pack_codes";
+  const int64_t per_byte = bits_to_codes_per_byte(bits, op);
+  check_codes(codes_in, (1 << bits) - 1, op);
+  const at::Tensor codes = codes_in.contiguous();
+  const int64_t n = codes.size(0), k_pad = codes.size(1);
+  TORCH_CHECK(k_pad % kKBlock == 0, op, ": codes must have K_pad = a multiple of ", kKBlock, " columns, got ", k_pad);
+  at::Tensor out = at::empty({n, k_pad / per_byte}, codes.options());
+  const uint8_t* src = codes.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const int64_t row_bytes = k_pad / per_byte, block = kVectorBytes * per_byte;
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t b = 0; b < k_pad / block; ++b)
+        for (int64_t j = 0; j < kVectorBytes; ++j) {
+          uint8_t v = 0;
+          for (int64_t p = 0; p < per_byte; ++p) v |= src[r * k_pad + b * block + p * kVectorBytes + j] << (p * bits);
+          dst[r * row_bytes + b * kVectorBytes + j] = v;
+        }
+  });
+  return out;
+}
+
+at::Tensor unpack_codes(const at::Tensor& packed_in, int64_t bits) {
+  const char* op = "pyclipq.unpack_codes";
+  const int64_t per_byte = bits_to_codes_per_byte(bits, op);
+  check_cpu(packed_in, "packed", op);
+  TORCH_CHECK(packed_in.scalar_type() == at::kByte && packed_in.dim() == 2, op,
+              ": packed must be a 2-D uint8 tensor, got ", packed_in.scalar_type(), " of shape ", packed_in.sizes());
+  const at::Tensor packed = packed_in.contiguous();
+  const int64_t n = packed.size(0), row_bytes = packed.size(1), k_pad = row_bytes * per_byte;
+  TORCH_CHECK(k_pad % kKBlock == 0, op, ": packed rows must hold a multiple of ", kKBlock, " codes, got ", k_pad);
+  at::Tensor out = at::empty({n, k_pad}, packed.options());
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const int64_t block = kVectorBytes * per_byte, mask = (1 << bits) - 1;
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t b = 0; b < k_pad / block; ++b)
+        for (int64_t j = 0; j < kVectorBytes; ++j)
+          for (int64_t p = 0; p < per_byte; ++p)
+            dst[r * k_pad + b * block + p * kVectorBytes + j] =
+                (src[r * row_bytes + b * kVectorBytes + j] >> (p * bits)) & mask;
+  });
+  return out;
+}
+
+at::Tensor pack_trits(const at::Tensor& codes_in, int64_t k) {
+  const char* op = "pyclipq.pack_trits";
+  check_codes(codes_in, 2, op);
+  TORCH_CHECK(k >= 1 && k <= codes_in.size(1), op, ": k must be in [1, codes.size(1) = ", codes_in.size(1), "], got ",
+              k);
+  const at::Tensor codes = codes_in.contiguous();
+  const int64_t n = codes.size(0), width = codes.size(1), nbytes = (k + kTritsPerByte - 1) / kTritsPerByte;
+  at::Tensor out = at::empty({n, nbytes}, codes.options());
+  const uint8_t* src = codes.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t j = 0; j < nbytes; ++j) {
+        int v = 0;
+        for (int i = kTritsPerByte - 1; i >= 0; --i) {
+          const int64_t idx = j * kTritsPerByte + i;
+          v = v * 3 + (idx < k ? src[r * width + idx] : traits(WeightKind::Ternary).pad_code);
+        }
+        dst[r * nbytes + j] = static_cast<uint8_t>(v);
+      }
+  });
+  return out;
+}
+
+at::Tensor unpack_trits(const at::Tensor& packed_in, int64_t k) {
+  const char* op = "pyclipq.unpack_trits";
+  check_cpu(packed_in, "packed", op);
+  TORCH_CHECK(packed_in.scalar_type() == at::kByte && packed_in.dim() == 2, op,
+              ": packed must be a 2-D uint8 tensor, got ", packed_in.scalar_type(), " of shape ", packed_in.sizes());
+  TORCH_CHECK(k >= 1, op, ": k must be >= 1, got ", k);
+  const int64_t nbytes = (k + kTritsPerByte - 1) / kTritsPerByte;
+  TORCH_CHECK(packed_in.size(1) == nbytes, op, ": packed must have ceil(k / 5) = ", nbytes, " bytes per row for k = ",
+              k, ", got ", packed_in.size(1));
+  const at::Tensor packed = packed_in.contiguous();
+  if (packed.numel() > 0) {
+    const int64_t found = packed.max().item<int64_t>();
+    TORCH_CHECK(found <= 242, op, ": packed holds byte ", found, " > 242, not a base-3 ternary layout");
+  }
+  const int64_t n = packed.size(0), k_pad = padded_k(k);
+  at::Tensor out = at::full({n, k_pad}, traits(WeightKind::Ternary).pad_code, packed.options());
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t j = 0; j < nbytes; ++j) {
+        int v = src[r * nbytes + j];
+        for (int i = 0; i < kTritsPerByte; ++i, v /= 3) {
+          const int64_t idx = j * kTritsPerByte + i;
+          if (idx < k) dst[r * k_pad + idx] = static_cast<uint8_t>(v % 3);
+        }
+      }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyclipq, CPU, m) {
+  m.impl("quantize_per_token", &quantize_per_token);
+  m.impl("int8_gemm", &int8_gemm);
+  m.impl("int4_gemm", &int4_gemm);
+  m.impl("int2_gemm", &int2_gemm);
+  m.impl("ternary_gemm", &ternary_gemm);
+  m.impl("int8_linear", &int8_linear);
+  m.impl("int4_linear", &int4_linear);
+  m.impl("int2_linear", &int2_linear);
+  m.impl("ternary_linear", &ternary_linear);
+  m.impl("pack_codes", &pack_codes);
+  m.impl("unpack_codes", &unpack_codes);
+  m.impl("pack_trits", &pack_trits);
+  m.impl("unpack_trits", &unpack_trits);
+}
+
+}  // namespace pyclipq::cpu

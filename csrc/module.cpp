@@ -1,0 +1,44 @@
+// The Python module pyclipq._C: importing it registers the kernels (TORCH_LIBRARY_IMPL
+// blocks in csrc/cpu and csrc/cuda) and exposes what the build contains.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "pyclipq/cpu_kernels.h"
+#include "pyclipq/formats.h"
+
+namespace py = pybind11;
+
+namespace {
+
+std::vector<std::string> split_csv(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  for (std::string item; std::getline(ss, item, ',');) out.push_back(item);
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyclipq compiled kernels";
+  m.def("torch_version", [] { return std::string(PYCLIPQ_TORCH_VERSION); });
+  m.def("cpu_isa", [] { return std::string(pyclipq::cpu::active_kernels().isa); });
+  m.def("build_info", [] {
+    py::dict d;
+    d["pyclipq_format_version"] = pyclipq::kFormatVersion;
+    d["torch_built_against"] = std::string(PYCLIPQ_TORCH_VERSION);
+    d["cpu_isa_variants"] = split_csv(PYCLIPQ_ISA_VARIANTS);
+    d["cpu_isa"] = std::string(pyclipq::cpu::active_kernels().isa);
+    d["cpu_isa_reason"] = std::string(pyclipq::cpu::cpu_isa_reason());
+#ifdef PYCLIPQ_WITH_CUDA
+    d["cuda"] = true;
+#else
+    d["cuda"] = false;
+#endif
+    return d;
+  });
+}

@@ -1,0 +1,200 @@
+"""The weight and activation formats of pyclipq: the Python mirror of docs/FORMATS.md.
+
+Everything here is the reference definition (plain PyTorch, exact). The C++ mirror
+is ``csrc/include/pyclipq/formats.h``; nothing else defines a bit layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FORMAT_VERSION = 1
+K_BLOCK = 128
+VECTOR_BYTES = 32
+GROUP_SIZES = (0, 32, 64, 128)  # 0 = one group per output channel
+THRESHOLD_RULES = ("absmean", "twice_mean")
+TRITS_PER_BYTE = 5
+ACT_QMAX = 127
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    name: str
+    bits: int
+    level_mul: int
+    level_offset: int
+    pad_code: int
+    qmax: int  # largest |level| the scale maps absmax to
+    grouped: bool
+
+    @property
+    def codes_per_byte(self) -> int:
+        return 8 // self.bits
+
+    @property
+    def block_elems(self) -> int:
+        return VECTOR_BYTES * self.codes_per_byte
+
+    @property
+    def max_code(self) -> int:
+        return (1 << self.bits) - 1 if self.name != "ternary" else 2
+
+    def level(self, codes: torch.Tensor) -> torch.Tensor:
+        if self.name == "int8":
+            return codes.to(torch.int32)
+        return self.level_mul * codes.to(torch.int32) - self.level_offset
+
+
+INT8 = WeightFormat("int8", 8, 1, 0, 0, 127, grouped=False)
+INT4 = WeightFormat("int4", 4, 1, 8, 8, 7, grouped=True)
+INT2 = WeightFormat("int2", 2, 2, 3, 1, 3, grouped=True)
+TERNARY = WeightFormat("ternary", 2, 1, 1, 1, 1, grouped=False)
+FORMATS = {f.name: f for f in (INT8, INT4, INT2, TERNARY)}
+
+
+def get_format(name: str) -> WeightFormat:
+    if name not in FORMATS:
+        raise ValueError(f"format must be one of {sorted(FORMATS)}, got {name!r}")
+    return FORMATS[name]
+
+
+def padded_k(k: int) -> int:
+    if k < 1:
+        raise ValueError(f"in_features (K) must be >= 1, got {k}")
+    return -(-k // K_BLOCK) * K_BLOCK
+
+
+def check_group_size(group_size: int) -> None:
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES} (0 = per output channel), got {group_size}")
+
+
+def num_groups(k_pad: int, group_size: int) -> int:
+    check_group_size(group_size)
+    return 1 if group_size == 0 else k_pad // group_size
+
+
+def _check_weight(weight: torch.Tensor) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D tensor [N, K], got {getattr(weight, 'shape', type(weight))}")
+    if not weight.is_floating_point():
+        raise ValueError(f"weight must be floating point, got {weight.dtype}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight contains NaN or Inf")
+
+
+def _safe_inverse(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(scale))
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    fmt: str | WeightFormat,
+    group_size: int = 0,
+    threshold_rule: str = "absmean",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float weight [N, K] -> (unpacked codes uint8/int8 [N, K_pad], scales fp32).
+
+    Scales are [N] for int8/ternary and [N, G] for int4/int2.
+    """
+    fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+    _check_weight(weight)
+    n, k = weight.shape
+    k_pad = padded_k(k)
+    w = weight.detach().to(torch.float32)
+    if fmt.name == "ternary":
+        if threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {threshold_rule!r}")
+        mean_abs = w.abs().mean(dim=1)
+        scale = mean_abs if threshold_rule == "absmean" else 2.0 * mean_abs
+        levels = torch.clamp(torch.round(w * _safe_inverse(scale)[:, None]), -1, 1)
+        codes = torch.full((n, k_pad), fmt.pad_code, dtype=torch.uint8)
+        codes[:, :k] = (levels + 1).to(torch.uint8)
+        return codes, scale.contiguous()
+    if fmt.name == "int8":
+        scale = w.abs().amax(dim=1) / fmt.qmax
+        q = torch.clamp(torch.round(w * _safe_inverse(scale)[:, None]), -127, 127).to(torch.int8)
+        codes = torch.zeros((n, k_pad), dtype=torch.int8)
+        codes[:, :k] = q
+        return codes, scale.contiguous()
+    check_group_size(group_size)
+    wp = torch.zeros((n, k_pad), dtype=torch.float32)
+    wp[:, :k] = w
+    g = num_groups(k_pad, group_size)
+    grouped = wp.view(n, g, k_pad // g)
+    scale = grouped.abs().amax(dim=2) / fmt.qmax
+    ratio = grouped * _safe_inverse(scale)[:, :, None]
+    if fmt.name == "int4":
+        codes = torch.clamp(torch.round(ratio), -7, 7) + fmt.level_offset
+    else:  # int2: nearest odd level in {-3, -1, 1, 3}
+        codes = torch.clamp(torch.round((ratio + 3) / 2), 0, 3)
+    codes = codes.view(n, k_pad).to(torch.uint8)
+    codes[:, k:] = fmt.pad_code
+    return codes.contiguous(), scale.contiguous()
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, fmt: str | WeightFormat, k: int) -> torch.Tensor:
+    """Unpacked codes [N, K_pad] + scales -> float32 weight [N, K] (what the kernels multiply by)."""
+    fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+    n, k_pad = codes.shape
+    levels = fmt.level(codes).to(torch.float32)
+    if scale.dim() == 1:
+        w = levels * scale[:, None]
+    else:
+        g = scale.shape[1]
+        w = (levels.view(n, g, k_pad // g) * scale[:, :, None]).view(n, k_pad)
+    return w[:, :k]
+
+
+# ---------------------------------------------------------------- packing (reference)
+
+def pack_codes_reference(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [N, K_pad] -> block-planar packed uint8 [N, K_pad * bits / 8]."""
+    if bits not in (2, 4):
+        raise ValueError(f"bits must be 2 or 4, got {bits}")
+    n, k_pad = codes.shape
+    per_byte = 8 // bits
+    block = VECTOR_BYTES * per_byte
+    if k_pad % block:
+        raise ValueError(f"codes must have a multiple of {block} columns, got {k_pad}")
+    c = codes.to(torch.int32).view(n, k_pad // block, per_byte, VECTOR_BYTES)
+    shifts = (torch.arange(per_byte, dtype=torch.int32) * bits).view(1, 1, per_byte, 1)
+    packed = (c << shifts).sum(dim=2)
+    return packed.to(torch.uint8).view(n, k_pad // per_byte)
+
+
+def unpack_codes_reference(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits not in (2, 4):
+        raise ValueError(f"bits must be 2 or 4, got {bits}")
+    n, nbytes = packed.shape
+    per_byte = 8 // bits
+    p = packed.to(torch.int32).view(n, nbytes // VECTOR_BYTES, 1, VECTOR_BYTES)
+    shifts = (torch.arange(per_byte, dtype=torch.int32) * bits).view(1, 1, per_byte, 1)
+    codes = (p >> shifts) & ((1 << bits) - 1)
+    return codes.to(torch.uint8).view(n, nbytes * per_byte)
+
+
+def pack_trits_reference(codes: torch.Tensor, k: int) -> torch.Tensor:
+    """Ternary codes {0,1,2} [N, >=K] -> base-3 storage layout uint8 [N, ceil(K/5)]."""
+    n = codes.shape[0]
+    nbytes = -(-k // TRITS_PER_BYTE)
+    c = torch.ones((n, nbytes * TRITS_PER_BYTE), dtype=torch.int32)
+    c[:, :k] = codes[:, :k].to(torch.int32)
+    powers = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
+    return (c.view(n, nbytes, TRITS_PER_BYTE) * powers).sum(dim=2).to(torch.uint8)
+
+
+def unpack_trits_reference(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Base-3 storage layout -> ternary codes uint8 [N, K_pad] (compute-layout codes, unpacked)."""
+    n, nbytes = packed.shape
+    if nbytes != -(-k // TRITS_PER_BYTE):
+        raise ValueError(f"packed has {nbytes} bytes per row, expected ceil({k}/5) = {-(-k // TRITS_PER_BYTE)}")
+    p = packed.to(torch.int32)
+    if (p > 242).any():
+        raise ValueError("packed trits contain a byte > 242: not a base-3 ternary layout")
+    powers = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
+    trits = (p[:, :, None] // powers) % 3
+    codes = torch.full((n, padded_k(k)), TERNARY.pad_code, dtype=torch.uint8)
+    codes[:, :k] = trits.view(n, -1)[:, :k].to(torch.uint8)
+    return codes

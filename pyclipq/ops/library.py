@@ -1,0 +1,105 @@
+"""The one place where pyclipq's torch.library schemas are defined, each with its fake.
+
+C++ (csrc/cpu, csrc/cuda) only registers implementations (TORCH_LIBRARY_IMPL).
+Fakes do no data access, so torch.compile(fullgraph=True) and torch.export trace
+through every op. The shapes follow docs/FORMATS.md.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import formats
+
+NAMESPACE = "pyclipq"
+lib = torch.library.Library(NAMESPACE, "DEF")
+
+SCHEMAS = {
+    # activations
+    "quantize_per_token": "quantize_per_token(Tensor x, int group_size, Tensor? act_scale=None) -> (Tensor, Tensor, Tensor)",
+    # integer GEMMs (int32 out, for other projects to fuse)
+    "int8_gemm": "int8_gemm(Tensor x_q, Tensor weight) -> Tensor",
+    "int4_gemm": "int4_gemm(Tensor x_q, Tensor x_sums, Tensor weight, int group_size) -> Tensor",
+    "int2_gemm": "int2_gemm(Tensor x_q, Tensor x_sums, Tensor weight, int group_size) -> Tensor",
+    "ternary_gemm": "ternary_gemm(Tensor x_q, Tensor x_sums, Tensor weight) -> Tensor",
+    # fused linears: float in -> quantize -> integer GEMM -> dequantize -> + bias -> float out
+    "int8_linear": "int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias=None, Tensor? act_scale=None) -> Tensor",
+    "int4_linear": "int4_linear(Tensor x, Tensor weight, Tensor weight_scale, int group_size, Tensor? bias=None, Tensor? act_scale=None) -> Tensor",
+    "int2_linear": "int2_linear(Tensor x, Tensor weight, Tensor weight_scale, int group_size, Tensor? bias=None, Tensor? act_scale=None) -> Tensor",
+    "ternary_linear": "ternary_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias=None, Tensor? act_scale=None) -> Tensor",
+    # packing (block-planar codes; base-3 trits)
+    "pack_codes": "pack_codes(Tensor codes, int bits) -> Tensor",
+    "unpack_codes": "unpack_codes(Tensor packed, int bits) -> Tensor",
+    "pack_trits": "pack_trits(Tensor codes, int k) -> Tensor",
+    "unpack_trits": "unpack_trits(Tensor packed, int k) -> Tensor",
+}
+
+for _schema in SCHEMAS.values():
+    lib.define(_schema)
+
+LOWBIT_BITS = {"int4": 4, "int2": 2, "ternary": 2}
+
+
+def _groups_from_weight(k_pad, group_size):
+    return 1 if group_size == 0 else k_pad // group_size
+
+
+@torch.library.register_fake(f"{NAMESPACE}::quantize_per_token")
+def _(x, group_size, act_scale=None):
+    k_pad = formats.padded_k(x.shape[-1]) if x.shape[-1] > 0 else 0
+    m = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+    g = _groups_from_weight(k_pad, group_size)
+    return (
+        x.new_empty((m, k_pad), dtype=torch.int8),
+        x.new_empty((m,), dtype=torch.float32),
+        x.new_empty((m, g), dtype=torch.int32),
+    )
+
+
+@torch.library.register_fake(f"{NAMESPACE}::int8_gemm")
+def _(x_q, weight):
+    return x_q.new_empty((x_q.shape[0], weight.shape[0]), dtype=torch.int32)
+
+
+def _lowbit_gemm_fake(bits):
+    def fake(x_q, x_sums, weight, group_size):
+        k_pad = weight.shape[1] * (8 // bits)
+        return x_q.new_empty((x_q.shape[0], weight.shape[0], _groups_from_weight(k_pad, group_size)), dtype=torch.int32)
+
+    return fake
+
+
+torch.library.register_fake(f"{NAMESPACE}::int4_gemm")(_lowbit_gemm_fake(4))
+torch.library.register_fake(f"{NAMESPACE}::int2_gemm")(_lowbit_gemm_fake(2))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::ternary_gemm")
+def _(x_q, x_sums, weight):
+    return x_q.new_empty((x_q.shape[0], weight.shape[0]), dtype=torch.int32)
+
+
+def _linear_fake(x, weight, *args, **kwargs):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+for _name in ("int8_linear", "int4_linear", "int2_linear", "ternary_linear"):
+    torch.library.register_fake(f"{NAMESPACE}::{_name}")(_linear_fake)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::pack_codes")
+def _(codes, bits):
+    return codes.new_empty((codes.shape[0], codes.shape[1] * bits // 8), dtype=torch.uint8)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::unpack_codes")
+def _(packed, bits):
+    return packed.new_empty((packed.shape[0], packed.shape[1] * 8 // bits), dtype=torch.uint8)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::pack_trits")
+def _(codes, k):
+    return codes.new_empty((codes.shape[0], -(-k // formats.TRITS_PER_BYTE)), dtype=torch.uint8)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::unpack_trits")
+def _(packed, k):
+    return packed.new_empty((packed.shape[0], formats.padded_k(k)), dtype=torch.uint8)

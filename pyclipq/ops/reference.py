@@ -1,0 +1,117 @@
+"""Pure-PyTorch references for every pyclipq op: exact integer math, float64 epilogues.
+
+These are the ground truth the tests compare every backend against (C++ CPU, CUDA,
+Triton). They follow docs/FORMATS.md line by line and favour clarity over speed.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import formats
+from ..formats import INT2, INT4, INT8, TERNARY
+
+
+def quantize_per_token(x: torch.Tensor, group_size: int, act_scale: torch.Tensor | None = None):
+    k = x.shape[-1]
+    k_pad = formats.padded_k(k)
+    rows = x.reshape(-1, k).to(torch.float32)
+    absmax = rows.abs().amax(dim=1) if rows.shape[0] else rows.new_zeros(0)
+    if not torch.isfinite(absmax).all():
+        raise ValueError("x contains NaN or Inf")
+    if act_scale is None:
+        # Tensor / tensor on purpose: a Python-scalar operand may be applied as a
+        # multiplication by its reciprocal, which rounds differently from the kernels.
+        qmax = torch.full_like(absmax, float(formats.ACT_QMAX))
+        inv = torch.where(absmax > 0, qmax / torch.where(absmax > 0, absmax, qmax), torch.zeros_like(absmax))
+        scale = absmax / qmax
+    else:
+        s = act_scale.to(torch.float32).reshape(())
+        inv = torch.full_like(absmax, 1.0) / s
+        scale = torch.full_like(absmax, 1.0) * s
+    q = torch.zeros((rows.shape[0], k_pad), dtype=torch.int8)
+    q[:, :k] = torch.clamp(torch.round(rows * inv[:, None]), -127, 127).to(torch.int8)
+    g = formats.num_groups(k_pad, group_size)
+    sums = q.to(torch.int32).view(rows.shape[0], g, k_pad // g).sum(dim=2, dtype=torch.int32)
+    return q, scale, sums
+
+
+def _grouped_dot(x_q: torch.Tensor, levels: torch.Tensor, groups: int) -> torch.Tensor:
+    """sum over each K group of levels * x_q, exact, as int32 [M, N, G]."""
+    m, k_pad = x_q.shape
+    n = levels.shape[0]
+    xg = x_q.to(torch.int64).view(m, 1, groups, k_pad // groups)
+    wg = levels.to(torch.int64).view(1, n, groups, k_pad // groups)
+    out = torch.zeros((m, n, groups), dtype=torch.int64)
+    for start in range(0, m, 64):  # bounded memory: [64, N, G, K/G] int64 at most
+        out[start:start + 64] = (xg[start:start + 64] * wg).sum(dim=3)
+    return out.to(torch.int32)
+
+
+def int8_gemm(x_q, weight):
+    return _grouped_dot(x_q, weight, 1)[:, :, 0]
+
+
+def _lowbit_gemm(fmt, x_q, x_sums, weight, group_size):
+    codes = formats.unpack_codes_reference(weight, fmt.bits)
+    g = formats.num_groups(codes.shape[1], group_size)
+    # Through the unsigned codes and the activation sums, as the kernels do; equal to
+    # sum(level * x_q) whenever x_sums are the true group sums.
+    raw = _grouped_dot(x_q, codes, g).to(torch.int64)
+    return (fmt.level_mul * raw - fmt.level_offset * x_sums.to(torch.int64)[:, None, :]).to(torch.int32)
+
+
+def int4_gemm(x_q, x_sums, weight, group_size):
+    return _lowbit_gemm(INT4, x_q, x_sums, weight, group_size)
+
+
+def int2_gemm(x_q, x_sums, weight, group_size):
+    return _lowbit_gemm(INT2, x_q, x_sums, weight, group_size)
+
+
+def ternary_gemm(x_q, x_sums, weight):
+    return _lowbit_gemm(TERNARY, x_q, x_sums, weight, 0)[:, :, 0]
+
+
+def _epilogue(x, acc, x_scale, weight_scale, bias, n):
+    """y = s_m * sum_g w_scale[n, g] * acc[m, n, g] + bias, in float64, cast to x.dtype."""
+    acc = acc.to(torch.float64)
+    if acc.dim() == 2:
+        acc = acc[:, :, None]
+    ws = weight_scale.to(torch.float64).reshape(n, -1)
+    y = (acc * ws[None]).sum(dim=2) * x_scale.to(torch.float64)[:, None]
+    if bias is not None:
+        y = y + bias.to(torch.float64)[None]
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def int8_linear(x, weight, weight_scale, bias=None, act_scale=None):
+    x_q, s, _ = quantize_per_token(x, 0, act_scale)
+    return _epilogue(x, int8_gemm(x_q, weight), s, weight_scale, bias, weight.shape[0])
+
+
+def int4_linear(x, weight, weight_scale, group_size, bias=None, act_scale=None):
+    x_q, s, sums = quantize_per_token(x, group_size, act_scale)
+    return _epilogue(x, int4_gemm(x_q, sums, weight, group_size), s, weight_scale, bias, weight.shape[0])
+
+
+def int2_linear(x, weight, weight_scale, group_size, bias=None, act_scale=None):
+    x_q, s, sums = quantize_per_token(x, group_size, act_scale)
+    return _epilogue(x, int2_gemm(x_q, sums, weight, group_size), s, weight_scale, bias, weight.shape[0])
+
+
+def ternary_linear(x, weight, weight_scale, bias=None, act_scale=None):
+    x_q, s, sums = quantize_per_token(x, 0, act_scale)
+    return _epilogue(x, ternary_gemm(x_q, sums, weight), s, weight_scale, bias, weight.shape[0])
+
+
+def epilogue_magnitude(x, acc, x_scale, weight_scale, bias, n):
+    """sum of |terms| of the epilogue in float64: the scale that float-rounding error is relative to."""
+    ws = weight_scale.abs() if weight_scale is not None else None
+    b = bias.abs() if bias is not None else None
+    return _epilogue(x.to(torch.float64), acc.abs(), x_scale.abs(), ws, b, n)
+
+
+pack_codes = formats.pack_codes_reference
+unpack_codes = formats.unpack_codes_reference
+pack_trits = formats.pack_trits_reference
+unpack_trits = formats.unpack_trits_reference
