@@ -95,7 +95,7 @@ void portable_gemm(WeightKind kind, const int8_t* x_q, const int32_t* x_sums, in
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t g = 0; g < groups; ++g)
-        out[(m * N + n) * groups + g] = portable_dot(kind, x_q + m * k_pad, x_sums[m * groups + g], g * glen,
+        out[(m * N + n) * groups + g] = portable_dot(kind, x_q + m * k_pad, x_sums ? x_sums[m * groups + g] : 0, g * glen,
                                                      (g + 1) * glen, weight_row(kind, weight, n, k_pad));
 }
 

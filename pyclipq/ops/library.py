@@ -39,6 +39,13 @@ for _schema in SCHEMAS.values():
 LOWBIT_BITS = {"int4": 4, "int2": 2, "ternary": 2}
 
 
+def _check_same_device(op, x, **tensors):
+    # A meta/fake tensor among real ones dispatches here: fail as the kernels would.
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"pyclipq.{op}: {name} is on {t.device} but x is on {x.device}")
+
+
 def _groups_from_weight(k_pad, group_size):
     return 1 if group_size == 0 else k_pad // group_size
 
@@ -57,6 +64,7 @@ def _(x, group_size, act_scale=None):
 
 @torch.library.register_fake(f"{NAMESPACE}::int8_gemm")
 def _(x_q, weight):
+    _check_same_device("int8_gemm", x_q, weight=weight)
     return x_q.new_empty((x_q.shape[0], weight.shape[0]), dtype=torch.int32)
 
 
@@ -77,7 +85,8 @@ def _(x_q, x_sums, weight):
     return x_q.new_empty((x_q.shape[0], weight.shape[0]), dtype=torch.int32)
 
 
-def _linear_fake(x, weight, *args, **kwargs):
+def _linear_fake(x, weight, weight_scale, *args, **kwargs):
+    _check_same_device("linear", x, weight=weight, weight_scale=weight_scale)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

@@ -1,0 +1,54 @@
+"""Shared test helpers: float tolerances derived from the epilogue's rounding steps."""
+from __future__ import annotations
+
+import torch
+
+from pyclipq import formats
+from pyclipq.ops import reference
+
+FP32_EPS = 2.0**-23  # one fp32 ulp at 1.0 (twice the unit roundoff: margin for FMA vs mul+add)
+BF16_ULP = 2.0**-7  # one bf16 ulp at 1.0: float64 ref and kernel may round to neighbouring bf16s
+
+
+def linear_tolerance(x, acc, x_scale, weight_scale, bias, n):
+    """Per-element bound on |kernel - reference| for a fused linear.
+
+    The integer part is exact; a kernel rounds the int32 -> fp32 conversion, one product
+    with the weight scale per group, G-1 additions, the product with the activation
+    scale and the bias addition: at most (G + 4) roundings of magnitude <= the sum of
+    |terms| (computed in float64 by reference.epilogue_magnitude). bf16/fp16 outputs add
+    one rounding of the output itself.
+    """
+    groups = acc.shape[2] if acc.dim() == 3 else 1
+    mag = reference.epilogue_magnitude(x, acc, x_scale, weight_scale, bias, n).to(torch.float64)
+    tol = (groups + 4) * FP32_EPS * mag + 1e-30
+    if x.dtype != torch.float32:
+        tol = tol + BF16_ULP * mag
+    return tol
+
+
+def reference_accumulators(fmt, x, weight, group_size, act_scale=None):
+    """(acc, x_scale) from the reference: what the tolerance is relative to."""
+    x_q, s, sums = reference.quantize_per_token(x, group_size, act_scale)
+    if fmt == "int8":
+        return reference.int8_gemm(x_q, weight), s
+    if fmt == "ternary":
+        return reference.ternary_gemm(x_q, sums, weight), s
+    return getattr(reference, f"{fmt}_gemm")(x_q, sums, weight, group_size), s
+
+
+def make_layer(fmt, n, k, group_size=0, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    codes, scale = formats.quantize_weight(w, fmt, group_size)
+    if fmt == "int8":
+        packed = codes
+    else:
+        packed = formats.pack_codes_reference(codes, formats.get_format(fmt).bits)
+    return packed, scale
+
+
+def linear_args(fmt, packed, scale, group_size, bias=None, act_scale=None):
+    if fmt in ("int4", "int2"):
+        return (packed, scale, group_size, bias, act_scale)
+    return (packed, scale, bias, act_scale)

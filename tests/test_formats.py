@@ -1,0 +1,129 @@
+"""The Python format reference against values worked out by hand from docs/FORMATS.md."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyclipq import formats
+
+
+def test_padded_k_and_groups():
+    assert [formats.padded_k(k) for k in (1, 127, 128, 129, 768)] == [128, 128, 128, 256, 768]
+    assert formats.num_groups(256, 0) == 1
+    assert formats.num_groups(256, 32) == 8
+    with pytest.raises(ValueError, match="in_features"):
+        formats.padded_k(0)
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        formats.num_groups(256, 48)
+
+
+def test_int8_weight_by_hand():
+    w = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]])
+    codes, scale = formats.quantize_weight(w, "int8")
+    assert codes.dtype == torch.int8 and codes.shape == (2, 128)
+    assert torch.allclose(scale, torch.tensor([2.0 / 127, 0.0]))
+    assert codes[0, :3].tolist() == [64, -127, 32]  # 63.5 -> 64 (half to even), 31.75 -> 32
+    assert codes[0, 3:].abs().sum() == 0 and codes[1].abs().sum() == 0
+
+
+def test_int4_weight_by_hand():
+    w = torch.zeros(1, 32)
+    w[0, :4] = torch.tensor([7.0, -14.0, 3.0, 1.0])  # absmax 14 -> scale 2
+    codes, scale = formats.quantize_weight(w, "int4", group_size=32)
+    assert scale.shape == (1, 4)
+    assert scale[0, 0] == 2.0 and scale[0, 1:].abs().sum() == 0
+    # 3.5 -> 4 (half to even) + 8; -7 + 8; 1.5 -> 2 + 8; 0.5 -> 0 + 8
+    assert codes[0, :4].tolist() == [12, 1, 10, 8]
+    assert (codes[0, 32:] == 8).all()  # empty groups and padding hold the pad code (zero)
+
+
+def test_int2_weight_by_hand():
+    w = torch.tensor([[3.0, -3.0, 1.2, -0.9, 0.1]])  # absmax 3 -> scale 1, levels -3,-1,1,3
+    codes, scale = formats.quantize_weight(w, "int2", group_size=0)
+    assert scale.tolist() == [[1.0]]
+    assert codes[0, :5].tolist() == [3, 0, 2, 1, 2]
+    levels = formats.INT2.level(codes[0, :5])
+    assert levels.tolist() == [3, -3, 1, -1, 1]
+
+
+@pytest.mark.parametrize("rule,expected_scale,expected", [
+    ("absmean", 1.0, [1, -1, 1, 0]),      # w / 1: 2, -1.4, 0.55, 0.05
+    ("twice_mean", 2.0, [1, -1, 0, 0]),   # w / 2: 1, -0.7, 0.275, 0.025
+])
+def test_ternary_threshold_rules(rule, expected_scale, expected):
+    w = torch.tensor([[2.0, -1.4, 0.55, 0.05]])  # |w| sums to 4 -> mean 1
+    codes, scale = formats.quantize_weight(w, "ternary", threshold_rule=rule)
+    assert scale.tolist() == pytest.approx([expected_scale])
+    assert (codes[0, :4].to(torch.int32) - 1).tolist() == expected
+    with pytest.raises(ValueError, match="threshold_rule must be one of"):
+        formats.quantize_weight(w, "ternary", threshold_rule="median")
+
+
+def test_block_planar_layout_by_hand():
+    # int2: byte j of block 0 holds elements j, 32+j, 64+j, 96+j in bits 0-1, 2-3, 4-5, 6-7.
+    codes = torch.zeros(1, 128, dtype=torch.uint8)
+    codes[0, 5] = 1
+    codes[0, 32 + 5] = 2
+    codes[0, 96 + 5] = 3
+    packed = formats.pack_codes_reference(codes, 2)
+    assert packed.shape == (1, 32)
+    assert packed[0, 5].item() == 1 | (2 << 2) | (3 << 6)
+    assert packed[0].sum().item() == packed[0, 5].item()
+    # int4: byte j of 32-byte block b holds 64b + j (low nibble) and 64b + 32 + j (high).
+    codes4 = torch.zeros(1, 128, dtype=torch.uint8)
+    codes4[0, 64 + 3] = 9
+    codes4[0, 64 + 32 + 3] = 4
+    packed4 = formats.pack_codes_reference(codes4, 4)
+    assert packed4[0, 32 + 3].item() == 9 | (4 << 4)
+
+
+def test_trits_by_hand():
+    codes = torch.tensor([[2, 0, 1, 1, 1, 2, 2]], dtype=torch.uint8)
+    packed = formats.pack_trits_reference(codes, 7)
+    # 2 + 0*3 + 1*9 + 1*27 + 1*81 = 119; then 2 + 2*3 + 1*(9+27+81) (missing trits are 1) = 125
+    assert packed.tolist() == [[119, 125]]
+    back = formats.unpack_trits_reference(packed, 7)
+    assert back.shape == (1, 128) and torch.equal(back[0, :7], codes[0]) and (back[0, 7:] == 1).all()
+    with pytest.raises(ValueError, match="> 242"):
+        formats.unpack_trits_reference(torch.tensor([[243, 0]], dtype=torch.uint8), 7)
+    with pytest.raises(ValueError, match="bytes per row"):
+        formats.unpack_trits_reference(packed, 11)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 9), k=st.integers(1, 300), bits=st.sampled_from([2, 4]))
+def test_pack_roundtrip(n, k, bits):
+    k_pad = formats.padded_k(k)
+    codes = torch.randint(0, 1 << bits, (n, k_pad), dtype=torch.uint8)
+    assert torch.equal(formats.unpack_codes_reference(formats.pack_codes_reference(codes, bits), bits), codes)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 9), k=st.integers(1, 300), rule=st.sampled_from(formats.THRESHOLD_RULES))
+def test_ternary_storage_roundtrip(n, k, rule):
+    codes, _ = formats.quantize_weight(torch.randn(n, k), "ternary", threshold_rule=rule)
+    packed = formats.pack_trits_reference(codes, k)
+    assert packed.shape == (n, -(-k // 5))
+    assert torch.equal(formats.unpack_trits_reference(packed, k), codes)
+
+
+@settings(max_examples=30, deadline=None)
+@given(k=st.integers(1, 300), fmt=st.sampled_from(["int8", "int4", "int2"]), group=st.sampled_from([0, 32, 64, 128]))
+def test_dequantize_error_is_half_a_step(k, fmt, group):
+    w = torch.randn(4, k)
+    codes, scale = formats.quantize_weight(w, fmt, group)
+    wq = formats.dequantize_codes(codes, scale, fmt, k)
+    # round-to-nearest: at most half a step; int2's levels are 2 apart in units of scale
+    step = scale if scale.dim() == 1 else scale.repeat_interleave(codes.shape[1] // scale.shape[1], dim=1)[:, :k]
+    step = step[:, None] if step.dim() == 1 else step
+    half = 1.0 if fmt == "int2" else 0.5
+    assert ((w - wq).abs() <= half * step * (1 + 1e-6) + 1e-7).all()
+
+
+def test_bad_weights_rejected():
+    with pytest.raises(ValueError, match="2-D"):
+        formats.quantize_weight(torch.randn(3), "int8")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        formats.quantize_weight(torch.tensor([[float("nan"), 1.0]]), "int4")
+    with pytest.raises(ValueError, match="format must be one of"):
+        formats.quantize_weight(torch.randn(2, 2), "int3")
