@@ -285,8 +285,10 @@ def test_build_info():
 
 def _run_python(code, **env):
     import os
+    # cwd="/": the package on sys.path (installed, or PYTHONPATH in a dev tree) is
+    # imported, not a source checkout that happens to be the working directory.
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120)
+                          env={**os.environ, **env}, timeout=120, cwd="/")
 
 
 def test_missing_extension_gives_rebuild_hint():
