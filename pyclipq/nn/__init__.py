@@ -1,0 +1,8 @@
+"""pyclipq modules: layers whose weights are stored in pyclipq formats."""
+from .attention import QuantMultiheadAttention
+from .embedding import QuantEmbedding
+from .linear import QuantLinear
+from .packed import PackedWeight
+from .parameter import PackedParameter
+
+__all__ = ["PackedParameter", "PackedWeight", "QuantEmbedding", "QuantLinear", "QuantMultiheadAttention"]

@@ -1,0 +1,122 @@
+"""QuantLinear: a Linear layer whose weight is in a pyclipq format."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..configs import LayerConfig
+from .packed import PackedWeight, dequantize_packed
+
+
+def _fused_linear(fmt: str, x, packed, scale, group_size, bias, act_scale):
+    if fmt == "int8":
+        return ops.int8_linear(x, packed, scale, bias, act_scale)
+    if fmt == "int4":
+        return ops.int4_linear(x, packed, scale, group_size, bias, act_scale)
+    if fmt == "int2":
+        return ops.int2_linear(x, packed, scale, group_size, bias, act_scale)
+    return ops.ternary_linear(x, packed, scale, bias, act_scale)
+
+
+class QuantLinear(PackedWeight):
+    """y = x W^T + b with W packed in `layer.format`.
+
+    - activation "dynamic": one fused op per call (``pyclipq.ops.<format>_linear``):
+      per-token int8 activations, integer GEMM, float epilogue.
+    - activation "static": the same op with the calibrated per-tensor ``act_scale``
+      buffer; calling the layer before calibration fills it is an error.
+    - activation "none" (weight-only): the weight is dequantized and F.linear runs.
+    - format "float" (pass-through): the float weight, F.linear; the module swap
+      is exact.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, layer: LayerConfig, dtype=None, device=None):
+        super().__init__(out_features, in_features, layer, dtype=dtype, device=device)
+        if bias:
+            self.register_buffer("bias", torch.empty(out_features, dtype=self.float_dtype, device=device))
+        else:
+            self.register_buffer("bias", None)
+        if layer.activation == "static":
+            # 0 is never a valid scale: it marks "not calibrated yet".
+            self.register_buffer("act_scale", torch.zeros((), dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("act_scale", None)
+        self._act_scale_ready = False
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, layer: LayerConfig) -> "QuantLinear":
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        return cls.from_weight(linear.weight, linear.bias, layer)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, layer: LayerConfig) -> "QuantLinear":
+        """From a float weight [out, in] and optional bias [out]."""
+        out_features, in_features = weight.shape
+        module = cls(in_features, out_features, bias is not None, layer=layer, dtype=weight.dtype, device=weight.device)
+        module.load_float_weight(weight)
+        if bias is not None:
+            with torch.no_grad():
+                module.bias.copy_(bias)
+        return module
+
+    # open_clip's get_cast_dtype() reads `mlp.c_fc.int8_original_dtype` when a
+    # quantized c_fc has no float `weight` (the bitsandbytes convention).
+    @property
+    def int8_original_dtype(self) -> torch.dtype:
+        return self.float_dtype
+
+    @torch.no_grad()
+    def set_act_scale(self, scale) -> None:
+        """Set the calibrated per-tensor activation scale of a static layer."""
+        if self.layer.activation != "static":
+            raise ValueError(f"set_act_scale needs activation='static', this layer has {self.layer.activation!r}")
+        scale = torch.as_tensor(scale, dtype=torch.float32)
+        if scale.numel() != 1 or not bool(torch.isfinite(scale).all()) or float(scale) <= 0:
+            raise ValueError(f"scale must be one finite positive number, got {scale.tolist()}")
+        self.act_scale.copy_(scale.reshape(()))
+        self._act_scale_ready = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.act_scale is not None and prefix + "act_scale" in state_dict:
+            self._act_scale_ready = bool(self.act_scale > 0)
+
+    def _static_act_scale(self) -> torch.Tensor:
+        if not self._act_scale_ready:
+            # Checked once (a host sync); later calls read the flag, which torch.compile can guard on.
+            if not bool(self.act_scale > 0):
+                raise RuntimeError(
+                    f"QuantLinear {self.layer_name or '(unnamed)'} uses activation='static' but its act_scale "
+                    "is not calibrated yet: calibrate the model first (or call set_act_scale), "
+                    "or convert with activation='dynamic'"
+                )
+            self._act_scale_ready = True
+        return self.act_scale
+
+    def _linear(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        bias = self.bias[rows] if self.bias is not None else None
+        if self.layer.is_float:
+            return F.linear(x, self.weight[rows], bias)
+        packed, scale = self.packed_weight[rows], self.weight_scale[rows]
+        if self.layer.activation == "none":
+            weight = dequantize_packed(packed, scale, self.layer.format, self.in_features, x.dtype)
+            return F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
+        act_scale = self._static_act_scale() if self.layer.activation == "static" else None
+        return _fused_linear(self.layer.format, x, packed, scale, self.layer.group_size, bias, act_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, slice(None))
+
+    def forward_rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Only output features [start, stop): one of q, k, v of a packed attention in_proj."""
+        return self._linear(x, slice(start, stop))
+
+    def extra_repr(self) -> str:
+        text = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+        text += self._layer_repr()
+        if not self.layer.is_float:
+            text += f", activation={self.layer.activation}"
+        return text
