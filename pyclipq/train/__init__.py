@@ -1,0 +1,28 @@
+"""Training: QAT with straight-through estimators, distillation, and the TernaryCLIP and P4Q recipes.
+
+- fake_quant: FakeQuantLinear / FakeQuantMultiheadAttention / FakeQuantParameter (the kernels' math, STE)
+- qat: prepare(model, config) -> fake-quant model; convert(model) -> packed model; compare_layers
+- distill: contrastive, tau-scaled KL(teacher || student), feature losses; DistillationLoss
+- trainer: Trainer + TrainConfig (AdamW, warm-up + cosine, clipping, bf16, checkpoint/resume, JSONL log)
+- prompt, p4q: CoOp-style PromptLearner, QAdapter, P4QModel, P4QObjective
+- recipes: ternary_clip(...) and p4q(...) one-call recipes, and their command line
+"""
+from .distill import DistillationLoss
+from .fake_quant import FakeQuantLinear, FakeQuantMultiheadAttention, FakeQuantParameter
+from .qat import compare_layers, convert, differentiable_twin, prepare, strip
+from .trainer import CLIPDistillation, TrainConfig, Trainer
+
+__all__ = [
+    "CLIPDistillation",
+    "DistillationLoss",
+    "FakeQuantLinear",
+    "FakeQuantMultiheadAttention",
+    "FakeQuantParameter",
+    "TrainConfig",
+    "Trainer",
+    "compare_layers",
+    "convert",
+    "differentiable_twin",
+    "prepare",
+    "strip",
+]

@@ -1,0 +1,610 @@
+"""Fake quantization for QAT: the kernels' integer math in float, with straight-through gradients.
+
+Nothing here defines a format. Weights go through ``formats.quantize_weight`` /
+``formats.level`` (the spec's reference definitions) and activations through a
+device-agnostic line-by-line mirror of ``ops.reference.quantize_per_token`` (the
+reference itself builds CPU tensors; tests assert the two agree bit for bit).
+
+Two ways to compute a fake-quant linear, both with the same straight-through
+gradients (those of ``F.linear(x_fq, w_fq)``, x_fq and w_fq being the dequantized
+activations and weight):
+
+- ``exact=True`` (default): the integer accumulators are formed in float32 from
+  integer-valued operands (|q| <= 127, |level| <= 127), where every product and
+  partial sum is an integer below 2**24 and therefore exact in any summation order
+  (K is split into chunks when a chunk could pass 2**24); then the float64
+  epilogue of ``ops.reference``. The output is bit-identical to
+  ``ops.reference.<format>_linear``, so a converted model differs from its
+  fake-quant twin only by the kernels' own epilogue rounding.
+- ``exact=False``: ``F.linear`` on the dequantized operands. Faster for grouped
+  formats (no [M, N, G] accumulator tensor) and autocast-friendly (bf16). It
+  differs from the exact result only by float rounding; ``linear_match_tolerance``
+  bounds the difference.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import formats
+from ..configs import LayerConfig
+from ..ops import reference
+
+# Largest |integer accumulator| that float32 holds exactly (its 24-bit significand).
+_FP32_EXACT_INT = 2**24
+
+
+def _check_layer(layer) -> LayerConfig:
+    if not isinstance(layer, LayerConfig):
+        raise ValueError(f"layer must be a pyclipq.configs.LayerConfig, got {type(layer).__name__}")
+    return layer
+
+
+# ---------------------------------------------------------------- activations
+
+
+def quantize_activation_rows(rows: torch.Tensor, act_scale: torch.Tensor | None = None):
+    """float32 rows [M, K] -> (integer-valued float32 q [M, K], float32 scale [M]).
+
+    The device-agnostic mirror of ``ops.reference.quantize_per_token`` (without the
+    K padding and group sums, which only the integer kernels need): same fp32
+    absmax, same tensor/tensor reciprocal, same round-half-to-even and clamp.
+    """
+    absmax = rows.abs().amax(dim=1) if rows.shape[0] else rows.new_zeros(0)
+    if act_scale is None:
+        qmax = torch.full_like(absmax, float(formats.ACT_QMAX))
+        inv = torch.where(absmax > 0, qmax / torch.where(absmax > 0, absmax, qmax), torch.zeros_like(absmax))
+        scale = absmax / qmax
+    else:
+        s = act_scale.to(device=rows.device, dtype=torch.float32).reshape(())
+        inv = torch.full_like(absmax, 1.0) / s
+        scale = torch.full_like(absmax, 1.0) * s
+    q = torch.clamp(torch.round(rows * inv[:, None]), -formats.ACT_QMAX, formats.ACT_QMAX)
+    return q, scale
+
+
+def _clip_mask(rows: torch.Tensor, act_scale: torch.Tensor | None) -> torch.Tensor | None:
+    """Where a static scale clips (|x / S| beyond the last level): the STE passes no gradient there.
+
+    Dynamic scales come from the row's own absmax, so nothing clips and no mask is needed.
+    """
+    if act_scale is None:
+        return None
+    limit = (formats.ACT_QMAX + 0.5) * act_scale.to(device=rows.device, dtype=torch.float32).reshape(())
+    return rows.abs() <= limit
+
+
+class _FakeQuantActivation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, act_scale):
+        k = x.shape[-1]
+        rows = x.reshape(-1, k).to(torch.float32)
+        q, scale = quantize_activation_rows(rows, act_scale)
+        mask = _clip_mask(rows, act_scale)
+        ctx.save_for_backward(mask if mask is not None else torch.empty(0))
+        ctx.has_mask = mask is not None
+        return (q * scale[:, None]).to(x.dtype).reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.has_mask:
+            return grad, None
+        (mask,) = ctx.saved_tensors
+        return grad * mask.reshape(grad.shape).to(grad.dtype), None
+
+
+def fake_quantize_activation(x: torch.Tensor, act_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token int8 fake quantization (dequantized values) with a straight-through gradient."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (the K features of each token)")
+    return _FakeQuantActivation.apply(x, act_scale)
+
+
+# ---------------------------------------------------------------- weights
+
+
+class QuantizedWeight:
+    """One weight's codes as the kernels see them: integer levels [N, K_pad] and scales."""
+
+    __slots__ = ("levels", "scale", "format", "in_features")
+
+    def __init__(self, levels: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int):
+        self.levels = levels  # float32, integer-valued, K padded with the pad code's level
+        self.scale = scale  # float32 [N] or [N, G]
+        self.format = fmt
+        self.in_features = in_features
+
+    @property
+    def groups(self) -> int:
+        return 1 if self.scale.dim() == 1 else self.scale.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [N, K]: exactly formats.dequantize_codes of these codes."""
+        n, k_pad = self.levels.shape
+        g = self.groups
+        w = (self.levels.view(n, g, k_pad // g) * self.scale.reshape(n, g, 1)).view(n, k_pad)
+        return w[:, : self.in_features]
+
+
+def quantize_weight_codes(weight: torch.Tensor, layer: LayerConfig) -> QuantizedWeight:
+    """formats.quantize_weight of `weight` (no gradient), kept as integer levels on weight's device."""
+    fmt = formats.get_format(layer.format)
+    codes, scale = formats.quantize_weight(weight.detach(), fmt, layer.group_size, layer.threshold_rule)
+    return codes_to_quantized(codes, scale, layer.format, weight.shape[1], weight.device)
+
+
+def codes_to_quantized(codes: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int, device=None) -> QuantizedWeight:
+    """Unpacked codes [N, K_pad] (formats.quantize_weight's layout) + scales -> QuantizedWeight."""
+    f = formats.get_format(fmt)
+    device = device if device is not None else codes.device
+    levels = f.level(codes.to(device)).to(torch.float32)
+    return QuantizedWeight(levels, scale.to(device=device, dtype=torch.float32), fmt, in_features)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Returns `quantized` in the forward pass; the gradient goes to `latent` unchanged."""
+
+    @staticmethod
+    def forward(ctx, latent, quantized):
+        return quantized.to(latent.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def fake_quantize_weight(weight: torch.Tensor, layer: LayerConfig) -> torch.Tensor:
+    """dequantize_codes(*quantize_weight(weight)) with a straight-through gradient to `weight`."""
+    _check_layer(layer)
+    if layer.is_float:
+        return weight
+    return _StraightThrough.apply(weight, quantize_weight_codes(weight, layer).dequantize())
+
+
+# ---------------------------------------------------------------- the exact integer path
+
+
+def _chunk_limit(fmt: str) -> int:
+    """Largest K chunk (a multiple of the K block) whose int accumulator stays exact in float32."""
+    f = formats.get_format(fmt)
+    max_level = max(abs(f.level(torch.tensor([c])).item()) for c in range(f.max_code + 1)) if fmt != "int8" else 127
+    limit = _FP32_EXACT_INT // (formats.ACT_QMAX * max_level)
+    return max(formats.K_BLOCK, limit // formats.K_BLOCK * formats.K_BLOCK)
+
+
+def integer_accumulators(q: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """sum_{k in group} level[n, k] * q[m, k] as float64 [M, N, G], exact.
+
+    Computed with float32 matrix products of integer-valued operands: every product
+    and partial sum is an integer of magnitude < 2**24 within a chunk, hence exact
+    whatever order the BLAS sums in; chunks are added in float64 (exact below 2**53).
+    """
+    m, k = q.shape
+    n, k_pad = qw.levels.shape
+    g = qw.groups
+    kg = k_pad // g
+    if k < k_pad:
+        q = F.pad(q, (0, k_pad - k))  # padded activations are 0 (docs/FORMATS.md)
+    chunk = min(kg, _chunk_limit(qw.format))
+    qg = q.view(m, g, kg).transpose(0, 1)  # [G, M, Kg]
+    wg = qw.levels.view(n, g, kg).permute(1, 2, 0)  # [G, Kg, N]
+    acc = None
+    for start in range(0, kg, chunk):
+        part = torch.bmm(qg[:, :, start : start + chunk], wg[:, start : start + chunk]).to(torch.float64)
+        acc = part if acc is None else acc + part
+    return acc.permute(1, 2, 0)  # [M, N, G]
+
+
+class _ExactFakeQuantLinear(torch.autograd.Function):
+    """y = ops.reference.<format>_linear(x, codes of w) bit for bit; STE gradients as F.linear(x_fq, w_fq)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, qw: QuantizedWeight, act_scale):
+        k = x.shape[-1]
+        rows = x.reshape(-1, k).to(torch.float32)
+        q, scale = quantize_activation_rows(rows, act_scale)
+        acc = integer_accumulators(q, qw)
+        n = qw.levels.shape[0]
+        # The reference epilogue itself (float64, then the input's dtype): the same math by construction.
+        y = reference._epilogue(x, acc, scale, qw.scale, bias, n)
+        mask = _clip_mask(rows, act_scale)
+        ctx.save_for_backward(q.to(torch.int8), scale, mask if mask is not None else torch.empty(0))
+        ctx.has_mask = mask is not None
+        ctx.qw = qw
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.weight_dtype = weight.dtype
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, scale, mask = ctx.saved_tensors
+        n = ctx.qw.levels.shape[0]
+        g = grad.reshape(-1, n).to(torch.float32)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ ctx.qw.dequantize()
+            if ctx.has_mask:
+                grad_x = grad_x * mask.to(grad_x.dtype)
+            grad_x = grad_x.to(ctx.x_dtype).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            x_fq = q.to(torch.float32) * scale[:, None]
+            grad_w = (g.t() @ x_fq).to(ctx.weight_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(dim=0)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def fake_quant_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    qw: QuantizedWeight,
+    layer: LayerConfig,
+    act_scale: torch.Tensor | None = None,
+    exact: bool = True,
+) -> torch.Tensor:
+    """A linear layer as the kernels compute it, from the codes `qw` of `weight` (STE to `weight`)."""
+    if layer.activation == "none":
+        # Weight-only: QuantLinear dequantizes and runs F.linear in x's dtype; so do we.
+        w = _StraightThrough.apply(weight, qw.dequantize()).to(x.dtype)
+        return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+    if layer.activation == "static" and act_scale is None:
+        raise RuntimeError("act_scale: a static-activation layer needs its calibrated scale before it can run")
+    if exact:
+        # Autocast would round the integer products' outputs to bf16: the exact path runs in fp32/fp64.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return _ExactFakeQuantLinear.apply(x, weight, bias, qw, act_scale)
+    x_fq = _FakeQuantActivation.apply(x, act_scale)
+    w_fq = _StraightThrough.apply(weight, qw.dequantize())
+    return F.linear(x_fq, w_fq, bias)
+
+
+def linear_match_tolerance(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, act_scale=None):
+    """Per-element bound on |fake-quant float path - exact integer result| for one linear, fp32.
+
+    Both sides compute sum_k a_k b_k + bias with a_k = q_k s_m, b_k = level_k s_w (the same
+    reals). The float path rounds a_k and b_k (2 roundings), accumulates K products in
+    some order (<= K roundings, FMA or not: the classic gamma_K bound), and adds the bias
+    (1 rounding): at most (K + 3) roundings, each <= u = 2**-24 relative to the magnitude
+    M = sum_k |a_k b_k| + |bias|. A fused kernel instead rounds its (G + 4) epilogue steps
+    (tests/helpers.py), again relative to at most M. So one bound covers "float path vs
+    exact" and "exact vs kernel" alike:
+
+        |difference| <= (K + G + 7) * 2**-23 * M
+
+    where 2**-23 (= 2u) leaves a factor-two margin for rounding the first-order bound.
+    A wrong level, scale or activation rounding moves an output by a whole quantization
+    step (~M / 127), far outside this bound, so a test against it can fail.
+    """
+    k = x.shape[-1]
+    rows = x.reshape(-1, k).to(torch.float64)
+    q, scale = quantize_activation_rows(rows.to(torch.float32), act_scale)
+    a = (q.to(torch.float64) * scale.to(torch.float64)[:, None]).abs()
+    b = qw.dequantize().to(torch.float64).abs()
+    magnitude = a @ b.t()
+    if bias is not None:
+        magnitude = magnitude + bias.detach().to(torch.float64).abs()
+    steps = k + qw.groups + 7
+    return (steps * 2.0**-23 * magnitude).reshape(*x.shape[:-1], -1)
+
+
+# ---------------------------------------------------------------- modules
+
+
+class _WeightCache:
+    """Caches a latent weight's codes until the weight changes (eval loops re-use them).
+
+    Keyed on the tensor's version counter (bumped by every in-place update, the
+    optimizer's included), its storage and its device.
+    """
+
+    def __init__(self):
+        self.key = None
+        self.value = None
+
+    def get(self, weight: torch.Tensor, layer: LayerConfig) -> QuantizedWeight:
+        key = (weight._version, weight.data_ptr(), weight.device, weight.dtype, layer)
+        if key != self.key:
+            self.value = quantize_weight_codes(weight, layer)
+            self.key = key
+        return self.value
+
+
+class FakeQuantLinear(nn.Linear):
+    """An nn.Linear whose forward computes what ``QuantLinear`` will, with STE gradients.
+
+    The float ``weight`` (the latent weight) is what trains; every forward quantizes it
+    with ``formats.quantize_weight`` and runs the kernels' math (see the module doc).
+    It stays an ``nn.Linear`` so code that reads ``.weight`` (open_clip's
+    ``get_cast_dtype``) and optimizers see the same parameters as before ``prepare``.
+
+    A frozen twin of a ``QuantLinear`` (``from_quant_linear``) keeps that layer's own
+    codes and scales (say, OMSE-clipped ones) instead of re-quantizing: gradients flow
+    to its input only, as P4Q needs for prompt tuning through a PTQ text tower.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, layer: LayerConfig, exact: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.layer = _check_layer(layer)
+        self.exact = bool(exact)
+        if layer.activation == "static":
+            # 0 marks "not calibrated yet", as in QuantLinear.
+            self.register_buffer("act_scale", torch.zeros((), dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("act_scale", None)
+        self._frozen: QuantizedWeight | None = None
+        self._cache = _WeightCache()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, layer: LayerConfig, exact: bool = True) -> "FakeQuantLinear":
+        """Wrap `linear`, sharing its weight and bias Parameters (optimizers keep working)."""
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        return cls.from_parameters(linear.weight, linear.bias, layer, exact)
+
+    @classmethod
+    def from_parameters(cls, weight: nn.Parameter, bias: nn.Parameter | None, layer: LayerConfig, exact: bool = True) -> "FakeQuantLinear":
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D [out, in] tensor, got {getattr(weight, 'shape', type(weight).__name__)}")
+        out_features, in_features = weight.shape
+        module = cls(in_features, out_features, bias is not None, layer=layer, exact=exact, device="meta", dtype=weight.dtype)
+        module.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        if bias is not None:
+            module.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+        if module.act_scale is not None:
+            module.act_scale = torch.zeros((), dtype=torch.float32, device=weight.device)
+        return module
+
+    @classmethod
+    def from_quant_linear(cls, qlinear, exact: bool = True) -> "FakeQuantLinear":
+        """A differentiable (w.r.t. its input) twin of a ``pyclipq.nn.QuantLinear``, same codes."""
+        from ..nn.linear import QuantLinear
+        from ..nn.packed import unpack_codes
+
+        if not isinstance(qlinear, QuantLinear):
+            raise ValueError(f"qlinear must be a pyclipq QuantLinear, got {type(qlinear).__name__}")
+        layer = qlinear.layer
+        weight = qlinear.dequantize_weight(torch.float32)
+        bias = qlinear.bias.detach().clone() if qlinear.bias is not None else None
+        module = cls.from_parameters(nn.Parameter(weight, requires_grad=False), None if bias is None else nn.Parameter(bias, requires_grad=False), layer, exact)
+        if not layer.is_float:
+            codes = unpack_codes(qlinear.packed_weight, layer.format)
+            module._frozen = codes_to_quantized(codes, qlinear.weight_scale, layer.format, qlinear.in_features)
+        if qlinear.act_scale is not None and module.act_scale is not None:
+            module.act_scale = qlinear.act_scale.detach().clone()
+        return module
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen is not None
+
+    @property
+    def int8_original_dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @torch.no_grad()
+    def set_act_scale(self, scale) -> None:
+        if self.layer.activation != "static":
+            raise ValueError(f"set_act_scale needs activation='static', this layer has {self.layer.activation!r}")
+        scale = torch.as_tensor(scale, dtype=torch.float32)
+        if scale.numel() != 1 or not bool(torch.isfinite(scale).all()) or float(scale) <= 0:
+            raise ValueError(f"scale must be one finite positive number, got {scale.tolist()}")
+        self.act_scale.copy_(scale.reshape(()))
+
+    def _act_scale(self) -> torch.Tensor | None:
+        if self.layer.activation != "static":
+            return None
+        if not bool(self.act_scale > 0):
+            raise RuntimeError("act_scale: this static-activation FakeQuantLinear is not calibrated yet (call set_act_scale)")
+        return self.act_scale
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The codes this layer computes with right now."""
+        if self._frozen is not None:
+            if self._frozen.levels.device != self.weight.device:
+                f = self._frozen
+                self._frozen = QuantizedWeight(f.levels.to(self.weight.device), f.scale.to(self.weight.device), f.format, f.in_features)
+            return self._frozen
+        return self._cache.get(self.weight, self.layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_rows(x, None)
+
+    def forward_rows(self, x: torch.Tensor, rows: slice | None) -> torch.Tensor:
+        """Output features `rows` only (a q, k or v block of a packed attention in_proj)."""
+        weight, bias = self.weight, self.bias
+        if self.layer.is_float:
+            if rows is not None:
+                weight, bias = weight[rows], (bias[rows] if bias is not None else None)
+            return F.linear(x, weight, bias)
+        qw = self.quantized_weight()
+        if rows is not None:
+            weight, bias = weight[rows], (bias[rows] if bias is not None else None)
+            qw = QuantizedWeight(qw.levels[rows], qw.scale[rows], qw.format, qw.in_features)
+        return fake_quant_linear(x, weight, bias, qw, self.layer, self._act_scale(), self.exact)
+
+    def extra_repr(self) -> str:
+        text = f"{super().extra_repr()}, format={self.layer.format}"
+        if self.layer.format in formats.FORMATS and formats.get_format(self.layer.format).grouped:
+            text += f", group_size={self.layer.group_size}"
+        if self.layer.format == "ternary":
+            text += f", threshold_rule={self.layer.threshold_rule}"
+        text += f", activation={self.layer.activation}, exact={self.exact}"
+        return text + (", frozen" if self.frozen else "")
+
+
+class FakeQuantParameter(nn.Module):
+    """A parametrization: a weight-only fake-quantized view of a bare Parameter (STE).
+
+    For tensors CLIP uses directly (``x @ visual.proj``, embedding tables, the patch
+    convolution): ``layout`` says how the tensor maps to [out_features, in_features]
+    rows, as ``pyclipq.nn.parameter.PackedParameter`` does ("in_out": P [in, out] used
+    as ``x @ P``; "out_rows": [out, ...]).
+    """
+
+    def __init__(self, layout: str, layer: LayerConfig):
+        super().__init__()
+        from ..nn.parameter import LAYOUTS
+
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+        self.layout = layout
+        self.layer = _check_layer(layer).weight_only()
+        self._cache = _WeightCache()
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        from ..nn.parameter import to_rows
+
+        rows = to_rows(original, self.layout)
+        if self.layer.is_float:
+            return original
+        qw = self._cache.get(rows, self.layer)
+        fq = _StraightThrough.apply(rows, qw.dequantize())
+        return fq.t() if self.layout == "in_out" else fq.reshape(original.shape)
+
+    def extra_repr(self) -> str:
+        return f"layout={self.layout}, format={self.layer.format}"
+
+
+def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype, argument: str) -> torch.Tensor | None:
+    """nn.MultiheadAttention's mask conventions -> an additive float mask (bool True = not allowed)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    if not mask.is_floating_point():
+        raise ValueError(f"{argument} must be a bool or floating-point tensor, got {mask.dtype}")
+    return mask.to(dtype)
+
+
+class FakeQuantMultiheadAttention(nn.Module):
+    """A fake-quant stand-in for ``nn.MultiheadAttention`` (packed q/k/v in_proj + out_proj).
+
+    The projections are FakeQuantLinear (per-token activations, quantized weights);
+    attention itself is float ``F.scaled_dot_product_attention``, as in
+    ``pyclipq.nn.QuantMultiheadAttention``. Masks, ``batch_first``, unbatched inputs and
+    ``need_weights`` behave as in nn.MultiheadAttention. The packed in_proj's rows are
+    quantized as one [3E, E] weight: every format's scales are per output row (and per K
+    group), so that is the same as quantizing q, k and v separately.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, in_proj: FakeQuantLinear, out_proj: FakeQuantLinear, dropout: float = 0.0, batch_first: bool = False):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = dropout
+        self.batch_first = batch_first
+        self.in_proj = in_proj
+        self.out_proj = out_proj
+
+    @classmethod
+    def from_float(cls, mha: nn.MultiheadAttention, in_layer: LayerConfig, out_layer: LayerConfig, exact: bool = True) -> "FakeQuantMultiheadAttention":
+        """Wrap `mha`, sharing its Parameters."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise ValueError(f"mha must be a torch.nn.MultiheadAttention, got {type(mha).__name__}")
+        if not mha._qkv_same_embed_dim:
+            raise ValueError("mha: separate q/k/v projections (kdim or vdim != embed_dim) are not supported")
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("mha: add_bias_kv and add_zero_attn are not supported")
+        in_proj = FakeQuantLinear.from_parameters(mha.in_proj_weight, mha.in_proj_bias, in_layer, exact)
+        out_proj = FakeQuantLinear.from_parameters(mha.out_proj.weight, mha.out_proj.bias, out_layer, exact)
+        return cls(mha.embed_dim, mha.num_heads, in_proj, out_proj, mha.dropout, mha.batch_first)
+
+    def to_float(self) -> nn.MultiheadAttention:
+        """An nn.MultiheadAttention holding the latent weights (shared Parameters)."""
+        mha = nn.MultiheadAttention(
+            self.embed_dim, self.num_heads, dropout=self.dropout, bias=self.in_proj.bias is not None,
+            batch_first=self.batch_first, device="meta",
+        )
+        mha.in_proj_weight = self.in_proj.weight
+        mha.in_proj_bias = self.in_proj.bias
+        mha.out_proj.weight = self.out_proj.weight
+        mha.out_proj.bias = self.out_proj.bias
+        # train/eval decides nn.MultiheadAttention's fast path, whose rounding differs slightly.
+        return mha.train(self.training)
+
+    def _project(self, query, key, value):
+        e = self.embed_dim
+        if query is key and key is value:
+            q, k, v = self.in_proj(query).chunk(3, dim=-1)
+        else:
+            q = self.in_proj.forward_rows(query, slice(0, e))
+            k = self.in_proj.forward_rows(key, slice(e, 2 * e))
+            v = self.in_proj.forward_rows(value, slice(2 * e, 3 * e))
+        return q, k, v
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ):
+        unbatched = query.dim() == 2
+        if query.dim() not in (2, 3):
+            raise ValueError(f"query must be 2-D (unbatched) or 3-D, got shape {list(query.shape)}")
+        same = query is key and key is value
+        if unbatched:
+            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+            key_padding_mask = key_padding_mask.unsqueeze(0) if key_padding_mask is not None else None
+        elif not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        if same:  # keep the identity the self-attention fast path relies on
+            key = value = query
+        n, tgt, _ = query.shape
+        src = key.shape[1]
+        q, k, v = self._project(query, key, value)
+        heads = lambda t, length: t.reshape(n, length, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(q, tgt), heads(k, src), heads(v, src)
+
+        mask = _additive_mask(attn_mask, q.dtype, "attn_mask")
+        if mask is not None:
+            if mask.dim() == 2:
+                mask = mask.view(1, 1, tgt, src)
+            elif mask.dim() == 3:
+                mask = mask.view(n, self.num_heads, tgt, src)
+            else:
+                raise ValueError(f"attn_mask must be 2-D or 3-D, got shape {list(attn_mask.shape)}")
+        elif is_causal:
+            mask = torch.full((tgt, src), float("-inf"), dtype=q.dtype, device=q.device).triu(1).view(1, 1, tgt, src)
+        padding = _additive_mask(key_padding_mask, q.dtype, "key_padding_mask")
+        if padding is not None:
+            padding = padding.view(n, 1, 1, src)
+            mask = padding if mask is None else mask + padding
+        dropout = self.dropout if self.training else 0.0
+
+        weights = None
+        if need_weights:
+            scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
+            if mask is not None:
+                scores = scores + mask
+            weights = scores.softmax(dim=-1)
+            out = F.dropout(weights, dropout, self.training) @ v
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+            if unbatched:
+                weights = weights.squeeze(0)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        out = self.out_proj(out.transpose(1, 2).reshape(n, tgt, self.embed_dim))
+        if unbatched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"

@@ -1,0 +1,290 @@
+"""Quantization-aware training: `prepare` swaps in fake-quant modules, `convert` exports packed ones.
+
+``prepare(model, config)`` plans exactly what ``pyclipq.convert(model, config)``
+would quantize (the same ``pyclipq.convert.plan``, the same adapters) and swaps in
+the fake-quant twin of each target: FakeQuantLinear for nn.Linear,
+FakeQuantMultiheadAttention for nn.MultiheadAttention, a weight-only
+FakeQuantParameter parametrization for projection Parameters, embedding tables and
+the patch convolution. The latent float weights stay the model's Parameters.
+
+``convert(model)`` puts the latent float modules back and runs ``pyclipq.convert``
+with the same config. The packed codes are ``formats.quantize_weight`` of the same
+latent tensors the fake-quant forward quantizes, so they are the same codes; with
+``exact=True`` the fake-quant forward is bit-identical to ``ops.reference``, so the
+converted model differs from the fake-quant one only by the kernels' epilogue
+rounding (see ``fake_quant.linear_match_tolerance``; ``compare_layers`` checks every
+layer against it).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..configs import QuantConfig, resolve_config
+from .fake_quant import (
+    FakeQuantLinear,
+    FakeQuantMultiheadAttention,
+    FakeQuantParameter,
+    linear_match_tolerance,
+)
+
+# The prepared model remembers its config here, so `convert` can replay it.
+CONFIG_ATTR = "pyclipq_qat_config"
+TARGETS_ATTR = "pyclipq_qat_targets"
+
+
+def _owner(model: nn.Module, name: str):
+    owner_name, _, attr = name.rpartition(".")
+    return model.get_submodule(owner_name), attr
+
+
+def deepcopy_model(model: nn.Module) -> nn.Module:
+    """copy.deepcopy that also gives each parametrized module of the copy its own class.
+
+    torch.nn.utils.parametrize injects a property into a class generated per module,
+    and deepcopy shares that class between original and copy: removing a
+    parametrization from the copy would silently break the original.
+    """
+    clone = copy.deepcopy(model)
+    for module in clone.modules():
+        if parametrize.is_parametrized(module):
+            cls = module.__class__
+            namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+            module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+    return clone
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def is_prepared(model: nn.Module) -> bool:
+    return getattr(model, CONFIG_ATTR, None) is not None
+
+
+def prepare(model: nn.Module, config: "str | QuantConfig" = "ternary-qall", *, exact: bool = True, inplace: bool = False) -> nn.Module:
+    """The fake-quant model for QAT (a deep copy unless inplace=True).
+
+    config: a QuantConfig or a preset name ("ternary-qall", "ternary-qffn", "int4", ...).
+    exact: see pyclipq.train.fake_quant (True: bit-identical to the reference kernels;
+    False: F.linear on dequantized operands, faster for grouped formats and under bf16).
+    """
+    from ..convert import _check_not_converted, plan
+    from ..models import detect_adapter
+
+    _check_model(model)
+    config = resolve_config(config)
+    if is_prepared(model):
+        raise ValueError("model is already prepared for QAT (it holds fake-quant modules)")
+    _check_not_converted(model)
+    if not inplace:
+        model = deepcopy_model(model)
+    targets, _skipped = plan(model, config, detect_adapter(model))
+    for target in targets:
+        _swap_in(model, target, exact)
+    setattr(model, CONFIG_ATTR, config)
+    setattr(model, TARGETS_ATTR, [t.to_dict() for t in targets])
+    return model
+
+
+def _swap_in(model: nn.Module, target, exact: bool) -> None:
+    owner, attr = _owner(model, target.name)
+    obj = getattr(owner, attr)
+    # New modules keep the train/eval mode of the ones they replace.
+    if target.target == "linear":
+        setattr(owner, attr, FakeQuantLinear.from_linear(obj, target.layers[""], exact).train(obj.training))
+    elif target.target == "multihead_attention":
+        fake = FakeQuantMultiheadAttention.from_float(obj, target.layers["in_proj"], target.layers["out_proj"], exact)
+        setattr(owner, attr, fake.train(obj.training))
+    elif target.target == "parameter":
+        parametrize.register_parametrization(owner, attr, FakeQuantParameter(target.layout, target.layers[""]))
+    elif target.target == "embedding":
+        # QuantEmbedding packs the table row by row: the same rows as an "out_rows" parameter.
+        parametrize.register_parametrization(obj, "weight", FakeQuantParameter("out_rows", target.layers[""]))
+    else:
+        raise ValueError(
+            f"QAT has no fake-quant module for {target.name!r} (conversion target {target.target!r}); "
+            "exclude it from the config (QuantConfig.exclude) or convert it after training"
+        )
+
+
+def _targets(model: nn.Module):
+    from ..models import Target
+
+    return [Target.from_dict(d) for d in getattr(model, TARGETS_ATTR)]
+
+
+def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """The float model holding the latent weights: every fake-quant swap of `prepare` undone."""
+    _check_model(model)
+    if not is_prepared(model):
+        raise ValueError("model is not prepared for QAT (pyclipq.train.qat.prepare returns one)")
+    if not inplace:
+        model = deepcopy_model(model)
+    for target in _targets(model):
+        owner, attr = _owner(model, target.name)
+        if target.target == "linear":
+            fake = getattr(owner, attr)
+            linear = nn.Linear(fake.in_features, fake.out_features, fake.bias is not None, device="meta")
+            linear.weight, linear.bias = fake.weight, fake.bias
+            setattr(owner, attr, linear.train(fake.training))
+        elif target.target == "multihead_attention":
+            setattr(owner, attr, getattr(owner, attr).to_float())
+        elif target.target == "parameter":
+            parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
+        elif target.target == "embedding":
+            parametrize.remove_parametrizations(getattr(owner, attr), "weight", leave_parametrized=False)
+    delattr(model, CONFIG_ATTR)
+    delattr(model, TARGETS_ATTR)
+    return model
+
+
+def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """The packed model (QuantLinear / QuantMultiheadAttention / packed parameters) of a prepared one.
+
+    The same codes as the fake-quant forward (see the module doc); static activation
+    scales are carried over. The result is what ``pyclipq.save`` stores.
+    """
+    from ..convert import convert as pyclipq_convert
+    from ..nn import QuantLinear
+
+    _check_model(model)
+    if not is_prepared(model):
+        raise ValueError("model is not prepared for QAT (pyclipq.train.qat.prepare returns one)")
+    config = getattr(model, CONFIG_ATTR)
+    act_scales = {
+        name: m.act_scale.detach().clone()
+        for name, m in model.named_modules()
+        if isinstance(m, FakeQuantLinear) and m.act_scale is not None
+    }
+    was_training = model.training
+    float_model = strip(model, inplace=inplace)
+    quantized = pyclipq_convert(float_model, config)
+    for name, module in quantized.named_modules():
+        if isinstance(module, QuantLinear) and name in act_scales and module.act_scale is not None:
+            if float(act_scales[name]) > 0:
+                module.set_act_scale(act_scales[name])
+    return quantized.train(was_training)
+
+
+# ---------------------------------------------------------------- checking an export
+
+
+@dataclass
+class LayerMatch:
+    """One layer's teacher-forced comparison: the real layer run on the fake layer's input."""
+
+    name: str
+    max_error: float  # max |real - fake|
+    max_ratio: float  # max |real - fake| / bound (<= 1 means within the derived tolerance)
+
+    @property
+    def ok(self) -> bool:
+        return self.max_ratio <= 1.0
+
+
+@torch.no_grad()
+def compare_layers(fake_model: nn.Module, real_model: nn.Module, run) -> list[LayerMatch]:
+    """Check every converted layer against its fake-quant twin, teacher-forced.
+
+    run(model) must run a forward pass (say, ``lambda m: m(images, tokens)``). Each
+    FakeQuantLinear's input in `fake_model` is fed to the QuantLinear of the same name
+    in `real_model`; the outputs must agree within ``linear_match_tolerance``. Feeding
+    the same input isolates each layer: end to end, a tiny float difference can move a
+    later activation across a rounding boundary, which is one quantization step, not a
+    mismatch of the math. Packed parameters are compared exactly (they are dequantized
+    weights, no arithmetic). Returns one LayerMatch per layer.
+    """
+    from ..nn import QuantLinear
+    from ..nn.parameter import packed_parameters
+
+    real = {name: m for name, m in real_model.named_modules() if isinstance(m, QuantLinear)}
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = []
+    for name, module in fake_model.named_modules():
+        if isinstance(module, FakeQuantLinear) and not module.layer.is_float:
+            if name not in real:
+                raise ValueError(f"real_model has no QuantLinear {name!r} to match the fake-quant layer")
+
+            def hook(mod, args, output, name=name):
+                captured.setdefault(name, (args[0].detach().clone(), output.detach().clone()))
+
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        run(fake_model)
+    finally:
+        for h in hooks:
+            h.remove()
+    results = []
+    for name, (x, y_fake) in captured.items():
+        module = real[name]
+        fake = fake_model.get_submodule(name)
+        y_real = module(x)
+        act_scale = fake.act_scale if fake.layer.activation == "static" else None
+        if fake.layer.activation == "none":
+            # Weight-only: both sides run F.linear on the same dequantized weight.
+            bound = torch.zeros_like(y_fake)
+        else:
+            bound = linear_match_tolerance(x, fake.quantized_weight(), fake.bias, act_scale)
+        error = (y_real.to(torch.float64) - y_fake.to(torch.float64)).abs()
+        ratio = (error / bound.clamp_min(1e-300)).where(error > 0, torch.zeros_like(error))
+        results.append(LayerMatch(name, float(error.max()) if error.numel() else 0.0, float(ratio.max()) if ratio.numel() else 0.0))
+    fake_params = {}
+    for owner_name, owner in fake_model.named_modules():
+        if parametrize.is_parametrized(owner):
+            for attr in owner.parametrizations:
+                if any(isinstance(p, FakeQuantParameter) for p in owner.parametrizations[attr]):
+                    fake_params[f"{owner_name}.{attr}" if owner_name else attr] = getattr(owner, attr)
+    for owner_name, attr, _packed in packed_parameters(real_model):
+        name = f"{owner_name}.{attr}" if owner_name else attr
+        if name in fake_params:
+            real_value = getattr(real_model.get_submodule(owner_name), attr)
+            error = (real_value.float() - fake_params[name].float()).abs()
+            results.append(LayerMatch(name, float(error.max()), float("inf") if bool((error > 0).any()) else 0.0))
+    return results
+
+
+# ---------------------------------------------------------------- a differentiable view of a packed model
+
+
+def differentiable_twin(quantized: nn.Module) -> nn.Module:
+    """A copy of a converted (packed) model that autograd can differentiate through.
+
+    The packed ops have no backward. Each QuantLinear becomes a frozen
+    FakeQuantLinear holding the *same* codes and scales (whatever produced them:
+    absmax, OMSE, ...), and each QuantMultiheadAttention a FakeQuantMultiheadAttention
+    of those; exact fake-quant is bit-identical to the reference kernels. Gradients
+    reach the inputs (P4Q's prompts), never the frozen weights. Packed parameters and
+    embeddings already return float tensors and stay as they are.
+    """
+    from ..nn import QuantLinear, QuantMultiheadAttention
+
+    _check_model(quantized)
+    twin = deepcopy_model(quantized)
+    found = False
+    for name, module in list(twin.named_modules()):
+        if not name:
+            continue
+        owner, attr = _owner(twin, name)
+        if isinstance(module, QuantMultiheadAttention):
+            found = True
+            setattr(owner, attr, FakeQuantMultiheadAttention(
+                module.embed_dim, module.num_heads,
+                FakeQuantLinear.from_quant_linear(module.in_proj), FakeQuantLinear.from_quant_linear(module.out_proj),
+                module.dropout, module.batch_first,
+            ))
+        elif isinstance(module, QuantLinear) and not isinstance(owner, (QuantMultiheadAttention, FakeQuantMultiheadAttention)):
+            found = True
+            setattr(owner, attr, FakeQuantLinear.from_quant_linear(module))
+        elif type(module).__name__ == "QuantOpenClipAttention":
+            raise ValueError(f"quantized: {name} is an open_clip custom attention, which has no differentiable twin yet")
+    if not found:
+        raise ValueError("quantized: the model holds no pyclipq QuantLinear / QuantMultiheadAttention (convert it first)")
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin

@@ -1,0 +1,314 @@
+"""QAT: fake quantization matches the formats and the kernels; prepare -> convert exports the same codes."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyclipq
+from pyclipq import formats, ops
+from pyclipq.configs import LayerConfig, QuantConfig
+from pyclipq.convert import convert
+from pyclipq.ops import reference
+from pyclipq.train import qat
+from pyclipq.train.fake_quant import (
+    FakeQuantLinear,
+    FakeQuantMultiheadAttention,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    linear_match_tolerance,
+    quantize_activation_rows,
+)
+
+from train_helpers import tiny_batch, tiny_clip
+
+LAYERS = [
+    LayerConfig("int8"),
+    LayerConfig("int4", 32),
+    LayerConfig("int4", 0),
+    LayerConfig("int2", 64),
+    LayerConfig("ternary"),
+    LayerConfig("ternary", threshold_rule="twice_mean"),
+]
+IDS = ["int8", "int4-g32", "int4-ch", "int2-g64", "ternary-absmean", "ternary-twice_mean"]
+
+
+def packed_args(layer: LayerConfig, weight: torch.Tensor):
+    codes, scale = formats.quantize_weight(weight, layer.format, layer.group_size, layer.threshold_rule)
+    packed = codes if layer.format == "int8" else formats.pack_codes_reference(codes, formats.get_format(layer.format).bits)
+    return (packed, scale, layer.group_size) if layer.format in ("int4", "int2") else (packed, scale)
+
+
+def reference_linear(layer, x, weight, bias, act_scale=None):
+    return getattr(reference, f"{layer.format}_linear")(x, *packed_args(layer, weight), bias=bias, act_scale=act_scale)
+
+
+def kernel_linear(layer, x, weight, bias, act_scale=None):
+    return getattr(ops, f"{layer.format}_linear")(x, *packed_args(layer, weight), bias=bias, act_scale=act_scale)
+
+
+# ---------------------------------------------------------------- activations
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_quantization_mirrors_the_reference(dtype):
+    x = (torch.randn(9, 77) * torch.rand(9, 1) * 10).to(dtype)
+    x[1] = 0  # scale 0, codes 0
+    x[2, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])  # absmax 127: exact ties, round half to even
+    for act_scale in (None, torch.tensor(0.03)):
+        q, s = quantize_activation_rows(x.float(), act_scale)
+        rq, rs, _ = reference.quantize_per_token(x, 0, act_scale)
+        assert torch.equal(q.to(torch.int8), rq[:, :77]) and torch.equal(s, rs)
+
+
+def test_activation_ste_passes_gradients_and_masks_static_clipping():
+    x = torch.randn(4, 16, requires_grad=True)
+    upstream = torch.randn(4, 16)
+    (fake_quantize_activation(x) * upstream).sum().backward()
+    assert torch.equal(x.grad, upstream)  # dynamic: nothing clips, identity gradient
+    x.grad = None
+    scale = torch.tensor(0.005)  # clips everything beyond 127.5 * 0.005
+    (fake_quantize_activation(x, scale) * upstream).sum().backward()
+    inside = x.detach().abs() <= 127.5 * 0.005
+    assert inside.any() and (~inside).any()
+    assert torch.equal(x.grad, upstream * inside)
+
+
+def test_activation_rejects_bad_input():
+    with pytest.raises(ValueError, match="x must be a floating-point"):
+        fake_quantize_activation(torch.ones(3, dtype=torch.int64))
+
+
+# ---------------------------------------------------------------- weights and linears
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=IDS)
+def test_fake_weight_is_dequantize_of_quantize_with_identity_gradient(layer):
+    w = torch.randn(12, 200, requires_grad=True)
+    fq = fake_quantize_weight(w, layer)
+    codes, scale = formats.quantize_weight(w.detach(), layer.format, layer.group_size, layer.threshold_rule)
+    assert torch.equal(fq, formats.dequantize_codes(codes, scale, layer.format, 200))
+    upstream = torch.randn_like(fq)
+    (fq * upstream).sum().backward()
+    assert torch.equal(w.grad, upstream)
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=IDS)
+@pytest.mark.parametrize("k", [1, 77, 300])
+def test_exact_fake_quant_linear_is_bit_identical_to_reference(layer, k):
+    lin = nn.Linear(k, 37)
+    x = torch.randn(3, 5, k) * 4
+    fake = FakeQuantLinear.from_linear(lin, layer, exact=True)
+    assert torch.equal(fake(x), reference_linear(layer, x, lin.weight.detach(), lin.bias.detach()))
+
+
+def test_exact_int8_splits_long_accumulations():
+    # |q| = 127 and level 127 everywhere: one fp32 accumulation over K=2304 would pass 2**24.
+    layer = LayerConfig("int8")
+    lin = nn.Linear(2304, 3, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+        lin.weight[1] = -1.0
+    x = torch.ones(2, 2304)
+    x[1, ::2] = 1 + 2**-20  # values whose int products must not round
+    fake = FakeQuantLinear.from_linear(lin, layer)
+    assert torch.equal(fake(x), reference_linear(layer, x, lin.weight.detach(), None))
+
+
+def test_exact_static_activation_matches_reference():
+    layer = LayerConfig("int4", 32, activation="static")
+    lin = nn.Linear(96, 10)
+    fake = FakeQuantLinear.from_linear(lin, layer)
+    x = torch.randn(7, 96)
+    with pytest.raises(RuntimeError, match="act_scale"):
+        fake(x)
+    fake.set_act_scale(0.01)  # clips: |x| up to ~3 > 1.27
+    want = reference_linear(layer, x, lin.weight.detach(), lin.bias.detach(), torch.tensor(0.01))
+    assert torch.equal(fake(x), want)
+    with pytest.raises(ValueError, match="scale must be one finite positive"):
+        fake.set_act_scale(-1.0)
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=IDS)
+def test_float_path_and_kernel_within_derived_tolerance(layer):
+    lin = nn.Linear(300, 64)
+    x = torch.randn(4, 9, 300) * 3
+    exact = FakeQuantLinear.from_linear(lin, layer, exact=True)
+    fast = FakeQuantLinear.from_linear(lin, layer, exact=False)
+    y = exact(x)
+    tol = linear_match_tolerance(x, exact.quantized_weight(), lin.bias)
+    assert ((fast(x) - y).abs() <= tol).all()
+    assert ((kernel_linear(layer, x, lin.weight.detach(), lin.bias.detach()) - y).abs() <= tol).all()
+    # The bound is tight enough to catch a wrong code: nudge one weight across a level.
+    codes, scale = formats.quantize_weight(lin.weight.detach(), layer.format, layer.group_size, layer.threshold_rule)
+    wrong = formats.dequantize_codes(codes, scale, layer.format, 300).clone()
+    wrong[0, 0] += scale.reshape(64, -1)[0, 0] * formats.get_format(layer.format).level_mul
+    x_fq = fake_quantize_activation(x)
+    assert ((F.linear(x_fq, wrong, lin.bias) - y).abs() > tol).any()
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("activation", ["dynamic", "static", "none"])
+def test_ste_gradients_are_those_of_the_dequantized_linear(exact, activation):
+    layer = LayerConfig("int4", 32, activation=activation)
+    lin = nn.Linear(64, 24)
+    fake = FakeQuantLinear.from_linear(lin, layer, exact=exact)
+    if activation == "static":
+        fake.set_act_scale(0.015)
+    x = (torch.randn(5, 64) * 1.2).requires_grad_(True)
+    upstream = torch.randn(5, 24)
+    (fake(x) * upstream).sum().backward()
+    # By hand: y = x_fq @ w_fq^T + b with identity STE through both quantizers.
+    w_fq = fake.quantized_weight().dequantize()
+    act_scale = fake.act_scale if activation == "static" else None
+    x_fq = x.detach() if activation == "none" else fake_quantize_activation(x.detach(), act_scale)
+    mask = torch.ones_like(x) if activation != "static" else (x.detach().abs() <= 127.5 * 0.015).float()
+    assert mask.min() == 0 or activation != "static"  # the static case really clips somewhere
+    torch.testing.assert_close(x.grad, (upstream @ w_fq) * mask, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lin.weight.grad, upstream.t() @ x_fq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lin.bias.grad, upstream.sum(0))
+
+
+def test_fake_quant_linear_shares_parameters_and_rejects_bad_input():
+    lin = nn.Linear(8, 4)
+    fake = FakeQuantLinear.from_linear(lin, LayerConfig("ternary"))
+    assert fake.weight is lin.weight and fake.bias is lin.bias
+    with pytest.raises(ValueError, match="linear must be a torch.nn.Linear"):
+        FakeQuantLinear.from_linear(nn.Conv1d(1, 1, 1), LayerConfig("int8"))
+    with pytest.raises(ValueError, match="layer must be a pyclipq.configs.LayerConfig"):
+        FakeQuantLinear.from_linear(lin, "int8")
+
+
+def test_weight_cache_follows_in_place_updates():
+    lin = nn.Linear(16, 4)
+    fake = FakeQuantLinear.from_linear(lin, LayerConfig("int8"))
+    x = torch.randn(2, 16)
+    before = fake(x)
+    with torch.no_grad():
+        lin.weight.mul_(2)  # what an optimizer step does
+    assert not torch.equal(fake(x), before)
+    assert torch.equal(fake(x), FakeQuantLinear.from_linear(lin, LayerConfig("int8"))(x))
+
+
+# ---------------------------------------------------------------- attention
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_fake_quant_attention_reproduces_multihead_attention(batch_first):
+    float_layer = LayerConfig("float")
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+    fake = FakeQuantMultiheadAttention.from_float(mha, float_layer, float_layer)
+    x = torch.randn(2, 6, 32) if batch_first else torch.randn(6, 2, 32)
+    kv = torch.randn(2, 5, 32) if batch_first else torch.randn(5, 2, 32)
+    causal = torch.ones(6, 6, dtype=torch.bool).triu(1)
+    padding = torch.tensor([[False] * 5 + [True], [False] * 6])
+    cases = [
+        dict(args=(x, x, x), kwargs=dict(need_weights=False, attn_mask=causal)),
+        dict(args=(x, x, x), kwargs=dict(need_weights=True, key_padding_mask=padding)),
+        dict(args=(x, x, x), kwargs=dict(need_weights=True, average_attn_weights=False, attn_mask=causal.float() * -1e4)),
+        dict(args=(x, kv, kv), kwargs=dict(need_weights=False)),
+    ]
+    for case in cases:
+        want, want_w = mha(*case["args"], **case["kwargs"])
+        got, got_w = fake(*case["args"], **case["kwargs"])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        if want_w is None:
+            assert got_w is None
+        else:
+            torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+    unbatched = torch.randn(6, 32)
+    torch.testing.assert_close(fake(unbatched, unbatched, unbatched)[0], mha(unbatched, unbatched, unbatched)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_fake_quant_attention_rejects_unsupported():
+    with pytest.raises(ValueError, match="kdim or vdim"):
+        FakeQuantMultiheadAttention.from_float(nn.MultiheadAttention(8, 2, kdim=4), LayerConfig("int8"), LayerConfig("int8"))
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        FakeQuantMultiheadAttention.from_float(nn.MultiheadAttention(8, 2, add_bias_kv=True), LayerConfig("int8"), LayerConfig("int8"))
+
+
+# ---------------------------------------------------------------- prepare / convert
+
+
+@pytest.mark.parametrize("preset", ["ternary-qall-embeddings", "ternary-qffn", "int4"])
+def test_prepare_then_convert_matches_layer_by_layer(preset):
+    model = tiny_clip().eval()
+    images, tokens = tiny_batch(6)
+    fake = qat.prepare(model, preset)
+    real = qat.convert(fake)
+    matches = qat.compare_layers(fake, real, lambda m: m(images, tokens))
+    assert matches and all(m.ok for m in matches), [m for m in matches if not m.ok]
+    linears = {n for n, m in fake.named_modules() if isinstance(m, FakeQuantLinear) and not m.layer.is_float}
+    assert linears and linears <= {m.name for m in matches}  # every quantized linear was checked
+    # Same codes: every packed weight dequantizes to exactly the fake-quant weight.
+    for name, module in real.named_modules():
+        if isinstance(module, pyclipq.nn.QuantLinear) and not module.layer.is_float:
+            twin = fake.get_submodule(name)
+            assert torch.equal(module.dequantize_weight(torch.float32), twin.quantized_weight().dequantize()), name
+    # End to end: a last-bit difference can flip a later activation rounding (one step), no more.
+    with torch.no_grad():
+        for a, b in zip(fake(images, tokens)[:2], real(images, tokens)[:2]):
+            assert F.cosine_similarity(a, b, dim=-1).min() > 0.9999
+
+
+def test_prepare_leaves_the_original_alone_and_strip_undoes_it():
+    model = tiny_clip().eval()
+    images, tokens = tiny_batch(4)
+    with torch.no_grad():
+        before = model(images, tokens)[0].clone()
+        fake = qat.prepare(model, "ternary-qall")
+        assert not torch.equal(fake(images, tokens)[0], before)  # it does quantize
+        assert torch.equal(model(images, tokens)[0], before)
+        stripped = qat.strip(fake)
+        assert torch.equal(stripped(images, tokens)[0], before)
+        assert fake(images, tokens)[0].shape == before.shape  # strip copied: fake still works
+    assert sum(isinstance(m, nn.Linear) and not isinstance(m, FakeQuantLinear) for m in stripped.modules()) > 0
+    assert not any(isinstance(m, (FakeQuantLinear, FakeQuantMultiheadAttention)) for m in stripped.modules())
+
+
+def test_prepare_and_convert_errors():
+    model = tiny_clip()
+    with pytest.raises(ValueError, match="model must be a torch.nn.Module"):
+        qat.prepare("model", "int8")
+    with pytest.raises(ValueError, match="config must be a QuantConfig or one of"):
+        qat.prepare(model, "int3")
+    fake = qat.prepare(model, "int8")
+    with pytest.raises(ValueError, match="already prepared"):
+        qat.prepare(fake, "int8")
+    with pytest.raises(ValueError, match="not prepared"):
+        qat.convert(model)
+    with pytest.raises(ValueError, match="already converted"):
+        qat.prepare(qat.convert(fake), "int8")
+
+
+def test_static_act_scales_survive_convert():
+    model = tiny_clip().eval()
+    images, tokens = tiny_batch(3)
+    config = QuantConfig("int8", activation="static", include=("*.mlp.*",), quantize_projections=False)
+    fake = qat.prepare(model, config)
+    for m in fake.modules():
+        if isinstance(m, FakeQuantLinear):
+            m.set_act_scale(0.02)
+    real = qat.convert(fake)
+    scales = [float(m.act_scale) for m in real.modules() if isinstance(m, pyclipq.nn.QuantLinear)]
+    assert scales and all(s == pytest.approx(0.02) for s in scales)
+    matches = qat.compare_layers(fake, real, lambda m: m(images, tokens))
+    assert matches and all(m.ok for m in matches)
+
+
+def test_differentiable_twin_matches_packed_model_and_passes_gradients():
+    model = tiny_clip().eval()
+    images, tokens = tiny_batch(4)
+    packed = convert(qat.deepcopy_model(model), "int4")
+    twin = qat.differentiable_twin(packed)
+    with torch.no_grad():
+        assert F.cosine_similarity(twin.encode_text(tokens), packed.encode_text(tokens)).min() > 0.9999
+    embeddings = twin.token_embedding(tokens).detach().requires_grad_(True)
+    from pyclipq.train.prompt import encode_text_embeddings
+
+    encode_text_embeddings(twin, embeddings, tokens).sum().backward()
+    assert embeddings.grad is not None and embeddings.grad.abs().sum() > 0
+    assert all(not p.requires_grad for p in twin.parameters())
+    with pytest.raises(ValueError, match="convert it first"):
+        qat.differentiable_twin(model)
