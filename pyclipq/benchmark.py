@@ -1,0 +1,239 @@
+"""End-to-end benchmark of whole CLIP towers: fp32, torch quantize_dynamic and every pyclipq format.
+
+`run_benchmark` measures, side by side in one process: image and text tower latency at
+several batch sizes, size on disk, how many Linear layers run quantized, and fidelity
+vs the fp32 model. It is what `pyclipq bench` runs.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .loading import LoadedModel, encode, load_model, random_inputs
+
+PYCLIPQ_FORMATS = ("int8", "int4", "int2", "ternary")
+PEERS = ("fp32", "quantize_dynamic")
+
+
+@dataclass
+class ContenderResult:
+    name: str
+    latency_ms: dict = field(default_factory=dict)  # "image@8" -> median ms
+    size_bytes: int = 0
+    linears_quantized: int = 0
+    linears_total: int = 0
+    fidelity: dict = field(default_factory=dict)
+    convert_s: float = 0.0
+
+
+def linear_inventory(model: nn.Module) -> tuple[int, int]:
+    """(quantized, total) Linear-equivalent layers; an attention in_proj counts as q, k and v."""
+    from .nn import QuantLinear, QuantMultiheadAttention
+
+    quantized = total = 0
+    dynamic_linear = torch.ao.nn.quantized.dynamic.Linear
+    for module in model.modules():
+        if isinstance(module, QuantMultiheadAttention):
+            quantized += 3
+            total += 3
+        elif isinstance(module, nn.MultiheadAttention):
+            total += 3  # in_proj; out_proj is a child nn.Linear counted on its own
+        elif isinstance(module, (QuantLinear, dynamic_linear)):
+            quantized += 1
+            total += 1
+        elif isinstance(module, nn.Linear):
+            total += 1
+    return quantized, total
+
+
+def _median_ms(fn, reps: int, warmup: int) -> float:
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _size_on_disk(name: str, model: nn.Module) -> int:
+    from safetensors.torch import save_file
+
+    if name == "quantize_dynamic":
+        # torch's packed dynamic-quant weights only serialize through torch.save (pickle);
+        # we measure its size, we never load it.
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        return buf.getbuffer().nbytes
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.safetensors")
+        if name == "fp32":
+            state = {k: v.contiguous() for k, v in model.state_dict().items()}
+            seen, unique = set(), {}
+            for k, v in state.items():  # tied tensors are stored once
+                key = (v.data_ptr(), v.shape)
+                if key not in seen:
+                    seen.add(key)
+                    unique[k] = v
+            save_file(unique, path)
+        else:
+            from .io import save
+
+            save(model, path)
+        return os.path.getsize(path)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+def machine_info(threads: int) -> dict:
+    import pyclipq
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__), timeout=5).stdout.strip() or None
+    except Exception:
+        commit = None
+    info = pyclipq.build_info()
+    return {"cpu": cpu, "cpu_isa": info["cpu_isa"], "threads": threads, "torch": torch.__version__,
+            "pyclipq_commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def build_contender(name: str, fp32: nn.Module) -> nn.Module:
+    import pyclipq
+
+    if name == "fp32":
+        return fp32
+    if name == "quantize_dynamic":
+        torch.backends.quantized.engine = "x86"
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32), {nn.Linear}, dtype=torch.qint8)
+    return pyclipq.convert(copy.deepcopy(fp32), name)
+
+
+def run_benchmark(model: str = "ViT-B-32", pretrained: str | None = None, formats=PYCLIPQ_FORMATS,
+                  batches=(1, 8, 32), threads: int = 2, reps: int = 5, warmup: int = 2, towers=("image", "text"),
+                  fidelity_batch: int = 8, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    torch.set_num_threads(threads)
+    loaded: LoadedModel = load_model(model, pretrained)
+    contenders = [*PEERS, *formats]
+    inputs = {b: random_inputs(loaded, b, seed=b) for b in sorted({*batches, fidelity_batch})}
+    with torch.inference_mode():
+        ref_img = encode(loaded, images=inputs[fidelity_batch][0])
+        ref_txt = encode(loaded, tokens=inputs[fidelity_batch][1])
+    results = []
+    steps = len(contenders) * (len(batches) * len(towers) + 2)
+    bar = tqdm(total=steps, desc="bench", disable=not progress, unit="step")
+    for name in contenders:
+        bar.set_postfix_str(name)
+        t0 = time.perf_counter()
+        candidate = build_contender(name, loaded.model)
+        r = ContenderResult(name, convert_s=time.perf_counter() - t0)
+        view = LoadedModel(**{**asdict_shallow(loaded), "model": candidate})
+        r.linears_quantized, r.linears_total = linear_inventory(candidate)
+        r.size_bytes = _size_on_disk(name, candidate)
+        bar.update()
+        with torch.inference_mode():
+            img = encode(view, images=inputs[fidelity_batch][0])
+            txt = encode(view, tokens=inputs[fidelity_batch][1])
+        ci, ct = _cosine(img, ref_img), _cosine(txt, ref_txt)
+        r.fidelity = {"image_cos_mean": ci.mean().item(), "image_cos_min": ci.min().item(),
+                      "text_cos_mean": ct.mean().item(), "text_cos_min": ct.min().item()}
+        bar.update()
+        for tower in towers:
+            for b in batches:
+                images, tokens = inputs[b]
+                if tower == "image":
+                    r.latency_ms[f"image@{b}"] = _median_ms(lambda: encode(view, images=images), reps, warmup)
+                else:
+                    r.latency_ms[f"text@{b}"] = _median_ms(lambda: encode(view, tokens=tokens), reps, warmup)
+                bar.update()
+        results.append(r)
+        if candidate is not loaded.model:
+            del candidate
+    bar.close()
+    fp32 = results[0]
+    report = {"model": loaded.label, "machine": machine_info(threads), "batches": list(batches),
+              "towers": list(towers), "reps": reps, "results": [asdict(r) for r in results]}
+    for r in report["results"]:
+        r["speedup_vs_fp32"] = {k: fp32.latency_ms[k] / v for k, v in r["latency_ms"].items()}
+        r["size_ratio_vs_fp32"] = fp32.size_bytes / r["size_bytes"]
+    return report
+
+
+def asdict_shallow(loaded: LoadedModel) -> dict:
+    return {f: getattr(loaded, f) for f in loaded.__dataclass_fields__}
+
+
+def format_table(report: dict) -> str:
+    keys = [f"{t}@{b}" for t in report["towers"] for b in report["batches"]]
+    head = ["contender", *[f"{k} ms" for k in keys], "img@1 x", "size MB", "smaller", "linears", "img cos", "txt cos"]
+    rows = [head]
+    for r in report["results"]:
+        first = f"{report['towers'][0]}@{report['batches'][0]}"
+        rows.append([r["name"], *[f"{r['latency_ms'][k]:.1f}" for k in keys],
+                     f"{r['speedup_vs_fp32'][first]:.2f}", f"{r['size_bytes'] / 1e6:.1f}",
+                     f"{r['size_ratio_vs_fp32']:.1f}x", f"{r['linears_quantized']}/{r['linears_total']}",
+                     f"{r['fidelity']['image_cos_mean']:.4f}", f"{r['fidelity']['text_cos_mean']:.4f}"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    m = report["machine"]
+    return (f"{report['model']} | {m['cpu']} | ISA {m['cpu_isa']} | {m['threads']} threads | torch {m['torch']}\n"
+            + "\n".join(lines))
+
+
+def save_plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in report["results"]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for b in report["batches"]:
+        axes[0].plot(names, [r["speedup_vs_fp32"].get(f"image@{b}", float("nan")) for r in report["results"]],
+                     marker="o", label=f"image B={b}")
+    axes[0].axhline(1.0, color="grey", lw=0.8)
+    axes[0].set_ylabel("speedup vs fp32")
+    axes[0].set_title("image tower latency")
+    axes[0].legend()
+    axes[1].bar(names, [r["size_ratio_vs_fp32"] for r in report["results"]])
+    axes[1].set_ylabel("x smaller than fp32 on disk")
+    axes[1].set_title("model size")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(f"{report['model']} - {report['machine']['cpu']}, {report['machine']['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict, out_dir: str) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "bench.json"), "png": os.path.join(out_dir, "bench.png")}
+    with open(paths["json"], "w") as f:
+        json.dump(report, f, indent=2)
+    save_plot(report, paths["png"])
+    return paths

@@ -1,0 +1,165 @@
+"""The `pyclipq` command line: info, bench, convert, eval.
+
+User mistakes (unknown model or format, missing file, no internet for a pretrained tag)
+end with a one-line error and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXAMPLES = """examples:
+  pyclipq info
+  pyclipq bench                                   # ViT-B-32, random weights, every format
+  pyclipq bench --formats int8 ternary --batches 1 8 --json
+  pyclipq convert ViT-B-32 --format ternary -o vitb32-ternary.safetensors
+  pyclipq convert ViT-B-32 --pretrained ./open_clip_model.bin --format int4 -o out.safetensors
+  pyclipq eval testbed --format ternary           # zero-shot + fidelity on the shipped test bed
+  pyclipq eval ViT-B-32 --pretrained ckpt.bin --quantized out.safetensors --dataset imagefolder:/data/val
+"""
+
+
+class UserError(Exception):
+    pass
+
+
+def _print(args, payload, text: str) -> None:
+    print(json.dumps(payload, indent=2) if args.json else text)
+
+
+def cmd_info(args) -> int:
+    import pyclipq
+
+    info = pyclipq.build_info()
+    text = "\n".join(f"{k}: {v}" for k, v in info.items())
+    _print(args, info, text)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from . import benchmark
+
+    report = benchmark.run_benchmark(model=args.model, pretrained=args.pretrained, formats=tuple(args.formats),
+                                     batches=tuple(args.batches), threads=args.threads, reps=args.reps,
+                                     warmup=args.warmup, progress=not args.json and not args.no_progress)
+    paths = benchmark.write_report(report, args.out)
+    report["files"] = paths
+    _print(args, report, benchmark.format_table(report) + f"\nwrote {paths['json']} and {paths['png']}")
+    return 0
+
+
+def _config_from_args(args):
+    from .configs import QuantConfig, resolve_config
+
+    config = resolve_config(args.format)
+    overrides = {}
+    if getattr(args, "group_size", None) is not None:
+        overrides["group_size"] = args.group_size
+    if getattr(args, "activation", None) is not None:
+        overrides["activation"] = args.activation
+    return QuantConfig.preset(args.format, **overrides) if overrides else config
+
+
+def cmd_convert(args) -> int:
+    import os
+
+    import pyclipq
+
+    from .loading import load_model
+
+    loaded = load_model(args.model, args.pretrained)
+    config = _config_from_args(args)
+    model = pyclipq.convert(loaded.model, config)
+    out = args.output
+    if os.path.dirname(out) and not os.path.isdir(os.path.dirname(out)):
+        raise UserError(f"output directory does not exist: {os.path.dirname(out)}")
+    pyclipq.save(model, out)
+    from .benchmark import linear_inventory
+
+    quantized, total = linear_inventory(model)
+    payload = {"model": loaded.label, "format": args.format, "output": out, "bytes": os.path.getsize(out),
+               "linears_quantized": quantized, "linears_total": total}
+    _print(args, payload, f"{loaded.label} -> {out} ({payload['bytes'] / 1e6:.1f} MB, "
+                          f"{quantized}/{total} linears quantized, {args.format})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import run_eval
+
+    report = run_eval(args)
+    _print(args, report, report.pop("_text", json.dumps(report, indent=2)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .benchmark import PYCLIPQ_FORMATS
+
+    p = argparse.ArgumentParser(prog="pyclipq", description="Low-bit CLIP: kernels, conversion, benchmarks.",
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    sp = sub.add_parser("info", help="build info: ISA variants, chosen ISA, CUDA, Triton, torch")
+    common(sp)
+    sp.set_defaults(fn=cmd_info)
+
+    sp = sub.add_parser("bench", help="end-to-end benchmark of a CLIP model in every format",
+                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.add_argument("--model", default="ViT-B-32", help="open_clip name, hf:<id|dir>, openai:<file>, testbed")
+    sp.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint path")
+    sp.add_argument("--formats", nargs="+", default=list(PYCLIPQ_FORMATS), choices=list(PYCLIPQ_FORMATS))
+    sp.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("--reps", type=int, default=5)
+    sp.add_argument("--warmup", type=int, default=2)
+    sp.add_argument("--out", default="results", help="directory for bench.json and bench.png")
+    sp.add_argument("--no-progress", action="store_true")
+    common(sp)
+    sp.set_defaults(fn=cmd_bench)
+
+    sp = sub.add_parser("convert", help="quantize a model and save it (safetensors)")
+    sp.add_argument("model", help="open_clip name, hf:<id|dir>, openai:<file>, testbed")
+    sp.add_argument("--pretrained", default=None)
+    sp.add_argument("--format", required=True, help="int8, int4, int2, ternary or a preset name")
+    sp.add_argument("--group-size", type=int, default=None)
+    sp.add_argument("--activation", default=None, choices=["dynamic", "static", "none"])
+    sp.add_argument("-o", "--output", required=True)
+    common(sp)
+    sp.set_defaults(fn=cmd_convert)
+
+    sp = sub.add_parser("eval", help="zero-shot / retrieval / fidelity evaluation")
+    sp.add_argument("model", help="open_clip name, hf:<id|dir>, openai:<file>, testbed")
+    sp.add_argument("--pretrained", default=None)
+    sp.add_argument("--format", default=None, help="convert to this format before evaluating")
+    sp.add_argument("--quantized", default=None, help="a pyclipq checkpoint saved by `pyclipq convert`")
+    sp.add_argument("--dataset", default="testbed",
+                    help="testbed | imagefolder:DIR | cifar100:ROOT | retrieval:CSV")
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--limit", type=int, default=None, help="evaluate at most this many examples")
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--no-progress", action="store_true")
+    common(sp)
+    sp.set_defaults(fn=cmd_eval)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .loading import ModelLoadError
+
+    try:
+        return args.fn(args)
+    except (UserError, ModelLoadError, FileNotFoundError, ValueError) as e:
+        print(f"pyclipq {args.command}: error: {e}".splitlines()[0], file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
