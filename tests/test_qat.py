@@ -21,7 +21,7 @@ from pyclipq.train.fake_quant import (
     quantize_activation_rows,
 )
 
-from train_helpers import tiny_batch, tiny_clip
+from train_helpers import single_thread, tiny_batch, tiny_clip
 
 LAYERS = [
     LayerConfig("int8"),
@@ -32,6 +32,8 @@ LAYERS = [
     LayerConfig("ternary", threshold_rule="twice_mean"),
 ]
 IDS = ["int8", "int4-g32", "int4-ch", "int2-g64", "ternary-absmean", "ternary-twice_mean"]
+
+_one_thread = pytest.fixture(autouse=True)(single_thread)
 
 
 def packed_args(layer: LayerConfig, weight: torch.Tensor):

@@ -45,3 +45,12 @@ def class_data(batches: int, batch_size: int, seed: int = 0):
                 images[i, :, :8] += 0.3
         out.append((images, labels))
     return out
+
+
+def single_thread():
+    """Generator for an autouse fixture: these models are tiny, so per-op overhead dominates and
+    extra intra-op threads only add synchronisation (15x slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
