@@ -1,0 +1,22 @@
+"""The Hugging Face adapter (transformers CLIPModel and the other CLIP* classes).
+
+Attention is plain nn.Linear (``q_proj`` / ``k_proj`` / ``v_proj`` / ``out_proj``),
+the MLP is ``fc1`` / ``fc2``, the projections are nn.Linear
+(``visual_projection`` / ``text_projection``), so the generic Linear swap covers
+them. The token embedding is ``text_model.embeddings.token_embedding``; the patch
+embedding ``vision_model.embeddings.patch_embedding`` is quantized weight-only
+(CLIPVisionEmbeddings reads its ``.weight.dtype``).
+"""
+from __future__ import annotations
+
+from .base import Adapter
+
+
+class HuggingFaceClipAdapter(Adapter):
+    name = "hf"
+    projection_linears = ("visual_projection", "text_projection")
+    token_embeddings = ("text_model.embeddings.token_embedding",)
+    patch_embeddings = ("vision_model.embeddings.patch_embedding",)
+
+    def matches(self, model) -> bool:
+        return any(c.__module__.startswith("transformers.models.clip.") for c in type(model).__mro__)
