@@ -38,6 +38,51 @@ def additive_mask(mask: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Te
     return mask.to(dtype)
 
 
+def merged_attention_mask(attn_mask, key_padding_mask, batch, num_heads, tgt_len, src_len, dtype):
+    """nn.MultiheadAttention's attn_mask and key_padding_mask as one additive mask
+    broadcastable to [B, heads, L, S], or None when neither is given."""
+    mask = None
+    if attn_mask is not None:
+        mask = additive_mask(attn_mask, "attn_mask", dtype)
+        if mask.dim() == 2:
+            if tuple(mask.shape) != (tgt_len, src_len):
+                raise ValueError(f"attn_mask 2-D must be [L, S] = [{tgt_len}, {src_len}], got {list(mask.shape)}")
+            mask = mask.view(1, 1, tgt_len, src_len)
+        elif mask.dim() == 3:
+            expected = (batch * num_heads, tgt_len, src_len)
+            if tuple(mask.shape) != expected:
+                raise ValueError(f"attn_mask 3-D must be [B*num_heads, L, S] = {list(expected)}, got {list(mask.shape)}")
+            mask = mask.view(batch, num_heads, tgt_len, src_len)
+        else:
+            raise ValueError(f"attn_mask must be 2-D or 3-D, got {mask.dim()}-D")
+    if key_padding_mask is not None:
+        padding = additive_mask(key_padding_mask, "key_padding_mask", dtype)
+        if tuple(padding.shape) != (batch, src_len):
+            raise ValueError(f"key_padding_mask must be [B, S] = [{batch}, {src_len}], got {list(padding.shape)}")
+        padding = padding.view(batch, 1, 1, src_len)
+        mask = padding if mask is None else mask + padding
+    return mask
+
+
+def attend(q, k, v, mask, *, need_weights: bool, average_attn_weights: bool = True, dropout_p: float = 0.0):
+    """The attention core on [B, heads, L|S, head_dim] tensors -> (output [B, heads, L, head_dim], weights or None).
+
+    Without weights it is F.scaled_dot_product_attention; with weights the softmax is
+    computed explicitly, as nn.MultiheadAttention does, and the weights are averaged
+    over heads when asked.
+    """
+    if not need_weights:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p), None
+    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)
+    if mask is not None:
+        scores = scores + mask
+    weights = scores.softmax(dim=-1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    out = weights @ v
+    return out, (weights.mean(dim=1) if average_attn_weights else weights)
+
+
 class QuantMultiheadAttention(nn.Module):
     """Drop-in for nn.MultiheadAttention (self- and cross-attention, kdim = vdim = embed_dim).
 
@@ -116,30 +161,6 @@ class QuantMultiheadAttention(nn.Module):
             self.in_proj.forward_rows(value, 2 * e, 3 * e),
         )
 
-    def _merged_mask(self, attn_mask, key_padding_mask, batch, tgt_len, src_len, dtype):
-        """attn_mask and key_padding_mask as one additive mask broadcastable to [B, H, L, S], or None."""
-        mask = None
-        if attn_mask is not None:
-            mask = additive_mask(attn_mask, "attn_mask", dtype)
-            if mask.dim() == 2:
-                if tuple(mask.shape) != (tgt_len, src_len):
-                    raise ValueError(f"attn_mask 2-D must be [L, S] = [{tgt_len}, {src_len}], got {list(mask.shape)}")
-                mask = mask.view(1, 1, tgt_len, src_len)
-            elif mask.dim() == 3:
-                expected = (batch * self.num_heads, tgt_len, src_len)
-                if tuple(mask.shape) != expected:
-                    raise ValueError(f"attn_mask 3-D must be [B*num_heads, L, S] = {list(expected)}, got {list(mask.shape)}")
-                mask = mask.view(batch, self.num_heads, tgt_len, src_len)
-            else:
-                raise ValueError(f"attn_mask must be 2-D or 3-D, got {mask.dim()}-D")
-        if key_padding_mask is not None:
-            padding = additive_mask(key_padding_mask, "key_padding_mask", dtype)
-            if tuple(padding.shape) != (batch, src_len):
-                raise ValueError(f"key_padding_mask must be [B, S] = [{batch}, {src_len}], got {list(padding.shape)}")
-            padding = padding.view(batch, 1, 1, src_len)
-            mask = padding if mask is None else mask + padding
-        return mask
-
     def forward(
         self,
         query: torch.Tensor,
@@ -169,22 +190,11 @@ class QuantMultiheadAttention(nn.Module):
         q = q.reshape(batch, tgt_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.reshape(batch, src_len, self.num_heads, self.head_dim).transpose(1, 2)
         v = v.reshape(batch, src_len, self.num_heads, self.head_dim).transpose(1, 2)
-        mask = self._merged_mask(attn_mask, key_padding_mask, batch, tgt_len, src_len, q.dtype)
+        mask = merged_attention_mask(attn_mask, key_padding_mask, batch, self.num_heads, tgt_len, src_len, q.dtype)
         dropout_p = self.dropout if self.training else 0.0
-
-        weights = None
-        if need_weights:
-            scores = (q * (1.0 / math.sqrt(self.head_dim))) @ k.transpose(-2, -1)
-            if mask is not None:
-                scores = scores + mask
-            weights = scores.softmax(dim=-1)
-            if dropout_p > 0.0:
-                weights = F.dropout(weights, p=dropout_p)
-            out = weights @ v
-            if average_attn_weights:
-                weights = weights.mean(dim=1)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        out, weights = attend(
+            q, k, v, mask, need_weights=need_weights, average_attn_weights=average_attn_weights, dropout_p=dropout_p
+        )
 
         out = self.out_proj(out.transpose(1, 2).reshape(batch, tgt_len, self.embed_dim))
         if not batched:
