@@ -11,6 +11,15 @@ from pyclipq.calibrate.gptq import HessianAccumulator, gptq_quantize, layer_outp
 CASES = [("int8", 0), ("int4", 32), ("int4", 0), ("int2", 32), ("ternary", 0)]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: intra-op threads only add synchronisation (much slower on a busy 2-core machine).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def correlated_inputs(rows: int, k: int, seed: int) -> torch.Tensor:
     """Inputs with strongly correlated features and a few large channels, as in transformer activations."""
     g = torch.Generator().manual_seed(seed)

@@ -29,6 +29,15 @@ from pyclipq.calibrate.weights import (
 INT8_ACT = Grid.activations()
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: intra-op threads only add synchronisation (much slower on a busy 2-core machine).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # ------------------------------------------------------------------ grids
 
 

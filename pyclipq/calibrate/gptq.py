@@ -28,12 +28,12 @@ The result is unpacked codes and scales in the format's layout, which
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from .. import formats
+from ._threads import one_thread
 from .observers import Grid, make_observer
 from .weights import codes_from_levels, nearest_levels, observed_weight_scales
 
@@ -178,7 +178,7 @@ def gptq_quantize(
     upper, used_damp = _inverse_cholesky(h, float(damp))
 
     levels = torch.zeros(n, k, dtype=torch.float32)
-    with _one_thread():
+    with one_thread():
         _round_columns(w, upper, scale, levels, fmt, group_size, dynamic_groups, perm, block_size, observer, grid)
 
     if perm is not None:
@@ -187,18 +187,6 @@ def gptq_quantize(
     codes = codes_from_levels(levels, fmt)
     dequantized = formats.dequantize_codes(codes, scale, fmt, k)
     return GPTQResult(codes, scale, dequantized, used_damp)
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """The column loop is thousands of small vector ops: intra-op threads only add
-    synchronisation (10x slower with 2 busy cores here), so run it on one thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _round_columns(w, upper, scale, levels, fmt, group_size, dynamic_groups, perm, block_size, observer, grid):

@@ -35,6 +35,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 import torch
 
 from .. import formats
+from ._threads import one_thread
 
 __all__ = [
     "Grid",
@@ -244,7 +245,8 @@ class RangeObserver:
         """The chosen (lo, hi) per channel (shape () per tensor). OMSE needs the grid."""
         grid = grid or Grid.activations()
         self._check_ready(grid)
-        lo, hi = self._range(grid)
+        with one_thread():
+            lo, hi = self._range(grid)
         return self._shape(lo), self._shape(hi)
 
     def qparams(self, grid: Grid) -> QParams:
@@ -252,7 +254,8 @@ class RangeObserver:
         asymmetric (P4Q Eq. 3) ``scale = (hi - lo) / (qmax - qmin)`` with the range widened to
         hold 0 and ``zero_point = qmin - round(lo / scale)``."""
         self._check_ready(grid)
-        lo, hi = self._range(grid)
+        with one_thread():
+            lo, hi = self._range(grid)
         scale, zero_point = range_to_qparams(lo, hi, grid, self.symmetric)
         return QParams(self._shape(scale), self._shape(zero_point))
 
@@ -684,7 +687,7 @@ class OMSEObserver(_DistributionObserver):
         symmetric: bool = True,
         num_candidates: int = 40,
         refine_candidates: int = 10,
-        refine_steps: int = 10,
+        refine_steps: int = 6,
         num_candidates_2d: int = 24,
         max_exact_values: int = 1 << 22,
         bins: int = 2048,
@@ -740,10 +743,12 @@ class OMSEObserver(_DistributionObserver):
                 candidate = (ls_scale * grid.qmax)[:, None]
                 e = dist.squared_error(candidate / grid.qmax, torch.zeros_like(candidate), grid)[:, 0]
                 better = (e < best_err) & (ls_scale > 0)
-                if not bool(better.any()):
-                    break
+                # Converged once no channel gains more than 1e-6 of its error.
+                gained = bool((better & (e < best_err * (1 - 1e-6))).any())
                 best = torch.where(better, candidate[:, 0], best)
                 best_err = torch.where(better, e, best_err)
+                if not gained:
+                    break
         return best
 
     # -- asymmetric
