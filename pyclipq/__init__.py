@@ -10,23 +10,11 @@ _C = load_extension()
 from . import formats  # noqa: E402
 from . import ops  # noqa: E402
 
-_LAZY = {
-    "convert": ("pyclipq.convert", "convert"),
-    "save": ("pyclipq.io", "save"),
-    "load": ("pyclipq.io", "load"),
-    "QuantConfig": ("pyclipq.configs", "QuantConfig"),
-    "calibrate": ("pyclipq.calibrate", "calibrate"),
-}
+# Imported eagerly on purpose: `pyclipq.convert` and `pyclipq.calibrate` name both a
+# function and a module, and a lazily imported submodule would shadow the function.
+from .configs import QuantConfig  # noqa: E402
+from .convert import convert  # noqa: E402
+from .io import load, save  # noqa: E402
+from .calibrate import calibrate  # noqa: E402
 
-
-def __getattr__(name):
-    # Upper layers load on first use so `import pyclipq` stays cheap for kernel users.
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module 'pyclipq' has no attribute {name!r}")
-
-
-__all__ = ["build_info", "formats", "ops", *_LAZY]
+__all__ = ["build_info", "formats", "ops", "QuantConfig", "convert", "save", "load", "calibrate"]

@@ -126,7 +126,13 @@ def build_contender(name: str, fp32: nn.Module) -> nn.Module:
         return fp32
     if name == "quantize_dynamic":
         torch.backends.quantized.engine = "x86"
-        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32), {nn.Linear}, dtype=torch.qint8)
+        peer = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32), {nn.Linear}, dtype=torch.qint8)
+        # open_clip's text tower reads `mlp.c_fc.weight.dtype`, which torch's dynamic
+        # Linear turns into a method; the peer's towers compute in fp32 anyway.
+        for module in peer.modules():
+            if hasattr(module, "get_cast_dtype"):
+                module.get_cast_dtype = lambda: torch.float32
+        return peer
     return pyclipq.convert(copy.deepcopy(fp32), name)
 
 
