@@ -195,34 +195,34 @@ def test_zero_shot_classifier_from_open_clip_tokenizer_works_on_the_converted_mo
     assert min_cosine(got.t(), expected.t()) >= 0.99
 
 
-@pytest.fixture(scope="module")
-def vit_b32_int8():
+def vit_b32():
     import open_clip
 
     torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-32", pretrained=None).eval()
-    vision_before, text_before = count_linears(model.visual), count_linears(model.transformer)
-    return vision_before, text_before, convert(model, "int8")
+    return open_clip.create_model("ViT-B-32", pretrained=None).eval()
 
 
-def test_vit_b32_all_72_vision_and_72_text_linears_are_quantized(vit_b32_int8):
-    vision_before, text_before, model = vit_b32_int8
-    report = model.pyclipq_report
-    assert vision_before == text_before == 72
-    assert report.total_linears("visual.transformer.") == 72
-    assert report.total_linears("transformer.") == 72
-    assert report.linears() == {"attn_qkv": 72, "attn_out": 24, "mlp": 48, "projection": 2}
-    assert count_linears(model) == 0 and report.float_linears_left == []
+def test_vit_b32_all_72_vision_linears_are_quantized():
+    model = vit_b32()
+    assert count_linears(model.visual) == 72
+    # Only the vision tower, to keep this test quick; the slow test below converts both towers.
+    report = convert(model, QuantConfig("int8", include=("visual.*",))).pyclipq_report
+    assert report.linears("visual.transformer.") == {"attn_qkv": 36, "attn_out": 12, "mlp": 24}
+    assert report.linears() == {"attn_qkv": 36, "attn_out": 12, "mlp": 24, "projection": 1}
+    assert count_linears(model.visual) == 0
 
 
 @pytest.mark.slow
-def test_vit_b32_int8_embeddings_stay_close_to_float32(vit_b32_int8):
-    import open_clip
-
-    torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-32", pretrained=None).eval()
+def test_vit_b32_both_towers_are_quantized_and_int8_embeddings_stay_close_to_float32():
+    model = vit_b32()
+    assert count_linears(model.transformer) == 72
+    quantized = convert(copy.deepcopy(model), "int8")
+    report = quantized.pyclipq_report
+    assert report.total_linears("visual.transformer.") == report.total_linears("transformer.") == 72
+    assert report.linears() == {"attn_qkv": 72, "attn_out": 24, "mlp": 48, "projection": 2}
+    assert count_linears(quantized) == 0 and report.float_linears_left == []
     images, tokens = torch.randn(2, 3, 224, 224), torch.randint(1, 49406, (2, 77))
-    for got, expected in zip(encode(vit_b32_int8[2], images, tokens), encode(model, images, tokens)):
+    for got, expected in zip(encode(quantized, images, tokens), encode(model, images, tokens)):
         assert min_cosine(got, expected) >= 0.99
 
 
@@ -254,3 +254,11 @@ def test_compiled_converted_model_runs_without_graph_breaks(name):
         eager = image_embedding(images)
         compiled = torch.compile(image_embedding, fullgraph=True)(images)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_exported_image_tower_matches_eager():
+    model = convert(BUILDERS["openai"](), "ternary-qall-embeddings")
+    images, _ = sample_inputs()
+    with torch.no_grad():
+        exported = torch.export.export(model.visual, (images,))
+        assert torch.equal(exported.module()(images), model.visual(images))
