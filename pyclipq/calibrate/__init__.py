@@ -12,16 +12,11 @@ Optionally it also re-quantizes the weights from the float model:
 (pyclipq.calibrate.gptq). A converted model no longer holds float weights, so both need
 ``float_model=`` (the same architecture with float weights, e.g. a deepcopy taken
 before conversion).
-
-This module is callable: ``pyclipq.calibrate(...)`` works whether ``pyclipq.calibrate``
-resolves to this package or to the function.
 """
 from __future__ import annotations
 
 import itertools
-import sys
 import time
-import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -527,14 +522,3 @@ def _apply_gptq(model, linears, float_model, source, run, order, weight_observer
             entry.weights = "gptq" + (f"+{weight_observer}" if isinstance(weight_observer, str) else "")
             entry.proxy_error_rtn = _proxy_error(rtn - w, w, hessian)
             entry.proxy_error = _proxy_error(result.weight - w, w, hessian)
-
-
-class _CallableModule(types.ModuleType):
-    """`pyclipq.calibrate` is both this package and the function: importing the package
-    replaces pyclipq's lazy attribute with the module, so the module forwards calls."""
-
-    def __call__(self, *args, **kwargs):
-        return calibrate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
