@@ -70,6 +70,17 @@ def test_int8_embeddings_stay_close_to_float32(name):
         assert min_cosine(got, expected) >= 0.99
 
 
+# OpenAI CLIP's own LayerNorm cannot run bfloat16 on CPU (float32 input, bfloat16 parameters), converted or not.
+@pytest.mark.parametrize("name", ["open_clip", "hf"])
+def test_converted_model_cast_to_bfloat16_runs_in_bfloat16(name):
+    model, quantized = converted(name, "int8")
+    quantized.to(torch.bfloat16)
+    images, tokens = sample_inputs()
+    for got, expected in zip(encode(quantized, images.bfloat16(), tokens), encode(model, images, tokens)):
+        assert got.dtype == torch.bfloat16
+        assert min_cosine(got.float(), expected) >= 0.99
+
+
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
 def test_every_linear_is_quantized_and_counted_by_kind(name):
     model, quantized = converted(name, "int8")
