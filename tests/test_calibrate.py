@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from calibration_fixtures import one_intra_op_thread  # noqa: F401  (autouse)
 import torch.nn.functional as F
 from torch import nn
 
@@ -16,14 +17,6 @@ from pyclipq.convert import convert
 pytest.importorskip("open_clip")
 from clip_builders import small_open_clip  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation (much slower on a busy 2-core machine).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def mlp(seed=0):
@@ -163,6 +156,7 @@ def test_gptq_lowers_every_layer_error_and_the_output_error():
     gptq = converted(copy.deepcopy(float_model), "int2", group_size=32)
     report = calibrate(gptq, data, gptq=True, float_model=float_model, progress=False)
     assert report.passes == 3  # activations, one GPTQ chunk, activations again
+    assert set(report.stage_seconds) == {"activations", "gptq", "gptq_rounding"}
     for layer in report.layers:
         assert layer.weights == "gptq"
         assert layer.proxy_error < layer.proxy_error_rtn

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from calibration_fixtures import one_intra_op_thread  # noqa: F401  (autouse)
 
 from pyclipq import formats
 from pyclipq.calibrate.gptq import HessianAccumulator, gptq_quantize, layer_output_error, rtn_quantize
 
 CASES = [("int8", 0), ("int4", 32), ("int4", 0), ("int2", 32), ("ternary", 0)]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation (much slower on a busy 2-core machine).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def correlated_inputs(rows: int, k: int, seed: int) -> torch.Tensor:

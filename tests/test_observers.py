@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from calibration_fixtures import one_intra_op_thread  # noqa: F401  (autouse)
 
 from pyclipq import formats
 from pyclipq.calibrate import observers as obs
@@ -28,14 +29,6 @@ from pyclipq.calibrate.weights import (
 
 INT8_ACT = Grid.activations()
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation (much slower on a busy 2-core machine).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ------------------------------------------------------------------ grids

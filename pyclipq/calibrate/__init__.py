@@ -90,6 +90,7 @@ class CalibrationReport:
     layers: list[LayerCalibration] = field(default_factory=list)
     passes: int = 0
     seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -338,17 +339,28 @@ def calibrate(
 
     was_training = model.training
     model.eval()
+    stage = [time.perf_counter()]
+
+    def finished(name):
+        now = time.perf_counter()
+        report.stage_seconds[name] = report.stage_seconds.get(name, 0.0) + now - stage[0]
+        stage[0] = now
+
     try:
         if weight_observer is not None:
             _apply_weight_observer(model, float_model, weight_observer, entries, skip_linears=gptq)
+            finished("weight_observer")
         order = _calibrate_activations(model, linears, source, run, observer, observer_kwargs, progress, report, "activations")
+        finished("activations")
         if gptq:
             _apply_gptq(
                 model, linears, float_model, source, run, order, weight_observer, entries, progress, report,
                 damp=gptq_damp, block_size=gptq_block_size, act_order=gptq_act_order, budget=max_hessian_bytes,
             )
+            finished("gptq")
             # The weights changed: downstream activations changed too, so observe them again.
             _calibrate_activations(model, linears, source, run, observer, observer_kwargs, progress, report, "activations (after GPTQ)")
+            finished("activations")
     finally:
         model.train(was_training)
     for name, module in linears:
@@ -512,10 +524,12 @@ def _apply_gptq(model, linears, float_model, source, run, order, weight_observer
             w = _float_weight(float_model, name, (module.out_features, module.in_features)).float().cpu()
             hessian = accumulators.pop(name).hessian
             group_size = layer.group_size if formats.get_format(layer.format).grouped else 0
+            rounding_started = time.perf_counter()
             result = gptq_quantize(
                 w, hessian, layer.format, group_size, observer=weight_observer, threshold_rule=layer.threshold_rule,
                 damp=damp, block_size=block_size, act_order=act_order,
             )
+            report.stage_seconds["gptq_rounding"] = report.stage_seconds.get("gptq_rounding", 0.0) + time.perf_counter() - rounding_started
             _, _, rtn = rtn_quantize(w, layer.format, group_size, observer=weight_observer, threshold_rule=layer.threshold_rule)
             load_quantized_weight(module, result.codes, result.scale)
             entry = entries[name]
