@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,7 @@ def compare_to_reference(
     """
     check_classnames(classnames)
     check_templates(templates)
-    if iter(image_batches) is image_batches:
+    if isinstance(image_batches, Iterator):
         raise ValueError("image_batches: needs to be iterable twice (a DataLoader or a list), got a one-shot iterator")
     if texts is None:
         texts = [template.format(name) for name in classnames for template in templates]

@@ -35,20 +35,41 @@ def caption_owners(text_to_image: torch.Tensor | None, num_images: int, num_text
 
 
 def recall_from_similarity(
-    similarity: torch.Tensor, text_to_image: torch.Tensor | None = None, ks: Sequence[int] = (1, 5, 10)
+    similarity: torch.Tensor,
+    text_to_image: torch.Tensor | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+    *,
+    relevant: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Recall@k from an (images, texts) similarity matrix.
 
     image_to_text_recall@k: fraction of images with at least one of their captions among the k
-    most similar texts. text_to_image_recall@k: fraction of texts whose image is among the k most
-    similar images. k above the candidate count counts every candidate.
+    most similar texts. text_to_image_recall@k: fraction of texts with one of their images among
+    the k most similar images. k above the candidate count counts every candidate.
+
+    Which caption belongs to which image comes from text_to_image (one image per caption, by
+    default caption i for image i) or, where one caption can truly describe several images (as on
+    the test bed), from relevant: an (images, texts) bool matrix.
     """
     if similarity.dim() != 2:
         raise ValueError(f"similarity: expected an (images, texts) matrix, got shape {tuple(similarity.shape)}")
     if not ks or any(k <= 0 for k in ks):
         raise ValueError(f"ks: expected positive k values, got {tuple(ks)}")
     num_images, num_texts = similarity.shape
-    owners = caption_owners(text_to_image, num_images, num_texts)
+    if relevant is not None:
+        if text_to_image is not None:
+            raise ValueError("relevant: pass either text_to_image or relevant, not both")
+        relevant = _checked_relevance(relevant, num_images, num_texts)
+
+        def is_relevant(image_ids, text_ids):
+            return relevant[image_ids, text_ids]
+
+    else:
+        owners = caption_owners(text_to_image, num_images, num_texts)
+
+        def is_relevant(image_ids, text_ids):
+            return owners[text_ids] == image_ids
+
     similarity = similarity.float().cpu()
     largest = max(ks)
 
@@ -56,15 +77,16 @@ def recall_from_similarity(
     for start in range(0, num_images, _ROWS_PER_CHUNK):
         rows = similarity[start : start + _ROWS_PER_CHUNK]
         top_texts = rows.topk(min(largest, num_texts), dim=1).indices
-        own = torch.arange(start, start + rows.shape[0])[:, None]
-        image_hits.append(owners[top_texts] == own)
+        image_ids = torch.arange(start, start + rows.shape[0])[:, None].expand_as(top_texts)
+        image_hits.append(is_relevant(image_ids, top_texts))
     image_hits = torch.cat(image_hits)
 
     text_hits = []
     for start in range(0, num_texts, _ROWS_PER_CHUNK):
         columns = similarity[:, start : start + _ROWS_PER_CHUNK].T
         top_images = columns.topk(min(largest, num_images), dim=1).indices
-        text_hits.append(top_images == owners[start : start + columns.shape[0], None])
+        text_ids = torch.arange(start, start + columns.shape[0])[:, None].expand_as(top_images)
+        text_hits.append(is_relevant(top_images, text_ids))
     text_hits = torch.cat(text_hits)
 
     recalls = {}
@@ -74,11 +96,22 @@ def recall_from_similarity(
     return recalls
 
 
+def _checked_relevance(relevant: torch.Tensor, num_images: int, num_texts: int) -> torch.Tensor:
+    relevant = torch.as_tensor(relevant).bool().cpu()
+    if relevant.shape != (num_images, num_texts):
+        raise ValueError(f"relevant: expected an ({num_images}, {num_texts}) bool matrix, got {tuple(relevant.shape)}")
+    if not relevant.any(dim=1).all() or not relevant.any(dim=0).all():
+        raise ValueError("relevant: every image needs a relevant text and every text a relevant image")
+    return relevant
+
+
 def retrieval_recall(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     text_to_image: torch.Tensor | None = None,
     ks: Sequence[int] = (1, 5, 10),
+    *,
+    relevant: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Recall@k from image and text features (cosine similarity; features need not be normalized)."""
     if image_features.dim() != 2 or text_features.dim() != 2 or image_features.shape[1] != text_features.shape[1]:
@@ -87,7 +120,7 @@ def retrieval_recall(
             f"got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
         )
     similarity = F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T
-    return recall_from_similarity(similarity, text_to_image, ks)
+    return recall_from_similarity(similarity, text_to_image, ks, relevant=relevant)
 
 
 def evaluate_retrieval(

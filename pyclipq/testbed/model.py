@@ -27,7 +27,7 @@ class TestbedConfig:
     __test__ = False  # not a pytest test class, despite the name
     embed_dim: int = 128
     image_size: int = scenes.IMAGE_SIZE
-    patch_size: int = 4
+    patch_size: int = 8
     vision_width: int = 128
     vision_layers: int = 6
     vision_head_width: int = 32
@@ -104,6 +104,8 @@ def load_testbed(directory: str | Path | None = None, device: str | torch.device
                 "or recreate the shipped weights with `python -m pyclipq.testbed.train`."
             )
     metadata = json.loads(metadata_path.read_text())
+    if "config" not in metadata:
+        raise ValueError(f"directory: {metadata_path} has no 'config' entry; it was not written by pyclipq.testbed.train")
     config = TestbedConfig(**metadata.pop("config"))
     model = build_model(config)
     model.load_state_dict(load_file(str(weights_path)))

@@ -36,6 +36,20 @@ class TestbedSplit:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def caption_matches(self) -> torch.Tensor:
+        """(images, captions) bool: caption j truthfully describes image i.
+
+        True when the class matches and so do the size and position, where caption j mentions
+        them; a caption that leaves them out describes every scene of its class.
+        """
+        a = self.attributes
+        same_class = self.labels[:, None] == self.labels[None, :]
+        same_size = a.size[:, None] == a.size[None, :]
+        same_place = (a.column[:, None] == a.column[None, :]) & (a.row[:, None] == a.row[None, :])
+        size_ok = ~self.mentions_size[None, :] | same_size
+        place_ok = ~self.mentions_position[None, :] | same_place
+        return same_class & size_ok & place_ok
+
     def loader(self, batch_size: int = 256) -> torch.utils.data.DataLoader:
         """(image, label) batches in order, the shape eval's zero-shot functions take."""
         dataset = torch.utils.data.TensorDataset(self.images, self.labels)
@@ -45,7 +59,9 @@ class TestbedSplit:
 def chunk_seed(split: str, chunk: int) -> int:
     if split not in SPLIT_CODES:
         raise ValueError(f"split: expected one of {sorted(SPLIT_CODES)}, got {split!r}")
-    return int(np.random.SeedSequence([SPLIT_CODES[split], chunk]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    state = np.random.SeedSequence([SPLIT_CODES[split], chunk]).generate_state(1, dtype=np.uint64)[0]
+    # 63 bits, so the seed also fits a signed int64 (JSON readers, torch's seed() round trip).
+    return int(state >> 1)
 
 
 def render_chunk(split: str, chunk: int) -> TestbedSplit:

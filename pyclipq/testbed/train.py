@@ -50,26 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def describes(data: TestbedSplit) -> torch.Tensor:
-    """(n, n) bool: caption j is a true description of image i.
+def contrastive_loss(image_features, text_features, logit_scale, matches: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE with every true (image, caption) pair as a positive, weighted uniformly.
 
     Scenes of one class are common within a batch, and a caption that leaves out size or
     position describes several of them. Treating those pairs as negatives, as the plain CLIP
     loss does, would punish the model for being right.
     """
-    attributes = data.attributes
-    same_class = data.labels[:, None] == data.labels[None, :]
-    same_size = attributes.size[:, None] == attributes.size[None, :]
-    same_place = (attributes.column[:, None] == attributes.column[None, :]) & (
-        attributes.row[:, None] == attributes.row[None, :]
-    )
-    size_ok = ~data.mentions_size[None, :] | same_size
-    place_ok = ~data.mentions_position[None, :] | same_place
-    return same_class & size_ok & place_ok
-
-
-def contrastive_loss(image_features, text_features, logit_scale, matches: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE with every true (image, caption) pair as a positive, weighted uniformly."""
     logits = logit_scale * image_features @ text_features.T
     targets = matches.float()
     image_to_text = F.cross_entropy(logits, targets / targets.sum(dim=1, keepdim=True))
@@ -142,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         image_features, text_features, logit_scale = model(
             data.images.to(args.device), tokenizer(data.captions).to(args.device)
         )
-        loss = contrastive_loss(image_features, text_features, logit_scale, describes(data).to(args.device))
+        loss = contrastive_loss(image_features, text_features, logit_scale, data.caption_matches().to(args.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
