@@ -50,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def describes(data: TestbedSplit) -> torch.Tensor:
+    """(n, n) bool: caption j is a true description of image i; see TestbedSplit.caption_matches."""
+    # Kept because pyclipq.train's test-bed batches import it by this name.
+    return data.caption_matches()
+
+
 def contrastive_loss(image_features, text_features, logit_scale, matches: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE with every true (image, caption) pair as a positive, weighted uniformly.
 
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         image_features, text_features, logit_scale = model(
             data.images.to(args.device), tokenizer(data.captions).to(args.device)
         )
-        loss = contrastive_loss(image_features, text_features, logit_scale, data.caption_matches().to(args.device))
+        loss = contrastive_loss(image_features, text_features, logit_scale, describes(data).to(args.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
