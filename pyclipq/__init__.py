@@ -13,8 +13,8 @@ from . import ops  # noqa: E402
 # Imported eagerly on purpose: `pyclipq.convert` and `pyclipq.calibrate` name both a
 # function and a module, and a lazily imported submodule would shadow the function.
 from .configs import QuantConfig  # noqa: E402
-from .convert import convert  # noqa: E402
+from .convert import convert, summary  # noqa: E402
 from .io import load, save  # noqa: E402
 from .calibrate import calibrate  # noqa: E402
 
-__all__ = ["build_info", "formats", "ops", "QuantConfig", "convert", "save", "load", "calibrate"]
+__all__ = ["build_info", "formats", "ops", "QuantConfig", "convert", "summary", "save", "load", "calibrate"]

@@ -112,3 +112,20 @@ def _(codes, k):
 @torch.library.register_fake(f"{NAMESPACE}::unpack_trits")
 def _(packed, k):
     return packed.new_empty((packed.shape[0], formats.padded_k(k)), dtype=torch.uint8)
+
+
+def _not_differentiable(name):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"pyclipq.{name} has no gradient: the packed kernels are for inference. "
+            "Train with pyclipq.train (fake-quant modules with straight-through estimators)."
+        )
+
+    return backward
+
+
+# An explicit autograd registration: calling an op on tensors that require grad (e.g.
+# inside a model whose float parameters do) neither warns nor silently drops the graph;
+# backpropagating through it raises the error above.
+for _name in SCHEMAS:
+    torch.library.register_autograd(f"{NAMESPACE}::{_name}", _not_differentiable(_name))
