@@ -325,6 +325,9 @@ def test_fixed_config_precedence(monkeypatch):
         assert autotune.fixed_config("lowbit_gemm", {"BLOCK_M": 64})["BLOCK_M"] == 64
         kernel, meta = T.LOWBIT_GEMM.select(5)
         assert kernel is T.LOWBIT_GEMM.fn and meta["BLOCK_M"] == 16 and meta["BLOCK_N"] == 64
+    # names a kernel lacks are dropped for it (compiled kernels reject unknown kwargs)
+    with autotune.use_config(BLOCK_K=64, BLOCKS_PER_ITER=2):
+        assert "BLOCK_K" not in T.LOWBIT_GEMM.select(5)[1] and T.INT8_GEMM.select(5)[1]["BLOCK_K"] == 64
     monkeypatch.setenv(autotune.ENV_VAR, "BLOCK_M")
     with pytest.raises(ValueError, match="KEY=VALUE"):
         autotune.fixed_config("int8_gemm")

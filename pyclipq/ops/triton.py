@@ -186,7 +186,7 @@ def quantize_per_token(x: Tensor, group_size: int = 0, act_scale: Optional[Tenso
         return q, scale, sums
     block_k = min(triton.next_power_of_2(k_pad), 2048)
     meta = {"BLOCK_M": max(1, min(16, 2048 // block_k)), "BLOCK_K": block_k, "num_warps": 4, "num_stages": 1}
-    meta.update(autotune.fixed_config("quantize", config) or {})
+    meta = autotune.accepted(quantize.quantize_per_token_kernel, {**meta, **(autotune.fixed_config("quantize", config) or {})})
     with _device_guard(x):
         wrap_triton(quantize.quantize_per_token_kernel)[(triton.cdiv(m, meta["BLOCK_M"]),)](
             rows, q, scale, sums, act_scale if act_scale is not None else scale,
@@ -326,9 +326,8 @@ def weight_only_linear(fmt_name: str, x: Tensor, weight: Tensor, weight_scale: T
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     m = rows.shape[0]
-    meta = dict(autotune.candidates("weight_only", m)[0])
-    fixed = autotune.fixed_config("weight_only", config) or {}
-    meta.update(fixed)
+    fixed = autotune.accepted(gemv_weight_only.weight_only_kernel, autotune.fixed_config("weight_only", config) or {})
+    meta = {**autotune.candidates("weight_only", m)[0], **fixed}
     n_blocks = k_pad // (STEP * fmt.codes_per_byte)
     if "SPLIT_K" not in fixed:
         # Enough programs to keep every SM streaming weights: about 4 per SM.

@@ -13,11 +13,14 @@ wgmma-sized tiles for large M), so tuning stays cheap.
    ``"int8_gemm:BLOCK_M=128,BLOCK_N=128,BLOCK_K=128,num_warps=8,num_stages=3;lowbit_gemm:BLOCK_M=64"``
    (``kernel:`` prefixes are optional: an entry without one applies to every kernel).
 
-A fixed config fills in what it names over the bucket's first candidate. Under the
+A fixed config fills in what it names over the bucket's first candidate; names a kernel
+has no parameter for are dropped for that kernel (so one unprefixed entry can serve every
+kernel that has the parameter). Under the
 Triton interpreter (``TRITON_INTERPRET=1``) nothing is timed: the first candidate (or
 the fixed config) is used.
 """
 import contextlib
+import inspect
 import os
 
 import triton
@@ -98,6 +101,20 @@ HEURISTIC = {
 _override_stack = []
 
 
+def _quick_bench(fn, quantiles=None, **_):
+    # Short timing per candidate: tuning runs once per (bucket, shape), and a few hundred
+    # shapes x 3 candidates at Triton's default 125 ms each would take minutes.
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+def _autotune(configs, key):
+    if "do_bench" in inspect.signature(triton.autotune).parameters:
+        return triton.autotune(configs=configs, key=key, do_bench=_quick_bench)
+    return triton.autotune(configs=configs, key=key, warmup=5, rep=25)
+
+
 def parse_config(text: str, kernel: str) -> dict:
     """The entries of a ``PYCLIPQ_TRITON_CONFIG``-style string that apply to ``kernel``."""
     out = {}
@@ -142,6 +159,15 @@ def candidates(kernel: str, m: int) -> list:
     return table[m_bucket(m)]
 
 
+def accepted(fn, meta: dict) -> dict:
+    """The entries of ``meta`` that ``fn`` (a @triton.jit kernel) takes, plus the launch options.
+
+    A compiled kernel rejects unknown keyword arguments (the interpreter ignores them).
+    """
+    names = set(getattr(fn, "arg_names", ())) | set(LAUNCH_KEYS)
+    return {k: v for k, v in meta.items() if k in names}
+
+
 class BucketedKernel:
     """A ``@triton.jit`` kernel plus one ``triton.autotune`` wrapper per M bucket.
 
@@ -162,11 +188,11 @@ class BucketedKernel:
             configs = [triton.Config({k: v for k, v in c.items() if k not in LAUNCH_KEYS},
                                      num_warps=c["num_warps"], num_stages=c["num_stages"])
                        for c in CANDIDATES[self.name][bucket]]
-            self._tuners[bucket] = triton.autotune(configs=configs, key=self.key)(self.fn)
+            self._tuners[bucket] = _autotune(configs, self.key)(self.fn)
         return self._tuners[bucket]
 
     def select(self, m: int, config: dict | None = None):
         fixed = fixed_config(self.name, config)
         if fixed is None and self.name in CANDIDATES and not interpreting():
             return self._tuner(m_bucket(m)), {}
-        return self.fn, {**candidates(self.name, m)[0], **(fixed or {})}
+        return self.fn, accepted(self.fn, {**candidates(self.name, m)[0], **(fixed or {})})

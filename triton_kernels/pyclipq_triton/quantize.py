@@ -9,7 +9,9 @@ bounds commutes with rounding).
 import triton
 import triton.language as tl
 
-ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding it leaves no fraction bits in fp32, so the add rounds half-to-even
+# 1.5 * 2**23: adding it leaves no fraction bits in fp32, so the add rounds half-to-even.
+# A tl.constexpr: compiled kernels may only read constexpr globals (the interpreter reads any).
+ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
