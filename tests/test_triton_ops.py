@@ -367,3 +367,11 @@ def test_unpack_helpers_import_on_their_own():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
                        cwd="/")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_backward_through_a_triton_op_raises():
+    packed, scale = make_layer("int8", 8, 64)
+    x = dev(torch.randn(2, 64)).requires_grad_()
+    y = torch.ops.pyclipq.triton_int8_linear(x, dev(packed), dev(scale), None, None)
+    with pytest.raises(RuntimeError, match="has no gradient"):
+        y.sum().backward()

@@ -530,3 +530,19 @@ OPS = {name: getattr(torch.ops.pyclipq, f"triton_{name}") for name in (
     "quantize_per_token", "int8_gemm", "int4_gemm", "int2_gemm", "ternary_gemm",
     "int8_linear", "int4_linear", "int2_linear", "ternary_linear",
     "pack_codes", "unpack_codes", "pack_trits", "unpack_trits")}
+WEIGHT_ONLY_OPS = {name: getattr(torch.ops.pyclipq, f"triton_{name}_weight_only_linear")
+                   for name in ("int4", "int2", "ternary")}
+
+
+def _not_differentiable(name):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"pyclipq.triton_{name} has no gradient: the packed kernels are for inference. "
+                           "Train with pyclipq.train (fake-quant modules with straight-through estimators).")
+
+    return backward
+
+
+# As for the pyclipq::* ops (library.py): calling these on tensors that require grad
+# neither warns nor silently drops the graph; backpropagating through them raises.
+for _name in [*OPS, *(f"{n}_weight_only_linear" for n in WEIGHT_ONLY_OPS)]:
+    torch.library.register_autograd(f"pyclipq::triton_{_name}", _not_differentiable(_name))
