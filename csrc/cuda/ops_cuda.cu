@@ -1,0 +1,295 @@
+// CUDA implementations of the pyclipq ops (schemas: pyclipq/ops/library.py).
+// This file checks (csrc/op_checks.h), allocates and launches; the kernels live in the
+// torch-free .cu files behind kernels.cuh. Every launch runs on the current stream of
+// the input's device, under a device guard, and is checked right after.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "kernels.cuh"
+#include "op_checks.h"
+
+namespace pyclipq::cuda_ops {
+namespace {
+
+using cuda::DType;
+
+void check_cuda(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor for the CUDA kernel, got ", t.device());
+}
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::F32;
+    case at::kBFloat16: return DType::BF16;
+    case at::kHalf: return DType::F16;
+    case at::kInt: return DType::I32;
+    default: TORCH_INTERNAL_ASSERT(false, "no kernel dtype for ", t.scalar_type());
+  }
+}
+
+struct Quantized {
+  at::Tensor q, scale, sums;
+};
+
+// Non-finite activations are not rejected here: that check needs a device sync. A row
+// holding NaN/Inf gets scale NaN, so its outputs are NaN (documented in pyclipq.ops).
+Quantized quantize(const at::Tensor& x, int64_t group_size, const std::optional<at::Tensor>& act_scale,
+                   const char* op) {
+  check_float_input(x, op);
+  check_cuda(x, "x", op);
+  check_group_size(group_size, op);
+  check_act_scale(act_scale, op);
+  if (act_scale.has_value()) check_same_device(x, *act_scale, "act_scale", op);
+  const int64_t k = x.size(-1), k_pad = padded_k(k), m = x.numel() / k;
+  at::Tensor rows = x.reshape({m, k});
+  if (rows.stride(1) != 1) rows = rows.contiguous();
+  Quantized out{at::empty({m, k_pad}, x.options().dtype(at::kChar)), at::empty({m}, x.options().dtype(at::kFloat)),
+                at::empty({m, num_groups(k_pad, group_size)}, x.options().dtype(at::kInt))};
+  const c10::cuda::CUDAGuard guard(x.device());
+  cuda::QuantizeArgs a{rows.data_ptr(),
+                       dtype_of(rows),
+                       m,
+                       k,
+                       k_pad,
+                       m > 1 ? rows.stride(0) : k,
+                       static_cast<int>(group_size),
+                       act_scale.has_value() ? act_scale->data_ptr<float>() : nullptr,
+                       out.q.data_ptr<int8_t>(),
+                       out.scale.data_ptr<float>(),
+                       out.sums.data_ptr<int32_t>()};
+  cuda::launch_quantize(a, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, int64_t group_size,
+                                                                  const std::optional<at::Tensor>& act_scale) {
+  auto r = quantize(x, group_size, act_scale, "pyclipq.quantize_per_token");
+  return {r.q, r.scale, r.sums};
+}
+
+cuda::GemmArgs gemm_args(WeightKind kind, const at::Tensor& x_q, const at::Tensor& sums, const at::Tensor& weight,
+                         int64_t group_size) {
+  const auto& tr = traits(kind);
+  const int64_t k_pad = x_q.size(1);
+  cuda::GemmArgs a{};
+  a.a = x_q.data_ptr<int8_t>();
+  a.w = static_cast<const uint8_t*>(weight.data_ptr());
+  a.sums = sums.defined() ? sums.data_ptr<int32_t>() : nullptr;
+  a.m = static_cast<int>(x_q.size(0));
+  a.n = static_cast<int>(weight.size(0));
+  a.k_pad = static_cast<int>(k_pad);
+  a.groups = static_cast<int>(num_groups(k_pad, group_size));
+  a.group_steps = static_cast<int>((group_size == 0 ? k_pad : group_size) / 32);
+  a.bits = tr.bits;
+  a.level_mul = tr.level_mul;
+  a.level_offset = tr.level_offset;
+  return a;
+}
+
+at::Tensor integer_gemm(WeightKind kind, const at::Tensor& x_q, const at::Tensor& x_sums, const at::Tensor& weight,
+                        int64_t group_size, bool grouped_output, const char* op) {
+  check_cuda(x_q, "x_q", op);
+  const int64_t k_pad = check_quantized_activation(x_q, op);
+  check_weight(kind, weight, k_pad, op);
+  check_same_device(x_q, weight, "weight", op);
+  check_group_size(group_size, op);
+  const int64_t m = x_q.size(0), n = weight.size(0), groups = num_groups(k_pad, group_size);
+  TORCH_CHECK(m < INT32_MAX && n < INT32_MAX && k_pad < INT32_MAX, op, ": sizes must fit in int32");
+  if (kind != WeightKind::Int8) {
+    check_same_device(x_q, x_sums, "x_sums", op);
+    check_group_sums(x_sums, m, groups, op);
+  }
+  at::Tensor out = at::empty({m, n, groups}, x_q.options().dtype(at::kInt));
+  const c10::cuda::CUDAGuard guard(x_q.device());
+  cuda::GemmArgs a = gemm_args(kind, x_q, kind == WeightKind::Int8 ? at::Tensor() : x_sums, weight, group_size);
+  a.out = out.data_ptr();
+  a.out_dtype = DType::I32;
+  cuda::launch_gemm(a, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grouped_output ? out : out.view({m, n});
+}
+
+at::Tensor int8_gemm(const at::Tensor& x_q, const at::Tensor& weight) {
+  return integer_gemm(WeightKind::Int8, x_q, at::Tensor(), weight, 0, false, "pyclipq.int8_gemm");
+}
+at::Tensor int4_gemm(const at::Tensor& x_q, const at::Tensor& x_sums, const at::Tensor& weight, int64_t group_size) {
+  return integer_gemm(WeightKind::Int4, x_q, x_sums, weight, group_size, true, "pyclipq.int4_gemm");
+}
+at::Tensor int2_gemm(const at::Tensor& x_q, const at::Tensor& x_sums, const at::Tensor& weight, int64_t group_size) {
+  return integer_gemm(WeightKind::Int2, x_q, x_sums, weight, group_size, true, "pyclipq.int2_gemm");
+}
+at::Tensor ternary_gemm(const at::Tensor& x_q, const at::Tensor& x_sums, const at::Tensor& weight) {
+  return integer_gemm(WeightKind::Ternary, x_q, x_sums, weight, 0, false, "pyclipq.ternary_gemm");
+}
+
+// Quantize (one kernel), then the GEMV kernel for M <= 16 or the tiled GEMM: two launches.
+at::Tensor fused_linear(WeightKind kind, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                        int64_t group_size, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& act_scale, const char* op) {
+  check_float_input(x, op);
+  check_cuda(x, "x", op);
+  check_group_size(group_size, op);
+  const int64_t k_pad = padded_k(x.size(-1));
+  check_weight(kind, weight, k_pad, op);
+  check_same_device(x, weight, "weight", op);
+  const int64_t n = weight.size(0), groups = num_groups(k_pad, group_size);
+  check_weight_scale(weight_scale, n, groups, op);
+  check_same_device(x, weight_scale, "weight_scale", op);
+  check_bias(bias, n, op);
+  at::Tensor bias_t;
+  if (bias.has_value()) {
+    check_same_device(x, *bias, "bias", op);
+    bias_t = bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16 ||
+                     bias->scalar_type() == at::kHalf
+                 ? bias->contiguous()
+                 : bias->to(at::kFloat).contiguous();
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  Quantized qa = quantize(x, group_size, act_scale, op);
+  const int64_t m = qa.q.size(0);
+  TORCH_CHECK(m < INT32_MAX && n < INT32_MAX, op, ": sizes must fit in int32");
+  at::Tensor y = at::empty({m, n}, x.options());
+  cuda::GemmArgs a = gemm_args(kind, qa.q, qa.sums, weight, group_size);
+  a.s = qa.scale.data_ptr<float>();
+  a.w_scale = weight_scale.data_ptr<float>();
+  a.bias = bias_t.defined() ? bias_t.data_ptr() : nullptr;
+  a.bias_dtype = bias_t.defined() ? dtype_of(bias_t) : DType::None;
+  a.out = y.data_ptr();
+  a.out_dtype = dtype_of(y);
+  if (m <= cuda::kGemvMaxM) cuda::launch_gemv(a, c10::cuda::getCurrentCUDAStream());
+  else cuda::launch_gemm(a, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n;
+  return y.view(out_shape);
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& act_scale) {
+  return fused_linear(WeightKind::Int8, x, w, ws, 0, bias, act_scale, "pyclipq.int8_linear");
+}
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws, int64_t group_size,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& act_scale) {
+  return fused_linear(WeightKind::Int4, x, w, ws, group_size, bias, act_scale, "pyclipq.int4_linear");
+}
+at::Tensor int2_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws, int64_t group_size,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& act_scale) {
+  return fused_linear(WeightKind::Int2, x, w, ws, group_size, bias, act_scale, "pyclipq.int2_linear");
+}
+at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws,
+                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& act_scale) {
+  return fused_linear(WeightKind::Ternary, x, w, ws, 0, bias, act_scale, "pyclipq.ternary_linear");
+}
+
+// ---------------------------------------------------------------- packing (load time: a host sync is fine)
+
+void check_codes(const at::Tensor& codes, int64_t max_code, const char* op) {
+  check_cuda(codes, "codes", op);
+  TORCH_CHECK(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ", codes.scalar_type());
+  TORCH_CHECK(codes.dim() == 2, op, ": codes must be 2-D [N, K], got shape ", codes.sizes());
+  if (codes.numel() > 0) {
+    const int64_t found = codes.max().item<int64_t>();
+    TORCH_CHECK(found <= max_code, op, ": codes must be <= ", max_code, " for this format, found ", found);
+  }
+}
+
+void check_packed(const at::Tensor& packed, const char* op) {
+  check_cuda(packed, "packed", op);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2, op,
+              ": packed must be a 2-D uint8 tensor, got ", packed.scalar_type(), " of shape ", packed.sizes());
+}
+
+int64_t codes_per_byte_for(int64_t bits, const char* op) {
+  TORCH_CHECK(bits == 2 || bits == 4, op, ": bits must be 2 or 4, got ", bits);
+  return 8 / bits;
+}
+
+at::Tensor pack_codes(const at::Tensor& codes_in, int64_t bits) {
+  const char* op = "pyclipq.pack_codes";
+  const int64_t per = codes_per_byte_for(bits, op);
+  check_codes(codes_in, (1 << bits) - 1, op);
+  const at::Tensor codes = codes_in.contiguous();
+  const int64_t n = codes.size(0), k_pad = codes.size(1);
+  TORCH_CHECK(k_pad % kKBlock == 0, op, ": codes must have K_pad = a multiple of ", kKBlock, " columns, got ", k_pad);
+  at::Tensor out = at::empty({n, k_pad / per}, codes.options());
+  const c10::cuda::CUDAGuard guard(codes.device());
+  cuda::launch_pack_codes(codes.data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), n, k_pad, static_cast<int>(bits),
+                          c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor unpack_codes(const at::Tensor& packed_in, int64_t bits) {
+  const char* op = "pyclipq.unpack_codes";
+  const int64_t per = codes_per_byte_for(bits, op);
+  check_packed(packed_in, op);
+  const at::Tensor packed = packed_in.contiguous();
+  const int64_t n = packed.size(0), k_pad = packed.size(1) * per;
+  TORCH_CHECK(k_pad % kKBlock == 0, op, ": packed rows must hold a multiple of ", kKBlock, " codes, got ", k_pad);
+  at::Tensor out = at::empty({n, k_pad}, packed.options());
+  const c10::cuda::CUDAGuard guard(packed.device());
+  cuda::launch_unpack_codes(packed.data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), n, k_pad, static_cast<int>(bits),
+                            c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor pack_trits(const at::Tensor& codes_in, int64_t k) {
+  const char* op = "pyclipq.pack_trits";
+  check_codes(codes_in, traits(WeightKind::Ternary).max_code, op);
+  TORCH_CHECK(k >= 1 && k <= codes_in.size(1), op, ": k must be in [1, codes.size(1) = ", codes_in.size(1),
+              "], got ", k);
+  const at::Tensor codes = codes_in.contiguous();
+  const int64_t n = codes.size(0);
+  at::Tensor out = at::empty({n, (k + kTritsPerByte - 1) / kTritsPerByte}, codes.options());
+  const c10::cuda::CUDAGuard guard(codes.device());
+  cuda::launch_pack_trits(codes.data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), n, codes.size(1), k,
+                          traits(WeightKind::Ternary).pad_code, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor unpack_trits(const at::Tensor& packed_in, int64_t k) {
+  const char* op = "pyclipq.unpack_trits";
+  check_packed(packed_in, op);
+  TORCH_CHECK(k >= 1, op, ": k must be >= 1, got ", k);
+  const int64_t n_bytes = (k + kTritsPerByte - 1) / kTritsPerByte;
+  TORCH_CHECK(packed_in.size(1) == n_bytes, op, ": packed must have ceil(k / 5) = ", n_bytes,
+              " bytes per row for k = ", k, ", got ", packed_in.size(1));
+  const at::Tensor packed = packed_in.contiguous();
+  if (packed.numel() > 0) {
+    const int64_t found = packed.max().item<int64_t>();
+    TORCH_CHECK(found <= 242, op, ": packed holds byte ", found, " > 242, not a base-3 ternary layout");
+  }
+  const int64_t n = packed.size(0), k_pad = padded_k(k);
+  at::Tensor out = at::empty({n, k_pad}, packed.options());
+  const c10::cuda::CUDAGuard guard(packed.device());
+  cuda::launch_unpack_trits(packed.data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), n, k, k_pad,
+                            traits(WeightKind::Ternary).pad_code, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyclipq, CUDA, m) {
+  m.impl("quantize_per_token", &quantize_per_token);
+  m.impl("int8_gemm", &int8_gemm);
+  m.impl("int4_gemm", &int4_gemm);
+  m.impl("int2_gemm", &int2_gemm);
+  m.impl("ternary_gemm", &ternary_gemm);
+  m.impl("int8_linear", &int8_linear);
+  m.impl("int4_linear", &int4_linear);
+  m.impl("int2_linear", &int2_linear);
+  m.impl("ternary_linear", &ternary_linear);
+  m.impl("pack_codes", &pack_codes);
+  m.impl("unpack_codes", &unpack_codes);
+  m.impl("pack_trits", &pack_trits);
+  m.impl("unpack_trits", &unpack_trits);
+}
+
+}  // namespace pyclipq::cuda_ops
