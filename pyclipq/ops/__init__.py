@@ -1,5 +1,27 @@
-"""Public, typed wrappers over torch.ops.pyclipq.* (schemas and fakes live in .library)."""
+"""Public, typed wrappers over torch.ops.pyclipq.* (schemas and fakes live in .library).
+
+GPU backend choice. CPU tensors always go to the CPU kernels. For CUDA tensors every
+op has two implementations: the CUDA kernels compiled into ``pyclipq._C`` (the
+``pyclipq::<op>`` CUDA dispatch key) and the Triton kernels registered as
+``pyclipq::triton_<op>`` (``pyclipq.ops.triton``). Each wrapper picks one:
+
+1. the ``backend=`` argument (``"cuda"``, ``"triton"`` or ``"auto"``), else
+2. the environment variable ``PYCLIPQ_GPU_BACKEND`` (same values), else ``"auto"``.
+
+``"auto"``, on sm_90+ (Hopper): Triton for the integer GEMMs at every M and for the fused
+linears with M > 16 rows (its int8 ``tl.dot`` compiles to wgmma; the CUDA GEMM uses
+sm_80's ``mma.sync``: 0.83-0.98x vs 0.2x of bf16 cuBLAS at M = 4096 on an H100,
+benchmarks/GPU_NOTES.md); the CUDA kernels for fused linears with M <= 16 (the GEMV
+kernel) and for quantization and packing. Below sm_90: the CUDA kernels. When only one
+backend is available (no CUDA build, or no triton installed) it takes that one. ``backend="triton"``
+also works on CPU tensors under ``TRITON_INTERPRET=1`` (how CI checks the Triton ops).
+
+GPU note: the GPU kernels do not raise on NaN/Inf activations (that would need a
+device sync); a row holding one gets scale NaN, so that row's outputs are NaN.
+"""
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -8,55 +30,129 @@ from . import reference  # noqa: F401
 
 _ops = torch.ops.pyclipq
 
+BACKEND_ENV = "PYCLIPQ_GPU_BACKEND"
+BACKENDS = ("auto", "cuda", "triton")
+GEMV_MAX_M = 16  # the CUDA GEMV kernel's limit (csrc/cuda/kernels.cuh kGemvMaxM)
 
-def quantize_per_token(x: torch.Tensor, group_size: int = 0, act_scale: torch.Tensor | None = None):
+
+@torch.compiler.assume_constant_result
+def _cuda_kernels_built() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("pyclipq::int8_linear", "CUDA")
+
+
+def _triton_ops():
+    """{op name: pyclipq::triton_<op>}, or None when triton is not importable."""
+    global _TRITON
+    if _TRITON is False:
+        try:
+            from . import triton as triton_impl
+            _TRITON = triton_impl.OPS
+        except ImportError:
+            _TRITON = None
+    return _TRITON
+
+
+_TRITON = False
+if torch.cuda.is_available():
+    _triton_ops()  # register the Triton ops up front on GPU machines (torch.compile needs them)
+
+
+@torch.compiler.assume_constant_result
+def _env_backend() -> str:
+    return os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+
+
+@torch.compiler.assume_constant_result
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def gpu_backend(op: str, t: torch.Tensor, m: int, backend: str | None = None) -> str:
+    """The backend ("cuda" or "triton") that ``op`` uses for tensor ``t`` with ``m`` rows; see the module doc."""
+    choice = (backend or _env_backend()).lower()
+    if choice not in BACKENDS:
+        raise ValueError(f"backend (or {BACKEND_ENV}) must be one of {BACKENDS}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    has_cuda, has_triton = _cuda_kernels_built(), _triton_ops() is not None
+    if not (has_cuda and has_triton):
+        return "cuda" if has_cuda or not has_triton else "triton"
+    if _capability_major(t.device.index or 0) >= 9:
+        if op.endswith("_gemm") or (op.endswith("_linear") and m > GEMV_MAX_M):
+            return "triton"
+    return "cuda"
+
+
+def _route(op: str, t: torch.Tensor, m: int, backend: str | None):
+    if not t.is_cuda and backend in (None, "auto", "cuda"):
+        return getattr(_ops, op)  # the device's own kernel (CPU), through the dispatcher
+    if gpu_backend(op, t, m, backend) == "triton":
+        impls = _triton_ops()
+        if impls is None:
+            raise RuntimeError(f"pyclipq.ops.{op}: backend 'triton' needs the triton package")
+        return impls[op]
+    return getattr(_ops, op)
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+
+
+def _lead(t: torch.Tensor) -> int:
+    return t.shape[0] if t.dim() else 0
+
+
+def quantize_per_token(x: torch.Tensor, group_size: int = 0, act_scale: torch.Tensor | None = None, *,
+                       backend: str | None = None):
     """float [..., K] -> (int8 [M, K_pad], fp32 scales [M], int32 group sums [M, G])."""
-    return _ops.quantize_per_token(x, group_size, act_scale)
+    return _route("quantize_per_token", x, _rows(x), backend)(x, group_size, act_scale)
 
 
-def int8_gemm(x_q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return _ops.int8_gemm(x_q, weight)
+def int8_gemm(x_q: torch.Tensor, weight: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    return _route("int8_gemm", x_q, _lead(x_q), backend)(x_q, weight)
 
 
-def int4_gemm(x_q, x_sums, weight, group_size: int) -> torch.Tensor:
-    return _ops.int4_gemm(x_q, x_sums, weight, group_size)
+def int4_gemm(x_q, x_sums, weight, group_size: int, *, backend: str | None = None) -> torch.Tensor:
+    return _route("int4_gemm", x_q, _lead(x_q), backend)(x_q, x_sums, weight, group_size)
 
 
-def int2_gemm(x_q, x_sums, weight, group_size: int) -> torch.Tensor:
-    return _ops.int2_gemm(x_q, x_sums, weight, group_size)
+def int2_gemm(x_q, x_sums, weight, group_size: int, *, backend: str | None = None) -> torch.Tensor:
+    return _route("int2_gemm", x_q, _lead(x_q), backend)(x_q, x_sums, weight, group_size)
 
 
-def ternary_gemm(x_q, x_sums, weight) -> torch.Tensor:
-    return _ops.ternary_gemm(x_q, x_sums, weight)
+def ternary_gemm(x_q, x_sums, weight, *, backend: str | None = None) -> torch.Tensor:
+    return _route("ternary_gemm", x_q, _lead(x_q), backend)(x_q, x_sums, weight)
 
 
-def int8_linear(x, weight, weight_scale, bias=None, act_scale=None) -> torch.Tensor:
-    return _ops.int8_linear(x, weight, weight_scale, bias, act_scale)
+def int8_linear(x, weight, weight_scale, bias=None, act_scale=None, *, backend: str | None = None) -> torch.Tensor:
+    return _route("int8_linear", x, _rows(x), backend)(x, weight, weight_scale, bias, act_scale)
 
 
-def int4_linear(x, weight, weight_scale, group_size: int, bias=None, act_scale=None) -> torch.Tensor:
-    return _ops.int4_linear(x, weight, weight_scale, group_size, bias, act_scale)
+def int4_linear(x, weight, weight_scale, group_size: int, bias=None, act_scale=None, *,
+                backend: str | None = None) -> torch.Tensor:
+    return _route("int4_linear", x, _rows(x), backend)(x, weight, weight_scale, group_size, bias, act_scale)
 
 
-def int2_linear(x, weight, weight_scale, group_size: int, bias=None, act_scale=None) -> torch.Tensor:
-    return _ops.int2_linear(x, weight, weight_scale, group_size, bias, act_scale)
+def int2_linear(x, weight, weight_scale, group_size: int, bias=None, act_scale=None, *,
+                backend: str | None = None) -> torch.Tensor:
+    return _route("int2_linear", x, _rows(x), backend)(x, weight, weight_scale, group_size, bias, act_scale)
 
 
-def ternary_linear(x, weight, weight_scale, bias=None, act_scale=None) -> torch.Tensor:
-    return _ops.ternary_linear(x, weight, weight_scale, bias, act_scale)
+def ternary_linear(x, weight, weight_scale, bias=None, act_scale=None, *, backend: str | None = None) -> torch.Tensor:
+    return _route("ternary_linear", x, _rows(x), backend)(x, weight, weight_scale, bias, act_scale)
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    return _ops.pack_codes(codes, bits)
+def pack_codes(codes: torch.Tensor, bits: int, *, backend: str | None = None) -> torch.Tensor:
+    return _route("pack_codes", codes, _lead(codes), backend)(codes, bits)
 
 
-def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    return _ops.unpack_codes(packed, bits)
+def unpack_codes(packed: torch.Tensor, bits: int, *, backend: str | None = None) -> torch.Tensor:
+    return _route("unpack_codes", packed, _lead(packed), backend)(packed, bits)
 
 
-def pack_trits(codes: torch.Tensor, k: int) -> torch.Tensor:
-    return _ops.pack_trits(codes, k)
+def pack_trits(codes: torch.Tensor, k: int, *, backend: str | None = None) -> torch.Tensor:
+    return _route("pack_trits", codes, _lead(codes), backend)(codes, k)
 
 
-def unpack_trits(packed: torch.Tensor, k: int) -> torch.Tensor:
-    return _ops.unpack_trits(packed, k)
+def unpack_trits(packed: torch.Tensor, k: int, *, backend: str | None = None) -> torch.Tensor:
+    return _route("unpack_trits", packed, _lead(packed), backend)(packed, k)
