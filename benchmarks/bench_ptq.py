@@ -110,13 +110,13 @@ def machine_info() -> dict:
 class TestbedEval:
     """fp32 reference features once; then each candidate model's accuracy and fidelity."""
 
-    def __init__(self, test_scenes: int, calib_batches: int, calib_batch_size: int, progress: bool):
-        from pyclipq.eval import encode_images, encode_texts, topk_accuracy, zero_shot_classifier
+    def __init__(self, test_scenes: int, calib_batches: int, calib_batch_size: int, progress: bool, directory=None):
+        from pyclipq.eval import encode_images, encode_texts, topk_accuracy
         from pyclipq.testbed import load_testbed, make_split
 
         self._encode_images, self._encode_texts = encode_images, encode_texts
-        self._topk, self._classifier = topk_accuracy, zero_shot_classifier
-        self.bed = load_testbed()
+        self._topk = topk_accuracy
+        self.bed = load_testbed(directory)
         self.fp32 = self.bed.model.eval()
         self.progress = progress
         test = make_split("test", test_scenes)
@@ -136,7 +136,10 @@ class TestbedEval:
     def features(self, model) -> dict:
         images = self._encode_images(model, self.loader, progress=self.progress).features
         texts = self._encode_texts(model, self.bed.tokenizer, self.prompts, progress=self.progress)
-        classifier = self._classifier(model, self.bed.tokenizer, self.bed.classnames, self.bed.templates, progress=self.progress)
+        # The zero-shot classifier from the same prompt features (pyclipq.eval.zero_shot_classifier's
+        # rule: normalized mean over templates of normalized prompt embeddings), encoded once.
+        per_class = texts.view(len(self.bed.classnames), len(self.bed.templates), -1)
+        classifier = F.normalize(per_class.mean(dim=1), dim=-1)
         accuracy = self._topk(images @ classifier.T, self.labels, (1, 5))
         return {"images": images, "texts": texts, "top1": accuracy["top1"], "top5": accuracy["top5"]}
 
@@ -179,6 +182,7 @@ def verify_kernels(bed: TestbedEval, fmt: str, model, n: int) -> dict:
     out = {}
     for name, e, r in (("image", emulated[0], real[0]), ("text", emulated[1], real[1])):
         out[f"{name}_max_rel_diff"] = ((e - r).norm(dim=-1) / r.norm(dim=-1)).max().item()
+        out[f"{name}_min_cos"] = F.cosine_similarity(e.double(), r.double()).min().item()
     return out
 
 
@@ -270,6 +274,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (1 is fastest on a busy 2-core machine)")
     p.add_argument("--verify", type=int, default=8, help="images / prompts per format checked against the real ops (0: skip)")
     p.add_argument("--skip-testbed", action="store_true")
+    p.add_argument("--testbed-dir", default=None, help="test-bed weights folder (default: the shipped weights)")
     p.add_argument("--skip-text-transformer", action="store_true")
     p.add_argument("--dynamic", action="store_true", help="also evaluate dynamic per-token int8 activations (no calibration)")
     p.add_argument("--out", default="benchmarks/results/ptq", help="writes <out>.json and <out>.md")
@@ -278,7 +283,9 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
 
     result = {"machine": machine_info(), "settings": vars(args), "rows": []}
-    bed = None if args.skip_testbed else TestbedEval(args.test_scenes, args.calib_batches, args.calib_batch_size, args.progress)
+    bed = None if args.skip_testbed else TestbedEval(
+        args.test_scenes, args.calib_batches, args.calib_batch_size, args.progress, args.testbed_dir
+    )
     text = None if args.skip_text_transformer else TextTransformerEval(args.calib_batches, 16, 32, 256)
     if bed:
         result["testbed_fp32"] = {"top1": 100 * bed.reference["top1"], "top5": 100 * bed.reference["top5"],
