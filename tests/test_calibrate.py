@@ -134,6 +134,10 @@ def test_bad_arguments_name_themselves():
         calibrate(model, batches(), weight_observer="omse", progress=False)
     with pytest.raises(ValueError, match="float_model has no float weight"):
         calibrate(model, batches(), gptq=True, float_model=nn.Sequential(nn.Linear(3, 3)), progress=False)
+    with pytest.raises(ValueError, match="observe per tensor"):
+        calibrate(model, batches(), observer="minmax", observer_kwargs={"symmetric": False}, progress=False)
+    with pytest.raises(ValueError, match="observe per tensor"):
+        calibrate(model, batches(), observer="omse", observer_kwargs={"axis": 0}, progress=False)
     with pytest.raises(ValueError, match="strings"):
         calibrate(model, [(torch.randn(2, 48), ["a cat"])], progress=False)
 

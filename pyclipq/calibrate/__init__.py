@@ -320,7 +320,13 @@ def calibrate(
     observer_kwargs = dict(observer_kwargs or {})
     if isinstance(observer, str) and observer in ("percentile", "omse"):
         observer_kwargs.setdefault("max_exact_values", ACTIVATION_EXACT_VALUES)
-    make_observer(observer, "observer", **observer_kwargs)  # validates name and kwargs
+    probe = make_observer(observer, "observer", **observer_kwargs)  # validates name and kwargs
+    if not getattr(probe, "symmetric", True) or getattr(probe, "axis", None) is not None:
+        # docs/FORMATS.md: static activations are one symmetric per-tensor scale, q = clamp(round(x / S)).
+        raise ValueError(
+            "observer must observe per tensor (axis=None) and symmetrically: static activations are one "
+            f"symmetric int8 scale per layer, got {probe!r}"
+        )
     if weight_observer is not None:
         make_observer(weight_observer, "weight_observer", axis=0)
     if (weight_observer is not None or gptq) and float_model is None:
