@@ -31,6 +31,7 @@ class LoadedModel:
     vocab_size: int
     family: str  # "open_clip" | "hf" | "openai" | "testbed"
     label: str  # what a report should call it, e.g. "ViT-B-32 (random weights)"
+    preprocess: Callable | None = None  # PIL image -> model-ready tensor (for image datasets)
 
 
 def _open_clip(name: str, pretrained: str | None) -> LoadedModel:
@@ -55,7 +56,9 @@ def _open_clip(name: str, pretrained: str | None) -> LoadedModel:
     visual_size = model.visual.image_size
     image_size = visual_size[0] if isinstance(visual_size, (tuple, list)) else int(visual_size)
     label = f"{name} ({'random weights' if not pretrained else pretrained})"
-    return LoadedModel(model, tokenizer, image_size, model.context_length, model.vocab_size, "open_clip", label)
+    preprocess = open_clip.image_transform(image_size, is_train=False)
+    return LoadedModel(model, tokenizer, image_size, model.context_length, model.vocab_size, "open_clip", label,
+                       preprocess)
 
 
 def _hf(path: str) -> LoadedModel:
@@ -73,8 +76,12 @@ def _hf(path: str) -> LoadedModel:
     except Exception:  # a weights-only directory: token ids can still be fed directly
         tokenize = None
     cfg = model.config
+    import open_clip
+
+    # CLIP's own resize / centre-crop / normalisation, the same for every implementation
+    preprocess = open_clip.image_transform(cfg.vision_config.image_size, is_train=False)
     return LoadedModel(model, tokenize, cfg.vision_config.image_size, cfg.text_config.max_position_embeddings,
-                       cfg.text_config.vocab_size, "hf", f"hf:{path}")
+                       cfg.text_config.vocab_size, "hf", f"hf:{path}", preprocess)
 
 
 def _openai(path: str) -> LoadedModel:
@@ -88,8 +95,11 @@ def _openai(path: str) -> LoadedModel:
     except Exception as e:
         raise ModelLoadError(f"{path} is not a weights-only OpenAI CLIP state dict ({type(e).__name__})") from e
     model = build_model(state).float().eval()
+    import open_clip
+
+    preprocess = open_clip.image_transform(model.visual.input_resolution, is_train=False)
     return LoadedModel(model, clip.tokenize, model.visual.input_resolution, model.context_length, model.vocab_size,
-                       "openai", f"openai:{os.path.basename(path)}")
+                       "openai", f"openai:{os.path.basename(path)}", preprocess)
 
 
 def _testbed() -> LoadedModel:
@@ -123,12 +133,8 @@ def random_inputs(loaded: LoadedModel, batch: int, seed: int = 0) -> tuple[torch
 
 
 def encode(loaded: LoadedModel, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> Any:
-    """Image or text embeddings through the family's own API."""
-    m = loaded.model
-    if loaded.family == "hf":
-        if images is not None:
-            return m.get_image_features(pixel_values=images)
-        return m.get_text_features(input_ids=tokens)
-    if images is not None:
-        return m.encode_image(images)
-    return m.encode_text(tokens)
+    """Image or text embeddings through the family's own API (a transformers CLIPModel is wrapped)."""
+    from .eval.encode import as_clip_like
+
+    model = as_clip_like(loaded.model)
+    return model.encode_image(images) if images is not None else model.encode_text(tokens)

@@ -1,0 +1,107 @@
+"""The pyclipq CLI and the model loader, end to end on small models (no downloads)."""
+import json
+import os
+
+import pytest
+import torch
+
+from pyclipq import cli
+from pyclipq.loading import ModelLoadError, encode, load_model, random_inputs
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_info_json(capsys):
+    code, out, _ = run(capsys, "info", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["cpu_isa"] in info["cpu_isa_variants"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["convert", "ViT-Nope-99", "--format", "int8", "-o", "x.safetensors"], "not an open_clip architecture"),
+    (["convert", "testbed", "--format", "int3", "-o", "x.safetensors"], "config must be a QuantConfig or one of"),
+    (["convert", "openai:/no/such/file.pt", "--format", "int8", "-o", "x.safetensors"], "not found"),
+    (["convert", "ViT-B-32", "--pretrained", "/no/such/ckpt.bin", "--format", "int8", "-o", "x"], "not found"),
+    (["eval", "testbed", "--dataset", "imagenet:/data"], "--dataset must be one of"),
+    (["eval", "testbed", "--quantized", "/no/such.safetensors"], "not found"),
+])
+def test_user_mistakes_exit_2_with_one_line(capsys, argv, needle):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_convert_then_eval_the_checkpoint(capsys, tmp_path):
+    out = tmp_path / "tb.safetensors"
+    code, text, _ = run(capsys, "convert", "testbed", "--format", "int8", "-o", str(out), "--json")
+    payload = json.loads(text)
+    assert code == 0 and out.is_file() and payload["linears_quantized"] == payload["linears_total"] > 0
+    code, text, _ = run(capsys, "eval", "testbed", "--quantized", str(out), "--limit", "256", "--json", "--no-progress")
+    report = json.loads(text)
+    assert code == 0 and report["zero_shot"]["n"] == 256
+    # int8 keeps the test bed's predictions almost unchanged
+    assert report["fidelity"]["zero_shot_top1_agreement"] > 0.9
+
+
+def test_bench_json_and_plot(capsys, tmp_path):
+    code, text, _ = run(capsys, "bench", "--model", "testbed", "--formats", "int8", "ternary", "--batches", "1", "2",
+                        "--reps", "1", "--warmup", "0", "--out", str(tmp_path), "--json")
+    report = json.loads(text)
+    assert code == 0
+    names = [r["name"] for r in report["results"]]
+    assert names == ["fp32", "quantize_dynamic", "int8", "ternary"]
+    for r in report["results"][2:]:
+        assert r["linears_quantized"] == r["linears_total"]
+        assert r["size_bytes"] < report["results"][0]["size_bytes"]
+        assert set(r["latency_ms"]) == {"image@1", "image@2", "text@1", "text@2"}
+    assert report["results"][2]["fidelity"]["image_cos_mean"] > 0.99
+    assert os.path.getsize(tmp_path / "bench.png") > 0 and (tmp_path / "bench.json").is_file()
+    assert report["machine"]["threads"] == 2 and report["machine"]["cpu_isa"]
+
+
+def test_open_clip_local_checkpoint_loads(tmp_path):
+    import open_clip
+
+    model = open_clip.create_model("RN50", pretrained=None)  # smallest config; any arch takes a path
+    torch.nn.init.normal_(model.text_projection, std=0.5)
+    path = tmp_path / "rn50.pt"
+    torch.save(model.state_dict(), path)
+    loaded = load_model("RN50", pretrained=str(path))
+    assert torch.equal(loaded.model.text_projection, model.text_projection)
+
+
+def test_hf_local_directory_loads(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "vocab_size": 99},
+                     vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                    "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                     projection_dim=16)
+    model = CLIPModel(cfg).eval()
+    model.save_pretrained(tmp_path)
+    loaded = load_model(f"hf:{tmp_path}")
+    images, tokens = random_inputs(loaded, 2)
+    with torch.no_grad():
+        want = model.get_image_features(pixel_values=images)
+        want = getattr(want, "pooler_output", want)  # transformers 5 returns a model output
+        assert torch.allclose(encode(loaded, images=images), want, atol=1e-6)
+
+
+def test_openai_local_state_dict_loads(tmp_path):
+    clip_model = pytest.importorskip("clip.model")
+    # build_model infers heads as width // 64: widths of 128 give 2 heads
+    model = clip_model.CLIP(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=128, vision_patch_size=16,
+                            context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2,
+                            transformer_layers=1)
+    path = tmp_path / "openai.pt"
+    torch.save(model.state_dict(), path)
+    loaded = load_model(f"openai:{path}")
+    # clip.model.build_model stores fp16 weights (as OpenAI ships them); we widen back to fp32
+    assert torch.equal(loaded.model.visual.proj, model.visual.proj.half().float())
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_model("openai:/nope.pt")
