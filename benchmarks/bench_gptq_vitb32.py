@@ -30,6 +30,11 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--format", default="int4", choices=["int8", "int4", "int2", "ternary"])
@@ -55,10 +60,12 @@ def main(argv=None):
     model = pyclipq.convert(copy.deepcopy(fp32), QuantConfig(args.format, activation="static"))
     emulate_kernels(model)
     rss_before = peak_rss_mib()
+    cpu_before = cpu_seconds()
     started = time.perf_counter()
     report = pyclipq.calibrate(model, batches, observer="omse", num_batches=args.batches, gptq=True, float_model=fp32,
                                max_hessian_bytes=args.max_hessian_mib * 2**20, progress=False)
     seconds = time.perf_counter() - started
+    cpu = cpu_seconds() - cpu_before
     gptq_layers = [l for l in report.layers if l.proxy_error is not None]
     result = {
         "machine": machine_info(),
@@ -67,6 +74,7 @@ def main(argv=None):
         "gptq_layers": len(gptq_layers),
         "passes": report.passes,
         "seconds": seconds,
+        "cpu_seconds": cpu,  # this process's CPU time: wall time on a shared machine also counts others' work
         "stage_seconds": report.stage_seconds,
         "peak_rss_mib": {"after_building_models": rss_model, "before_calibrate": rss_before, "after_calibrate": peak_rss_mib()},
         "layer_error_vs_rtn_mean": sum(l.proxy_error / l.proxy_error_rtn for l in gptq_layers) / len(gptq_layers),
