@@ -171,6 +171,16 @@ def test_bf16_training_runs():
     assert all(math.isfinite(r["loss"]) for r in history)
 
 
+def test_teacher_is_frozen_without_touching_the_callers_model():
+    model = tiny_clip().eval()
+    student = qat.prepare(model, "int8")
+    trainer = Trainer(student, [tiny_batch(2)], TrainConfig(steps=1, progress=False), teacher=model)
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(not p.requires_grad for p in trainer.teacher.parameters()) and not trainer.teacher.training
+    teacher_params = {id(p) for p in trainer.teacher.parameters()}
+    assert not teacher_params & {id(p) for p in trainer.params}
+
+
 def test_trainer_errors(tmp_path):
     student = qat.prepare(tiny_clip().eval(), "int8")
     with pytest.raises(ValueError, match="data must be re-iterable"):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pyclipq.configs import LayerConfig
 from pyclipq.convert import convert as pyclipq_convert
 from pyclipq.train import qat, recipes
-from pyclipq.train.p4q import P4QModel, P4QObjective, QAdapter
+from pyclipq.train.p4q import FeatureBatches, P4QModel, P4QObjective, QAdapter
 from pyclipq.train.prompt import PromptLearner, encode_text_embeddings
 from pyclipq.train.trainer import TrainConfig
 
@@ -105,6 +105,24 @@ def test_p4q_distillation_is_kl_teacher_to_student():
     assert parts["kd"].item() == pytest.approx(by_hand.item(), rel=1e-5)
     assert abs(by_hand - reverse) > 1e-4
     assert loss.item() == pytest.approx((F.cross_entropy(s, labels) + by_hand).item(), rel=1e-5)
+
+
+def test_p4q_cached_features_give_the_same_loss():
+    model = tiny_clip().eval()
+    ptq = pyclipq_convert(qat.deepcopy_model(model), "int4")
+    student = P4QModel(ptq, PromptLearner(ptq, tiny_tokenizer(), CLASSNAMES, n_ctx=3), QAdapter(32))
+    objective = P4QObjective(F.normalize(torch.randn(len(CLASSNAMES), 32), dim=-1))
+    images, labels = class_data(1, 6)[0]
+    cached = FeatureBatches.from_batches(ptq, model, [(images, labels)])
+    batch = {k: v[torch.arange(6)] for k, v in {"image_features": cached.image_features,
+             "teacher_image_features": cached.teacher_image_features, "labels": cached.labels}.items()}
+    live, live_parts = objective(student, model, (images, labels))
+    fast, fast_parts = objective(student, model, batch)
+    assert fast.item() == pytest.approx(live.item(), rel=1e-6) and set(fast_parts) == {"ce", "kd"}
+    with pytest.raises(ValueError, match="batch dict is missing"):
+        objective(student, model, {"labels": labels})
+    with pytest.raises(ValueError, match="batch_size must be in"):
+        FeatureBatches(cached.image_features, cached.teacher_image_features, cached.labels, 7)
 
 
 def test_p4q_one_call_trains_only_prompt_and_adapter_and_runs_packed():

@@ -134,7 +134,8 @@ class QuantizedWeight:
 def quantize_weight_codes(weight: torch.Tensor, layer: LayerConfig) -> QuantizedWeight:
     """formats.quantize_weight of `weight` (no gradient), kept as integer levels on weight's device."""
     fmt = formats.get_format(layer.format)
-    codes, scale = formats.quantize_weight(weight.detach(), fmt, layer.group_size, layer.threshold_rule)
+    # formats.quantize_weight is the spec's reference and builds CPU tensors: quantize there.
+    codes, scale = formats.quantize_weight(weight.detach().cpu(), fmt, layer.group_size, layer.threshold_rule)
     return codes_to_quantized(codes, scale, layer.format, weight.shape[1], weight.device)
 
 

@@ -116,8 +116,14 @@ class P4QModel(nn.Module):
         features = encode_text_embeddings(self.text_twin, self.prompt(), self.prompt.token_ids)
         return F.normalize(features.float(), dim=-1)
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        image = self.encode_image(images, normalize=True)
+    def logits(self, images: torch.Tensor | None = None, *, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits of images, or of the PTQ model's (cached) image features before the adapter."""
+        if (images is None) == (image_features is None):
+            raise ValueError("pass exactly one of images and image_features")
+        if images is not None:
+            image = self.encode_image(images, normalize=True)
+        else:
+            image = F.normalize(self.adapter(image_features.float()), dim=-1)
         return self.logit_scale_value() * image @ self.class_embeddings().t()
 
     @torch.no_grad()
@@ -170,22 +176,85 @@ class P4QObjective:
         self.temperature = float(temperature)
 
     def __call__(self, student: P4QModel, teacher: nn.Module, batch):
-        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-            raise ValueError("batch must be (images, class labels)")
-        images, labels = batch[0], batch[1]
+        """batch: (images, labels), or a FeatureBatches dict of cached image features and labels."""
+        cached = isinstance(batch, dict)
+        if cached:
+            missing = {"image_features", "teacher_image_features", "labels"} - set(batch)
+            if missing:
+                raise ValueError(f"batch dict is missing {sorted(missing)} (see FeatureBatches)")
+            labels = batch["labels"]
+        elif isinstance(batch, (list, tuple)) and len(batch) >= 2:
+            images, labels = batch[0], batch[1]
+        else:
+            raise ValueError("batch must be (images, class labels) or a FeatureBatches dict")
         if labels.dtype not in (torch.int32, torch.int64) or labels.dim() != 1:
             raise ValueError(f"batch labels must be a 1-D integer tensor of class ids, got {labels.dtype} {list(labels.shape)}")
-        logits = student.logits(images)
+        logits = student.logits(image_features=batch["image_features"]) if cached else student.logits(images)
         parts = {"ce": F.cross_entropy(logits, labels)}
         loss = parts["ce"]
         if self.lam > 0:
-            with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
-                t_image = F.normalize(teacher.encode_image(images.float()).float(), dim=-1)
+            with torch.no_grad(), torch.autocast(labels.device.type, enabled=False):
+                if cached:
+                    t_image = F.normalize(batch["teacher_image_features"].float(), dim=-1)
+                else:
+                    t_image = F.normalize(teacher.encode_image(images.float()).float(), dim=-1)
                 classes = self.teacher_class_embeddings.to(t_image.device)
                 t_logits = teacher.logit_scale.exp() * t_image @ classes.t()
             parts["kd"] = kl_teacher_student(logits, t_logits, self.temperature)
             loss = loss + self.lam * parts["kd"]
         return loss, parts
+
+
+class FeatureBatches:
+    """Shuffled batches of cached P4Q inputs: the frozen towers' image features and the labels.
+
+    The PTQ image tower and the teacher are frozen, so without data augmentation their
+    image features are the same every epoch: computing them once makes each training
+    step cost only the adapter and the text tower. Yields dicts with "image_features"
+    (the PTQ model's, before the adapter), "teacher_image_features" and "labels".
+    """
+
+    def __init__(self, image_features: torch.Tensor, teacher_image_features: torch.Tensor, labels: torch.Tensor, batch_size: int):
+        n = labels.shape[0]
+        if image_features.shape[0] != n or teacher_image_features.shape[0] != n:
+            raise ValueError(f"image_features, teacher_image_features and labels must have the same length, got "
+                             f"{image_features.shape[0]}, {teacher_image_features.shape[0]}, {n}")
+        if not 1 <= batch_size <= n:
+            raise ValueError(f"batch_size must be in [1, {n}], got {batch_size}")
+        self.image_features, self.teacher_image_features, self.labels = image_features, teacher_image_features, labels
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return self.labels.shape[0] // self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(self.labels.shape[0])  # the trainer seeds each epoch: resumable
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield {
+                "image_features": self.image_features[idx],
+                "teacher_image_features": self.teacher_image_features[idx],
+                "labels": self.labels[idx],
+            }
+
+    @classmethod
+    @torch.no_grad()
+    def from_batches(cls, ptq_model: nn.Module, teacher: nn.Module, batches, device="cpu") -> "FeatureBatches":
+        """Encode one pass over (images, labels) batches with both frozen image towers."""
+        ptq_model = ptq_model.to(device).eval()
+        teacher = teacher.to(device).eval()
+        features, teacher_features, labels, batch_size = [], [], [], None
+        for batch in batches:
+            if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+                raise ValueError("batches must yield (images, class labels)")
+            images = batch[0].to(device)
+            batch_size = batch_size or images.shape[0]
+            features.append(ptq_model.encode_image(images).float().cpu())
+            teacher_features.append(teacher.encode_image(images.float()).float().cpu())
+            labels.append(torch.as_tensor(batch[1]).cpu())
+        if batch_size is None:
+            raise ValueError("batches yielded nothing")
+        return cls(torch.cat(features), torch.cat(teacher_features), torch.cat(labels), batch_size)
 
 
 def p4q_optimizers(model: P4QModel, prompt_lr: float = 2e-3, adapter_lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0):

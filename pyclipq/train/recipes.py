@@ -27,7 +27,7 @@ from torch import nn
 
 from ..configs import LayerConfig, QuantConfig
 from .distill import DistillationLoss
-from .p4q import ExportedP4Q, P4QModel, P4QObjective, QAdapter, p4q_optimizers
+from .p4q import ExportedP4Q, FeatureBatches, P4QModel, P4QObjective, QAdapter, p4q_optimizers
 from .prompt import PromptLearner
 from .qat import convert, deepcopy_model, prepare
 from .trainer import CLIPDistillation, Trainer, TrainConfig
@@ -80,7 +80,8 @@ def ternary_clip(
     if resume and checkpoint is not None and checkpoint.is_file():
         trainer.load_checkpoint()
     history = trainer.fit()
-    quantized = convert(student).eval()
+    # Packing runs on the CPU, which every pyclipq build has kernels for; move the result after.
+    quantized = convert(student.cpu()).eval()
     return TernaryResult(student.eval(), quantized, history, trainer)
 
 
@@ -115,6 +116,7 @@ def p4q(
     adapter_lr: float = 1e-3,
     train: TrainConfig | None = None,
     resume: bool = False,
+    cache_features: bool = True,
 ) -> P4QResult:
     """P4Q on a frozen PTQ model, in one call.
 
@@ -122,6 +124,8 @@ def p4q(
     data: re-iterable (images, class labels) batches. The teacher's class embeddings
     come from `templates` (a zero-shot classifier). Only the prompt (SGD) and the
     adapter (AdamW) train, both on the warm-up + cosine schedule of `train`.
+    cache_features: encode the images with both frozen towers once (FeatureBatches);
+    turn it off when `data` augments its images, which caching would freeze.
     """
     from ..eval.zero_shot import zero_shot_classifier
 
@@ -134,6 +138,8 @@ def p4q(
     width = teacher_classes.shape[1]
     adapter = QAdapter(width, reduction=reduction, alpha=alpha, layer=adapter_layer)
     model = P4QModel(ptq_model, prompt, adapter)
+    if cache_features:
+        data = FeatureBatches.from_batches(ptq_model, teacher, data, device)
     optimizers = p4q_optimizers(model, prompt_lr=prompt_lr, adapter_lr=adapter_lr)
     trainer = Trainer(model, data, train, teacher=teacher, objective=P4QObjective(teacher_classes, lam, temperature), optimizers=optimizers)
     checkpoint = trainer.checkpoint_path()

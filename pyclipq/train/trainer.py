@@ -176,6 +176,20 @@ def default_teacher(student: nn.Module) -> nn.Module:
     return qat.strip(student)
 
 
+def frozen_teacher(teacher: nn.Module, device) -> nn.Module:
+    """`teacher` frozen in float32 on `device`, copied first when freezing would change the caller's model.
+
+    The teacher is often the very model a student was prepared from; setting
+    requires_grad or the dtype in place would leak into the caller's later use of it.
+    """
+    from .qat import deepcopy_model
+
+    tensors = list(teacher.parameters()) + list(teacher.buffers())
+    if any(p.requires_grad for p in teacher.parameters()) or any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors):
+        teacher = deepcopy_model(teacher)
+    return teacher.to(device).float().eval().requires_grad_(False)
+
+
 @dataclass
 class _Position:
     step: int = 0
@@ -223,7 +237,7 @@ class Trainer:
         if teacher is not None:
             if not isinstance(teacher, nn.Module):
                 raise ValueError(f"teacher must be an nn.Module, 'auto' or None, got {type(teacher).__name__}")
-            teacher = teacher.to(self.device).float().eval().requires_grad_(False)
+            teacher = frozen_teacher(teacher, self.device)
         elif needs_teacher:
             raise ValueError("teacher: the objective needs a teacher (kd_weight or feature_weight > 0) but teacher=None")
         self.teacher = teacher
