@@ -14,6 +14,77 @@
 namespace pyclipq::cpu {
 namespace {
 
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// IEEE binary16 -> binary32, exact (every half is a float).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16;
+  const uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  if (exp == 0x1f) return bits_to_float(sign | 0x7f800000u | (man << 13));
+  if (exp != 0) return bits_to_float(sign | ((exp + 112) << 23) | (man << 13));
+  const float sub = std::ldexp(static_cast<float>(man), -24);  // zero or subnormal
+  return sign ? -sub : sub;
+}
+
+// binary32 -> binary16 with round-half-to-even, like torch's c10::Half conversion.
+inline uint16_t float_to_half(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000);
+  const float a = std::fabs(f);
+  if (std::isnan(f)) return sign | 0x7e00;
+  if (a >= 65520.0f) return sign | 0x7c00;  // rounds to infinity
+  if (a < 6.103515625e-05f) {               // subnormal half: multiples of 2^-24
+    return sign | static_cast<uint16_t>(std::nearbyintf(a * 16777216.0f));
+  }
+  const uint32_t au = float_to_bits(a);
+  const uint32_t exp = (au >> 23) - 112, man = au & 0x7fffff;
+  uint32_t h = (exp << 10) | (man >> 13);
+  const uint32_t rest = man & 0x1fff;
+  if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) ++h;  // may carry into the exponent: still right
+  return sign | static_cast<uint16_t>(h);
+}
+
+// binary32 -> bfloat16 with round-half-to-even and quiet NaN, the rule c10::BFloat16 uses.
+inline uint16_t float_to_bf16(float f) {
+  if (std::isnan(f)) return 0x7fc0;
+  const uint32_t u = float_to_bits(f);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float load_float(const void* base, FloatType t, int64_t i) {
+  switch (t) {
+    case FloatType::BF16:
+      return bits_to_float(uint32_t(static_cast<const uint16_t*>(base)[i]) << 16);
+    case FloatType::F16:
+      return half_to_float(static_cast<const uint16_t*>(base)[i]);
+    default:
+      return static_cast<const float*>(base)[i];
+  }
+}
+
+inline void store_float(void* base, FloatType t, int64_t i, float v) {
+  switch (t) {
+    case FloatType::BF16:
+      static_cast<uint16_t*>(base)[i] = float_to_bf16(v);
+      break;
+    case FloatType::F16:
+      static_cast<uint16_t*>(base)[i] = float_to_half(v);
+      break;
+    default:
+      static_cast<float*>(base)[i] = v;
+  }
+}
+
 inline int8_t round_to_int8(float v) {
   // nearbyintf in the default rounding mode is round-half-to-even, like torch.round.
   float r = std::nearbyintf(v);
@@ -21,33 +92,34 @@ inline int8_t round_to_int8(float v) {
   return static_cast<int8_t>(r);
 }
 
-int64_t portable_quantize_rows(const float* x, int64_t ldx, int64_t rows, int64_t k, int64_t k_pad,
+// The activation scale rule of docs/FORMATS.md, shared by every ISA so they agree bit for bit.
+struct RowScale {
+  float scale, inv;
+};
+inline RowScale row_scale(float amax, const float* static_scale) {
+  if (static_scale != nullptr) return {*static_scale, 1.0f / *static_scale};
+  return {amax / 127.0f, amax > 0.0f ? 127.0f / amax : 0.0f};
+}
+
+int64_t portable_quantize_rows(const void* x, FloatType x_type, int64_t ldx, int64_t rows, int64_t k, int64_t k_pad,
                                int64_t group_size, const float* static_scale, int8_t* q, float* scale,
                                int32_t* sums) {
   const int64_t groups = num_groups(k_pad, group_size);
   const int64_t group_len = k_pad / groups;
   int64_t bad_row = -1;
   for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * ldx;
     int8_t* qr = q + r * k_pad;
     float amax = 0.0f;
     bool finite = true;
     for (int64_t i = 0; i < k; ++i) {
-      const float a = std::fabs(xr[i]);
+      const float a = std::fabs(load_float(x, x_type, r * ldx + i));
       finite &= a <= std::numeric_limits<float>::max();
       amax = a > amax ? a : amax;
     }
     if (!finite && bad_row < 0) bad_row = r;
-    float inv, s;
-    if (static_scale != nullptr) {
-      s = *static_scale;
-      inv = 1.0f / s;
-    } else {
-      s = amax / 127.0f;
-      inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    }
-    scale[r] = s;
-    for (int64_t i = 0; i < k; ++i) qr[i] = round_to_int8(xr[i] * inv);
+    const RowScale rs = row_scale(amax, static_scale);
+    scale[r] = rs.scale;
+    for (int64_t i = 0; i < k; ++i) qr[i] = round_to_int8(load_float(x, x_type, r * ldx + i) * rs.inv);
     std::memset(qr + k, 0, static_cast<size_t>(k_pad - k));
     for (int64_t g = 0; g < groups; ++g) {
       int32_t sum = 0;
@@ -88,32 +160,31 @@ inline const void* weight_row(WeightKind kind, const void* weight, int64_t n, in
   return static_cast<const uint8_t*>(weight) + n * (k_pad / codes_per_byte(kind));
 }
 
-void portable_gemm(WeightKind kind, const int8_t* x_q, const int32_t* x_sums, int64_t M, int64_t k_pad,
-                   int64_t group_size, const void* weight, int64_t n0, int64_t n1, int64_t N, int32_t* out) {
-  const int64_t groups = num_groups(k_pad, group_size);
-  const int64_t glen = k_pad / groups;
-  for (int64_t m = 0; m < M; ++m)
+void portable_gemm(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* out) {
+  const int64_t groups = num_groups(p.k_pad, p.group_size);
+  const int64_t glen = p.k_pad / groups;
+  for (int64_t m = m0; m < m1; ++m)
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t g = 0; g < groups; ++g)
-        out[(m * N + n) * groups + g] = portable_dot(kind, x_q + m * k_pad, x_sums ? x_sums[m * groups + g] : 0, g * glen,
-                                                     (g + 1) * glen, weight_row(kind, weight, n, k_pad));
+        out[(m * p.N + n) * groups + g] =
+            portable_dot(p.kind, p.x_q + m * p.k_pad, p.x_sums ? p.x_sums[m * groups + g] : 0, g * glen,
+                         (g + 1) * glen, weight_row(p.kind, p.weight, n, p.k_pad));
 }
 
-void portable_linear(WeightKind kind, const int8_t* x_q, const float* x_scale, const int32_t* x_sums, int64_t M,
-                     int64_t k_pad, int64_t group_size, const void* weight, const float* w_scale, const float* bias,
-                     int64_t n0, int64_t n1, int64_t N, float* y) {
-  const int64_t groups = num_groups(k_pad, group_size);
-  const int64_t glen = k_pad / groups;
-  for (int64_t m = 0; m < M; ++m) {
+void portable_linear(const GemmProblem& p, const LinearEpilogue& e, int64_t m0, int64_t m1, int64_t n0,
+                     int64_t n1) {
+  const int64_t groups = num_groups(p.k_pad, p.group_size);
+  const int64_t glen = p.k_pad / groups;
+  for (int64_t m = m0; m < m1; ++m) {
     for (int64_t n = n0; n < n1; ++n) {
       float sum = 0.0f;
       for (int64_t g = 0; g < groups; ++g)
-        sum += w_scale[n * groups + g] * static_cast<float>(portable_dot(kind, x_q + m * k_pad, x_sums[m * groups + g],
-                                                                         g * glen, (g + 1) * glen,
-                                                                         weight_row(kind, weight, n, k_pad)));
-      float v = sum * x_scale[m];
-      if (bias != nullptr) v += bias[n];
-      y[m * N + n] = v;
+        sum += e.w_scale[n * groups + g] *
+               static_cast<float>(portable_dot(p.kind, p.x_q + m * p.k_pad, p.x_sums[m * groups + g], g * glen,
+                                               (g + 1) * glen, weight_row(p.kind, p.weight, n, p.k_pad)));
+      float v = sum * e.x_scale[m];
+      if (e.bias != nullptr) v += e.bias[n];
+      store_float(e.y, e.y_type, m * p.N + n, v);
     }
   }
 }

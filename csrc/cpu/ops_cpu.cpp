@@ -14,7 +14,6 @@ namespace pyclipq::cpu {
 namespace {
 
 constexpr int64_t kRowsPerTask = 16;
-constexpr int64_t kColsPerTask = 64;
 
 struct QuantizedActivation {
   at::Tensor q, scale, sums;
@@ -22,6 +21,10 @@ struct QuantizedActivation {
 
 void check_cpu(const at::Tensor& t, const char* name, const char* op) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the CPU kernel, got ", t.device());
+}
+
+FloatType float_type(at::ScalarType t) {
+  return t == at::kBFloat16 ? FloatType::BF16 : t == at::kHalf ? FloatType::F16 : FloatType::F32;
 }
 
 QuantizedActivation quantize(const at::Tensor& x, int64_t group_size, const std::optional<at::Tensor>& act_scale,
@@ -33,8 +36,8 @@ QuantizedActivation quantize(const at::Tensor& x, int64_t group_size, const std:
   const int64_t k_pad = padded_k(k);
   const int64_t m = x.numel() / k;
   const int64_t groups = num_groups(k_pad, group_size);
-  // Non-contiguous and bf16/fp16 inputs are accepted: they are copied to contiguous fp32 rows first.
-  const at::Tensor rows = x.reshape({m, k}).to(at::kFloat).contiguous();
+  // The kernels read fp32, bf16 and fp16 rows directly; non-contiguous inputs are copied first.
+  const at::Tensor rows = x.reshape({m, k}).contiguous();
   QuantizedActivation out{at::empty({m, k_pad}, x.options().dtype(at::kChar)),
                           at::empty({m}, x.options().dtype(at::kFloat)),
                           at::empty({m, groups}, x.options().dtype(at::kInt))};
@@ -47,15 +50,21 @@ QuantizedActivation quantize(const at::Tensor& x, int64_t group_size, const std:
   }
   const KernelTable& kt = active_kernels();
   std::atomic<int64_t> bad_row{-1};
-  const float* xp = rows.data_ptr<float>();
+  const FloatType xt = float_type(rows.scalar_type());
+  const char* xp = static_cast<const char*>(rows.data_ptr());
+  const int64_t row_bytes = k * rows.element_size();
   int8_t* qp = out.q.data_ptr<int8_t>();
   float* sp = out.scale.data_ptr<float>();
   int32_t* gp = out.sums.data_ptr<int32_t>();
   at::parallel_for(0, m, kRowsPerTask, [&](int64_t r0, int64_t r1) {
-    const int64_t bad = kt.quantize_rows(xp + r0 * k, k, r1 - r0, k, k_pad, group_size,
+    const int64_t bad = kt.quantize_rows(xp + r0 * row_bytes, xt, k, r1 - r0, k, k_pad, group_size,
                                          act_scale.has_value() ? &static_scale : nullptr, qp + r0 * k_pad, sp + r0,
                                          gp + r0 * groups);
-    if (bad >= 0) bad_row.store(r0 + bad);
+    if (bad >= 0) {  // report the first bad row whichever task finds one first
+      int64_t cur = bad_row.load();
+      while ((cur < 0 || r0 + bad < cur) && !bad_row.compare_exchange_weak(cur, r0 + bad)) {
+      }
+    }
   });
   TORCH_CHECK(bad_row.load() < 0, op, ": x contains NaN or Inf (row ", bad_row.load(),
               " of the flattened input); per-token quantization needs finite activations");
@@ -68,21 +77,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_per_token(const at::Tens
   return {r.q, r.scale, r.sums};
 }
 
-// Threads split N for small M and (M, N) tiles for large M; every output element is
-// computed by exactly one task in a fixed order, so results do not depend on threads.
+// The (M, N) work is cut into tasks of whole rows x a multiple of 8 columns, which the pool's
+// threads take from a shared counter: a thread slowed by another process on its core takes
+// fewer tasks. Every output element is computed by exactly one task with the same instruction
+// sequence whatever the tile it falls in, so results do not depend on the number of threads.
+// Few rows: split only N (each task reads a slice of the weights once, for all rows); many
+// rows: also split M so there are enough tasks to balance.
 template <typename Fn>
-void for_each_tile(int64_t m, int64_t n, Fn&& fn) {
-  const int64_t m_tiles = (m + kRowsPerTask * 4 - 1) / (kRowsPerTask * 4);
-  const int64_t n_tiles = (n + kColsPerTask - 1) / kColsPerTask;
-  at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t mt = t / n_tiles, nt = t % n_tiles;
-      const int64_t m0 = mt * kRowsPerTask * 4, m1 = std::min(m, m0 + kRowsPerTask * 4);
-      const int64_t n0 = nt * kColsPerTask, n1 = std::min(n, n0 + kColsPerTask);
-      fn(m0, m1, n0, n1);
+void for_each_task(int64_t m, int64_t n, int64_t row_bytes, Fn&& fn) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  if (m == 0 || n == 0) return;
+  const int64_t m_chunk = m <= 128 ? m : 128;
+  const int64_t m_tasks = (m + m_chunk - 1) / m_chunk;
+  // aim for >= 4 tasks per thread, each of >= 8 columns and, for GEMV-like M, >= 32 KiB of weights
+  const int64_t want = std::max<int64_t>(1, 4 * threads / m_tasks);
+  int64_t n_chunk = (n + want - 1) / want;
+  if (m <= 8) n_chunk = std::max<int64_t>(n_chunk, (32 * 1024) / std::max<int64_t>(row_bytes, 1));
+  n_chunk = std::min<int64_t>(std::max<int64_t>(8, (n_chunk + 7) / 8 * 8), (n + 7) / 8 * 8);
+  const int64_t n_tasks = (n + n_chunk - 1) / n_chunk;
+  const int64_t tasks = m_tasks * n_tasks;
+  std::atomic<int64_t> next{0};
+  auto work = [&] {
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
+      const int64_t mt = t / n_tasks, nt = t % n_tasks;
+      fn(mt * m_chunk, std::min(m, (mt + 1) * m_chunk), nt * n_chunk, std::min(n, (nt + 1) * n_chunk));
     }
-  });
+  };
+  if (tasks == 1 || threads == 1) return work();
+  at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) { work(); });
 }
+
+int64_t weight_row_bytes(WeightKind kind, int64_t k_pad) { return k_pad / codes_per_byte(kind); }
 
 at::Tensor integer_gemm(WeightKind kind, const at::Tensor& x_q, const at::Tensor& x_sums, const at::Tensor& weight,
                         int64_t group_size, bool grouped_output, const char* op) {
@@ -98,11 +123,11 @@ at::Tensor integer_gemm(WeightKind kind, const at::Tensor& x_q, const at::Tensor
   }
   at::Tensor out = at::empty({m, n, groups}, x_q.options().dtype(at::kInt));
   const KernelTable& kt = active_kernels();
-  const int32_t* sums = kind == WeightKind::Int8 ? nullptr : x_sums.data_ptr<int32_t>();
-  for_each_tile(m, n, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    kt.gemm(kind, x_q.data_ptr<int8_t>() + m0 * k_pad, sums ? sums + m0 * groups : nullptr, m1 - m0, k_pad,
-            group_size, weight.data_ptr(), n0, n1, n, out.data_ptr<int32_t>() + m0 * n * groups);
-  });
+  const GemmProblem p{kind, m, n, k_pad, group_size, x_q.data_ptr<int8_t>(),
+                      kind == WeightKind::Int8 ? nullptr : x_sums.data_ptr<int32_t>(), weight.data_ptr()};
+  int32_t* outp = out.data_ptr<int32_t>();
+  for_each_task(m, n, weight_row_bytes(kind, k_pad),
+                [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.gemm(p, m0, m1, n0, n1, outp); });
   return grouped_output ? out : out.view({m, n});
 }
 
@@ -136,17 +161,19 @@ at::Tensor fused_linear(WeightKind kind, const at::Tensor& x, const at::Tensor& 
   QuantizedActivation a = quantize(x, group_size, act_scale, op);
   const int64_t m = a.q.size(0);
   at::Tensor bias_f32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  // written in x's dtype by the kernel itself: no fp32 intermediate for bf16/fp16 inputs
+  at::Tensor y = at::empty({m, n}, x.options());
   const KernelTable& kt = active_kernels();
-  for_each_tile(m, n, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    kt.linear(kind, a.q.data_ptr<int8_t>() + m0 * k_pad, a.scale.data_ptr<float>() + m0,
-              a.sums.data_ptr<int32_t>() + m0 * groups, m1 - m0, k_pad, group_size, weight.data_ptr(),
-              weight_scale.data_ptr<float>(), bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr, n0, n1, n,
-              y.data_ptr<float>() + m0 * n);
-  });
+  const GemmProblem p{kind, m, n, k_pad, group_size, a.q.data_ptr<int8_t>(), a.sums.data_ptr<int32_t>(),
+                      weight.data_ptr()};
+  const LinearEpilogue e{a.scale.data_ptr<float>(), weight_scale.data_ptr<float>(),
+                         bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr, y.data_ptr(),
+                         float_type(y.scalar_type())};
+  for_each_task(m, n, weight_row_bytes(kind, k_pad),
+                [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.linear(p, e, m0, m1, n0, n1); });
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
-  return y.to(x.scalar_type()).view(out_shape);
+  return y.view(out_shape);
 }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws,

@@ -1,6 +1,6 @@
 // Torch-free CPU kernel interface. One table per ISA variant (scalar, avx2, ...);
 // csrc/cpu/isa.cpp picks one at run time. The aten wrappers in ops_cpu.cpp do the
-// argument checks, allocation and threading, and call these on tiles.
+// argument checks, allocation and thread split, and call these on (M, N) tiles of work.
 #pragma once
 #include <cstdint>
 
@@ -8,24 +8,42 @@
 
 namespace pyclipq::cpu {
 
-// Quantize `rows` rows of fp32 x (row stride ldx, K valid columns) to int8 [rows, k_pad].
-// static_scale == nullptr: dynamic per-token scale. Writes scale[rows] and the group
-// sums sums[rows, G]. Returns the index of the first row holding NaN/Inf, or -1.
-using QuantizeRowsFn = int64_t (*)(const float* x, int64_t ldx, int64_t rows, int64_t k, int64_t k_pad,
-                                   int64_t group_size, const float* static_scale, int8_t* q, float* scale,
-                                   int32_t* sums);
+// Element types of float activations and fused-linear outputs.
+enum class FloatType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
-// Integer GEMM tile: out[m, n, g] = sum_{k in g} level(w[n, k]) * x_q[m, k] for all m < M and
-// n0 <= n < n1 (exact int32). out has row stride N * G. x_sums[M, G] are the group sums of x_q.
-using GemmFn = void (*)(WeightKind kind, const int8_t* x_q, const int32_t* x_sums, int64_t M, int64_t k_pad,
-                        int64_t group_size, const void* weight, int64_t n0, int64_t n1, int64_t N, int32_t* out);
+// Quantize `rows` rows of x (element type x_type, row stride ldx elements, K valid columns)
+// to int8 [rows, k_pad]. static_scale == nullptr: dynamic per-token scale. Writes scale[rows]
+// and the group sums sums[rows, G]. Returns the index of the first row holding NaN/Inf, or -1.
+using QuantizeRowsFn = int64_t (*)(const void* x, FloatType x_type, int64_t ldx, int64_t rows, int64_t k,
+                                   int64_t k_pad, int64_t group_size, const float* static_scale, int8_t* q,
+                                   float* scale, int32_t* sums);
 
-// Fused linear tile (after activation quantization):
-// y[m, n] = x_scale[m] * sum_g w_scale[n, g] * acc[m, n, g] + bias[n], for n0 <= n < n1, fp32 out
-// with row stride N. bias may be nullptr.
-using LinearFn = void (*)(WeightKind kind, const int8_t* x_q, const float* x_scale, const int32_t* x_sums,
-                          int64_t M, int64_t k_pad, int64_t group_size, const void* weight, const float* w_scale,
-                          const float* bias, int64_t n0, int64_t n1, int64_t N, float* y);
+// The integer part every GEMM and fused linear shares: quantized activations against the
+// weights in their canonical layout (docs/FORMATS.md; the kernels read it as stored, no repack).
+struct GemmProblem {
+  WeightKind kind;
+  int64_t M, N, k_pad, group_size;
+  const int8_t* x_q;      // [M, k_pad]
+  const int32_t* x_sums;  // [M, G] group sums of x_q (may be nullptr for int8)
+  const void* weight;     // int8 [N, k_pad] or block-planar packed uint8 [N, k_pad / codes_per_byte]
+};
+
+// Integer GEMM on the tile m0 <= m < m1, n0 <= n < n1:
+// out[m, n, g] = sum_{k in g} level(w[n, k]) * x_q[m, k] (exact int32), out is [M, N, G].
+using GemmFn = void (*)(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* out);
+
+// What a fused linear adds to the GEMM: y[m, n] = x_scale[m] * sum_g w_scale[n, g] * acc[m, n, g]
+// + bias[n], written as y_type into y [M, N] (row stride N). bias may be nullptr.
+struct LinearEpilogue {
+  const float* x_scale;  // [M]
+  const float* w_scale;  // [N, G]
+  const float* bias;     // [N] or nullptr
+  void* y;
+  FloatType y_type;
+};
+
+using LinearFn = void (*)(const GemmProblem& p, const LinearEpilogue& e, int64_t m0, int64_t m1, int64_t n0,
+                          int64_t n1);
 
 struct KernelTable {
   const char* isa;
