@@ -1,0 +1,265 @@
+"""The CPU kernel tables (csrc/cpu): both ISA paths bit-exact against pyclipq.ops.reference.
+
+The ISA is chosen once per process (PYCLIPQ_CPU_ISA=scalar|avx2), so each check is a plain
+function: the ISA of this process runs it in-process, any other ISA runs every check in one
+child process (`python test_cpu_kernels.py <isa>`), and each check reports on its own.
+
+Shapes are chosen to reach every AVX2 register tile: 8-row tiles (4 row pairs x 2 columns),
+4-row (2 pairs x 4 columns), 2-row (1 pair x 8 columns) and the single-row kernel (M = 1 and
+an odd last row), with N not a multiple of any tile width and K not a multiple of 128.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+import pyclipq
+from pyclipq import formats, ops
+from pyclipq.ops import reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import linear_tolerance, reference_accumulators  # noqa: E402
+
+FORMAT_GROUPS = [("int8", 0), ("ternary", 0)] + [(f, g) for f in ("int4", "int2") for g in (0, 32, 64, 128)]
+# M: 1 (single-row kernel), 2, 3 (2-row tile + single row), 5 (4-row tile + single row),
+# 15 = 8 + 4 + 2 + 1; N: 1, below and above every tile width; K: 1, ragged, several blocks.
+RAGGED = [(1, 1, 1), (2, 3, 129), (3, 17, 200), (5, 9, 300), (15, 19, 640), (8, 33, 1000), (1, 70, 384)]
+
+
+def random_layer(fmt, n, k, group, gen):
+    """Packed weight and scales with codes spread over the format's whole range."""
+    f = formats.get_format(fmt)
+    k_pad = formats.padded_k(k)
+    if fmt == "int8":
+        packed = torch.randint(-127, 128, (n, k_pad), dtype=torch.int8, generator=gen)
+    else:
+        codes = torch.randint(0, f.max_code + 1, (n, k_pad), dtype=torch.uint8, generator=gen)
+        packed = formats.pack_codes_reference(codes, f.bits)
+    g = formats.num_groups(k_pad, group)
+    scale = torch.rand((n, g) if formats.get_format(fmt).grouped else (n,), generator=gen) + 0.01
+    return packed, scale
+
+
+def gemm(fmt, x_q, sums, packed, group, mod=ops):
+    if fmt == "int8":
+        return mod.int8_gemm(x_q, packed)
+    if fmt == "ternary":
+        return mod.ternary_gemm(x_q, sums, packed)
+    return getattr(mod, f"{fmt}_gemm")(x_q, sums, packed, group)
+
+
+def linear(fmt, x, packed, scale, group, bias, mod=ops):
+    if fmt in ("int4", "int2"):
+        return getattr(mod, f"{fmt}_linear")(x, packed, scale, group, bias)
+    return getattr(mod, f"{fmt}_linear")(x, packed, scale, bias)
+
+
+def worst_case(fmt, group, m, n, k):
+    """x_q = +-127 in alternating rows, weights at their largest unsigned code (int8: +-127)."""
+    f = formats.get_format(fmt)
+    sign = torch.ones(m, k, dtype=torch.int32)
+    sign[1::2] = -1
+    x_q = (127 * sign).to(torch.int8)
+    if fmt == "int8":
+        packed = torch.full((n, k), 127, dtype=torch.int8)
+        packed[1::2] = -127
+        expected_abs = 127 * 127 * k
+    else:
+        # the largest code maximizes every vpmaddubsw pair sum: the int16 bound's worst case
+        packed = formats.pack_codes_reference(torch.full((n, k), f.max_code, dtype=torch.uint8), f.bits)
+        glen = k // formats.num_groups(k, group)
+        expected_abs = 127 * abs(f.level_mul * f.max_code - f.level_offset) * glen
+    sums = x_q.to(torch.int32).view(m, formats.num_groups(k, group), -1).sum(dim=2, dtype=torch.int32)
+    return x_q, sums, packed, expected_abs
+
+
+# ---------------------------------------------------------------- checks (run under every ISA)
+
+def check_gemm_bit_exact():
+    gen = torch.Generator().manual_seed(0)
+    for fmt, group in FORMAT_GROUPS:
+        for m, n, k in RAGGED:
+            packed, _ = random_layer(fmt, n, k, group, gen)
+            x = torch.randn(m, k, generator=gen) * 3
+            x_q, _, sums = reference.quantize_per_token(x, group)
+            got, want = gemm(fmt, x_q, sums, packed, group), gemm(fmt, x_q, sums, packed, group, reference)
+            assert got.dtype == torch.int32 and torch.equal(got, want), f"{fmt} g{group} M={m} N={n} K={k}"
+
+
+def check_gemm_uses_the_given_sums():
+    """The offset correction must use x_sums as passed (the op's contract), not recompute them."""
+    gen = torch.Generator().manual_seed(1)
+    for fmt, group in FORMAT_GROUPS[1:]:
+        packed, _ = random_layer(fmt, 10, 256, group, gen)
+        x_q, _, sums = reference.quantize_per_token(torch.randn(9, 256, generator=gen), group)
+        sums = sums + torch.randint(-5, 6, sums.shape, dtype=torch.int32, generator=gen)
+        assert torch.equal(gemm(fmt, x_q, sums, packed, group), gemm(fmt, x_q, sums, packed, group, reference)), fmt
+
+
+def check_worst_case_accumulation():
+    """|x_q| = 127 everywhere, largest codes, K = 16384: every int16 flush period and group size,
+    through every register tile (M = 15 = 8 + 4 + 2 + 1 rows), exact and equal to the closed form."""
+    for fmt, group in FORMAT_GROUPS:
+        x_q, sums, packed, expected_abs = worst_case(fmt, group, 15, 11, 16384)
+        got = gemm(fmt, x_q, sums, packed, group)
+        assert torch.equal(got, gemm(fmt, x_q, sums, packed, group, reference)), f"{fmt} g{group}"
+        flat = got.reshape(15, 11, -1)
+        assert (flat.abs() == expected_abs).all(), f"{fmt} g{group}: {flat.abs().min()}..{flat.abs().max()}"
+        assert (flat[0] > 0).all() == (flat[1] < 0).all(), f"{fmt} g{group}: rows of opposite sign"
+
+
+def check_worst_case_fused_linear():
+    """The fused linears share the int16 accumulation: a wrapped sum would be off by 65536 * scale."""
+    for fmt, group in FORMAT_GROUPS:
+        x_q, _, packed, _ = worst_case(fmt, group, 9, 5, 16384)
+        x = x_q.to(torch.float32)  # |x| = 127 in every column: quantizes to +-127 exactly
+        k_pad = x.shape[1]
+        g = formats.num_groups(k_pad, group)
+        scale = torch.full((5, g) if formats.get_format(fmt).grouped else (5,), 1e-3)
+        y = linear(fmt, x, packed, scale, group, None)
+        ref = linear(fmt, x, packed, scale, group, None, reference)
+        acc, s = reference_accumulators(fmt, x, packed, group)
+        tol = linear_tolerance(x, acc, s, scale, None, 5)
+        assert ((y.double() - ref.double()).abs() <= tol).all(), f"{fmt} g{group}"
+
+
+def check_quantize_bit_exact():
+    gen = torch.Generator().manual_seed(2)
+    for k in (1, 7, 31, 33, 200, 1000):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = (torch.randn(6, k, generator=gen) * torch.rand(6, 1, generator=gen) * 50).to(dtype)
+            x[2] = 0  # all-zero row: scale 0, codes 0
+            for group in (0, 32, 64, 128):
+                for act_scale in (None, torch.tensor([0.05])):  # static: values beyond 6.35 clip
+                    got = ops.quantize_per_token(x, group, act_scale)
+                    want = reference.quantize_per_token(x, group, act_scale)
+                    assert all(torch.equal(a, b) for a, b in zip(got, want)), f"K={k} {dtype} g{group} {act_scale}"
+
+
+def check_quantize_rounding_and_clipping():
+    """Exact halves round to even, and static-scale values far beyond int32 clip instead of wrapping."""
+    x = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5, 1e20, -1e20, 3.0e9, 127.0]])
+    got = ops.quantize_per_token(x, 0, torch.tensor([1.0]))
+    want = reference.quantize_per_token(x, 0, torch.tensor([1.0]))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert got[0][0, :12].tolist() == [0, 2, 2, 0, -2, -2, 126, -126, 127, -127, 127, 127]
+
+
+def check_fused_linear_matches_reference():
+    gen = torch.Generator().manual_seed(3)
+    for fmt, group in FORMAT_GROUPS:
+        for m, n, k in RAGGED:
+            packed, scale = random_layer(fmt, n, k, group, gen)
+            bias = torch.randn(n, generator=gen)
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                x = torch.randn(m, k, generator=gen).to(dtype)
+                y = linear(fmt, x, packed, scale, group, bias)
+                ref = linear(fmt, x, packed, scale, group, bias, reference)
+                acc, s = reference_accumulators(fmt, x, packed, group)
+                tol = linear_tolerance(x, acc, s, scale, bias, n)
+                assert y.dtype == dtype, f"{fmt} {dtype}: output dtype {y.dtype}"
+                err = (y.double() - ref.double()).abs()
+                assert (err <= tol.reshape(err.shape)).all(), f"{fmt} g{group} M={m} N={n} K={k} {dtype}"
+
+
+def check_threads_do_not_change_results():
+    """1, 2 and 3 threads split M and N differently; every element must come out bit-identical."""
+    gen = torch.Generator().manual_seed(4)
+    before = torch.get_num_threads()
+    try:
+        for fmt, group in FORMAT_GROUPS:
+            packed, scale = random_layer(fmt, 100, 300, group, gen)
+            x = torch.randn(300, 300, generator=gen)  # > 128 rows: M is split too
+            x_q, _, sums = reference.quantize_per_token(x, group)
+            results = []
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                results.append((gemm(fmt, x_q, sums, packed, group), linear(fmt, x, packed, scale, group, None)))
+            for g_out, y in results[1:]:
+                assert torch.equal(g_out, results[0][0]) and torch.equal(y, results[0][1]), f"{fmt} g{group}"
+    finally:
+        torch.set_num_threads(before)
+
+
+CHECKS = {f.__name__: f for f in (check_gemm_bit_exact, check_gemm_uses_the_given_sums, check_worst_case_accumulation,
+                                  check_worst_case_fused_linear, check_quantize_bit_exact,
+                                  check_quantize_rounding_and_clipping, check_fused_linear_matches_reference,
+                                  check_threads_do_not_change_results)}
+
+
+def run_all_checks() -> dict:
+    results = {}
+    for name, fn in CHECKS.items():
+        try:
+            fn()
+            results[name] = None
+        except Exception:  # report every failure, not just the first
+            results[name] = traceback.format_exc()
+    return results
+
+
+# ---------------------------------------------------------------- pytest
+
+def available_isas():
+    return pyclipq.build_info()["cpu_isa_variants"]
+
+
+def cpu_has_avx2_fma():
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return pyclipq.build_info()["cpu_isa"] == "avx2"
+    return "avx2" in flags and "fma" in flags
+
+
+@pytest.fixture(scope="module")
+def child_results():
+    """{isa: {check: None or traceback}} for every ISA other than this process's, one child each."""
+    cache = {}
+
+    def get(isa):
+        if isa not in cache:
+            env = {**os.environ, "PYCLIPQ_CPU_ISA": isa}
+            r = subprocess.run([sys.executable, __file__, isa], capture_output=True, text=True, env=env, timeout=1800)
+            assert r.returncode == 0, f"child for ISA {isa} failed:\n{r.stdout}\n{r.stderr}"
+            cache[isa] = json.loads(r.stdout.strip().splitlines()[-1])
+        return cache[isa]
+
+    return get
+
+
+@pytest.mark.parametrize("check", list(CHECKS))
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_cpu_kernels(isa, check, child_results):
+    if isa not in available_isas():
+        pytest.skip(f"this build has no {isa} table")
+    if isa == "avx2" and not cpu_has_avx2_fma():
+        pytest.skip("this CPU lacks AVX2/FMA")
+    if isa == pyclipq.build_info()["cpu_isa"]:
+        CHECKS[check]()
+    else:
+        err = child_results(isa)[check]
+        assert err is None, f"[{isa}] {check}:\n{err}"
+
+
+def test_children_really_switch_isa():
+    """The scalar child must run the scalar table (else both rows above would test one ISA)."""
+    code = "import pyclipq; print(pyclipq.build_info()['cpu_isa'])"
+    for isa in available_isas():
+        if isa == "avx2" and not cpu_has_avx2_fma():
+            continue
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "PYCLIPQ_CPU_ISA": isa}, timeout=300)
+        assert r.returncode == 0 and r.stdout.strip() == isa
+
+
+if __name__ == "__main__":  # child mode: python test_cpu_kernels.py <isa>
+    assert pyclipq.build_info()["cpu_isa"] == sys.argv[1], f"asked for {sys.argv[1]}, got {pyclipq.build_info()}"
+    print(json.dumps(run_all_checks()))
