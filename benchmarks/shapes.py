@@ -24,6 +24,11 @@ def linear_shapes(model: str) -> list[tuple[str, int, int]]:
     return [("qkv", 3 * w, w), ("out_proj", w, w), ("fc1", h, w), ("fc2", w, h), ("proj", *m["proj"])]
 
 
+def block_linears(model: str) -> list[tuple[str, int, int]]:
+    """[(layer, N, K)] of the four Linears inside one transformer block of ``model`` (no projection)."""
+    return linear_shapes(model)[:4]
+
+
 def unique_shapes(models=None) -> dict[tuple[int, int], list[str]]:
     """{(N, K): ["model:layer", ...]}: models that share a shape are measured once."""
     out: dict[tuple[int, int], list[str]] = {}
