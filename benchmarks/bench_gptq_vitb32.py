@@ -2,8 +2,8 @@
 
 Random weights (nothing can be downloaded here): the point is the cost of GPTQ layer by
 layer (every one of ViT-B/32's linears, both towers) and that memory stays bounded by the
-Hessian budget, not the accuracy. Forwards go through the kernel emulation of
-bench_ptq.py (the scalar CPU kernels of this checkout would dominate the time).
+Hessian budget, not the accuracy. Forwards run pyclipq's CPU kernels (``--emulate``: the
+float emulation of bench_ptq.py instead).
 
 Usage: PYTHONPATH=. nice -n 19 python benchmarks/bench_gptq_vitb32.py --out benchmarks/results/gptq_vitb32.json
 """
@@ -42,6 +42,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-hessian-mib", type=int, default=512)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--emulate", action="store_true")
     p.add_argument("--out", default="benchmarks/results/gptq_vitb32.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -58,7 +59,8 @@ def main(argv=None):
         batches.append((images, tokens))
     rss_model = peak_rss_mib()
     model = pyclipq.convert(copy.deepcopy(fp32), QuantConfig(args.format, activation="static"))
-    emulate_kernels(model)
+    if args.emulate:
+        emulate_kernels(model)
     rss_before = peak_rss_mib()
     cpu_before = cpu_seconds()
     started = time.perf_counter()

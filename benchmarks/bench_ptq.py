@@ -19,11 +19,11 @@ The method names the observer of both the activations and the weight scales:
   rtn         A: OMSE,        W: the format's rule (absmax / qmax; ternary absmean), round to nearest
   gptq        A: OMSE,        W: the format's rule, GPTQ rounding
 
-Speed: the accuracy numbers are the numerics of the fused ops, evaluated through a float
-emulation (`emulate_kernels`: fake-quantized activations @ dequantized weights, equal to the
-integer kernels up to fp32 rounding) because the CPU kernels of this checkout are the
-scalar fallback. `--verify` runs the real ops on a few images per format and reports the
-largest embedding difference.
+Kernels: by default every quantized model runs the real fused ops (pyclipq's CPU kernels).
+`--emulate` instead runs a float emulation (`emulate_kernels`: fake-quantized activations @
+dequantized weights, equal to the integer kernels up to fp32 rounding) for machines where
+only the slow scalar fallback is built; `--verify N` then compares it with the real ops on
+N images / prompts per format.
 
 Usage (from the repo root):
   PYTHONPATH=. nice -n 19 python benchmarks/bench_ptq.py --out benchmarks/results/ptq
@@ -153,7 +153,7 @@ class TestbedEval:
         }
 
 
-def quantize(fp32, fmt: str, method: str, batches, emulate: bool = True, activation: str = "static"):
+def quantize(fp32, fmt: str, method: str, batches, emulate: bool = False, activation: str = "static"):
     """Convert a copy of fp32 and calibrate it with `method`; returns (model, report, seconds)."""
     act_observer, weight_observer, gptq = METHODS[method]
     model = pyclipq.convert(copy.deepcopy(fp32), QuantConfig(fmt, activation=activation))
@@ -272,7 +272,8 @@ def main(argv=None) -> dict:
     p.add_argument("--calib-batches", type=int, default=10, help="P4Q §4.1: 10 calibration iterations")
     p.add_argument("--calib-batch-size", type=int, default=128, help="P4Q §4.1: batch 128")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (1 is fastest on a busy 2-core machine)")
-    p.add_argument("--verify", type=int, default=8, help="images / prompts per format checked against the real ops (0: skip)")
+    p.add_argument("--emulate", action="store_true", help="float emulation of the fused ops instead of the kernels")
+    p.add_argument("--verify", type=int, default=8, help="with --emulate: images / prompts per format checked against the real ops")
     p.add_argument("--skip-testbed", action="store_true")
     p.add_argument("--testbed-dir", default=None, help="test-bed weights folder (default: the shipped weights)")
     p.add_argument("--skip-text-transformer", action="store_true")
@@ -300,17 +301,17 @@ def main(argv=None) -> dict:
     for fmt, method, activation in cases:
         row = {"format": fmt, "method": method if activation == "static" else "dynamic (no calibration)"}
         if bed:
-            model, report, seconds = quantize(bed.fp32, fmt, method, bed.calibration, activation=activation)
+            model, report, seconds = quantize(bed.fp32, fmt, method, bed.calibration, args.emulate, activation)
             row["testbed"] = bed.score(model) | {"calibrate_s": seconds}
             if report is not None:
                 gptq_layers = [l for l in report.layers if l.proxy_error is not None]
                 if gptq_layers:
                     row["testbed"]["layer_error_vs_rtn"] = sum(l.proxy_error / l.proxy_error_rtn for l in gptq_layers) / len(gptq_layers)
-            if args.verify and fmt not in verified and activation == "static":
+            if args.emulate and args.verify and fmt not in verified and activation == "static":
                 row["testbed"]["verify"] = verify_kernels(bed, fmt, model, args.verify)
                 verified.add(fmt)
         if text:
-            model, _, seconds = quantize(text.fp32, fmt, method, text.calibration, activation=activation)
+            model, _, seconds = quantize(text.fp32, fmt, method, text.calibration, args.emulate, activation)
             row["text_transformer"] = text.score(model) | {"calibrate_s": seconds}
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
