@@ -297,21 +297,35 @@ struct LinearSink {
   }
 
   void finish(const __m256 (&facc)[T::kVecs]) const {
+    __m256 y[T::kVecs];
 #pragma GCC unroll 2
     for (int v = 0; v < T::kVecs; ++v) {
       const __m256 bias = e.bias ? col_lanes<T>(e.bias, 1, n0, valid, v) : _mm256_setzero_ps();
-      const __m256 y = _mm256_fmadd_ps(facc[v], _mm256_loadu_ps(rc.xscale.data() + v * 8), bias);
-      alignas(32) float t[8];
-      _mm256_store_ps(t, y);
-      if (e.y_type == FloatType::F32 && valid == T::kCols) {
+      y[v] = _mm256_fmadd_ps(facc[v], _mm256_loadu_ps(rc.xscale.data() + v * 8), bias);
+    }
+    if constexpr (T::kOneColPerVec) {
+      if (e.y_type == FloatType::F32 && valid == 2) {
+        // y[c] holds column c for rows (0 2 4 6 | 1 3 5 7): interleave into (row, 2 columns) pairs
+        const __m256 lo = _mm256_unpacklo_ps(y[0], y[1]), hi = _mm256_unpackhi_ps(y[0], y[1]);
         float* out = static_cast<float*>(e.y) + rc.m0 * N + n0;
-#pragma GCC unroll 8
-        for (int l = 0; l < 8; ++l) out[T::row(v, l) * N + T::col(v, l)] = t[l];
-      } else {
-#pragma GCC unroll 8
-        for (int l = 0; l < 8; ++l)
-          if (T::col(v, l) < valid) store_float(e.y, e.y_type, (rc.m0 + T::row(v, l)) * N + n0 + T::col(v, l), t[l]);
+        const __m128 r02 = _mm256_castps256_ps128(lo), r13 = _mm256_extractf128_ps(lo, 1);
+        const __m128 r46 = _mm256_castps256_ps128(hi), r57 = _mm256_extractf128_ps(hi, 1);
+        _mm_storel_pi(reinterpret_cast<__m64*>(out), r02);
+        _mm_storel_pi(reinterpret_cast<__m64*>(out + N), r13);
+        _mm_storeh_pi(reinterpret_cast<__m64*>(out + 2 * N), r02);
+        _mm_storeh_pi(reinterpret_cast<__m64*>(out + 3 * N), r13);
+        _mm_storel_pi(reinterpret_cast<__m64*>(out + 4 * N), r46);
+        _mm_storel_pi(reinterpret_cast<__m64*>(out + 5 * N), r57);
+        _mm_storeh_pi(reinterpret_cast<__m64*>(out + 6 * N), r46);
+        _mm_storeh_pi(reinterpret_cast<__m64*>(out + 7 * N), r57);
+        return;
       }
+    }
+    for (int v = 0; v < T::kVecs; ++v) {
+      alignas(32) float t[8];
+      _mm256_store_ps(t, y[v]);
+      for (int l = 0; l < 8; ++l)
+        if (T::col(v, l) < valid) store_float(e.y, e.y_type, (rc.m0 + T::row(v, l)) * N + n0 + T::col(v, l), t[l]);
     }
   }
 };
@@ -452,6 +466,8 @@ PQ_INLINE void flush_group(__m256i (&acc)[8], __m256i mulv, int64_t g, const Sin
 // One tile over all of K for a low-bit format. GROUP: elements per scale group, 0 = one
 // group per output channel (int16 sums then flush into int32 accumulators every
 // kFlushBlocks blocks and are totalled once at the end).
+// Not inlined into the column loop: its loop-invariant values would take registers from the
+// accumulators (measured: spills in the grouped and int8 loops).
 template <int GROUP, class Step, class Sink>
 __attribute__((noinline)) void lowbit_tile(const Step& step, int64_t k_pad, int16_t level_mul, const Sink& sink) {
   using Tile = typename Step::Tile;
@@ -466,6 +482,12 @@ __attribute__((noinline)) void lowbit_tile(const Step& step, int64_t k_pad, int1
   for (auto& f : facc) f = _mm256_setzero_ps();
 
   if constexpr (GROUP == 0) {
+    if (nblocks <= Step::kFlushBlocks) {  // all of K fits one int16 period (ternary K <= 1024)
+      for (int64_t b = 0; b < nblocks; ++b) step.template accumulate<0, P>(b, acc);
+      flush_group<Tile>(acc, mulv, 0, sink, facc);
+      sink.finish(facc);
+      return;
+    }
     __m256i acc32[8];
 #pragma GCC unroll 8
     for (int a = 0; a < 8; ++a) acc32[a] = _mm256_setzero_si256();
@@ -634,10 +656,11 @@ void run_tiles(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int6
   }
 }
 
-// Calls tile(step, sink) on every column tile of [b0, b1) for the row tile at m.
+// Runs tile(step, sink) on every column tile of [b0, b1) for one row tile.
 template <class T, class StepFn, class TileFn>
-void column_tiles(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int64_t b0, int64_t b1,
-                  const RowConsts& rc, StepFn&& make_step, TileFn&& tile) {
+void column_tiles(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int64_t b0,
+                                            int64_t b1, const RowConsts& rc, const StepFn& make_step,
+                                            const TileFn& tile) {
   const int64_t G = num_groups(p.k_pad, p.group_size);
   for (int64_t n = b0; n < b1; n += T::kCols) {
     const int valid = static_cast<int>(std::min<int64_t>(T::kCols, b1 - n));
@@ -659,10 +682,12 @@ struct LowbitFormat {
     const int64_t ldw = p.k_pad / (8 / BITS);
     const uint8_t* w = static_cast<const uint8_t*>(p.weight);
     const int16_t mul = static_cast<int16_t>(traits(p.kind).level_mul);
-    auto tile = [&](const auto& step, const auto& sink) { lowbit_tile<GROUP>(step, p.k_pad, mul, sink); };
+    auto tile = [&](const auto& step, const auto& sink) __attribute__((always_inline)) {
+      lowbit_tile<GROUP>(step, p.k_pad, mul, sink);
+    };
     if constexpr (T::kRows == 1) {
       const int8_t* x = p.x_q + m * p.k_pad;
-      column_tiles<T>(p, e, out, b0, b1, sc.rc, [&](const int64_t* cols) {
+      column_tiles<T>(p, e, out, b0, b1, sc.rc, [&](const int64_t* cols) __attribute__((always_inline)) {
         LowbitRow<KIND> s{x, {}};
         for (int c = 0; c < 8; ++c) s.w[c] = w + cols[c] * ldw;
         return s;
@@ -671,7 +696,7 @@ struct LowbitFormat {
       constexpr int NQ = T::kRows / 2, C = T::kCols;
       sc.x8.resize(T::kRows * p.k_pad);
       pack_pair_tile(p.x_q + m * p.k_pad, p.k_pad, NQ, p.k_pad, sc.x8.data());
-      column_tiles<T>(p, e, out, b0, b1, sc.rc, [&](const int64_t* cols) {
+      column_tiles<T>(p, e, out, b0, b1, sc.rc, [&](const int64_t* cols) __attribute__((always_inline)) {
         LowbitPair<KIND, NQ, C> s{sc.x8.data(), {}};
         for (int c = 0; c < C; ++c) s.w[c] = w + cols[c] * ldw;
         return s;
@@ -686,11 +711,13 @@ struct Int8Format {
                    Scratch& sc) {
     fill_row_consts<T>(p, e, m, sc.rc);
     const int8_t* w = static_cast<const int8_t*>(p.weight);
-    auto tile = [&](const auto& step, const auto& sink) { int8_tile(step, p.k_pad, sink); };
+    auto tile = [&](const auto& step, const auto& sink) __attribute__((always_inline)) {
+      int8_tile(step, p.k_pad, sink);
+    };
     sc.x16.resize(T::kRows * p.k_pad);
     if constexpr (T::kRows == 1) {
       widen_row(p.x_q + m * p.k_pad, p.k_pad, sc.x16.data());
-      column_tiles<T>(p, e, out, b0, b1, sc.rc, [&](const int64_t* cols) {
+      column_tiles<T>(p, e, out, b0, b1, sc.rc, [&](const int64_t* cols) __attribute__((always_inline)) {
         Int8Row s{sc.x16.data(), {}};
         for (int c = 0; c < 8; ++c) s.w[c] = w + cols[c] * p.k_pad;
         return s;
@@ -698,7 +725,7 @@ struct Int8Format {
     } else {
       constexpr int NQ = T::kRows / 2, C = T::kCols;
       widen_pair_tile(p.x_q + m * p.k_pad, p.k_pad, NQ, p.k_pad, sc.x16.data());
-      column_tiles<T>(p, e, out, b0, b1, sc.rc, [&](const int64_t* cols) {
+      column_tiles<T>(p, e, out, b0, b1, sc.rc, [&](const int64_t* cols) __attribute__((always_inline)) {
         Int8Pair<NQ, C> s{sc.x16.data(), {}};
         for (int c = 0; c < C; ++c) s.w[c] = w + cols[c] * p.k_pad;
         return s;
