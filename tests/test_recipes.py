@@ -172,3 +172,24 @@ def test_cli_rejects_bad_commands():
         recipes.main(["quantize"])
     with pytest.raises(SystemExit):
         recipes.ternary_main(["--preset", "qall"])  # --out is required
+
+
+# ---------------------------------------------------------------- the shipped test bed (CI's shortened run)
+
+
+def test_shortened_ternary_qat_on_the_testbed_lowers_loss_and_beats_ptq():
+    from pyclipq.testbed import load_testbed, make_split
+
+    testbed = load_testbed()
+    test = make_split("test", 256).loader(256)
+    student = qat.prepare(testbed.model, recipes.ternary_config("qall"))
+    # Before training the fake-quant model *is* the PTQ model (same codes, reference numerics).
+    accuracy = lambda m: recipes.zero_shot_top1(m, testbed.tokenizer, testbed.classnames, testbed.templates, test)  # noqa: E731
+    ptq = accuracy(student)
+    data = recipes.TestbedPairs(256, 32, testbed.tokenizer)
+    config = TrainConfig(steps=8, lr=1e-3, warmup_steps=1, progress=False)
+    trainer = recipes.Trainer(student, data, config, teacher=testbed.model)
+    history = trainer.fit()
+    after = accuracy(student)
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+    assert after > ptq + 0.08, (ptq, after)  # measured: 11.3% -> 25.8% after 8 steps
