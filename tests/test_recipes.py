@@ -125,7 +125,7 @@ def test_p4q_cached_features_give_the_same_loss():
         FeatureBatches(cached.image_features, cached.teacher_image_features, cached.labels, 7)
 
 
-def test_p4q_one_call_trains_only_prompt_and_adapter_and_runs_packed():
+def test_p4q_one_call_trains_only_prompt_and_adapter_and_runs_packed(tmp_path):
     model = tiny_clip().eval()
     tok = tiny_tokenizer()
     ptq = pyclipq_convert(qat.deepcopy_model(model), "int4")
@@ -146,6 +146,12 @@ def test_p4q_one_call_trains_only_prompt_and_adapter_and_runs_packed():
     from pyclipq.nn import QuantLinear
 
     assert isinstance(result.exported.adapter.fc1, QuantLinear)
+    # The head saves and loads next to the PTQ model (which pyclipq.save / load handle).
+    path = tmp_path / "head.safetensors"
+    recipes.save_p4q_head(result.exported, path)
+    loaded = recipes.load_p4q_head(result.exported.ptq_model, path)
+    assert torch.equal(loaded.encode_image(images), result.exported.encode_image(images))
+    assert torch.equal(loaded.class_embeddings, result.exported.class_embeddings) and loaded.classnames == CLASSNAMES
 
 
 # ---------------------------------------------------------------- TernaryCLIP and the CLI
@@ -193,3 +199,12 @@ def test_shortened_ternary_qat_on_the_testbed_lowers_loss_and_beats_ptq():
     after = accuracy(student)
     assert history[-1]["loss"] < 0.7 * history[0]["loss"]
     assert after > ptq + 0.08, (ptq, after)  # measured: 11.3% -> 25.8% after 8 steps
+
+
+def test_load_p4q_head_rejects_foreign_files(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(2)}, str(path))
+    with pytest.raises(ValueError, match="not a P4Q head"):
+        recipes.load_p4q_head(tiny_clip(), path)

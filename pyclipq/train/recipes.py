@@ -398,6 +398,29 @@ def save_p4q_head(exported: ExportedP4Q, path) -> None:
     save_file(tensors, str(path), metadata=metadata)
 
 
+def load_p4q_head(ptq_model: nn.Module, path) -> ExportedP4Q:
+    """Rebuild an ExportedP4Q from a loaded PTQ model (pyclipq.load) and a save_p4q_head file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ..nn import QuantLinear
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("pyclipq_p4q")
+    if raw is None:
+        raise ValueError(f"path: {path} is not a P4Q head written by save_p4q_head (no 'pyclipq_p4q' metadata)")
+    meta = json.loads(raw)
+    tensors = load_file(str(path))
+    layer = LayerConfig.from_dict(meta["adapter_layer"])
+    adapter = QAdapter.__new__(QAdapter)
+    nn.Module.__init__(adapter)
+    adapter.dim, adapter.hidden, adapter.alpha = meta["dim"], meta["hidden"], meta["alpha"]
+    adapter.fc1 = QuantLinear(meta["dim"], meta["hidden"], bias=False, layer=layer)
+    adapter.fc2 = QuantLinear(meta["hidden"], meta["dim"], bias=False, layer=layer)
+    adapter.load_state_dict({k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")})
+    return ExportedP4Q(ptq_model, adapter, tensors["class_embeddings"], meta["classnames"])
+
+
 COMMANDS = {"ternary": ternary_main, "p4q": p4q_main}
 
 
