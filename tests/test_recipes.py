@@ -1,13 +1,11 @@
 """Recipes: the prompt learner, the QAdapter, P4Q's loss direction, one-call TernaryCLIP / P4Q, the CLI."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pyclipq.configs import LayerConfig
 from pyclipq.convert import convert as pyclipq_convert
 from pyclipq.train import qat, recipes
 from pyclipq.train.p4q import FeatureBatches, P4QModel, P4QObjective, QAdapter

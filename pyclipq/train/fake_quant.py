@@ -23,7 +23,7 @@ activations and weight):
 """
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -170,6 +170,7 @@ def fake_quantize_weight(weight: torch.Tensor, layer: LayerConfig) -> torch.Tens
 # ---------------------------------------------------------------- the exact integer path
 
 
+@functools.lru_cache(maxsize=None)
 def _chunk_limit(fmt: str) -> int:
     """Largest K chunk (a multiple of the K block) whose int accumulator stays exact in float32."""
     f = formats.get_format(fmt)
