@@ -10,6 +10,13 @@
 #include "op_checks.h"
 #include "pyclipq/cpu_kernels.h"
 
+// at::parallel_for is a header template: with torch's OpenMP backend it only runs in parallel
+// when this file itself is compiled with -fopenmp (else INTRA_OP_PARALLEL is undefined and every
+// op runs on one thread). The OpenMP runtime it links is torch's bundled libgomp (RUNPATH).
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+#pragma message("pyclipq: ops_cpu.cpp is compiled without -fopenmp, so the CPU ops will use a single thread")
+#endif
+
 namespace pyclipq::cpu {
 namespace {
 
