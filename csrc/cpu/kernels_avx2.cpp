@@ -433,16 +433,16 @@ struct LowbitRow {
 
   template <int P0, int NP>
   PQ_INLINE void accumulate(int64_t b, __m256i (&acc)[8]) const {
+    // each weight vector loaded once and unpacked plane by plane; activations as memory operands
     const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
-#pragma GCC unroll 4
-    for (int p = P0; p < P0 + NP; ++p) {
-      const __m256i xv = load32(xt + b * kBlock + p * 32);
 #pragma GCC unroll 8
-      for (int c = 0; c < 8; ++c) {
-        const __m256i wv = load32(w[c] + b * 32);
+    for (int c = 0; c < 8; ++c) {
+      const __m256i wv = load32(w[c] + b * 32);
+#pragma GCC unroll 4
+      for (int p = P0; p < P0 + NP; ++p) {
         const __m256i code =
             p == 0 ? _mm256_and_si256(wv, mask) : _mm256_and_si256(_mm256_srli_epi16(wv, p * BITS), mask);
-        acc[c] = _mm256_add_epi16(acc[c], _mm256_maddubs_epi16(code, xv));
+        acc[c] = _mm256_add_epi16(acc[c], _mm256_maddubs_epi16(code, load32(xt + b * kBlock + p * 32)));
         keep_order(acc[c]);
       }
     }
@@ -656,13 +656,28 @@ void run_tiles(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int6
   }
 }
 
+// The weight rows of a column tile are contiguous, but the tile reads them as kCols interleaved
+// streams a few cache lines long, which the hardware prefetchers follow poorly: at M = 1 the
+// weights come from DRAM and the kernel waited on every line. So every tile prefetches the
+// tile kPrefetchBytes ahead.
+constexpr int64_t kPrefetchBytes = 4096;
+
 // Runs tile(step, sink) on every column tile of [b0, b1) for one row tile.
 template <class T, class StepFn, class TileFn>
-void column_tiles(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int64_t b0,
-                                            int64_t b1, const RowConsts& rc, const StepFn& make_step,
-                                            const TileFn& tile) {
+void column_tiles(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int64_t b0, int64_t b1,
+                  const RowConsts& rc, const StepFn& make_step, const TileFn& tile) {
   const int64_t G = num_groups(p.k_pad, p.group_size);
+  const int64_t row_bytes = p.k_pad / codes_per_byte(p.kind), tile_bytes = T::kCols * row_bytes;
+  const char* wbytes = static_cast<const char*>(p.weight);
+  const int64_t ahead = (kPrefetchBytes + tile_bytes - 1) / tile_bytes * T::kCols;  // columns
+  // the first tiles too, all lines at once, so their misses overlap
+  const int64_t first_bytes = std::min(ahead, b1 - b0) * row_bytes;
+  for (int64_t off = 0; off < first_bytes; off += 64) _mm_prefetch(wbytes + b0 * row_bytes + off, _MM_HINT_T0);
   for (int64_t n = b0; n < b1; n += T::kCols) {
+    if (n + ahead < b1) {
+      const char* next = wbytes + (n + ahead) * row_bytes;
+      for (int64_t off = 0; off < tile_bytes; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+    }
     const int valid = static_cast<int>(std::min<int64_t>(T::kCols, b1 - n));
     int64_t cols[T::kCols];
     for (int c = 0; c < T::kCols; ++c) cols[c] = n + std::min(c, valid - 1);

@@ -88,25 +88,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_per_token(const at::Tens
 // threads take from a shared counter: a thread slowed by another process on its core takes
 // fewer tasks. Every output element is computed by exactly one task with the same instruction
 // sequence whatever the tile it falls in, so results do not depend on the number of threads.
-// Few rows: split only N (each task reads a slice of the weights once, for all rows); many
-// rows: also split M so there are enough tasks to balance.
+// M >= 8: rows in multiples of the 8-row register tile, about 8 tasks per thread (each task
+// packs its rows' activations once; a task's weights stay in L2/L3), N split too only when
+// there are too few row chunks. M < 8 (GEMV-like, weights from DRAM): split N only, with
+// >= 32 KiB of weights per task.
 template <typename Fn>
 void for_each_task(int64_t m, int64_t n, int64_t row_bytes, Fn&& fn) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   if (m == 0 || n == 0) return;
-  const int64_t m_chunk = m <= 128 ? m : 128;
+  const int64_t target = 8 * threads;
+  int64_t m_chunk = m, n_tasks = target;
+  if (m >= 8) {
+    m_chunk = 8 * ((m + 8 * target - 1) / (8 * target));
+    const int64_t m_tasks = (m + m_chunk - 1) / m_chunk;
+    n_tasks = m_tasks >= target / 2 ? 1 : (target / 2 + m_tasks - 1) / m_tasks;
+  } else {
+    n_tasks = std::min(target, std::max<int64_t>(1, n * row_bytes / (32 * 1024)));
+  }
   const int64_t m_tasks = (m + m_chunk - 1) / m_chunk;
-  // aim for >= 4 tasks per thread, each of >= 8 columns and, for GEMV-like M, >= 32 KiB of weights
-  const int64_t want = std::max<int64_t>(1, 4 * threads / m_tasks);
-  int64_t n_chunk = (n + want - 1) / want;
-  if (m <= 8) n_chunk = std::max<int64_t>(n_chunk, (32 * 1024) / std::max<int64_t>(row_bytes, 1));
-  n_chunk = std::min<int64_t>(std::max<int64_t>(8, (n_chunk + 7) / 8 * 8), (n + 7) / 8 * 8);
-  const int64_t n_tasks = (n + n_chunk - 1) / n_chunk;
-  const int64_t tasks = m_tasks * n_tasks;
+  const int64_t n_chunk = std::min((n + 7) / 8 * 8, std::max<int64_t>(8, ((n + n_tasks - 1) / n_tasks + 7) / 8 * 8));
+  const int64_t tasks = m_tasks * ((n + n_chunk - 1) / n_chunk);
+  const int64_t nt_count = (n + n_chunk - 1) / n_chunk;
   std::atomic<int64_t> next{0};
   auto work = [&] {
     for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
-      const int64_t mt = t / n_tasks, nt = t % n_tasks;
+      const int64_t mt = t / nt_count, nt = t % nt_count;
       fn(mt * m_chunk, std::min(m, (mt + 1) * m_chunk), nt * n_chunk, std::min(n, (nt + 1) * n_chunk));
     }
   };
