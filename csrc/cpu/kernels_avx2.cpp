@@ -624,35 +624,54 @@ __attribute__((noinline)) void int8_tile(const Step& step, int64_t k_pad, const 
 // Column block kept hot in L2 (512 KiB per core on Zen 3) while every row tile streams past it.
 constexpr int64_t kL2WeightBytes = 192 * 1024;
 
-// Scratch for the packed activation tiles, reused across calls on the same thread.
-struct Scratch {
+// One row tile's prepared activations (packed or widened) and per-lane constants.
+struct RowSlot {
+  RowConsts rc;
   std::vector<int8_t> x8;
   std::vector<int16_t> x16;
-  RowConsts rc;
+};
+
+// Scratch reused across calls on the same thread.
+struct Scratch {
+  std::vector<RowSlot> slots;
 };
 Scratch& scratch() {
   thread_local Scratch s;
   return s;
 }
 
-// Runs one format over [m0, m1) x [n0, n1): column blocks sized for L2 outside, row tiles next
-// (8 rows when available: each unpacked weight vector serves 4 row pairs), column tiles inside.
+// Calls fn(TileTag) with the register tile used for `rows` rows: 8 when available (each
+// unpacked weight vector serves 4 row pairs), then 4, 2 and the single-row kernel.
+template <class Fn>
+inline void with_tile(int rows, Fn&& fn) {
+  if (rows == 8) fn(PairTile<4, 2>{});
+  else if (rows == 4) fn(PairTile<2, 4>{});
+  else if (rows == 2) fn(PairTile<1, 8>{});
+  else fn(RowTile{});
+}
+
+// Runs one format over [m0, m1) x [n0, n1). Every row tile is prepared once (activations packed
+// for the tile, lane constants), then column blocks sized for L2 sweep over all of them: the
+// block's weights are reused by every row tile while they are in L2.
 template <class F>
 void run_tiles(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int64_t m0, int64_t m1, int64_t n0,
                int64_t n1) {
   const int64_t row_bytes = p.k_pad / codes_per_byte(p.kind);
   const int64_t nb = std::max<int64_t>(8, kL2WeightBytes / row_bytes / 8 * 8);
   Scratch& sc = scratch();
+  size_t tiles = 0;
+  for (int64_t m = m0; m < m1; ++tiles) {
+    const int64_t left = m1 - m;
+    const int rows = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+    if (sc.slots.size() <= tiles) sc.slots.emplace_back();
+    with_tile(rows, [&](auto tile) { F::template prepare<decltype(tile)>(p, e, m, sc.slots[tiles]); });
+    m += rows;
+  }
   for (int64_t b0 = n0; b0 < n1; b0 += nb) {
     const int64_t b1 = std::min(n1, b0 + nb);
-    for (int64_t m = m0; m < m1;) {
-      const int64_t left = m1 - m;
-      if (left >= 8) F::template rows<PairTile<4, 2>>(p, e, out, m, b0, b1, sc);
-      else if (left >= 4) F::template rows<PairTile<2, 4>>(p, e, out, m, b0, b1, sc);
-      else if (left >= 2) F::template rows<PairTile<1, 8>>(p, e, out, m, b0, b1, sc);
-      else F::template rows<RowTile>(p, e, out, m, b0, b1, sc);
-      m += left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-    }
+    for (size_t i = 0; i < tiles; ++i)
+      with_tile(sc.slots[i].rc.rows,
+                [&](auto tile) { F::template columns<decltype(tile)>(p, e, out, b0, b1, sc.slots[i]); });
   }
 }
 
@@ -690,10 +709,19 @@ void column_tiles(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, i
 template <WeightKind KIND, int GROUP>
 struct LowbitFormat {
   static constexpr int BITS = traits(KIND).bits;
+
   template <class T>
-  static void rows(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int64_t m, int64_t b0, int64_t b1,
-                   Scratch& sc) {
-    fill_row_consts<T>(p, e, m, sc.rc);
+  static void prepare(const GemmProblem& p, const LinearEpilogue* e, int64_t m, RowSlot& slot) {
+    fill_row_consts<T>(p, e, m, slot.rc);
+    if constexpr (T::kRows > 1) {
+      slot.x8.resize(T::kRows * p.k_pad);
+      pack_pair_tile(p.x_q + m * p.k_pad, p.k_pad, T::kRows / 2, p.k_pad, slot.x8.data());
+    }
+  }
+
+  template <class T>
+  static void columns(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int64_t b0, int64_t b1,
+                      const RowSlot& slot) {
     const int64_t ldw = p.k_pad / (8 / BITS);
     const uint8_t* w = static_cast<const uint8_t*>(p.weight);
     const int16_t mul = static_cast<int16_t>(traits(p.kind).level_mul);
@@ -701,18 +729,16 @@ struct LowbitFormat {
       lowbit_tile<GROUP>(step, p.k_pad, mul, sink);
     };
     if constexpr (T::kRows == 1) {
-      const int8_t* x = p.x_q + m * p.k_pad;
-      column_tiles<T>(p, e, out, b0, b1, sc.rc, [&](const int64_t* cols) __attribute__((always_inline)) {
+      const int8_t* x = p.x_q + slot.rc.m0 * p.k_pad;  // the single-row kernel reads the row as is
+      column_tiles<T>(p, e, out, b0, b1, slot.rc, [&](const int64_t* cols) __attribute__((always_inline)) {
         LowbitRow<KIND> s{x, {}};
         for (int c = 0; c < 8; ++c) s.w[c] = w + cols[c] * ldw;
         return s;
       }, tile);
     } else {
       constexpr int NQ = T::kRows / 2, C = T::kCols;
-      sc.x8.resize(T::kRows * p.k_pad);
-      pack_pair_tile(p.x_q + m * p.k_pad, p.k_pad, NQ, p.k_pad, sc.x8.data());
-      column_tiles<T>(p, e, out, b0, b1, sc.rc, [&](const int64_t* cols) __attribute__((always_inline)) {
-        LowbitPair<KIND, NQ, C> s{sc.x8.data(), {}};
+      column_tiles<T>(p, e, out, b0, b1, slot.rc, [&](const int64_t* cols) __attribute__((always_inline)) {
+        LowbitPair<KIND, NQ, C> s{slot.x8.data(), {}};
         for (int c = 0; c < C; ++c) s.w[c] = w + cols[c] * ldw;
         return s;
       }, tile);
@@ -722,26 +748,30 @@ struct LowbitFormat {
 
 struct Int8Format {
   template <class T>
-  static void rows(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int64_t m, int64_t b0, int64_t b1,
-                   Scratch& sc) {
-    fill_row_consts<T>(p, e, m, sc.rc);
+  static void prepare(const GemmProblem& p, const LinearEpilogue* e, int64_t m, RowSlot& slot) {
+    fill_row_consts<T>(p, e, m, slot.rc);
+    slot.x16.resize(T::kRows * p.k_pad);
+    if constexpr (T::kRows == 1) widen_row(p.x_q + m * p.k_pad, p.k_pad, slot.x16.data());
+    else widen_pair_tile(p.x_q + m * p.k_pad, p.k_pad, T::kRows / 2, p.k_pad, slot.x16.data());
+  }
+
+  template <class T>
+  static void columns(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int64_t b0, int64_t b1,
+                      const RowSlot& slot) {
     const int8_t* w = static_cast<const int8_t*>(p.weight);
     auto tile = [&](const auto& step, const auto& sink) __attribute__((always_inline)) {
       int8_tile(step, p.k_pad, sink);
     };
-    sc.x16.resize(T::kRows * p.k_pad);
     if constexpr (T::kRows == 1) {
-      widen_row(p.x_q + m * p.k_pad, p.k_pad, sc.x16.data());
-      column_tiles<T>(p, e, out, b0, b1, sc.rc, [&](const int64_t* cols) __attribute__((always_inline)) {
-        Int8Row s{sc.x16.data(), {}};
+      column_tiles<T>(p, e, out, b0, b1, slot.rc, [&](const int64_t* cols) __attribute__((always_inline)) {
+        Int8Row s{slot.x16.data(), {}};
         for (int c = 0; c < 8; ++c) s.w[c] = w + cols[c] * p.k_pad;
         return s;
       }, tile);
     } else {
       constexpr int NQ = T::kRows / 2, C = T::kCols;
-      widen_pair_tile(p.x_q + m * p.k_pad, p.k_pad, NQ, p.k_pad, sc.x16.data());
-      column_tiles<T>(p, e, out, b0, b1, sc.rc, [&](const int64_t* cols) __attribute__((always_inline)) {
-        Int8Pair<NQ, C> s{sc.x16.data(), {}};
+      column_tiles<T>(p, e, out, b0, b1, slot.rc, [&](const int64_t* cols) __attribute__((always_inline)) {
+        Int8Pair<NQ, C> s{slot.x16.data(), {}};
         for (int c = 0; c < C; ++c) s.w[c] = w + cols[c] * p.k_pad;
         return s;
       }, tile);
