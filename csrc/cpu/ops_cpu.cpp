@@ -103,7 +103,7 @@ void for_each_task(int64_t m, int64_t n, int64_t row_bytes, Fn&& fn) {
     const int64_t m_tasks = (m + m_chunk - 1) / m_chunk;
     n_tasks = m_tasks >= target / 2 ? 1 : (target / 2 + m_tasks - 1) / m_tasks;
   } else {
-    n_tasks = std::min(target, std::max<int64_t>(1, n * row_bytes / (32 * 1024)));
+    n_tasks = std::min(target, std::max<int64_t>(1, n * row_bytes / (96 * 1024)));
   }
   const int64_t m_tasks = (m + m_chunk - 1) / m_chunk;
   const int64_t n_chunk = std::min((n + 7) / 8 * 8, std::max<int64_t>(8, ((n + n_tasks - 1) / n_tasks + 7) / 8 * 8));
