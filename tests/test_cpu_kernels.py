@@ -255,9 +255,11 @@ def test_children_really_switch_isa():
     for isa in available_isas():
         if isa == "avx2" and not cpu_has_avx2_fma():
             continue
+        # cwd="/": with `-c` the cwd leads sys.path, and the source tree's pyclipq/ has no
+        # _C when the package is installed (CI); the child must import what pytest imports.
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           env={**os.environ, "PYCLIPQ_CPU_ISA": isa}, timeout=300)
-        assert r.returncode == 0 and r.stdout.strip() == isa
+                           env={**os.environ, "PYCLIPQ_CPU_ISA": isa}, timeout=300, cwd="/")
+        assert r.returncode == 0 and r.stdout.strip() == isa, r.stderr
 
 
 if __name__ == "__main__":  # child mode: python test_cpu_kernels.py <isa>
