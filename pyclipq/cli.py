@@ -1,4 +1,4 @@
-"""The `pyclipq` command line: info, bench, convert, eval.
+"""The `pyclipq` command line: info, bench, convert, eval, train.
 
 User mistakes (unknown model or format, missing file, no internet for a pretrained tag)
 end with a one-line error and exit code 2, never a traceback.
@@ -17,6 +17,9 @@ EXAMPLES = """examples:
   pyclipq convert ViT-B-32 --pretrained ./open_clip_model.bin --format int4 -o out.safetensors
   pyclipq eval testbed --format ternary           # zero-shot + fidelity on the shipped test bed
   pyclipq eval ViT-B-32 --pretrained ckpt.bin --quantized out.safetensors --dataset imagefolder:/data/val
+  pyclipq train ternary --preset qall --steps 600 --out runs/ternary   # TernaryCLIP QAT + KD on the test bed
+  pyclipq train p4q --format int4 --out runs/p4q                       # P4Q prompt + QAdapter on a PTQ model
+  pyclipq train ternary --help                                          # every option of a recipe
 """
 
 
@@ -93,6 +96,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train import recipes
+
+    # The recipe prints its own summary (JSON) and writes results.json under --out.
+    recipes.COMMANDS[args.recipe](args.recipe_args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .benchmark import PYCLIPQ_FORMATS
 
@@ -144,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-progress", action="store_true")
     common(sp)
     sp.set_defaults(fn=cmd_eval)
+
+    sp = sub.add_parser("train", help="QAT recipes on the test bed: ternary (TernaryCLIP) or p4q (P4Q)",
+                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.add_argument("recipe", choices=["ternary", "p4q"])
+    sp.add_argument("recipe_args", nargs=argparse.REMAINDER,
+                    help="the recipe's own options; `pyclipq train RECIPE --help` lists them")
+    sp.set_defaults(fn=cmd_train)
     return p
 
 

@@ -105,3 +105,21 @@ def test_openai_local_state_dict_loads(tmp_path):
     assert torch.equal(loaded.model.visual.proj, model.visual.proj.half().float())
     with pytest.raises(ModelLoadError, match="not found"):
         load_model("openai:/nope.pt")
+
+
+def test_train_runs_a_recipe_and_writes_its_packed_model(capsys, tmp_path):
+    code, text, _ = run(capsys, "train", "ternary", "--preset", "qffn", "--steps", "2", "--batch-size", "8",
+                        "--train-scenes", "16", "--eval-scenes", "32", "--out", str(tmp_path), "--no-progress")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert code == 0 and results["recipe"] == "ternary-qffn" and results["train"]["steps"] == 2
+    assert results["command"].startswith("pyclipq train ternary ")
+    assert (tmp_path / "model.safetensors").is_file() and 0.0 <= results["after_top1"] <= 1.0
+
+
+def test_train_help_and_unknown_recipe(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "p4q", "--help"])
+    assert e.value.code == 0 and "usage: pyclipq train p4q" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "bitnet"])
+    assert e.value.code == 2 and "invalid choice: 'bitnet'" in capsys.readouterr().err

@@ -262,20 +262,20 @@ def _setup(args):
 
 
 def _write_results(args, command: str, argv, results: dict) -> dict:
-    results["command"] = f"python -m pyclipq.train.recipes {command} " + shlex.join(argv)
+    results["command"] = f"pyclipq train {command} " + shlex.join(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "history"}, indent=2), flush=True)
     return results
 
 
-def ternary_main(argv: list[str] | None = None) -> dict:
+def ternary_main(argv: list[str] | None = None, prog: str = "pyclipq train ternary") -> dict:
     """`ternary` command: TernaryCLIP QAT + KD on the test bed."""
     from .. import io as pyclipq_io
     from ..convert import convert as pyclipq_convert
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m pyclipq.train.recipes ternary", description=ternary_main.__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=ternary_main.__doc__)
     parser.add_argument("--preset", choices=sorted(TERNARY_PRESETS), default="qall")
     parser.add_argument("--threshold-rule", choices=("absmean", "twice_mean"), default="absmean")
     parser.add_argument("--contrastive-weight", type=float, default=1.0)
@@ -328,12 +328,12 @@ def _ptq_model(model: nn.Module, config: QuantConfig, calibration: str, calibrat
     return static
 
 
-def p4q_main(argv: list[str] | None = None) -> dict:
+def p4q_main(argv: list[str] | None = None, prog: str = "pyclipq train p4q") -> dict:
     """`p4q` command: P4Q (prompt + QAdapter + KD) on a low-bit PTQ test bed."""
     from .. import io as pyclipq_io
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m pyclipq.train.recipes p4q", description=p4q_main.__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=p4q_main.__doc__)
     parser.add_argument("--format", choices=("int8", "int4", "int2", "ternary"), default="int4")
     parser.add_argument("--group-size", type=int, default=None, help="int4/int2 group (0 = per channel); default: the format's")
     parser.add_argument("--calibration", choices=("none", "omse"), default="omse",
@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         raise SystemExit(f"usage: python -m pyclipq.train.recipes {{{','.join(COMMANDS)}}} [options]  (got {argv[:1] or 'nothing'})")
-    return COMMANDS[argv[0]](argv[1:])
+    return COMMANDS[argv[0]](argv[1:], prog=f"python -m pyclipq.train.recipes {argv[0]}")
 
 
 if __name__ == "__main__":
