@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <string>
 
 #include "pyclipq/formats.h"
 
@@ -76,6 +77,119 @@ inline void check_act_scale(const std::optional<at::Tensor>& act_scale, const ch
 
 inline void check_same_device(const at::Tensor& ref, const at::Tensor& other, const char* name, const char* op) {
   TORCH_CHECK(other.device() == ref.device(), op, ": ", name, " is on ", other.device(), " but x is on ", ref.device());
+}
+
+// A backend's kernel reads every tensor argument from its own device type.
+inline void check_device_type(const at::Tensor& t, c10::DeviceType type, const char* name, const char* op) {
+  const std::string kind = c10::DeviceTypeName(type);
+  TORCH_CHECK(t.device().type() == type, op, ": ", name, " must be a ", kind, " tensor for the ", kind,
+              " kernel, got ", t.device());
+}
+
+// On `type`, and on the same device as `ref` (x or x_q).
+inline void check_beside(const at::Tensor& ref, const at::Tensor& t, c10::DeviceType type, const char* name,
+                         const char* op) {
+  check_device_type(t, type, name, op);
+  check_same_device(ref, t, name, op);
+}
+
+// ---------------------------------------------------------------- whole-op contracts
+
+inline void check_quantize_args(c10::DeviceType type, const at::Tensor& x, int64_t group_size,
+                                const std::optional<at::Tensor>& act_scale, const char* op) {
+  check_float_input(x, op);
+  check_device_type(x, type, "x", op);
+  check_group_size(group_size, op);
+  check_act_scale(act_scale, op);
+  if (act_scale.has_value()) check_beside(x, *act_scale, type, "act_scale", op);
+}
+
+struct GemmShape {
+  int64_t m, n, k_pad, groups;
+};
+
+// x_sums is read (and checked) only for the low-bit formats.
+inline GemmShape check_integer_gemm_args(c10::DeviceType type, WeightKind kind, const at::Tensor& x_q,
+                                         const at::Tensor& x_sums, const at::Tensor& weight, int64_t group_size,
+                                         const char* op) {
+  check_device_type(x_q, type, "x_q", op);
+  const int64_t k_pad = check_quantized_activation(x_q, op);
+  check_beside(x_q, weight, type, "weight", op);
+  check_weight(kind, weight, k_pad, op);
+  check_group_size(group_size, op);
+  const GemmShape s{x_q.size(0), weight.size(0), k_pad, num_groups(k_pad, group_size)};
+  if (kind != WeightKind::Int8) {
+    check_beside(x_q, x_sums, type, "x_sums", op);
+    check_group_sums(x_sums, s.m, s.groups, op);
+  }
+  return s;
+}
+
+// The fused linear's weight-side arguments (the activation side is check_quantize_args).
+// Returns the shape with m = 0: M is known once x is flattened.
+inline GemmShape check_fused_linear_args(c10::DeviceType type, WeightKind kind, const at::Tensor& x,
+                                         const at::Tensor& weight, const at::Tensor& weight_scale, int64_t group_size,
+                                         const std::optional<at::Tensor>& bias, const char* op) {
+  check_float_input(x, op);
+  check_device_type(x, type, "x", op);
+  check_group_size(group_size, op);
+  const int64_t k_pad = padded_k(x.size(-1));
+  check_beside(x, weight, type, "weight", op);
+  check_weight(kind, weight, k_pad, op);
+  const GemmShape s{0, weight.size(0), k_pad, num_groups(k_pad, group_size)};
+  check_beside(x, weight_scale, type, "weight_scale", op);
+  check_weight_scale(weight_scale, s.n, s.groups, op);
+  check_bias(bias, s.n, op);
+  if (bias.has_value()) check_beside(x, *bias, type, "bias", op);
+  return s;
+}
+
+// ---------------------------------------------------------------- packing contracts
+
+// Unpacked codes: uint8 [N, K] with every code <= max_code (reads the tensor: load time only).
+inline void check_codes(const at::Tensor& codes, int64_t max_code, c10::DeviceType type, const char* op) {
+  check_device_type(codes, type, "codes", op);
+  TORCH_CHECK(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ", codes.scalar_type());
+  TORCH_CHECK(codes.dim() == 2, op, ": codes must be 2-D [N, K], got shape ", codes.sizes());
+  if (codes.numel() > 0) {
+    const int64_t found = codes.max().item<int64_t>();
+    TORCH_CHECK(found <= max_code, op, ": codes must be <= ", max_code, " for this format, found ", found);
+  }
+}
+
+inline void check_packed_bytes(const at::Tensor& packed, c10::DeviceType type, const char* op) {
+  check_device_type(packed, type, "packed", op);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2, op,
+              ": packed must be a 2-D uint8 tensor, got ", packed.scalar_type(), " of shape ", packed.sizes());
+}
+
+inline int64_t codes_per_byte_for_bits(int64_t bits, const char* op) {
+  TORCH_CHECK(bits == 2 || bits == 4, op, ": bits must be 2 or 4, got ", bits);
+  return 8 / bits;
+}
+
+// pack_codes: K_pad of the codes; unpack_codes: K_pad held by the packed rows.
+inline void check_k_blocks(int64_t k_pad, const char* what, const char* op) {
+  TORCH_CHECK(k_pad % kKBlock == 0, op, ": ", what, " must hold a multiple of ", kKBlock, " codes per row, got ",
+              k_pad);
+}
+
+inline void check_pack_trits_args(const at::Tensor& codes, int64_t k, c10::DeviceType type, const char* op) {
+  check_codes(codes, traits(WeightKind::Ternary).max_code, type, op);
+  TORCH_CHECK(k >= 1 && k <= codes.size(1), op, ": k must be in [1, codes.size(1) = ", codes.size(1), "], got ", k);
+}
+
+// Base-3 storage: ceil(k / 5) bytes per row, each < 3^5 = 243 (reads the tensor: load time only).
+inline void check_unpack_trits_args(const at::Tensor& packed, int64_t k, c10::DeviceType type, const char* op) {
+  check_packed_bytes(packed, type, op);
+  TORCH_CHECK(k >= 1, op, ": k must be >= 1, got ", k);
+  const int64_t n_bytes = (k + kTritsPerByte - 1) / kTritsPerByte;
+  TORCH_CHECK(packed.size(1) == n_bytes, op, ": packed must have ceil(k / 5) = ", n_bytes, " bytes per row for k = ",
+              k, ", got ", packed.size(1));
+  if (packed.numel() > 0) {
+    const int64_t found = packed.max().item<int64_t>();
+    TORCH_CHECK(found <= 242, op, ": packed holds byte ", found, " > 242, not a base-3 ternary layout");
+  }
 }
 
 }  // namespace pyclipq

@@ -26,9 +26,7 @@ struct QuantizedActivation {
   at::Tensor q, scale, sums;
 };
 
-void check_cpu(const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the CPU kernel, got ", t.device());
-}
+constexpr c10::DeviceType kCPU = c10::DeviceType::CPU;
 
 FloatType float_type(at::ScalarType t) {
   return t == at::kBFloat16 ? FloatType::BF16 : t == at::kHalf ? FloatType::F16 : FloatType::F32;
@@ -36,9 +34,7 @@ FloatType float_type(at::ScalarType t) {
 
 QuantizedActivation quantize(const at::Tensor& x, int64_t group_size, const std::optional<at::Tensor>& act_scale,
                              const char* op) {
-  check_float_input(x, op);
-  check_group_size(group_size, op);
-  check_act_scale(act_scale, op);
+  check_quantize_args(kCPU, x, group_size, act_scale, op);
   const int64_t k = x.size(-1);
   const int64_t k_pad = padded_k(k);
   const int64_t m = x.numel() / k;
@@ -50,7 +46,6 @@ QuantizedActivation quantize(const at::Tensor& x, int64_t group_size, const std:
                           at::empty({m, groups}, x.options().dtype(at::kInt))};
   float static_scale = 0.0f;
   if (act_scale.has_value()) {
-    check_cpu(*act_scale, "act_scale", op);
     static_scale = act_scale->item<float>();
     TORCH_CHECK(std::isfinite(static_scale) && static_scale > 0.0f, op,
                 ": act_scale must be finite and > 0 (was the layer calibrated?), got ", static_scale);
@@ -124,16 +119,8 @@ int64_t weight_row_bytes(WeightKind kind, int64_t k_pad) { return k_pad / codes_
 
 at::Tensor integer_gemm(WeightKind kind, const at::Tensor& x_q, const at::Tensor& x_sums, const at::Tensor& weight,
                         int64_t group_size, bool grouped_output, const char* op) {
-  check_cpu(x_q, "x_q", op);
-  check_cpu(weight, "weight", op);
-  const int64_t k_pad = check_quantized_activation(x_q, op);
-  check_weight(kind, weight, k_pad, op);
-  check_group_size(group_size, op);
-  const int64_t m = x_q.size(0), n = weight.size(0), groups = num_groups(k_pad, group_size);
-  if (kind != WeightKind::Int8) {
-    check_cpu(x_sums, "x_sums", op);
-    check_group_sums(x_sums, m, groups, op);
-  }
+  const GemmShape s = check_integer_gemm_args(kCPU, kind, x_q, x_sums, weight, group_size, op);
+  const int64_t m = s.m, n = s.n, k_pad = s.k_pad, groups = s.groups;
   at::Tensor out = at::empty({m, n, groups}, x_q.options().dtype(at::kInt));
   const KernelTable& kt = active_kernels();
   const GemmProblem p{kind, m, n, k_pad, group_size, x_q.data_ptr<int8_t>(),
@@ -160,17 +147,8 @@ at::Tensor ternary_gemm(const at::Tensor& x_q, const at::Tensor& x_sums, const a
 at::Tensor fused_linear(WeightKind kind, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
                         int64_t group_size, const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& act_scale, const char* op) {
-  check_float_input(x, op);
-  check_cpu(x, "x", op);
-  check_cpu(weight, "weight", op);
-  check_cpu(weight_scale, "weight_scale", op);
-  check_group_size(group_size, op);
-  const int64_t k_pad = padded_k(x.size(-1));
-  check_weight(kind, weight, k_pad, op);
-  const int64_t n = weight.size(0), groups = num_groups(k_pad, group_size);
-  check_weight_scale(weight_scale, n, groups, op);
-  check_bias(bias, n, op);
-  if (bias.has_value()) check_cpu(*bias, "bias", op);
+  const GemmShape shape = check_fused_linear_args(kCPU, kind, x, weight, weight_scale, group_size, bias, op);
+  const int64_t n = shape.n, k_pad = shape.k_pad;
   QuantizedActivation a = quantize(x, group_size, act_scale, op);
   const int64_t m = a.q.size(0);
   at::Tensor bias_f32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
@@ -208,28 +186,13 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& w, const at::Te
 
 // ---------------------------------------------------------------- packing
 
-void check_codes(const at::Tensor& codes, int64_t max_code, const char* op) {
-  check_cpu(codes, "codes", op);
-  TORCH_CHECK(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ", codes.scalar_type());
-  TORCH_CHECK(codes.dim() == 2, op, ": codes must be 2-D [N, K], got shape ", codes.sizes());
-  if (codes.numel() > 0) {
-    const int64_t found = codes.max().item<int64_t>();
-    TORCH_CHECK(found <= max_code, op, ": codes must be <= ", max_code, " for this format, found ", found);
-  }
-}
-
-int64_t bits_to_codes_per_byte(int64_t bits, const char* op) {
-  TORCH_CHECK(bits == 2 || bits == 4, op, ": bits must be 2 or 4, got ", bits);
-  return 8 / bits;
-}
-
 at::Tensor pack_codes(const at::Tensor& codes_in, int64_t bits) {
   const char* op = "pyclipq.pack_codes";
-  const int64_t per_byte = bits_to_codes_per_byte(bits, op);
-  check_codes(codes_in, (1 << bits) - 1, op);
+  const int64_t per_byte = codes_per_byte_for_bits(bits, op);
+  check_codes(codes_in, (1 << bits) - 1, kCPU, op);
   const at::Tensor codes = codes_in.contiguous();
   const int64_t n = codes.size(0), k_pad = codes.size(1);
-  TORCH_CHECK(k_pad % kKBlock == 0, op, ": codes must have K_pad = a multiple of ", kKBlock, " columns, got ", k_pad);
+  check_k_blocks(k_pad, "codes", op);
   at::Tensor out = at::empty({n, k_pad / per_byte}, codes.options());
   const uint8_t* src = codes.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
@@ -248,13 +211,11 @@ at::Tensor pack_codes(const at::Tensor& codes_in, int64_t bits) {
 
 at::Tensor unpack_codes(const at::Tensor& packed_in, int64_t bits) {
   const char* op = "pyclipq.unpack_codes";
-  const int64_t per_byte = bits_to_codes_per_byte(bits, op);
-  check_cpu(packed_in, "packed", op);
-  TORCH_CHECK(packed_in.scalar_type() == at::kByte && packed_in.dim() == 2, op,
-              ": packed must be a 2-D uint8 tensor, got ", packed_in.scalar_type(), " of shape ", packed_in.sizes());
+  const int64_t per_byte = codes_per_byte_for_bits(bits, op);
+  check_packed_bytes(packed_in, kCPU, op);
   const at::Tensor packed = packed_in.contiguous();
   const int64_t n = packed.size(0), row_bytes = packed.size(1), k_pad = row_bytes * per_byte;
-  TORCH_CHECK(k_pad % kKBlock == 0, op, ": packed rows must hold a multiple of ", kKBlock, " codes, got ", k_pad);
+  check_k_blocks(k_pad, "packed", op);
   at::Tensor out = at::empty({n, k_pad}, packed.options());
   const uint8_t* src = packed.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
@@ -272,9 +233,7 @@ at::Tensor unpack_codes(const at::Tensor& packed_in, int64_t bits) {
 
 at::Tensor pack_trits(const at::Tensor& codes_in, int64_t k) {
   const char* op = "pyclipq.pack_trits";
-  check_codes(codes_in, 2, op);
-  TORCH_CHECK(k >= 1 && k <= codes_in.size(1), op, ": k must be in [1, codes.size(1) = ", codes_in.size(1), "], got ",
-              k);
+  check_pack_trits_args(codes_in, k, kCPU, op);
   const at::Tensor codes = codes_in.contiguous();
   const int64_t n = codes.size(0), width = codes.size(1), nbytes = (k + kTritsPerByte - 1) / kTritsPerByte;
   at::Tensor out = at::empty({n, nbytes}, codes.options());
@@ -296,18 +255,9 @@ at::Tensor pack_trits(const at::Tensor& codes_in, int64_t k) {
 
 at::Tensor unpack_trits(const at::Tensor& packed_in, int64_t k) {
   const char* op = "pyclipq.unpack_trits";
-  check_cpu(packed_in, "packed", op);
-  TORCH_CHECK(packed_in.scalar_type() == at::kByte && packed_in.dim() == 2, op,
-              ": packed must be a 2-D uint8 tensor, got ", packed_in.scalar_type(), " of shape ", packed_in.sizes());
-  TORCH_CHECK(k >= 1, op, ": k must be >= 1, got ", k);
-  const int64_t nbytes = (k + kTritsPerByte - 1) / kTritsPerByte;
-  TORCH_CHECK(packed_in.size(1) == nbytes, op, ": packed must have ceil(k / 5) = ", nbytes, " bytes per row for k = ",
-              k, ", got ", packed_in.size(1));
+  check_unpack_trits_args(packed_in, k, kCPU, op);
+  const int64_t nbytes = packed_in.size(1);
   const at::Tensor packed = packed_in.contiguous();
-  if (packed.numel() > 0) {
-    const int64_t found = packed.max().item<int64_t>();
-    TORCH_CHECK(found <= 242, op, ": packed holds byte ", found, " > 242, not a base-3 ternary layout");
-  }
   const int64_t n = packed.size(0), k_pad = padded_k(k);
   at::Tensor out = at::full({n, k_pad}, traits(WeightKind::Ternary).pad_code, packed.options());
   const uint8_t* src = packed.data_ptr<uint8_t>();

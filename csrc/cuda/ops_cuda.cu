@@ -16,9 +16,7 @@ namespace {
 
 using cuda::DType;
 
-void check_cuda(const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor for the CUDA kernel, got ", t.device());
-}
+constexpr c10::DeviceType kCUDA = c10::DeviceType::CUDA;
 
 DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -38,11 +36,7 @@ struct Quantized {
 // holding NaN/Inf gets scale NaN, so its outputs are NaN (documented in pyclipq.ops).
 Quantized quantize(const at::Tensor& x, int64_t group_size, const std::optional<at::Tensor>& act_scale,
                    const char* op) {
-  check_float_input(x, op);
-  check_cuda(x, "x", op);
-  check_group_size(group_size, op);
-  check_act_scale(act_scale, op);
-  if (act_scale.has_value()) check_same_device(x, *act_scale, "act_scale", op);
+  check_quantize_args(kCUDA, x, group_size, act_scale, op);
   const int64_t k = x.size(-1), k_pad = padded_k(k), m = x.numel() / k;
   at::Tensor rows = x.reshape({m, k});
   if (rows.stride(1) != 1) rows = rows.contiguous();
@@ -92,17 +86,8 @@ cuda::GemmArgs gemm_args(WeightKind kind, const at::Tensor& x_q, const at::Tenso
 
 at::Tensor integer_gemm(WeightKind kind, const at::Tensor& x_q, const at::Tensor& x_sums, const at::Tensor& weight,
                         int64_t group_size, bool grouped_output, const char* op) {
-  check_cuda(x_q, "x_q", op);
-  const int64_t k_pad = check_quantized_activation(x_q, op);
-  check_weight(kind, weight, k_pad, op);
-  check_same_device(x_q, weight, "weight", op);
-  check_group_size(group_size, op);
-  const int64_t m = x_q.size(0), n = weight.size(0), groups = num_groups(k_pad, group_size);
+  const auto [m, n, k_pad, groups] = check_integer_gemm_args(kCUDA, kind, x_q, x_sums, weight, group_size, op);
   TORCH_CHECK(m < INT32_MAX && n < INT32_MAX && k_pad < INT32_MAX, op, ": sizes must fit in int32");
-  if (kind != WeightKind::Int8) {
-    check_same_device(x_q, x_sums, "x_sums", op);
-    check_group_sums(x_sums, m, groups, op);
-  }
   at::Tensor out = at::empty({m, n, groups}, x_q.options().dtype(at::kInt));
   const c10::cuda::CUDAGuard guard(x_q.device());
   cuda::GemmArgs a = gemm_args(kind, x_q, kind == WeightKind::Int8 ? at::Tensor() : x_sums, weight, group_size);
@@ -130,19 +115,9 @@ at::Tensor ternary_gemm(const at::Tensor& x_q, const at::Tensor& x_sums, const a
 at::Tensor fused_linear(WeightKind kind, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
                         int64_t group_size, const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& act_scale, const char* op) {
-  check_float_input(x, op);
-  check_cuda(x, "x", op);
-  check_group_size(group_size, op);
-  const int64_t k_pad = padded_k(x.size(-1));
-  check_weight(kind, weight, k_pad, op);
-  check_same_device(x, weight, "weight", op);
-  const int64_t n = weight.size(0), groups = num_groups(k_pad, group_size);
-  check_weight_scale(weight_scale, n, groups, op);
-  check_same_device(x, weight_scale, "weight_scale", op);
-  check_bias(bias, n, op);
+  const int64_t n = check_fused_linear_args(kCUDA, kind, x, weight, weight_scale, group_size, bias, op).n;
   at::Tensor bias_t;
   if (bias.has_value()) {
-    check_same_device(x, *bias, "bias", op);
     bias_t = bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16 ||
                      bias->scalar_type() == at::kHalf
                  ? bias->contiguous()
@@ -187,34 +162,13 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& w, const at::Te
 
 // ---------------------------------------------------------------- packing (load time: a host sync is fine)
 
-void check_codes(const at::Tensor& codes, int64_t max_code, const char* op) {
-  check_cuda(codes, "codes", op);
-  TORCH_CHECK(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ", codes.scalar_type());
-  TORCH_CHECK(codes.dim() == 2, op, ": codes must be 2-D [N, K], got shape ", codes.sizes());
-  if (codes.numel() > 0) {
-    const int64_t found = codes.max().item<int64_t>();
-    TORCH_CHECK(found <= max_code, op, ": codes must be <= ", max_code, " for this format, found ", found);
-  }
-}
-
-void check_packed(const at::Tensor& packed, const char* op) {
-  check_cuda(packed, "packed", op);
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2, op,
-              ": packed must be a 2-D uint8 tensor, got ", packed.scalar_type(), " of shape ", packed.sizes());
-}
-
-int64_t codes_per_byte_for(int64_t bits, const char* op) {
-  TORCH_CHECK(bits == 2 || bits == 4, op, ": bits must be 2 or 4, got ", bits);
-  return 8 / bits;
-}
-
 at::Tensor pack_codes(const at::Tensor& codes_in, int64_t bits) {
   const char* op = "pyclipq.pack_codes";
-  const int64_t per = codes_per_byte_for(bits, op);
-  check_codes(codes_in, (1 << bits) - 1, op);
+  const int64_t per = codes_per_byte_for_bits(bits, op);
+  check_codes(codes_in, (1 << bits) - 1, kCUDA, op);
   const at::Tensor codes = codes_in.contiguous();
   const int64_t n = codes.size(0), k_pad = codes.size(1);
-  TORCH_CHECK(k_pad % kKBlock == 0, op, ": codes must have K_pad = a multiple of ", kKBlock, " columns, got ", k_pad);
+  check_k_blocks(k_pad, "codes", op);
   at::Tensor out = at::empty({n, k_pad / per}, codes.options());
   const c10::cuda::CUDAGuard guard(codes.device());
   cuda::launch_pack_codes(codes.data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), n, k_pad, static_cast<int>(bits),
@@ -225,11 +179,11 @@ at::Tensor pack_codes(const at::Tensor& codes_in, int64_t bits) {
 
 at::Tensor unpack_codes(const at::Tensor& packed_in, int64_t bits) {
   const char* op = "pyclipq.unpack_codes";
-  const int64_t per = codes_per_byte_for(bits, op);
-  check_packed(packed_in, op);
+  const int64_t per = codes_per_byte_for_bits(bits, op);
+  check_packed_bytes(packed_in, kCUDA, op);
   const at::Tensor packed = packed_in.contiguous();
   const int64_t n = packed.size(0), k_pad = packed.size(1) * per;
-  TORCH_CHECK(k_pad % kKBlock == 0, op, ": packed rows must hold a multiple of ", kKBlock, " codes, got ", k_pad);
+  check_k_blocks(k_pad, "packed", op);
   at::Tensor out = at::empty({n, k_pad}, packed.options());
   const c10::cuda::CUDAGuard guard(packed.device());
   cuda::launch_unpack_codes(packed.data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), n, k_pad, static_cast<int>(bits),
@@ -240,9 +194,7 @@ at::Tensor unpack_codes(const at::Tensor& packed_in, int64_t bits) {
 
 at::Tensor pack_trits(const at::Tensor& codes_in, int64_t k) {
   const char* op = "pyclipq.pack_trits";
-  check_codes(codes_in, traits(WeightKind::Ternary).max_code, op);
-  TORCH_CHECK(k >= 1 && k <= codes_in.size(1), op, ": k must be in [1, codes.size(1) = ", codes_in.size(1),
-              "], got ", k);
+  check_pack_trits_args(codes_in, k, kCUDA, op);
   const at::Tensor codes = codes_in.contiguous();
   const int64_t n = codes.size(0);
   at::Tensor out = at::empty({n, (k + kTritsPerByte - 1) / kTritsPerByte}, codes.options());
@@ -255,16 +207,8 @@ at::Tensor pack_trits(const at::Tensor& codes_in, int64_t k) {
 
 at::Tensor unpack_trits(const at::Tensor& packed_in, int64_t k) {
   const char* op = "pyclipq.unpack_trits";
-  check_packed(packed_in, op);
-  TORCH_CHECK(k >= 1, op, ": k must be >= 1, got ", k);
-  const int64_t n_bytes = (k + kTritsPerByte - 1) / kTritsPerByte;
-  TORCH_CHECK(packed_in.size(1) == n_bytes, op, ": packed must have ceil(k / 5) = ", n_bytes,
-              " bytes per row for k = ", k, ", got ", packed_in.size(1));
+  check_unpack_trits_args(packed_in, k, kCUDA, op);
   const at::Tensor packed = packed_in.contiguous();
-  if (packed.numel() > 0) {
-    const int64_t found = packed.max().item<int64_t>();
-    TORCH_CHECK(found <= 242, op, ": packed holds byte ", found, " > 242, not a base-3 ternary layout");
-  }
   const int64_t n = packed.size(0), k_pad = padded_k(k);
   at::Tensor out = at::empty({n, k_pad}, packed.options());
   const c10::cuda::CUDAGuard guard(packed.device());
