@@ -34,6 +34,7 @@ PYBIND11_MODULE(_C, m) {
     d["cpu_isa_variants"] = split_csv(PYCLIPQ_ISA_VARIANTS);
     d["cpu_isa"] = std::string(pyclipq::cpu::active_kernels().isa);
     d["cpu_isa_reason"] = std::string(pyclipq::cpu::cpu_isa_reason());
+    d["cpu_threads"] = pyclipq::cpu::parallel_width();
 #ifdef PYCLIPQ_WITH_CUDA
     d["cuda"] = true;
 #else

@@ -283,6 +283,18 @@ def test_build_info():
     assert "triton_version" in info
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_ops_really_use_the_threads(threads):
+    """Built without its threading backend (e.g. no -fopenmp under torch's OpenMP), the CPU
+    ops' at::parallel_for silently runs on one thread; build_info probes it."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert pyclipq.build_info()["cpu_threads"] == threads
+    finally:
+        torch.set_num_threads(old)
+
+
 def _run_python(code, **env):
     import os
     # cwd="/": the package on sys.path (installed, or PYTHONPATH in a dev tree) is

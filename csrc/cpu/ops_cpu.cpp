@@ -18,6 +18,18 @@
 #endif
 
 namespace pyclipq::cpu {
+
+int parallel_width() {
+  // Enough one-element tasks that every pool thread takes one: the widest thread index seen.
+  std::atomic<int> widest{1};
+  at::parallel_for(0, 64 * at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    const int width = at::get_thread_num() + 1;
+    for (int cur = widest.load(); width > cur && !widest.compare_exchange_weak(cur, width);) {
+    }
+  });
+  return widest.load();
+}
+
 namespace {
 
 constexpr int64_t kRowsPerTask = 16;

@@ -60,5 +60,8 @@ const KernelTable& avx2_kernels();
 // The table chosen at run time (CPUID, overridable with PYCLIPQ_CPU_ISA=scalar|avx2).
 const KernelTable& active_kernels();
 const char* cpu_isa_reason();
+// How many threads the CPU ops' work split really runs on (ops_cpu.cpp): at most
+// at::get_num_threads(); 1 when the ops were built without their threading backend.
+int parallel_width();
 
 }  // namespace pyclipq::cpu
