@@ -252,8 +252,10 @@ def main():
     torch.backends.quantized.engine = "x86"
     fmts = [f for f in args.formats.split(",") if f]
     info = machine(args.threads)
-    print(f"{info['cpu']} | {args.threads} threads | torch {info['torch']} | pyclipq ISA "
-          f"{info['pyclipq_build']['cpu_isa']} | load {info['loadavg_start']}")
+    print(f"{info['cpu']} | {args.threads} threads (pyclipq ops run on {info['pyclipq_build']['cpu_threads']}) | "
+          f"torch {info['torch']} | pyclipq ISA {info['pyclipq_build']['cpu_isa']} | load {info['loadavg_start']}")
+    if info["pyclipq_build"]["cpu_threads"] != args.threads:
+        print("WARNING: pyclipq's CPU ops do not run on the requested threads; rebuild (see README)")
     with torch.inference_mode():
         rows = run_shapes(fmts, [int(m) for m in args.m.split(",")], args.reps, args.models.split(","))
         memory_bound = run_memory_bound(fmts, args.stack_blocks, args.reps) if args.stack_blocks > 0 else None

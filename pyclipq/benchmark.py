@@ -24,6 +24,9 @@ from .loading import LoadedModel, encode, load_model, random_inputs
 
 PYCLIPQ_FORMATS = ("int8", "int4", "int2", "ternary")
 PEERS = ("fp32", "quantize_dynamic")
+# The smallest checkpoint of a format: its size is reported beside the timed contender.
+# Ternary Q-ALL leaves the token and patch embeddings in fp32, a quarter of ViT-B/32's bytes.
+SIZE_ONLY_PRESETS = {"ternary": "ternary-qall-embeddings"}
 
 
 @dataclass
@@ -115,13 +118,19 @@ def machine_info(threads: int) -> dict:
     except Exception:
         commit = None
     info = pyclipq.build_info()
-    return {"cpu": cpu, "cpu_isa": info["cpu_isa"], "threads": threads, "torch": torch.__version__,
+    # ops_threads: what the CPU ops really run on (1 if the build lacks its threading backend)
+    return {"cpu": cpu, "cpu_isa": info["cpu_isa"], "threads": threads, "ops_threads": info["cpu_threads"],
+            "torch": torch.__version__,
             "pyclipq_commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
-def build_contender(name: str, fp32: nn.Module) -> nn.Module:
+def pyclipq_convert(model: nn.Module, config) -> nn.Module:
     import pyclipq
 
+    return pyclipq.convert(model, config)
+
+
+def build_contender(name: str, fp32: nn.Module) -> nn.Module:
     if name == "fp32":
         return fp32
     if name == "quantize_dynamic":
@@ -133,7 +142,7 @@ def build_contender(name: str, fp32: nn.Module) -> nn.Module:
             if hasattr(module, "get_cast_dtype"):
                 module.get_cast_dtype = lambda: torch.float32
         return peer
-    return pyclipq.convert(copy.deepcopy(fp32), name)
+    return pyclipq_convert(copy.deepcopy(fp32), name)
 
 
 def run_benchmark(model: str = "ViT-B-32", pretrained: str | None = None, formats=PYCLIPQ_FORMATS,
@@ -178,13 +187,22 @@ def run_benchmark(model: str = "ViT-B-32", pretrained: str | None = None, format
         results.append(r)
         if candidate is not loaded.model:
             del candidate
+    size_only = []
+    for preset in (SIZE_ONLY_PRESETS[f] for f in formats if f in SIZE_ONLY_PRESETS):
+        bar.set_postfix_str(f"{preset} (size)")
+        candidate = pyclipq_convert(copy.deepcopy(loaded.model), preset)
+        quantized, total = linear_inventory(candidate)
+        size_only.append({"name": preset, "size_bytes": _size_on_disk(preset, candidate),
+                          "linears_quantized": quantized, "linears_total": total})
+        del candidate
     bar.close()
     fp32 = results[0]
     report = {"model": loaded.label, "machine": machine_info(threads), "batches": list(batches),
-              "towers": list(towers), "reps": reps, "results": [asdict(r) for r in results]}
+              "towers": list(towers), "reps": reps, "results": [asdict(r) for r in results], "size_only": size_only}
+    for r in report["results"] + size_only:
+        r["size_ratio_vs_fp32"] = fp32.size_bytes / r["size_bytes"]
     for r in report["results"]:
         r["speedup_vs_fp32"] = {k: fp32.latency_ms[k] / v for k, v in r["latency_ms"].items()}
-        r["size_ratio_vs_fp32"] = fp32.size_bytes / r["size_bytes"]
     return report
 
 
@@ -205,6 +223,9 @@ def format_table(report: dict) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    for r in report.get("size_only", []):
+        lines.append(f"{r['name']} (size only, not timed): {r['size_bytes'] / 1e6:.1f} MB, "
+                     f"{r['size_ratio_vs_fp32']:.1f}x smaller, {r['linears_quantized']}/{r['linears_total']} linears")
     m = report["machine"]
     return (f"{report['model']} | {m['cpu']} | ISA {m['cpu_isa']} | {m['threads']} threads | torch {m['torch']}\n"
             + "\n".join(lines))
@@ -225,7 +246,8 @@ def save_plot(report: dict, path: str) -> None:
     axes[0].set_ylabel("speedup vs fp32")
     axes[0].set_title("image tower latency")
     axes[0].legend()
-    axes[1].bar(names, [r["size_ratio_vs_fp32"] for r in report["results"]])
+    sized = report["results"] + report.get("size_only", [])
+    axes[1].bar([r["name"] for r in sized], [r["size_ratio_vs_fp32"] for r in sized])
     axes[1].set_ylabel("x smaller than fp32 on disk")
     axes[1].set_title("model size")
     for ax in axes:

@@ -58,6 +58,11 @@ def test_bench_json_and_plot(capsys, tmp_path):
         assert r["linears_quantized"] == r["linears_total"]
         assert r["size_bytes"] < report["results"][0]["size_bytes"]
         assert set(r["latency_ms"]) == {"image@1", "image@2", "text@1", "text@2"}
+    # ternary's smallest checkpoint (embeddings too) is sized beside it
+    ternary = report["results"][3]
+    (smallest,) = report["size_only"]
+    assert smallest["name"] == "ternary-qall-embeddings" and smallest["size_bytes"] < ternary["size_bytes"]
+    assert smallest["size_ratio_vs_fp32"] == report["results"][0]["size_bytes"] / smallest["size_bytes"]
     assert report["results"][2]["fidelity"]["image_cos_mean"] > 0.99
     assert os.path.getsize(tmp_path / "bench.png") > 0 and (tmp_path / "bench.json").is_file()
     assert report["machine"]["threads"] == 2 and report["machine"]["cpu_isa"]

@@ -355,6 +355,30 @@ def test_packed_projection_parameter_reads_back_its_dequantized_value(fmt, group
     assert model.parametrizations.proj.original.numel() == 0  # no float copy kept
 
 
+def test_packed_parameter_is_dequantized_once_for_inference_and_follows_buffer_writes():
+    torch.manual_seed(0)
+    model = Projector()
+    packed = PackedParameter.from_float(model.proj, "in_out", LayerConfig("int4", 32))
+    quantize_parameter_(model, "proj", packed)
+    with torch.inference_mode():
+        first = model.proj
+        assert model.proj is first  # no second dequantization
+    with torch.no_grad():
+        assert model.proj is not first and torch.equal(model.proj, first)  # another mode, same value
+        again = model.proj
+        # a write into the packed buffers (e.g. load_state_dict) must show through
+        packed.weight_scale.mul_(2)
+        assert torch.equal(model.proj, 2 * again)
+        packed.packed_weight.zero_()
+        assert torch.equal(model.proj, formats.dequantize_codes(
+            torch.zeros(24, 128, dtype=torch.uint8), packed.weight_scale, "int4", 40).t())
+    model.double()
+    with torch.no_grad():
+        assert model.proj.dtype == torch.float64
+    # with autograd on it is recomputed on every access (no tensor outlives a graph)
+    assert model.proj is not model.proj
+
+
 def test_packed_conv_weight_keeps_its_shape_and_follows_the_model_dtype():
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 16, kernel_size=4, stride=4, bias=False)

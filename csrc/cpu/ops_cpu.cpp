@@ -235,8 +235,8 @@ at::Tensor unpack_codes(const at::Tensor& packed_in, int64_t bits) {
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t b = 0; b < k_pad / block; ++b)
-        for (int64_t j = 0; j < kVectorBytes; ++j)
-          for (int64_t p = 0; p < per_byte; ++p)
+        for (int64_t p = 0; p < per_byte; ++p)  // plane-major: contiguous 32-byte runs vectorize
+          for (int64_t j = 0; j < kVectorBytes; ++j)
             dst[r * k_pad + b * block + p * kVectorBytes + j] =
                 (src[r * row_bytes + b * kVectorBytes + j] >> (p * bits)) & mask;
   });

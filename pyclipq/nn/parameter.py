@@ -6,8 +6,10 @@ and the patch-embedding convolution, whose ``.weight.dtype`` Hugging Face and
 OpenAI CLIP read to pick their compute dtype. A module swap cannot reach
 ``x @ proj``, so these are quantized weight-only through
 ``torch.nn.utils.parametrize``: the attribute keeps working as a tensor (the
-dequantized weight, recomputed on access) while the state holds only the packed
-buffers. torch.compile traces parametrizations.
+dequantized weight) while the state holds only the packed buffers. With autograd
+off it is dequantized once and reused until the buffers change (one float copy of
+these few small tensors, outside the state dict); with autograd on, and under
+torch.compile, which traces parametrizations, it is recomputed on every access.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ class PackedParameter(PackedWeight):
         out_features, in_features = rows_shape(self.shape, layout)
         super().__init__(out_features, in_features, layer.weight_only(), dtype=dtype, device=device)
         self.layout = layout
+        self._cache, self._cache_key = None, None  # see forward
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, layout: str, layer: LayerConfig) -> "PackedParameter":
@@ -54,7 +57,20 @@ class PackedParameter(PackedWeight):
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         # `original` is an empty placeholder whose dtype follows the model's .to(dtype).
-        rows = self.dequantize_weight(original.dtype)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._dequantized(original.dtype)
+        # Inference reads the same weight on every call (x @ proj): dequantize it once per
+        # state of the buffers. The key changes when they are written in place (_version),
+        # replaced (.to(), load_state_dict with assign) or read in another dtype or mode.
+        buffers = tuple(self._buffers.values())
+        key = (original.dtype, torch.is_inference_mode_enabled(),
+               *((b.data_ptr(), b._version, b.device) for b in buffers))
+        if self._cache_key != key:
+            self._cache, self._cache_key = self._dequantized(original.dtype), key
+        return self._cache
+
+    def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        rows = self.dequantize_weight(dtype)
         return rows.t() if self.layout == "in_out" else rows.reshape(self.shape)
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
