@@ -60,16 +60,17 @@ def linear_inventory(model: nn.Module) -> tuple[int, int]:
     return quantized, total
 
 
-def _median_ms(fn, reps: int, warmup: int) -> float:
+def _interleaved_median_ms(calls, reps: int, warmup: int) -> list[float]:
+    """Median ms of each call over `reps` rounds; every round runs each call once, in turn."""
+    times = [[] for _ in calls]
     with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for round_ in range(warmup + reps):
+            for fn, samples in zip(calls, times):
+                t0 = time.perf_counter()
+                fn()
+                if round_ >= warmup:
+                    samples.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def _size_on_disk(name: str, model: nn.Module) -> int:
@@ -150,6 +151,11 @@ def run_benchmark(model: str = "ViT-B-32", pretrained: str | None = None, format
                   fidelity_batch: int = 8, progress: bool = True) -> dict:
     from tqdm import tqdm
 
+    if reps < 1 or warmup < 0 or threads < 1:
+        raise ValueError(f"reps and threads must be >= 1 and warmup >= 0, got reps={reps}, threads={threads}, "
+                         f"warmup={warmup}")
+    if not batches or any(b < 1 for b in batches):
+        raise ValueError(f"batches must be one or more sizes >= 1, got {list(batches)}")
     torch.set_num_threads(threads)
     loaded: LoadedModel = load_model(model, pretrained)
     contenders = [*PEERS, *formats]
@@ -157,8 +163,8 @@ def run_benchmark(model: str = "ViT-B-32", pretrained: str | None = None, format
     with torch.inference_mode():
         ref_img = encode(loaded, images=inputs[fidelity_batch][0])
         ref_txt = encode(loaded, tokens=inputs[fidelity_batch][1])
-    results = []
-    steps = len(contenders) * (len(batches) * len(towers) + 2)
+    results, views = [], []
+    steps = len(contenders) * 2 + len(batches) * len(towers)
     bar = tqdm(total=steps, desc="bench", disable=not progress, unit="step")
     for name in contenders:
         bar.set_postfix_str(name)
@@ -176,17 +182,20 @@ def run_benchmark(model: str = "ViT-B-32", pretrained: str | None = None, format
         r.fidelity = {"image_cos_mean": ci.mean().item(), "image_cos_min": ci.min().item(),
                       "text_cos_mean": ct.mean().item(), "text_cos_min": ct.min().item()}
         bar.update()
-        for tower in towers:
-            for b in batches:
-                images, tokens = inputs[b]
-                if tower == "image":
-                    r.latency_ms[f"image@{b}"] = _median_ms(lambda: encode(view, images=images), reps, warmup)
-                else:
-                    r.latency_ms[f"text@{b}"] = _median_ms(lambda: encode(view, tokens=tokens), reps, warmup)
-                bar.update()
         results.append(r)
-        if candidate is not loaded.model:
-            del candidate
+        views.append(view)
+    # Contenders take turns call by call, so that a slow spell of this (shared) machine hits
+    # all of them alike instead of whichever one was being timed.
+    for tower in towers:
+        for b in batches:
+            bar.set_postfix_str(f"{tower}@{b}")
+            images, tokens = inputs[b]
+            calls = [(lambda v=v: encode(v, images=images)) if tower == "image" else
+                     (lambda v=v: encode(v, tokens=tokens)) for v in views]
+            for r, ms in zip(results, _interleaved_median_ms(calls, reps, warmup)):
+                r.latency_ms[f"{tower}@{b}"] = ms
+            bar.update()
+    del views
     size_only = []
     for preset in (SIZE_ONLY_PRESETS[f] for f in formats if f in SIZE_ONLY_PRESETS):
         bar.set_postfix_str(f"{preset} (size)")
