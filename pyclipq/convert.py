@@ -17,7 +17,7 @@ from torch import nn
 
 from .configs import QuantConfig, resolve_config
 from .models import Adapter, Target, apply_target, detect_adapter
-from .models.base import attention_target, existing_module, existing_tensor
+from .models.base import attention_target, existing_module, existing_tensor, patch_embeddings_as_matmul_
 from .nn import PackedParameter, PackedWeight, QuantMultiheadAttention
 from .nn.parameter import packed_parameters
 
@@ -260,6 +260,7 @@ def convert(model: nn.Module, config: "str | QuantConfig" = "int8") -> nn.Module
     _check_not_converted(model)
     adapter = detect_adapter(model)
     targets, skipped = plan(model, config, adapter)
+    patch_embeddings_as_matmul_(model, adapter)
     report = ConversionReport(adapter.name, config, skipped=skipped, bytes_before=state_nbytes(model))
     with torch.no_grad():
         for target in targets:

@@ -29,7 +29,7 @@ from torch import nn
 from . import formats, ops
 from .configs import CONFIG_VERSION
 from .models import Target, apply_target, detect_adapter
-from .models.base import BUILDERS, TargetError, class_path, targets_in_model
+from .models.base import BUILDERS, TargetError, class_path, patch_embeddings_as_matmul_, targets_in_model
 from .nn import PackedWeight
 
 CHECKPOINT_VERSION = 1
@@ -268,6 +268,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         raise CorruptCheckpointError(f"{path!r} has corrupted pyclipq metadata: {e}") from None
     _check_targets_fit(model, targets, path)
     tensors = _load_tensors(path, metadata)
+    patch_embeddings_as_matmul_(model, detect_adapter(model))
     with torch.no_grad():
         for target in targets:
             try:

@@ -13,7 +13,7 @@ from pyclipq import formats
 from pyclipq.configs import QuantConfig
 from pyclipq.convert import convert, count_linears, fp32_nbytes, state_nbytes, summary
 from pyclipq.models import QuantOpenClipAttention
-from pyclipq.nn import QuantEmbedding, QuantLinear, QuantMultiheadAttention
+from pyclipq.nn import PatchConv2d, QuantEmbedding, QuantLinear, QuantMultiheadAttention
 
 IMPLEMENTATIONS = sorted(BUILDERS)
 # visual.proj and text_projection are bare Parameters (x @ P) there: linear maps count_linears cannot see
@@ -134,6 +134,24 @@ def test_projection_flag_off_keeps_projections_float():
         assert sum(n for _, n in quantized.pyclipq_report.float_linears_left) == (2 if name == "hf" else 0)
 
 
+PATCH_EMBEDDINGS = {"open_clip": "visual.conv1", "openai": "visual.conv1", "hf": "vision_model.embeddings.patch_embedding"}
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+@pytest.mark.parametrize("config", ["int8", "ternary-qall-embeddings"])
+def test_patch_embedding_runs_as_one_matmul_with_its_weights_unchanged(name, config):
+    model, quantized = converted(name, config)
+    conv = quantized.get_submodule(PATCH_EMBEDDINGS[name])
+    assert isinstance(conv, PatchConv2d)
+    float_conv = model.get_submodule(PATCH_EMBEDDINGS[name])
+    images = sample_inputs()[0]
+    with torch.no_grad():  # the same map as the model's own convolution with the weight it now holds
+        expected = F.conv2d(images, conv.weight, conv.bias, conv.stride)
+        torch.testing.assert_close(conv(images), expected, rtol=1e-5, atol=1e-5)
+    if config == "int8":  # the patch embedding itself stays float
+        assert torch.equal(conv.weight, float_conv.weight)
+
+
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
 def test_embeddings_and_projections_quantized_weight_only(name):
     model, quantized = converted(name, "ternary-qall-embeddings")
@@ -159,6 +177,7 @@ def test_openai_resnet_attention_pool_is_skipped_with_its_reason():
     assert "F.multi_head_attention_forward" in skipped["visual.attnpool"]
     assert "no patch embedding" in skipped["patch_embedding"]
     assert report.float_linears_left == [(f"visual.attnpool.{p}", 1) for p in ("k_proj", "q_proj", "v_proj", "c_proj")]
+    assert not any(isinstance(m, PatchConv2d) for m in model.modules())  # a ResNet stem is no patch embedding
     images = torch.randn(1, 3, 64, 64)
     assert model.encode_image(images).shape == (1, 32)
 

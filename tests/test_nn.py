@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 
 from pyclipq import formats
 from pyclipq.configs import FLOAT_LAYER, LayerConfig
-from pyclipq.nn import PackedParameter, QuantEmbedding, QuantLinear, QuantMultiheadAttention
+from pyclipq.nn import PackedParameter, PatchConv2d, QuantEmbedding, QuantLinear, QuantMultiheadAttention
 from pyclipq.nn.parameter import quantize_parameter_
 from pyclipq.ops import reference
 
@@ -409,3 +409,26 @@ def test_quant_linear_moves_to_cuda_and_matches_the_cpu_result():
     layer.cuda()
     assert layer.packed_weight.is_cuda and layer.weight_scale.dtype == torch.float32
     torch.testing.assert_close(layer(x.cuda()).cpu(), cpu, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch, size, kernel, bias", [(1, 32, 8, False), (3, 30, 8, True), (2, 28, (4, 7), False)])
+def test_patch_conv_is_the_strided_convolution(batch, size, kernel, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 16, kernel_size=kernel, stride=kernel, bias=bias)
+    reference = copy.deepcopy(conv)
+    assert PatchConv2d.swap_in_(conv) and isinstance(conv, PatchConv2d)
+    assert conv.state_dict().keys() == reference.state_dict().keys()
+    x = torch.randn(batch, 3, size, size + 3)  # ragged: rows/columns past the last whole patch
+    got, expected = conv(x), reference(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(conv(x[0]), reference(x[0]))  # unbatched input takes the convolution itself
+
+
+def test_patch_conv_swaps_only_non_overlapping_convolutions():
+    for conv in (nn.Conv2d(3, 8, 3, stride=1), nn.Conv2d(3, 8, 4, stride=4, padding=1),
+                 nn.Conv2d(4, 8, 2, stride=2, groups=2), nn.Conv2d(3, 8, 2, stride=2, dilation=2)):
+        assert not PatchConv2d.swap_in_(conv) and type(conv) is nn.Conv2d
+    conv = nn.Conv2d(3, 8, 4, stride=4)
+    with pytest.raises(RuntimeError, match="expected input.*to have 3 channels"):
+        PatchConv2d.swap_in_(conv) and conv(torch.randn(1, 5, 8, 8))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..configs import FLOAT_LAYER, LayerConfig
-from ..nn import QuantEmbedding, QuantLinear, QuantMultiheadAttention
+from ..nn import PatchConv2d, QuantEmbedding, QuantLinear, QuantMultiheadAttention
 from ..nn.attention import unsupported_reason
 from ..nn.parameter import LAYOUTS, PackedParameter, packed_parameters, quantize_parameter_
 
@@ -263,6 +263,18 @@ def existing_module(model: nn.Module, name: str, cls: type) -> nn.Module | None:
     except AttributeError:
         return None
     return module if isinstance(module, cls) else None
+
+
+def patch_embeddings_as_matmul_(model: nn.Module, adapter: Adapter) -> list[str]:
+    """Turn the model's patch-embedding convolutions into PatchConv2d (one matmul); their names.
+
+    Part of every conversion (and of pyclipq.load), whatever the config: it changes no
+    weight, only how the float patch embedding is computed.
+    """
+    if not adapter.patch_embedding_applies(model):
+        return []
+    return [n for n in adapter.patch_embeddings
+            if (conv := existing_module(model, n, nn.Conv2d)) is not None and PatchConv2d.swap_in_(conv)]
 
 
 def targets_in_model(model: nn.Module) -> list[Target]:

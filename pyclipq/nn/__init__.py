@@ -4,5 +4,6 @@ from .embedding import QuantEmbedding
 from .linear import QuantLinear
 from .packed import PackedWeight
 from .parameter import PackedParameter
+from .patch import PatchConv2d
 
-__all__ = ["PackedParameter", "PackedWeight", "QuantEmbedding", "QuantLinear", "QuantMultiheadAttention"]
+__all__ = ["PackedParameter", "PackedWeight", "PatchConv2d", "QuantEmbedding", "QuantLinear", "QuantMultiheadAttention"]
