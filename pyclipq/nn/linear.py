@@ -10,6 +10,16 @@ from ..configs import LayerConfig
 from .packed import PackedWeight, dequantize_packed
 
 
+def static_act_scale(layer: LayerConfig, scale) -> torch.Tensor:
+    """`scale` as the 0-d float32 activation scale of a static layer, or a ValueError saying why not."""
+    if layer.activation != "static":
+        raise ValueError(f"set_act_scale needs activation='static', this layer has {layer.activation!r}")
+    scale = torch.as_tensor(scale, dtype=torch.float32)
+    if scale.numel() != 1 or not bool(torch.isfinite(scale).all()) or float(scale) <= 0:
+        raise ValueError(f"scale must be one finite positive number, got {scale.tolist()}")
+    return scale.reshape(())
+
+
 def _fused_linear(fmt: str, x, packed, scale, group_size, bias, act_scale):
     if fmt == "int8":
         return ops.int8_linear(x, packed, scale, bias, act_scale)
@@ -71,12 +81,8 @@ class QuantLinear(PackedWeight):
     @torch.no_grad()
     def set_act_scale(self, scale) -> None:
         """Set the calibrated per-tensor activation scale of a static layer."""
-        if self.layer.activation != "static":
-            raise ValueError(f"set_act_scale needs activation='static', this layer has {self.layer.activation!r}")
-        scale = torch.as_tensor(scale, dtype=torch.float32)
-        if scale.numel() != 1 or not bool(torch.isfinite(scale).all()) or float(scale) <= 0:
-            raise ValueError(f"scale must be one finite positive number, got {scale.tolist()}")
-        self.act_scale.copy_(scale.reshape(()))
+        scale = static_act_scale(self.layer, scale)  # before touching act_scale: None on a dynamic layer
+        self.act_scale.copy_(scale)
         self._act_scale_ready = True
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import formats
 from ..configs import LayerConfig
+from ..nn.linear import static_act_scale
 from ..ops import reference
 
 # Largest |integer accumulator| that float32 holds exactly (its 24-bit significand).
@@ -392,12 +393,8 @@ class FakeQuantLinear(nn.Linear):
 
     @torch.no_grad()
     def set_act_scale(self, scale) -> None:
-        if self.layer.activation != "static":
-            raise ValueError(f"set_act_scale needs activation='static', this layer has {self.layer.activation!r}")
-        scale = torch.as_tensor(scale, dtype=torch.float32)
-        if scale.numel() != 1 or not bool(torch.isfinite(scale).all()) or float(scale) <= 0:
-            raise ValueError(f"scale must be one finite positive number, got {scale.tolist()}")
-        self.act_scale.copy_(scale.reshape(()))
+        scale = static_act_scale(self.layer, scale)  # before touching act_scale: None on a dynamic layer
+        self.act_scale.copy_(scale)
 
     def _act_scale(self) -> torch.Tensor | None:
         if self.layer.activation != "static":
