@@ -10,6 +10,7 @@
 
 #include "kernels.cuh"
 #include "op_checks.h"
+#include "op_entry_points.h"
 
 namespace pyclipq::cuda_ops {
 namespace {
@@ -98,19 +99,6 @@ at::Tensor integer_gemm(WeightKind kind, const at::Tensor& x_q, const at::Tensor
   return grouped_output ? out : out.view({m, n});
 }
 
-at::Tensor int8_gemm(const at::Tensor& x_q, const at::Tensor& weight) {
-  return integer_gemm(WeightKind::Int8, x_q, at::Tensor(), weight, 0, false, "pyclipq.int8_gemm");
-}
-at::Tensor int4_gemm(const at::Tensor& x_q, const at::Tensor& x_sums, const at::Tensor& weight, int64_t group_size) {
-  return integer_gemm(WeightKind::Int4, x_q, x_sums, weight, group_size, true, "pyclipq.int4_gemm");
-}
-at::Tensor int2_gemm(const at::Tensor& x_q, const at::Tensor& x_sums, const at::Tensor& weight, int64_t group_size) {
-  return integer_gemm(WeightKind::Int2, x_q, x_sums, weight, group_size, true, "pyclipq.int2_gemm");
-}
-at::Tensor ternary_gemm(const at::Tensor& x_q, const at::Tensor& x_sums, const at::Tensor& weight) {
-  return integer_gemm(WeightKind::Ternary, x_q, x_sums, weight, 0, false, "pyclipq.ternary_gemm");
-}
-
 // Quantize (one kernel), then the GEMV kernel for M <= 16 or the tiled GEMM: two launches.
 at::Tensor fused_linear(WeightKind kind, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
                         int64_t group_size, const std::optional<at::Tensor>& bias,
@@ -141,23 +129,6 @@ at::Tensor fused_linear(WeightKind kind, const at::Tensor& x, const at::Tensor& 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
   return y.view(out_shape);
-}
-
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws,
-                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& act_scale) {
-  return fused_linear(WeightKind::Int8, x, w, ws, 0, bias, act_scale, "pyclipq.int8_linear");
-}
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws, int64_t group_size,
-                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& act_scale) {
-  return fused_linear(WeightKind::Int4, x, w, ws, group_size, bias, act_scale, "pyclipq.int4_linear");
-}
-at::Tensor int2_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws, int64_t group_size,
-                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& act_scale) {
-  return fused_linear(WeightKind::Int2, x, w, ws, group_size, bias, act_scale, "pyclipq.int2_linear");
-}
-at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws,
-                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& act_scale) {
-  return fused_linear(WeightKind::Ternary, x, w, ws, 0, bias, act_scale, "pyclipq.ternary_linear");
 }
 
 // ---------------------------------------------------------------- packing (load time: a host sync is fine)
@@ -222,14 +193,7 @@ at::Tensor unpack_trits(const at::Tensor& packed_in, int64_t k) {
 
 TORCH_LIBRARY_IMPL(pyclipq, CUDA, m) {
   m.impl("quantize_per_token", &quantize_per_token);
-  m.impl("int8_gemm", &int8_gemm);
-  m.impl("int4_gemm", &int4_gemm);
-  m.impl("int2_gemm", &int2_gemm);
-  m.impl("ternary_gemm", &ternary_gemm);
-  m.impl("int8_linear", &int8_linear);
-  m.impl("int4_linear", &int4_linear);
-  m.impl("int2_linear", &int2_linear);
-  m.impl("ternary_linear", &ternary_linear);
+  register_format_ops<FormatEntryPoints<&integer_gemm, &fused_linear>>(m);
   m.impl("pack_codes", &pack_codes);
   m.impl("unpack_codes", &unpack_codes);
   m.impl("pack_trits", &pack_trits);
