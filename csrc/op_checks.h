@@ -5,7 +5,6 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
-#include <string>
 
 #include "pyclipq/formats.h"
 
@@ -81,9 +80,9 @@ inline void check_same_device(const at::Tensor& ref, const at::Tensor& other, co
 
 // A backend's kernel reads every tensor argument from its own device type.
 inline void check_device_type(const at::Tensor& t, c10::DeviceType type, const char* name, const char* op) {
-  const std::string kind = c10::DeviceTypeName(type);
-  TORCH_CHECK(t.device().type() == type, op, ": ", name, " must be a ", kind, " tensor for the ", kind,
-              " kernel, got ", t.device());
+  // the message arguments are evaluated only when the check fails
+  TORCH_CHECK(t.device().type() == type, op, ": ", name, " must be a ", c10::DeviceTypeName(type), " tensor for the ",
+              c10::DeviceTypeName(type), " kernel, got ", t.device());
 }
 
 // On `type`, and on the same device as `ref` (x or x_q).
