@@ -59,6 +59,21 @@ def test_ternary_threshold_rules(rule, expected_scale, expected):
         formats.quantize_weight(w, "ternary", threshold_rule="median")
 
 
+@pytest.mark.parametrize("fmt, group, code", [("int8", 0, 0), ("int4", 32, 8), ("int2", 32, 2), ("ternary", 0, 1)])
+def test_all_zero_rows_and_groups_get_the_documented_codes_and_stay_zero(fmt, group, code):
+    """docs/FORMATS.md: a scale of 0 writes the format's zero code (int2, without one, code 2)."""
+    w = torch.randn(3, 96)
+    w[1] = 0.0  # an all-zero row
+    if group:
+        w[2, 32:64] = 0.0  # an all-zero group in a non-zero row
+    codes, scale = formats.quantize_weight(w, fmt, group)
+    assert (codes[1, :96] == code).all() and (scale[1] == 0).all()
+    if group:
+        assert (codes[2, 32:64] == code).all() and scale[2, 1] == 0
+    back = formats.dequantize_codes(codes, scale, fmt, 96)
+    assert (back[1] == 0).all() and (not group or (back[2, 32:64] == 0).all())
+
+
 def test_block_planar_layout_by_hand():
     # int2: byte j of block 0 holds elements j, 32+j, 64+j, 96+j in bits 0-1, 2-3, 4-5, 6-7.
     codes = torch.zeros(1, 128, dtype=torch.uint8)
