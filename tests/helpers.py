@@ -52,3 +52,20 @@ def linear_args(fmt, packed, scale, group_size, bias=None, act_scale=None):
     if fmt in ("int4", "int2"):
         return (packed, scale, group_size, bias, act_scale)
     return (packed, scale, bias, act_scale)
+
+
+def alternating_extremes(fmt, m, n, k, group_size):
+    """(x_q, x_sums, packed weight) with |x| = 127 and every weight at an extreme level, the
+    signs alternating by row: products of both signs at full size, for exact-accumulation tests."""
+    f = formats.get_format(fmt)
+    x_q = torch.full((m, k), 127, dtype=torch.int8)
+    x_q[1::2] = -127
+    if fmt == "int8":
+        packed = torch.full((n, k), -127, dtype=torch.int8)
+        packed[1::2] = 127
+    else:
+        codes = torch.full((n, k), f.max_code, dtype=torch.uint8)
+        codes[1::2] = 0 if fmt != "int4" else 1  # int4's code 0 is no level: its lowest is code 1
+        packed = formats.pack_codes_reference(codes, f.bits)
+    sums = x_q.to(torch.int32).view(m, -1, group_size or k).sum(dim=2, dtype=torch.int32)
+    return x_q, sums, packed

@@ -14,7 +14,7 @@ import pyclipq
 from pyclipq import formats, ops
 from pyclipq.ops import reference
 
-from helpers import linear_tolerance, make_layer
+from helpers import alternating_extremes, linear_tolerance, make_layer
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
@@ -116,18 +116,8 @@ def test_worst_case_accumulation_is_exact(fmt):
     """|x| = 127 everywhere, extreme levels, K = 16384, on both GEMM tile sizes."""
     k, n = 16384, 150
     group = 128 if fmt in ("int4", "int2") else 0
-    f = formats.get_format(fmt)
     for m in (9, 140):
-        x_q = torch.full((m, k), 127, dtype=torch.int8)
-        x_q[1::2] = -127
-        if fmt == "int8":
-            packed = torch.full((n, k), -127, dtype=torch.int8)
-            packed[1::2] = 127
-        else:
-            codes = torch.full((n, k), f.max_code, dtype=torch.uint8)
-            codes[1::2] = 0 if fmt != "int4" else 1
-            packed = formats.pack_codes_reference(codes, f.bits)
-        sums = x_q.to(torch.int32).view(m, -1, group or k).sum(dim=2, dtype=torch.int32)
+        x_q, sums, packed = alternating_extremes(fmt, m, n, k, group)
         got = gemm(fmt, x_q.cuda(), sums.cuda(), packed.cuda(), group).cpu()
         want = exact_acc(fmt, x_q.cuda(), packed.cuda(), group).cpu()
         assert torch.equal(got.reshape(want.shape), want) and want.abs().min() > 0

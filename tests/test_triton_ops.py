@@ -17,7 +17,7 @@ import torch
 from pyclipq import formats
 from pyclipq.ops import reference
 
-from helpers import BF16_ULP, linear_tolerance, make_layer, reference_accumulators
+from helpers import BF16_ULP, alternating_extremes, linear_tolerance, make_layer, reference_accumulators
 
 triton = pytest.importorskip("triton")
 T = pytest.importorskip("pyclipq.ops.triton")
@@ -129,17 +129,7 @@ def test_worst_case_accumulation_is_exact(fmt):
     """|x| = 127, weights at their extreme levels, K = 4096: int32 accumulation, no overflow or wrap."""
     k, m, n = 4096, 5, 19
     group = 128 if fmt in ("int4", "int2") else 0
-    f = formats.get_format(fmt)
-    x_q = torch.full((m, k), 127, dtype=torch.int8)
-    x_q[1::2] = -127
-    if fmt == "int8":
-        packed = torch.full((n, k), -127, dtype=torch.int8)
-        packed[1::2] = 127
-    else:
-        codes = torch.full((n, k), f.max_code, dtype=torch.uint8)
-        codes[1::2] = 0 if fmt != "int4" else 1
-        packed = formats.pack_codes_reference(codes, f.bits)
-    sums = x_q.to(torch.int32).view(m, -1, group or k).sum(dim=2, dtype=torch.int32)
+    x_q, sums, packed = alternating_extremes(fmt, m, n, k, group)
     want = lowbit_reference(fmt, x_q, sums, packed, group)
     got = T.int8_gemm(dev(x_q), dev(packed)) if fmt == "int8" else \
         T.lowbit_gemm(fmt, dev(x_q), dev(sums), dev(packed), group)
