@@ -41,23 +41,30 @@ class ContenderResult:
 
 
 def linear_inventory(model: nn.Module) -> tuple[int, int]:
-    """(quantized, total) Linear-equivalent layers; an attention in_proj counts as q, k and v."""
-    from .nn import QuantLinear, QuantMultiheadAttention
+    """(quantized, total) linear maps of a float, quantize_dynamic or pyclipq model.
 
-    quantized = total = 0
+    An attention's packed in_proj counts as q, k and v, and each CLIP projection held as a
+    bare Parameter (x @ P) as one, so that every contender is counted on the same maps.
+    """
+    from .convert import count_linears
+    from .models import detect_adapter
+    from .models.base import existing_tensor
+    from .nn import PackedParameter, PackedWeight
+    from .nn.parameter import packed_parameters
+
+    adapter = detect_adapter(model)
     dynamic_linear = torch.ao.nn.quantized.dynamic.Linear
+    quantized = 0
     for module in model.modules():
-        if isinstance(module, QuantMultiheadAttention):
-            quantized += 3
-            total += 3
-        elif isinstance(module, nn.MultiheadAttention):
-            total += 3  # in_proj; out_proj is a child nn.Linear counted on its own
-        elif isinstance(module, (QuantLinear, dynamic_linear)):
+        if isinstance(module, PackedWeight) and not isinstance(module, PackedParameter):
+            if not module.layer.is_float:
+                quantized += 3 if module.layer_name.endswith(".in_proj") else 1
+        elif isinstance(module, dynamic_linear):
             quantized += 1
-            total += 1
-        elif isinstance(module, nn.Linear):
-            total += 1
-    return quantized, total
+    projections = sum(isinstance(existing_tensor(model, n), torch.Tensor) for n in adapter.projection_parameters)
+    packed_projections = sum(p.kind == "projection" and not p.layer.is_float for _, _, p in packed_parameters(model))
+    quantized += packed_projections
+    return quantized, quantized + count_linears(model, adapter) + projections - packed_projections
 
 
 def _interleaved_median_ms(calls, reps: int, warmup: int) -> list[float]:

@@ -130,3 +130,20 @@ def test_train_help_and_unknown_recipe(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["train", "bitnet"])
     assert e.value.code == 2 and "invalid choice: 'bitnet'" in capsys.readouterr().err
+
+
+def test_linear_inventory_counts_every_contender_on_the_same_maps():
+    """ViT-B/32: 24 blocks x (q, k, v, out, fc1, fc2) + 2 projection Parameters = 146 maps;
+    torch's quantize_dynamic converts only the 48 MLP Linears (not in_proj, not out_proj)."""
+    import copy
+
+    import open_clip
+
+    import pyclipq
+    from pyclipq.benchmark import build_contender, linear_inventory
+
+    model = open_clip.create_model("ViT-B-32", pretrained=None).eval()
+    assert linear_inventory(model) == (0, 146)
+    assert linear_inventory(build_contender("quantize_dynamic", model)) == (48, 146)
+    assert linear_inventory(pyclipq.convert(copy.deepcopy(model), "int8")) == (146, 146)
+    assert linear_inventory(pyclipq.convert(copy.deepcopy(model), "ternary-qffn")) == (48, 146)
