@@ -48,7 +48,7 @@ def linear_inventory(model: nn.Module) -> tuple[int, int]:
     """
     from .convert import count_linears
     from .models import detect_adapter
-    from .models.base import existing_tensor
+    from .models.base import NOT_LINEAR_KINDS, existing_tensor
     from .nn import PackedParameter, PackedWeight
     from .nn.parameter import packed_parameters
 
@@ -57,7 +57,7 @@ def linear_inventory(model: nn.Module) -> tuple[int, int]:
     quantized = 0
     for module in model.modules():
         if isinstance(module, PackedWeight) and not isinstance(module, PackedParameter):
-            if not module.layer.is_float:
+            if not module.layer.is_float and module.kind not in NOT_LINEAR_KINDS:  # a token embedding is a lookup
                 quantized += 3 if module.layer_name.endswith(".in_proj") else 1
         elif isinstance(module, dynamic_linear):
             quantized += 1

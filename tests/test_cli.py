@@ -147,3 +147,5 @@ def test_linear_inventory_counts_every_contender_on_the_same_maps():
     assert linear_inventory(build_contender("quantize_dynamic", model)) == (48, 146)
     assert linear_inventory(pyclipq.convert(copy.deepcopy(model), "int8")) == (146, 146)
     assert linear_inventory(pyclipq.convert(copy.deepcopy(model), "ternary-qffn")) == (48, 146)
+    # embeddings are lookups / a convolution, not linears, however they are stored
+    assert linear_inventory(pyclipq.convert(copy.deepcopy(model), "ternary-qall-embeddings")) == (146, 146)
