@@ -33,6 +33,7 @@ PYBIND11_MODULE(_C, m) {
     d["torch_built_against"] = std::string(PYCLIPQ_TORCH_VERSION);
     d["cpu_isa_variants"] = split_csv(PYCLIPQ_ISA_VARIANTS);
     d["cpu_isa"] = std::string(pyclipq::cpu::active_kernels().isa);
+    d["cpu_isa_supported"] = pyclipq::cpu::supported_isas();
     d["cpu_isa_reason"] = std::string(pyclipq::cpu::cpu_isa_reason());
     d["cpu_threads"] = pyclipq::cpu::parallel_width();
 #ifdef PYCLIPQ_WITH_CUDA

@@ -1,9 +1,14 @@
-// Run-time choice of the CPU kernel table from CPUID, overridable for tests and
-// benchmarks with PYCLIPQ_CPU_ISA=scalar|avx2 (read once, at first use).
+// Run-time choice of the CPU kernel table from CPUID and XGETBV, overridable for tests and
+// benchmarks with PYCLIPQ_CPU_ISA=scalar|avx2|avx512_vnni (read once, at first use).
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
 
 #include "pyclipq/cpu_kernels.h"
 
@@ -15,32 +20,94 @@ struct Choice {
   std::string reason;
 };
 
-bool cpu_has_avx2_fma() {
+// A table the CPU can run, best first, with what CPUID said about it.
+struct Candidate {
+  const char* name;
+  const KernelTable* (*table)();
+  bool supported;
+  std::string missing;  // what the CPU or OS lacks, when unsupported
+};
+
 #if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
+// XCR0: which register state the OS saves on a context switch. AVX needs SSE + YMM (bits 1, 2);
+// AVX-512 also needs the opmask, ZMM_Hi256 and Hi16_ZMM state (bits 5, 6, 7). A CPU can report
+// AVX-512 in CPUID while the OS leaves zmm state unsaved: then the instructions fault.
+uint64_t read_xcr0() {
+  uint32_t eax, ebx, ecx, edx;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & bit_OSXSAVE)) return 0;
+  uint32_t lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (uint64_t(hi) << 32) | lo;
+}
+
+struct X86Features {
+  bool avx2 = false, fma = false, avx512f = false, avx512bw = false, avx512vl = false, avx512vnni = false;
+  bool os_ymm = false, os_zmm = false;
+};
+
+X86Features read_features() {
+  X86Features f;
+  uint32_t eax, ebx, ecx, edx;
+  if (__get_cpuid(1, &eax, &ebx, &ecx, &edx)) f.fma = ecx & bit_FMA;
+  if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) {
+    f.avx2 = ebx & bit_AVX2;
+    f.avx512f = ebx & bit_AVX512F;
+    f.avx512bw = ebx & bit_AVX512BW;
+    f.avx512vl = ebx & bit_AVX512VL;
+    f.avx512vnni = ecx & bit_AVX512VNNI;
+  }
+  const uint64_t xcr0 = read_xcr0();
+  f.os_ymm = (xcr0 & 0x6) == 0x6;
+  f.os_zmm = (xcr0 & 0xe6) == 0xe6;
+  return f;
+}
+
+std::string missing_of(std::initializer_list<std::pair<bool, const char*>> needs) {
+  std::string out;
+  for (const auto& [ok, name] : needs)
+    if (!ok) out += (out.empty() ? "" : ", ") + std::string(name);
+  return out;
+}
 #endif
+
+std::vector<Candidate> candidates() {
+  std::vector<Candidate> c;
+#if defined(__x86_64__) || defined(_M_X64)
+  const X86Features f = read_features();
+  std::string miss = missing_of({{f.avx512f, "avx512f"},
+                                 {f.avx512bw, "avx512bw"},
+                                 {f.avx512vl, "avx512vl"},
+                                 {f.avx512vnni, "avx512_vnni"},
+                                 {f.os_zmm, "OS-saved zmm state (XCR0)"}});
+  c.push_back({"avx512_vnni", [] { return &avx512_vnni_kernels(); }, miss.empty(), miss});
+  miss = missing_of({{f.avx2, "avx2"}, {f.fma, "fma"}, {f.os_ymm, "OS-saved ymm state (XCR0)"}});
+  c.push_back({"avx2", [] { return &avx2_kernels(); }, miss.empty(), miss});
+#endif
+  c.push_back({"scalar", [] { return &scalar_kernels(); }, true, ""});
+  return c;
 }
 
 Choice choose() {
+  const std::vector<Candidate> cands = candidates();
   const char* env = std::getenv("PYCLIPQ_CPU_ISA");
-  const bool has_avx2 = cpu_has_avx2_fma();
   if (env != nullptr && *env != '\0') {
-    if (std::strcmp(env, "scalar") == 0) return {&scalar_kernels(), "forced by PYCLIPQ_CPU_ISA=scalar"};
-#if defined(__x86_64__) || defined(_M_X64)
-    if (std::strcmp(env, "avx2") == 0) {
-      if (!has_avx2) throw std::runtime_error("PYCLIPQ_CPU_ISA=avx2 but this CPU lacks AVX2/FMA");
-      return {&avx2_kernels(), "forced by PYCLIPQ_CPU_ISA=avx2"};
+    std::string names;
+    for (const Candidate& c : cands) {
+      if (std::strcmp(env, c.name) == 0) {
+        if (!c.supported)
+          throw std::runtime_error(std::string("PYCLIPQ_CPU_ISA=") + env + " but this CPU/OS lacks " + c.missing);
+        return {c.table(), std::string("forced by PYCLIPQ_CPU_ISA=") + env};
+      }
+      names += (names.empty() ? "'" : ", '") + std::string(c.name) + "'";
     }
-#endif
-    throw std::runtime_error(std::string("PYCLIPQ_CPU_ISA must be 'scalar' or 'avx2', got '") + env + "'");
+    throw std::runtime_error("PYCLIPQ_CPU_ISA must be one of " + names + ", got '" + env + "'");
   }
-#if defined(__x86_64__) || defined(_M_X64)
-  if (has_avx2) return {&avx2_kernels(), "CPUID: avx2+fma"};
-#endif
-  return {&scalar_kernels(), "CPUID: no avx2+fma"};
+  std::string skipped;
+  for (const Candidate& c : cands) {
+    if (c.supported) return {c.table(), "CPUID: best supported" + (skipped.empty() ? "" : " (" + skipped + ")")};
+    skipped += (skipped.empty() ? "" : "; ") + std::string(c.name) + " needs " + c.missing;
+  }
+  return {&scalar_kernels(), "scalar"};
 }
 
 const Choice& choice() {
@@ -52,5 +119,12 @@ const Choice& choice() {
 
 const KernelTable& active_kernels() { return *choice().table; }
 const char* cpu_isa_reason() { return choice().reason.c_str(); }
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (const Candidate& c : candidates())
+    if (c.supported) out.push_back(c.name);
+  return out;
+}
 
 }  // namespace pyclipq::cpu

@@ -840,7 +840,7 @@ void avx2_linear(const GemmProblem& p, const LinearEpilogue& e, int64_t m0, int6
 }  // namespace
 
 const KernelTable& avx2_kernels() {
-  static const KernelTable table{"avx2", avx2_quantize_rows, avx2_gemm, avx2_linear};
+  static const KernelTable table{"avx2", avx2_quantize_rows, avx2_gemm, avx2_linear, {0, 8}};
   return table;
 }
 

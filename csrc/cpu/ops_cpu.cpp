@@ -92,29 +92,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_per_token(const at::Tens
   return {r.q, r.scale, r.sums};
 }
 
-// The (M, N) work is cut into tasks of whole rows x a multiple of 8 columns, which the pool's
-// threads take from a shared counter: a thread slowed by another process on its core takes
-// fewer tasks. Every output element is computed by exactly one task with the same instruction
-// sequence whatever the tile it falls in, so results do not depend on the number of threads.
-// M >= 8: rows in multiples of the 8-row register tile, about 8 tasks per thread (each task
-// packs its rows' activations once; a task's weights stay in L2/L3), N split too only when
-// there are too few row chunks. M < 8 (GEMV-like, weights from DRAM): split N only, with
-// >= 32 KiB of weights per task.
+// The (M, N) work is cut into tasks of whole rows x a multiple of the table's column tile, which
+// the pool's threads take from a shared counter: a thread slowed by another process on its core
+// takes fewer tasks. Every output element is computed by exactly one task with the same
+// instruction sequence whatever the tile it falls in, so results do not depend on the number of
+// threads. M >= 8: for tables that pack activations per row tile (TaskShape::max_rows == 0),
+// rows in multiples of the 8-row register tile, about 8 tasks per thread (each task packs its
+// rows' activations once; a task's weights stay in L2/L3), N split too only when there are too
+// few row chunks; for tables that repack weights per task, up to max_rows rows per task and N
+// split into about 8 tasks per thread. M < 8 (GEMV-like, weights from DRAM): split N only, with
+// >= 96 KiB of weights per task.
 template <typename Fn>
-void for_each_task(int64_t m, int64_t n, int64_t row_bytes, Fn&& fn) {
+void for_each_task(const TaskShape& shape, int64_t m, int64_t n, int64_t row_bytes, Fn&& fn) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   if (m == 0 || n == 0) return;
   const int64_t target = 8 * threads;
   int64_t m_chunk = m, n_tasks = target;
-  if (m >= 8) {
+  if (m >= 8 && shape.max_rows == 0) {
     m_chunk = 8 * ((m + 8 * target - 1) / (8 * target));
     const int64_t m_tasks = (m + m_chunk - 1) / m_chunk;
     n_tasks = m_tasks >= target / 2 ? 1 : (target / 2 + m_tasks - 1) / m_tasks;
+  } else if (m >= 8) {
+    const int64_t m_tasks = (m + shape.max_rows - 1) / shape.max_rows;
+    m_chunk = (m + m_tasks - 1) / m_tasks;
+    n_tasks = (target + m_tasks - 1) / m_tasks;
   } else {
     n_tasks = std::min(target, std::max<int64_t>(1, n * row_bytes / (96 * 1024)));
   }
+  const int64_t col = shape.col_multiple;
+  const int64_t n_chunk =
+      std::min((n + col - 1) / col * col, std::max(col, ((n + n_tasks - 1) / n_tasks + col - 1) / col * col));
   const int64_t m_tasks = (m + m_chunk - 1) / m_chunk;
-  const int64_t n_chunk = std::min((n + 7) / 8 * 8, std::max<int64_t>(8, ((n + n_tasks - 1) / n_tasks + 7) / 8 * 8));
   const int64_t tasks = m_tasks * ((n + n_chunk - 1) / n_chunk);
   const int64_t nt_count = (n + n_chunk - 1) / n_chunk;
   std::atomic<int64_t> next{0};
@@ -139,7 +147,7 @@ at::Tensor integer_gemm(WeightKind kind, const at::Tensor& x_q, const at::Tensor
   const GemmProblem p{kind, m, n, k_pad, group_size, x_q.data_ptr<int8_t>(),
                       kind == WeightKind::Int8 ? nullptr : x_sums.data_ptr<int32_t>(), weight.data_ptr()};
   int32_t* outp = out.data_ptr<int32_t>();
-  for_each_task(m, n, weight_row_bytes(kind, k_pad),
+  for_each_task(kt.tasks, m, n, weight_row_bytes(kind, k_pad),
                 [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.gemm(p, m0, m1, n0, n1, outp); });
   return grouped_output ? out : out.view({m, n});
 }
@@ -160,7 +168,7 @@ at::Tensor fused_linear(WeightKind kind, const at::Tensor& x, const at::Tensor& 
   const LinearEpilogue e{a.scale.data_ptr<float>(), weight_scale.data_ptr<float>(),
                          bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr, y.data_ptr(),
                          float_type(y.scalar_type())};
-  for_each_task(m, n, weight_row_bytes(kind, k_pad),
+  for_each_task(kt.tasks, m, n, weight_row_bytes(kind, k_pad),
                 [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.linear(p, e, m0, m1, n0, n1); });
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;

@@ -3,6 +3,8 @@
 // argument checks, allocation and thread split, and call these on (M, N) tiles of work.
 #pragma once
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "pyclipq/formats.h"
 
@@ -45,21 +47,34 @@ struct LinearEpilogue {
 using LinearFn = void (*)(const GemmProblem& p, const LinearEpilogue& e, int64_t m0, int64_t m1, int64_t n0,
                           int64_t n1);
 
+// How the aten wrapper cuts the (M, N) work of a GEMM or fused linear into tasks for a table.
+struct TaskShape {
+  // 0: about 8 row tasks per thread, in multiples of 8 rows (tables that pack activations per
+  // row tile); else tasks take up to this many rows and split N instead (tables that repack
+  // weights per task, so every row of a task reuses the repacked columns).
+  int64_t max_rows;
+  int64_t col_multiple;  // a task's columns are a multiple of this (the table's column tile)
+};
+
 struct KernelTable {
   const char* isa;
   QuantizeRowsFn quantize_rows;
   GemmFn gemm;
   LinearFn linear;
+  TaskShape tasks;
 };
 
 const KernelTable& scalar_kernels();
 #if defined(__x86_64__) || defined(_M_X64)
 const KernelTable& avx2_kernels();
+const KernelTable& avx512_vnni_kernels();
 #endif
 
-// The table chosen at run time (CPUID, overridable with PYCLIPQ_CPU_ISA=scalar|avx2).
+// The table chosen at run time (CPUID + XGETBV, overridable with PYCLIPQ_CPU_ISA=scalar|avx2|avx512_vnni).
 const KernelTable& active_kernels();
 const char* cpu_isa_reason();
+// The tables this CPU and OS can run, best first (what PYCLIPQ_CPU_ISA may force).
+std::vector<std::string> supported_isas();
 // How many threads the CPU ops' work split really runs on (ops_cpu.cpp): at most
 // at::get_num_threads(); 1 when the ops were built without their threading backend.
 int parallel_width();

@@ -1,0 +1,533 @@
+// The AVX-512 VNNI kernel table ("avx512_vnni"). Compiled with -mavx512f -mavx512bw -mavx512vl
+// -mavx512dq -mavx512vnni (see CMakeLists.txt) and only selected when CPUID reports those and
+// XGETBV says the OS saves the opmask and zmm state (isa.cpp).
+//
+// One integer core for every format. vpdpbusd multiplies u8 x s8 and adds 4 products into each
+// int32 lane without saturation. The weight is the unsigned operand u = level + O, the int8
+// activation the signed one, and
+//     sum_k level_k * x_k = sum_k u_k * x_k - O * sum_k x_k
+// with O = 128 for int8 (u = w + 128: the sign bit flipped) and O = level_offset for the low-bit
+// formats (u = level_mul * code). The activation group sums come with the quantized activations
+// (the int8 GEMM op computes its row sums itself), so the canonical layout is read as stored
+// and nothing has to be precomputed per output channel. Activations keep the full [-127, 127].
+//
+// int32 bound: |u * x| <= 255 * 127, so a lane of sum u*x can wrap for int8 at K > 66000. That is
+// harmless: vpdpbusd and the correction are both exact modulo 2^32, and the true total
+// |sum level * x| <= 127 * 127 * K fits int32 for K < 133000 (the AVX2 table's limit too).
+//
+// Two register tiles, chosen per task by its row count (the results are bit-identical: both
+// produce exact int32 group totals and run the same float epilogue per output):
+// * Broadcast tile, for tasks of >= kMinBroadcastRows rows. The task repacks its column range
+//   once, L2 block by L2 block, into u8 operands in [16-column panel][K / 4][16 columns][4]
+//   order (a 16 x 16 dword transpose per 64 K-elements of 16 columns). A 6-row x 64-column tile
+//   then does one vpdpbusd per (row, panel, 4 K-elements) with the row's 4 activation bytes
+//   broadcast: every lane is one output, so group totals need no horizontal sums, and each
+//   decoded weight vector is reused by 6 rows. The repack costs ~8 instructions per 64 weights,
+//   paid once per task for all of its rows.
+// * Dot tile, for few rows (M = 1): one activation row x 16 columns straight from the canonical
+//   layout. 64 consecutive codes are one 64-byte load (int8) or one 32-byte broadcast, a
+//   per-half variable shift and a mask (docs/FORMATS.md's block-planar planes p and p+1 are 64
+//   consecutive elements). Lanes are summed at each group end by a 16 x 16 transpose-add
+//   (45 instructions per 16 outputs). The next column tile is prefetched block by block.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "kernels_portable.h"
+
+// GCC 12's avx512fintrin.h builds the reductions and masked converts on _mm512_undefined_*
+// values and then warns that they are used uninitialized (a false positive: every lane that is
+// read is written first).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace pyclipq::cpu {
+namespace {
+
+#define PQ_INLINE inline __attribute__((always_inline))
+
+PQ_INLINE __mmask16 first_lanes16(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
+
+// ------------------------------------------------------------------ activation quantization
+
+template <FloatType T>
+PQ_INLINE __m512 load16(const void* base, int64_t i, __mmask16 m) {
+  if constexpr (T == FloatType::F32) {
+    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(base) + i);
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(base) + i);
+    if constexpr (T == FloatType::BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+  }
+}
+
+// round(v * inv) clamped to [-127, 127] (clamping before the conversion equals clamping after
+// rounding, the bounds being integers); the conversion rounds half to even like nearbyintf.
+PQ_INLINE __m512i quantize16(__m512 v, __m512 inv) {
+  const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, inv), _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+  return _mm512_cvtps_epi32(t);
+}
+
+template <FloatType T>
+int64_t quantize_rows_t(const void* x, int64_t ldx, int64_t rows, int64_t k, int64_t k_pad, int64_t group_size,
+                        const float* static_scale, int8_t* q, float* scale, int32_t* sums) {
+  const int64_t groups = num_groups(k_pad, group_size);
+  const int64_t glen = k_pad / groups;  // a multiple of 32
+  const __m512 fmax = _mm512_set1_ps(std::numeric_limits<float>::max());
+  int64_t bad_row = -1;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row0 = r * ldx;
+    __m512 vmax = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t i = 0; i < k; i += 16) {
+      const __m512 a = _mm512_abs_ps(load16<T>(x, row0 + i, first_lanes16(k - i)));
+      vmax = _mm512_max_ps(vmax, a);
+      bad |= _mm512_cmp_ps_mask(a, fmax, _CMP_NLE_UQ);  // NaN or Inf
+    }
+    if (bad != 0 && bad_row < 0) bad_row = r;
+    const RowScale rs = row_scale(_mm512_reduce_max_ps(vmax), static_scale);
+    scale[r] = rs.scale;
+    const __m512 inv = _mm512_set1_ps(rs.inv);
+    int8_t* qr = q + r * k_pad;
+    int32_t* sr = sums + r * groups;
+    __m512i gsum = _mm512_setzero_si512();
+    for (int64_t c = 0; c < k_pad; c += 32) {
+      // lanes past K load as 0 and quantize to 0: the zero padding of the format
+      const __m512i v0 = quantize16(load16<T>(x, row0 + c, c < k ? first_lanes16(k - c) : 0), inv);
+      const __m512i v1 = quantize16(load16<T>(x, row0 + c + 16, c + 16 < k ? first_lanes16(k - c - 16) : 0), inv);
+      gsum = _mm512_add_epi32(gsum, _mm512_add_epi32(v0, v1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + c), _mm512_cvtepi32_epi8(v0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + c + 16), _mm512_cvtepi32_epi8(v1));
+      if ((c + 32) % glen == 0) {
+        sr[(c + 32) / glen - 1] = _mm512_reduce_add_epi32(gsum);
+        gsum = _mm512_setzero_si512();
+      }
+    }
+  }
+  return bad_row;
+}
+
+int64_t vnni_quantize_rows(const void* x, FloatType x_type, int64_t ldx, int64_t rows, int64_t k, int64_t k_pad,
+                           int64_t group_size, const float* static_scale, int8_t* q, float* scale, int32_t* sums) {
+  switch (x_type) {
+    case FloatType::BF16:
+      return quantize_rows_t<FloatType::BF16>(x, ldx, rows, k, k_pad, group_size, static_scale, q, scale, sums);
+    case FloatType::F16:
+      return quantize_rows_t<FloatType::F16>(x, ldx, rows, k, k_pad, group_size, static_scale, q, scale, sums);
+    default:
+      return quantize_rows_t<FloatType::F32>(x, ldx, rows, k, k_pad, group_size, static_scale, q, scale, sums);
+  }
+}
+
+// ------------------------------------------------------------------ weight operands
+
+// O of the header: what the u8 operand adds to a level.
+constexpr int operand_offset(WeightKind kind) { return kind == WeightKind::Int8 ? 128 : traits(kind).level_offset; }
+
+// u8 operands of the 64 weights [128 s + 64 H, 128 s + 64 H + 64) of one canonical row: chunk
+// 2s + H of the row's 64-element chunks.
+template <WeightKind KIND, int H>
+PQ_INLINE __m512i operands64(const uint8_t* row, int64_t s) {
+  if constexpr (KIND == WeightKind::Int8) {
+    return _mm512_xor_si512(_mm512_loadu_si512(row + 128 * s + 64 * H), _mm512_set1_epi8(static_cast<char>(0x80)));
+  } else {
+    constexpr int BITS = traits(KIND).bits;
+    constexpr int PAIRS = (8 / BITS) / 2;  // plane pairs per 32-byte unit: int4 1, int2/ternary 2
+    constexpr int PAIR = (H % PAIRS);
+    // the unit holding chunk 2s + H, broadcast to both halves; planes 2 PAIR and 2 PAIR + 1 are
+    // 64 consecutive elements, shifted down in the low and high 256 bits respectively
+    const int64_t unit = (2 * s + H) / PAIRS;
+    const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * unit)));
+    const __m512i shift =
+        _mm512_inserti64x4(_mm512_set1_epi16(2 * PAIR * BITS), _mm256_set1_epi16((2 * PAIR + 1) * BITS), 1);
+    const __m512i code = _mm512_and_si512(_mm512_srlv_epi16(v, shift), _mm512_set1_epi8((1 << BITS) - 1));
+    if constexpr (traits(KIND).level_mul == 2) return _mm512_add_epi8(code, code);
+    else return code;
+  }
+}
+
+// v[r] holds 16 dwords of row r; afterwards v[d] holds dword d of rows 0..15.
+PQ_INLINE void transpose16x16_epi32(__m512i (&v)[16]) {
+  __m512i t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+  }
+  // u[4 i + e], 128-bit lane L: dword 4 L + e of rows 4 i .. 4 i + 3
+  __m512i u[16];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // a 4 x 4 transpose of 128-bit lanes across u[e], u[4 + e], u[8 + e], u[12 + e]
+#pragma GCC unroll 4
+  for (int e = 0; e < 4; ++e) {
+    const __m512i s0 = _mm512_shuffle_i32x4(u[e], u[4 + e], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i s1 = _mm512_shuffle_i32x4(u[e], u[4 + e], _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512i s2 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i s3 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], _MM_SHUFFLE(3, 2, 3, 2));
+    v[e] = _mm512_shuffle_i32x4(s0, s2, _MM_SHUFFLE(2, 0, 2, 0));
+    v[4 + e] = _mm512_shuffle_i32x4(s0, s2, _MM_SHUFFLE(3, 1, 3, 1));
+    v[8 + e] = _mm512_shuffle_i32x4(s1, s3, _MM_SHUFFLE(2, 0, 2, 0));
+    v[12 + e] = _mm512_shuffle_i32x4(s1, s3, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+
+// Lane j of the result = the sum of the 16 int32 lanes of a[j].
+PQ_INLINE __m512i sum_lanes16(const __m512i (&a)[16]) {
+  __m512i s[8], t[4];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)
+    s[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_epi32(a[2 * i], a[2 * i + 1]));
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)  // 128-bit lane L of t[i]: partial sums of columns 4 i .. 4 i + 3
+    t[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(s[2 * i], s[2 * i + 1]), _mm512_unpackhi_epi64(s[2 * i], s[2 * i + 1]));
+  const __m512i v01 = _mm512_add_epi32(_mm512_shuffle_i32x4(t[0], t[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                       _mm512_shuffle_i32x4(t[0], t[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512i v23 = _mm512_add_epi32(_mm512_shuffle_i32x4(t[2], t[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                       _mm512_shuffle_i32x4(t[2], t[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(v01, v23, _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_i32x4(v01, v23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+
+// ------------------------------------------------------------------ epilogues
+
+// Float outputs, 16 columns at a time, written with the same rounding rules as store_float.
+PQ_INLINE void store16(void* y, FloatType t, int64_t i, __m512 v, __mmask16 m) {
+  if (t == FloatType::F32) {
+    _mm512_mask_storeu_ps(static_cast<float*>(y) + i, m, v);
+  } else if (t == FloatType::BF16) {  // round half to even, quiet NaN: float_to_bf16
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + i, m, _mm512_cvtepi32_epi16(r));
+  } else {  // vcvtps2ph rounds half to even and overflows to infinity, like float_to_half
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + i, m,
+                             _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+// What both tiles share about the rows and the column block they work on.
+struct TileSpan {
+  const GemmProblem& p;
+  const int32_t* row_sums;  // [M] sums of x_q over the row for int8 when p.x_sums is absent (else nullptr)
+  int64_t groups;
+  int offset;               // O
+  int64_t m0, n0;           // first row and column of the tile
+  int valid;                // columns of the tile that exist (<= 16 * panels)
+
+  PQ_INLINE int32_t xsum(int64_t m, int64_t g) const {
+    return p.x_sums != nullptr ? p.x_sums[m * groups + g] : row_sums[m];
+  }
+  PQ_INLINE __mmask16 panel_mask(int c) const { return first_lanes16(std::max(0, valid - 16 * c)); }
+};
+
+// The fused linear: facc += float(total) * w_scale per group, then y = fma(facc, x_scale, bias):
+// per output the same instructions as the AVX2 table (G + 2 roundings; tests allow G + 4).
+// w_scale is read from the block's transposed copy [G][block columns].
+template <int R, int C>
+struct LinearSink {
+  const TileSpan& t;
+  const LinearEpilogue& e;
+  const float* ws;  // the block's scales at this tile's first column, row stride ldws
+  int64_t ldws;
+  alignas(64) float facc[R * C * 16] = {};
+
+  PQ_INLINE void add(int r, int c, int64_t g, __m512i acc) {
+    const __m512i off = _mm512_set1_epi32(t.offset * t.xsum(t.m0 + r, g));
+    const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, off));
+    float* fa = facc + (r * C + c) * 16;
+    _mm512_store_ps(fa, _mm512_fmadd_ps(f, _mm512_loadu_ps(ws + g * ldws + 16 * c), _mm512_load_ps(fa)));
+  }
+  void finish(int rows) {
+    for (int c = 0; c < C; ++c) {
+      const __mmask16 m = t.panel_mask(c);
+      if (m == 0) continue;
+      const __m512 bias = e.bias ? _mm512_maskz_loadu_ps(m, e.bias + t.n0 + 16 * c) : _mm512_setzero_ps();
+      for (int r = 0; r < rows; ++r) {
+        const __m512 y = _mm512_fmadd_ps(_mm512_load_ps(facc + (r * C + c) * 16), _mm512_set1_ps(e.x_scale[t.m0 + r]), bias);
+        store16(e.y, e.y_type, (t.m0 + r) * t.p.N + t.n0 + 16 * c, y, m);
+      }
+    }
+  }
+};
+
+// The integer GEMM: out[m, n, g] = total, exact.
+template <int R, int C>
+struct GemmSink {
+  const TileSpan& t;
+  int32_t* out;
+
+  PQ_INLINE void add(int r, int c, int64_t g, __m512i acc) {
+    const __mmask16 m = t.panel_mask(c);
+    const __m512i tot = _mm512_sub_epi32(acc, _mm512_set1_epi32(t.offset * t.xsum(t.m0 + r, g)));
+    int32_t* dst = out + ((t.m0 + r) * t.p.N + t.n0 + 16 * c) * t.groups + g;
+    if (t.groups == 1) {
+      _mm512_mask_storeu_epi32(dst, m, tot);
+    } else {
+      const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(static_cast<int32_t>(t.groups)));
+      _mm512_mask_i32scatter_epi32(dst, m, idx, tot, 4);
+    }
+  }
+  void finish(int) {}
+};
+
+// ------------------------------------------------------------------ broadcast tile
+
+constexpr int kTileRows = 6;    // 6 x 4 accumulators + 4 weight vectors + 1 broadcast: 29 of 32 registers
+constexpr int kTilePanels = 4;  // 64 columns
+
+PQ_INLINE int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// R rows x 4 panels over all of K, group by group. w[c]: panel c of the repacked block.
+template <int R, class Sink>
+__attribute__((noinline)) void broadcast_tile(const int8_t* x, int64_t k_pad, const uint8_t* const (&w)[kTilePanels],
+                                              int64_t group_quads, int64_t groups, Sink& sink) {
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i acc[R][kTilePanels];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int c = 0; c < kTilePanels; ++c) acc[r][c] = _mm512_setzero_si512();
+    const int64_t q1 = (g + 1) * group_quads;
+    for (int64_t q = g * group_quads; q < q1; ++q) {
+      __m512i wv[kTilePanels];
+#pragma GCC unroll 4
+      for (int c = 0; c < kTilePanels; ++c) wv[c] = _mm512_load_si512(w[c] + 64 * q);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512i xb = _mm512_set1_epi32(load_i32(x + r * k_pad + 4 * q));
+#pragma GCC unroll 4
+        for (int c = 0; c < kTilePanels; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], wv[c], xb);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int c = 0; c < kTilePanels; ++c) sink.add(r, c, g, acc[r][c]);
+  }
+  sink.finish(R);
+}
+
+// Repacks the columns [b0, b1) into u8 operands [panel][K / 4][16 columns][4] (the last panel's
+// missing columns repeat the last column; they are never stored).
+template <WeightKind KIND, int H>
+PQ_INLINE void repack_chunk(const uint8_t* const (&rows)[16], int64_t s, uint8_t* dst) {
+  __m512i v[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) v[j] = operands64<KIND, H>(rows[j], s);
+  transpose16x16_epi32(v);
+#pragma GCC unroll 16
+  for (int d = 0; d < 16; ++d) _mm512_store_si512(dst + 64 * d, v[d]);
+}
+
+template <WeightKind KIND>
+void repack_block(const uint8_t* w, int64_t ldw, int64_t b0, int64_t b1, int64_t k_pad, uint8_t* out) {
+  for (int64_t n = b0; n < b1; n += 16) {
+    const uint8_t* rows[16];
+    for (int j = 0; j < 16; ++j) rows[j] = w + std::min(n + j, b1 - 1) * ldw;
+    uint8_t* dst = out + (n - b0) * k_pad;  // a panel is 16 * K bytes
+    for (int64_t s = 0; s < k_pad / 128; ++s) {  // chunk c = 2 s + H holds K-quads 16 c .. 16 c + 15
+      repack_chunk<KIND, 0>(rows, s, dst + (2 * s) * 1024);
+      repack_chunk<KIND, 1>(rows, s, dst + (2 * s + 1) * 1024);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ dot tile
+
+// 1 row x 16 columns from the canonical layout. CPG: 64-element chunks per scale group
+// (1 or 2), or 0 for one group per output channel.
+template <WeightKind KIND, int CPG, class Sink>
+__attribute__((noinline)) void dot_tile(const int8_t* x, const uint8_t* const (&rows)[16], int64_t k_pad,
+                                        const char* next, int64_t next_lines_per_step, Sink& sink) {
+  __m512i acc[16];
+  auto reset = [&]() __attribute__((always_inline)) {
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_si512();
+  };
+  auto flush = [&](int64_t g) __attribute__((always_inline)) {
+    sink.add(0, 0, g, sum_lanes16(acc));
+    reset();
+  };
+  reset();
+  const int64_t steps = k_pad / 128;
+  for (int64_t s = 0; s < steps; ++s) {
+    if (next != nullptr)  // the next tile, a slice per step: paced so the misses do not burst
+      for (int64_t l = 0; l < next_lines_per_step; ++l)
+        _mm_prefetch(next + (s * next_lines_per_step + l) * 64, _MM_HINT_T0);
+    const __m512i x0 = _mm512_loadu_si512(x + 128 * s), x1 = _mm512_loadu_si512(x + 128 * s + 64);
+    if constexpr (CPG == 1) {
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_dpbusd_epi32(acc[j], operands64<KIND, 0>(rows[j], s), x0);
+      flush(2 * s);
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_dpbusd_epi32(acc[j], operands64<KIND, 1>(rows[j], s), x1);
+      flush(2 * s + 1);
+    } else {
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) {
+        const __m512i a0 = operands64<KIND, 0>(rows[j], s), a1 = operands64<KIND, 1>(rows[j], s);
+        acc[j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[j], a0, x0), a1, x1);
+      }
+      if constexpr (CPG == 2) flush(s);
+    }
+  }
+  if constexpr (CPG == 0) flush(0);
+  sink.finish(1);
+}
+
+// ------------------------------------------------------------------ tasks
+
+// Tasks with at least this many rows repack their columns and use the broadcast tile; fewer
+// rows read the canonical layout with the dot tile (measured crossover, Zen 4).
+constexpr int64_t kMinBroadcastRows = 4;
+// Repacked u8 operands of one column block, kept in L2 (1 MiB per core on Zen 4) while the
+// task's row tiles stream past them.
+constexpr int64_t kL2OperandBytes = 384 * 1024;
+
+struct Scratch {
+  std::vector<uint8_t> operands;  // the block's u8 operands (64-byte aligned inside)
+  std::vector<float> scales;    // the block's w_scale, transposed to [G][columns]
+  std::vector<int32_t> row_sums;
+};
+Scratch& scratch() {
+  thread_local Scratch s;
+  return s;
+}
+
+template <WeightKind KIND>
+void run_format(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int64_t m0, int64_t m1, int64_t n0,
+                int64_t n1) {
+  const int64_t G = num_groups(p.k_pad, p.group_size), glen = p.k_pad / G;
+  const int64_t ldw = p.k_pad / codes_per_byte(KIND);
+  const uint8_t* w = static_cast<const uint8_t*>(p.weight);
+  Scratch& sc = scratch();
+  const int32_t* row_sums = nullptr;
+  if (p.x_sums == nullptr) {  // the int8 GEMM op: sum x_q over each row for the O correction
+    sc.row_sums.resize(p.M);
+    for (int64_t m = m0; m < m1; ++m) {
+      __m512i s = _mm512_setzero_si512();
+      for (int64_t k = 0; k < p.k_pad; k += 64) {
+        const __m512i v = _mm512_loadu_si512(p.x_q + m * p.k_pad + k);
+        s = _mm512_add_epi32(s, _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), v));
+      }
+      sc.row_sums[m] = _mm512_reduce_add_epi32(s);
+    }
+    row_sums = sc.row_sums.data();
+  }
+  const bool broadcast = m1 - m0 >= kMinBroadcastRows || glen == 32;
+  const int64_t nb = broadcast ? std::max<int64_t>(64, kL2OperandBytes / p.k_pad / 64 * 64) : 256;
+  for (int64_t b0 = n0; b0 < n1; b0 += nb) {
+    const int64_t b1 = std::min(n1, b0 + nb), cols = (b1 - b0 + 63) / 64 * 64;
+    if (e != nullptr) {
+      sc.scales.assign(G * cols, 0.0f);
+      for (int64_t n = b0; n < b1; ++n)
+        for (int64_t g = 0; g < G; ++g) sc.scales[g * cols + n - b0] = e->w_scale[n * G + g];
+    }
+    if (broadcast) {
+      sc.operands.resize(cols * p.k_pad + 64);
+      uint8_t* ops = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(sc.operands.data()) + 63) & ~uintptr_t(63));
+      repack_block<KIND>(w, ldw, b0, b1, p.k_pad, ops);
+      const int64_t panels = (b1 - b0 + 15) / 16;
+      for (int64_t m = m0; m < m1; m += kTileRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m1 - m));
+        for (int64_t n = b0; n < b1; n += 16 * kTilePanels) {
+          const uint8_t* wp[kTilePanels];
+          for (int c = 0; c < kTilePanels; ++c)
+            wp[c] = ops + std::min((n - b0) / 16 + c, panels - 1) * 16 * p.k_pad;
+          const TileSpan span{p, row_sums, G, operand_offset(KIND), m, n,
+                              static_cast<int>(std::min<int64_t>(16 * kTilePanels, b1 - n))};
+          auto launch = [&]<int R>() {
+            if (e != nullptr) {
+              LinearSink<R, kTilePanels> sink{span, *e, sc.scales.data() + (n - b0), cols};
+              broadcast_tile<R>(p.x_q + m * p.k_pad, p.k_pad, wp, glen / 4, G, sink);
+            } else {
+              GemmSink<R, kTilePanels> sink{span, out};
+              broadcast_tile<R>(p.x_q + m * p.k_pad, p.k_pad, wp, glen / 4, G, sink);
+            }
+          };
+          switch (rows) {
+            case 6: launch.template operator()<6>(); break;
+            case 5: launch.template operator()<5>(); break;
+            case 4: launch.template operator()<4>(); break;
+            case 3: launch.template operator()<3>(); break;
+            case 2: launch.template operator()<2>(); break;
+            default: launch.template operator()<1>(); break;
+          }
+        }
+      }
+    } else {
+      for (int64_t n = b0; n < b1; n += 16) {
+        const uint8_t* rows[16];
+        for (int j = 0; j < 16; ++j) rows[j] = w + std::min(n + j, b1 - 1) * ldw;
+        const int valid = static_cast<int>(std::min<int64_t>(16, b1 - n));
+        // the next tile's rows are contiguous: prefetch them a slice per 128-element step
+        const int64_t next_cols = std::min<int64_t>(16, n1 - (n + 16));
+        const char* next = next_cols > 0 ? reinterpret_cast<const char*>(w + (n + 16) * ldw) : nullptr;
+        const int64_t lines_per_step = (next_cols * ldw / 64 + p.k_pad / 128 - 1) / (p.k_pad / 128);
+        for (int64_t m = m0; m < m1; ++m) {
+          const TileSpan span{p, row_sums, G, operand_offset(KIND), m, n, valid};
+          const char* pf = m == m0 ? next : nullptr;
+          auto launch = [&]<int CPG>() {
+            if (e != nullptr) {
+              LinearSink<1, 1> sink{span, *e, sc.scales.data() + (n - b0), cols};
+              dot_tile<KIND, CPG>(p.x_q + m * p.k_pad, rows, p.k_pad, pf, lines_per_step, sink);
+            } else {
+              GemmSink<1, 1> sink{span, out};
+              dot_tile<KIND, CPG>(p.x_q + m * p.k_pad, rows, p.k_pad, pf, lines_per_step, sink);
+            }
+          };
+          if (G == 1) launch.template operator()<0>();
+          else if (glen == 64) launch.template operator()<1>();
+          else launch.template operator()<2>();
+        }
+      }
+    }
+  }
+}
+
+void run(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int64_t m0, int64_t m1, int64_t n0,
+         int64_t n1) {
+  if (m0 >= m1 || n0 >= n1) return;
+  switch (p.kind) {
+    case WeightKind::Int8:
+      return run_format<WeightKind::Int8>(p, e, out, m0, m1, n0, n1);
+    case WeightKind::Int4:
+      return run_format<WeightKind::Int4>(p, e, out, m0, m1, n0, n1);
+    case WeightKind::Int2:
+      return run_format<WeightKind::Int2>(p, e, out, m0, m1, n0, n1);
+    case WeightKind::Ternary:
+      return run_format<WeightKind::Ternary>(p, e, out, m0, m1, n0, n1);
+  }
+}
+
+void vnni_gemm(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* out) {
+  run(p, nullptr, out, m0, m1, n0, n1);
+}
+
+void vnni_linear(const GemmProblem& p, const LinearEpilogue& e, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  run(p, &e, nullptr, m0, m1, n0, n1);
+}
+
+}  // namespace
+
+const KernelTable& avx512_vnni_kernels() {
+  static const KernelTable table{"avx512_vnni", vnni_quantize_rows, vnni_gemm, vnni_linear, {kTileRows * 32, 16 * kTilePanels}};
+  return table;
+}
+
+}  // namespace pyclipq::cpu
