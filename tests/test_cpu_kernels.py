@@ -1,12 +1,16 @@
-"""The CPU kernel tables (csrc/cpu): both ISA paths bit-exact against pyclipq.ops.reference.
+"""The CPU kernel tables (csrc/cpu): every ISA path bit-exact against pyclipq.ops.reference.
 
-The ISA is chosen once per process (PYCLIPQ_CPU_ISA=scalar|avx2), so each check is a plain
-function: the ISA of this process runs it in-process, any other ISA runs every check in one
-child process (`python test_cpu_kernels.py <isa>`), and each check reports on its own.
+The ISA is chosen once per process (PYCLIPQ_CPU_ISA=scalar|avx2|avx512_vnni), so each check is
+a plain function: the ISA of this process runs it in-process, any other ISA runs every check in
+one child process (`python test_cpu_kernels.py <isa>`), and each check reports on its own. A
+table this CPU cannot run is skipped, with the reason.
 
-Shapes are chosen to reach every AVX2 register tile: 8-row tiles (4 row pairs x 2 columns),
-4-row (2 pairs x 4 columns), 2-row (1 pair x 8 columns) and the single-row kernel (M = 1 and
-an odd last row), with N not a multiple of any tile width and K not a multiple of 128.
+Shapes are chosen to reach every register tile, with N not a multiple of any tile width and K
+not a multiple of 128:
+* AVX2: 8-row tiles (4 row pairs x 2 columns), 4-row (2 pairs x 4 columns), 2-row (1 pair x 8
+  columns) and the single-row kernel (M = 1 and an odd last row);
+* AVX-512 VNNI: the dot tile (tasks of < 4 rows: M = 1, 2, 3) and the broadcast tile with
+  1 to 6 rows (M = 13 = 6 + 6 + 1, M = 5, 8 = 6 + 2, 15 = 6 + 6 + 3) x 1 to 4 panels of 16 columns.
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ from helpers import linear_tolerance, reference_accumulators  # noqa: E402
 FORMAT_GROUPS = [("int8", 0), ("ternary", 0)] + [(f, g) for f in ("int4", "int2") for g in (0, 32, 64, 128)]
 # M: 1 (single-row kernel), 2, 3 (2-row tile + single row), 5 (4-row tile + single row),
 # 15 = 8 + 4 + 2 + 1; N: 1, below and above every tile width; K: 1, ragged, several blocks.
-RAGGED = [(1, 1, 1), (2, 3, 129), (3, 17, 200), (5, 9, 300), (15, 19, 640), (8, 33, 1000), (1, 70, 384)]
+RAGGED = [(1, 1, 1), (2, 3, 129), (3, 17, 200), (5, 9, 300), (15, 19, 640), (8, 33, 1000), (1, 70, 384),
+          (13, 70, 384), (4, 130, 256)]
 
 
 def random_layer(fmt, n, k, group, gen):
@@ -105,14 +110,16 @@ def check_gemm_uses_the_given_sums():
 
 def check_worst_case_accumulation():
     """|x_q| = 127 everywhere, largest codes, K = 16384: every int16 flush period and group size,
-    through every register tile (M = 15 = 8 + 4 + 2 + 1 rows), exact and equal to the closed form."""
+    through every register tile (M = 15 = 8 + 4 + 2 + 1 rows on AVX2, 6 + 6 + 3 on AVX-512; M = 3:
+    the AVX-512 dot tile), exact and equal to the closed form."""
     for fmt, group in FORMAT_GROUPS:
-        x_q, sums, packed, expected_abs = worst_case(fmt, group, 15, 11, 16384)
-        got = gemm(fmt, x_q, sums, packed, group)
-        assert torch.equal(got, gemm(fmt, x_q, sums, packed, group, reference)), f"{fmt} g{group}"
-        flat = got.reshape(15, 11, -1)
-        assert (flat.abs() == expected_abs).all(), f"{fmt} g{group}: {flat.abs().min()}..{flat.abs().max()}"
-        assert (flat[0] > 0).all() == (flat[1] < 0).all(), f"{fmt} g{group}: rows of opposite sign"
+        for m in (15, 3):
+            x_q, sums, packed, expected_abs = worst_case(fmt, group, m, 11, 16384)
+            got = gemm(fmt, x_q, sums, packed, group)
+            assert torch.equal(got, gemm(fmt, x_q, sums, packed, group, reference)), f"{fmt} g{group} M={m}"
+            flat = got.reshape(m, 11, -1)
+            assert (flat.abs() == expected_abs).all(), f"{fmt} g{group}: {flat.abs().min()}..{flat.abs().max()}"
+            assert (flat[0] > 0).all() == (flat[1] < 0).all(), f"{fmt} g{group}: rows of opposite sign"
 
 
 def check_worst_case_fused_linear():
@@ -188,10 +195,22 @@ def check_threads_do_not_change_results():
         torch.set_num_threads(before)
 
 
+def check_rows_do_not_depend_on_the_batch():
+    """A row's output is the same whether its task is small (AVX-512: the dot tile on the canonical
+    layout) or large (the broadcast tile on repacked columns), and wherever the row falls in a tile."""
+    gen = torch.Generator().manual_seed(5)
+    for fmt, group in FORMAT_GROUPS:
+        packed, scale = random_layer(fmt, 70, 384, group, gen)
+        x = torch.randn(40, 384, generator=gen)
+        whole = linear(fmt, x, packed, scale, group, None)
+        for rows in (slice(0, 1), slice(5, 8), slice(7, 40)):
+            assert torch.equal(linear(fmt, x[rows], packed, scale, group, None), whole[rows]), f"{fmt} g{group} {rows}"
+
+
 CHECKS = {f.__name__: f for f in (check_gemm_bit_exact, check_gemm_uses_the_given_sums, check_worst_case_accumulation,
                                   check_worst_case_fused_linear, check_quantize_bit_exact,
                                   check_quantize_rounding_and_clipping, check_fused_linear_matches_reference,
-                                  check_threads_do_not_change_results)}
+                                  check_threads_do_not_change_results, check_rows_do_not_depend_on_the_batch)}
 
 
 def run_all_checks() -> dict:
@@ -211,12 +230,25 @@ def available_isas():
     return pyclipq.build_info()["cpu_isa_variants"]
 
 
-def cpu_has_avx2_fma():
+def cpu_flags() -> set[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        return set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return pyclipq.build_info()["cpu_isa"] == "avx2"
-    return "avx2" in flags and "fma" in flags
+        return set()
+
+
+# what each x86 table needs, as /proc/cpuinfo spells it (isa.cpp reads CPUID and XGETBV itself)
+ISA_FLAGS = {"avx512_vnni": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}, "avx2": {"avx2", "fma"}}
+
+
+def skip_reason(isa):
+    """Why this machine cannot run the table `isa`, or None."""
+    if isa not in available_isas():
+        return f"this build has no {isa} table"
+    if isa not in pyclipq.build_info()["cpu_isa_supported"]:
+        missing = sorted(ISA_FLAGS.get(isa, set()) - cpu_flags())
+        return f"this CPU/OS cannot run the {isa} table (lacks {', '.join(missing) or 'OS zmm/ymm state'})"
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -236,12 +268,11 @@ def child_results():
 
 
 @pytest.mark.parametrize("check", list(CHECKS))
-@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+@pytest.mark.parametrize("isa", ["avx512_vnni", "avx2", "scalar"])
 def test_cpu_kernels(isa, check, child_results):
-    if isa not in available_isas():
-        pytest.skip(f"this build has no {isa} table")
-    if isa == "avx2" and not cpu_has_avx2_fma():
-        pytest.skip("this CPU lacks AVX2/FMA")
+    reason = skip_reason(isa)
+    if reason:
+        pytest.skip(reason)
     if isa == pyclipq.build_info()["cpu_isa"]:
         CHECKS[check]()
     else:
@@ -253,13 +284,38 @@ def test_children_really_switch_isa():
     """The scalar child must run the scalar table (else both rows above would test one ISA)."""
     code = "import pyclipq; print(pyclipq.build_info()['cpu_isa'])"
     for isa in available_isas():
-        if isa == "avx2" and not cpu_has_avx2_fma():
+        if skip_reason(isa):
             continue
         # cwd="/": with `-c` the cwd leads sys.path, and the source tree's pyclipq/ has no
         # _C when the package is installed (CI); the child must import what pytest imports.
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env={**os.environ, "PYCLIPQ_CPU_ISA": isa}, timeout=300, cwd="/")
         assert r.returncode == 0 and r.stdout.strip() == isa, r.stderr
+
+
+def test_dispatch_picks_the_best_table_the_cpu_supports():
+    """Without PYCLIPQ_CPU_ISA the best table whose CPUID flags /proc/cpuinfo shows is chosen."""
+    flags = cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo to check CPUID against")
+    want = next((isa for isa in ("avx512_vnni", "avx2") if isa in available_isas() and ISA_FLAGS[isa] <= flags),
+                "scalar")
+    env = {k: v for k, v in os.environ.items() if k != "PYCLIPQ_CPU_ISA"}
+    code = "import json, pyclipq; print(json.dumps(pyclipq.build_info()))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd="/")
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info["cpu_isa"] == want and info["cpu_isa_supported"][0] == want, info
+    assert info["cpu_isa_reason"].startswith("CPUID"), info
+
+
+def test_forcing_a_table_the_cpu_lacks_is_a_clear_error():
+    lacking = [isa for isa in available_isas() if skip_reason(isa)]
+    if not lacking:
+        pytest.skip("this CPU runs every table of this build")
+    code = "import torch, pyclipq; torch.ops.pyclipq.int8_gemm(torch.zeros(1, 128, dtype=torch.int8), torch.zeros(1, 128, dtype=torch.int8))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/",
+                       env={**os.environ, "PYCLIPQ_CPU_ISA": lacking[0]})
+    assert r.returncode != 0 and f"PYCLIPQ_CPU_ISA={lacking[0]} but this CPU/OS lacks" in r.stderr, r.stderr
 
 
 if __name__ == "__main__":  # child mode: python test_cpu_kernels.py <isa>

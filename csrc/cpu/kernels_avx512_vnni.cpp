@@ -48,6 +48,11 @@ namespace {
 
 #define PQ_INLINE inline __attribute__((always_inline))
 
+// acc += u8 x s8 dot products. GCC 12 compiles _mm512_dpbusd_epi32 in unrolled loops with a
+// register copy and a stack store per accumulator per call (measured: 0.5x the speed); the
+// asm form keeps each accumulator in its register.
+PQ_INLINE void dpbusd(__m512i& acc, __m512i u8, __m512i s8) { asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8)); }
+
 PQ_INLINE __mmask16 first_lanes16(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
 
 // ------------------------------------------------------------------ activation quantization
@@ -239,7 +244,7 @@ struct LinearSink {
   const LinearEpilogue& e;
   const float* ws;  // the block's scales at this tile's first column, row stride ldws
   int64_t ldws;
-  alignas(64) float facc[R * C * 16] = {};
+  float* facc;  // [R][C][16], zeroed, 64-byte aligned (a member array would be copied to the stack)
 
   PQ_INLINE void add(int r, int c, int64_t g, __m512i acc) {
     const __m512i off = _mm512_set1_epi32(t.offset * t.xsum(t.m0 + r, g));
@@ -293,31 +298,44 @@ PQ_INLINE int32_t load_i32(const int8_t* p) {
 }
 
 // R rows x 4 panels over all of K, group by group. w[c]: panel c of the repacked block.
-template <int R, class Sink>
-__attribute__((noinline)) void broadcast_tile(const int8_t* x, int64_t k_pad, const uint8_t* const (&w)[kTilePanels],
-                                              int64_t group_quads, int64_t groups, Sink& sink) {
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512i acc[R][kTilePanels];
+// The K-quads [q0, q1) of one group for R rows x 4 panels: totals[r * 4 + c]. A function of its
+// own, with nothing else in it: inlined into the group loop and its epilogue, GCC 12 kept the
+// 24 accumulators in memory (measured: half speed).
+template <int R>
+__attribute__((noinline)) void accumulate_quads(const int8_t* x, int64_t k_pad, const uint8_t* w0, const uint8_t* w1,
+                                                const uint8_t* w2, const uint8_t* w3, int64_t q0, int64_t q1,
+                                                __m512i* totals) {
+  constexpr int C = kTilePanels;
+  __m512i acc[R][C];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
+  for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-      for (int c = 0; c < kTilePanels; ++c) acc[r][c] = _mm512_setzero_si512();
-    const int64_t q1 = (g + 1) * group_quads;
-    for (int64_t q = g * group_quads; q < q1; ++q) {
-      __m512i wv[kTilePanels];
-#pragma GCC unroll 4
-      for (int c = 0; c < kTilePanels; ++c) wv[c] = _mm512_load_si512(w[c] + 64 * q);
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
+  for (int64_t q = q0; q < q1; ++q) {
+    const __m512i wv[C] = {_mm512_load_si512(w0 + 64 * q), _mm512_load_si512(w1 + 64 * q),
+                           _mm512_load_si512(w2 + 64 * q), _mm512_load_si512(w3 + 64 * q)};
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const __m512i xb = _mm512_set1_epi32(load_i32(x + r * k_pad + 4 * q));
+    for (int r = 0; r < R; ++r) {
+      const __m512i xb = _mm512_set1_epi32(load_i32(x + r * k_pad + 4 * q));
 #pragma GCC unroll 4
-        for (int c = 0; c < kTilePanels; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], wv[c], xb);
-      }
+      for (int c = 0; c < C; ++c) dpbusd(acc[r][c], wv[c], xb);
     }
+  }
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
+  for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-      for (int c = 0; c < kTilePanels; ++c) sink.add(r, c, g, acc[r][c]);
+    for (int c = 0; c < C; ++c) _mm512_store_si512(totals + r * C + c, acc[r][c]);
+}
+
+// R rows x 4 panels over all of K, group by group. w[c]: panel c of the repacked block.
+template <int R, class Sink>
+void broadcast_tile(const int8_t* x, int64_t k_pad, const uint8_t* const (&w)[kTilePanels], int64_t group_quads,
+                    int64_t groups, Sink& sink) {
+  alignas(64) __m512i totals[R * kTilePanels];
+  for (int64_t g = 0; g < groups; ++g) {
+    accumulate_quads<R>(x, k_pad, w[0], w[1], w[2], w[3], g * group_quads, (g + 1) * group_quads, totals);
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < kTilePanels; ++c) sink.add(r, c, g, totals[r * kTilePanels + c]);
   }
   sink.finish(R);
 }
@@ -372,16 +390,17 @@ __attribute__((noinline)) void dot_tile(const int8_t* x, const uint8_t* const (&
     const __m512i x0 = _mm512_loadu_si512(x + 128 * s), x1 = _mm512_loadu_si512(x + 128 * s + 64);
     if constexpr (CPG == 1) {
 #pragma GCC unroll 16
-      for (int j = 0; j < 16; ++j) acc[j] = _mm512_dpbusd_epi32(acc[j], operands64<KIND, 0>(rows[j], s), x0);
+      for (int j = 0; j < 16; ++j) dpbusd(acc[j], operands64<KIND, 0>(rows[j], s), x0);
       flush(2 * s);
 #pragma GCC unroll 16
-      for (int j = 0; j < 16; ++j) acc[j] = _mm512_dpbusd_epi32(acc[j], operands64<KIND, 1>(rows[j], s), x1);
+      for (int j = 0; j < 16; ++j) dpbusd(acc[j], operands64<KIND, 1>(rows[j], s), x1);
       flush(2 * s + 1);
     } else {
 #pragma GCC unroll 16
       for (int j = 0; j < 16; ++j) {
         const __m512i a0 = operands64<KIND, 0>(rows[j], s), a1 = operands64<KIND, 1>(rows[j], s);
-        acc[j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[j], a0, x0), a1, x1);
+        dpbusd(acc[j], a0, x0);
+        dpbusd(acc[j], a1, x1);
       }
       if constexpr (CPG == 2) flush(s);
     }
@@ -403,6 +422,7 @@ struct Scratch {
   std::vector<uint8_t> operands;  // the block's u8 operands (64-byte aligned inside)
   std::vector<float> scales;    // the block's w_scale, transposed to [G][columns]
   std::vector<int32_t> row_sums;
+  alignas(64) float facc[kTileRows * kTilePanels * 16];  // a tile's float accumulators
 };
 Scratch& scratch() {
   thread_local Scratch s;
@@ -453,7 +473,8 @@ void run_format(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int
                               static_cast<int>(std::min<int64_t>(16 * kTilePanels, b1 - n))};
           auto launch = [&]<int R>() {
             if (e != nullptr) {
-              LinearSink<R, kTilePanels> sink{span, *e, sc.scales.data() + (n - b0), cols};
+              std::memset(sc.facc, 0, sizeof sc.facc);
+              LinearSink<R, kTilePanels> sink{span, *e, sc.scales.data() + (n - b0), cols, sc.facc};
               broadcast_tile<R>(p.x_q + m * p.k_pad, p.k_pad, wp, glen / 4, G, sink);
             } else {
               GemmSink<R, kTilePanels> sink{span, out};
@@ -484,7 +505,8 @@ void run_format(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int
           const char* pf = m == m0 ? next : nullptr;
           auto launch = [&]<int CPG>() {
             if (e != nullptr) {
-              LinearSink<1, 1> sink{span, *e, sc.scales.data() + (n - b0), cols};
+              std::memset(sc.facc, 0, 16 * sizeof(float));
+              LinearSink<1, 1> sink{span, *e, sc.scales.data() + (n - b0), cols, sc.facc};
               dot_tile<KIND, CPG>(p.x_q + m * p.k_pad, rows, p.k_pad, pf, lines_per_step, sink);
             } else {
               GemmSink<1, 1> sink{span, out};
