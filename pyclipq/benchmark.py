@@ -1,12 +1,14 @@
-"""End-to-end benchmark of whole CLIP towers: fp32, torch quantize_dynamic and every pyclipq format.
+"""End-to-end benchmark of whole CLIP towers: fp32, torch quantize_dynamic, every pyclipq format,
+and ONNX Runtime / OpenVINO where they are installed.
 
-`run_benchmark` measures, side by side in one process: image and text tower latency at
-several batch sizes, size on disk, how many Linear layers run quantized, and fidelity
-vs the fp32 model. It is what `pyclipq bench` runs.
+`run_benchmark` measures image and text tower latency at several batch sizes, size on disk,
+how many Linear layers run quantized, and fidelity vs the fp32 model. It is what
+`pyclipq bench` runs; METHOD says how the contenders are timed.
 """
 from __future__ import annotations
 
 import copy
+import importlib.util
 import io
 import json
 import os
@@ -14,16 +16,31 @@ import platform
 import statistics
 import subprocess
 import tempfile
+import textwrap
 import time
+import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from .loading import LoadedModel, encode, load_model, random_inputs
+from .peers.runtimes import (INSTALL_HINT, RUNTIME_PEERS, RuntimePeerError, RuntimePeerWorkspace, TowerInputs,
+                             packages_needed)
 
 PYCLIPQ_FORMATS = ("int8", "int4", "int2", "ternary")
-PEERS = ("fp32", "quantize_dynamic")
+TORCH_PEERS = ("fp32", "quantize_dynamic")
+# NNCF's static PTQ calibrates openvino_int8 on this many random inputs: enough to time it.
+CALIBRATION_SAMPLES = 16
+METHOD = (
+    "The torch contenders (fp32, quantize_dynamic, pyclipq formats) share torch's thread pool in one process "
+    "and take turns call by call, so that a slow spell of the machine hits all of them alike. Each ONNX Runtime "
+    "and OpenVINO contender is timed alone, in its own process that loads only its runtime, while the torch "
+    "process waits: torch's idle OpenMP threads would otherwise take cores from it. Every latency is the "
+    f"median of the timed calls after the warm-up calls. openvino_int8 is calibrated on {CALIBRATION_SAMPLES} "
+    "random inputs: its speed is real, its fidelity is no measure of its accuracy on real data."
+)
 # The smallest checkpoint of a format: its size is reported beside the timed contender.
 # Ternary Q-ALL leaves the token and patch embeddings in fp32, a quarter of ViT-B/32's bytes.
 SIZE_ONLY_PRESETS = {"ternary": "ternary-qall-embeddings"}
@@ -34,8 +51,9 @@ class ContenderResult:
     name: str
     latency_ms: dict = field(default_factory=dict)  # "image@8" -> median ms
     size_bytes: int = 0
-    linears_quantized: int = 0
-    linears_total: int = 0
+    # None for a runtime peer: its graph has no Linear modules to count
+    linears_quantized: int | None = 0
+    linears_total: int | None = 0
     fidelity: dict = field(default_factory=dict)
     convert_s: float = 0.0
 
@@ -111,6 +129,47 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
 
 
+def _fidelity(features: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict:
+    """Mean and min cosine to fp32 of each tower's features, e.g. {"image_cos_mean": ...}."""
+    fidelity = {}
+    for tower, x in features.items():
+        cos = _cosine(x, reference[tower])
+        fidelity.update({f"{tower}_cos_mean": cos.mean().item(), f"{tower}_cos_min": cos.min().item()})
+    return fidelity
+
+
+def missing_packages(packages: Iterable[str]) -> list[str]:
+    """Those of `packages` that are not installed, found without importing any."""
+    return [p for p in packages if importlib.util.find_spec(p) is None]
+
+
+def plot_available() -> bool:
+    return not missing_packages(["matplotlib"])
+
+
+def select_runtime_peers(requested: Iterable[str] = ("auto",)) -> tuple[tuple[str, ...], str | None]:
+    """The runtime peers to time, and a one-line notice of those skipped for missing packages.
+
+    "auto" takes every installed one, "none" none; peers named one by one must be installed.
+    """
+    requested = list(requested)
+    if len(requested) > 1 and {"auto", "none"} & set(requested):
+        raise ValueError(f"peers: 'auto' and 'none' stand alone, got {requested}")
+    unknown = [p for p in requested if p not in (*RUNTIME_PEERS, "auto", "none")]
+    if unknown:
+        raise ValueError(f"peers: unknown {unknown}; choose from {list(RUNTIME_PEERS)}, 'auto' or 'none'")
+    wanted = {"auto": RUNTIME_PEERS, "none": ()}.get(requested[0], requested) if requested else ()
+    missing = {peer: missing_packages(packages_needed(peer)) for peer in wanted}
+    skipped = [peer for peer in wanted if missing[peer]]
+    if not skipped:
+        return tuple(wanted), None
+    absent = ", ".join(sorted({package for peer in skipped for package in missing[peer]}))
+    if requested != ["auto"]:
+        raise ValueError(f"peers: {', '.join(skipped)} need {absent}, not installed; {INSTALL_HINT}")
+    return (tuple(p for p in wanted if not missing[p]),
+            f"skipping the runtime peers {', '.join(skipped)} ({absent} not installed); {INSTALL_HINT} to time them")
+
+
 def machine_info(threads: int) -> dict:
     import pyclipq
 
@@ -143,7 +202,11 @@ def build_contender(name: str, fp32: nn.Module) -> nn.Module:
         return fp32
     if name == "quantize_dynamic":
         torch.backends.quantized.engine = "x86"
-        peer = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32), {nn.Linear}, dtype=torch.qint8)
+        with warnings.catch_warnings():
+            # torch.ao's deprecation notices; the peer is measured as users still run it
+            warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
+            warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
+            peer = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32), {nn.Linear}, dtype=torch.qint8)
         # open_clip's text tower reads `mlp.c_fc.weight.dtype`, which torch's dynamic
         # Linear turns into a method; the peer's towers compute in fp32 anyway.
         for module in peer.modules():
@@ -153,9 +216,48 @@ def build_contender(name: str, fp32: nn.Module) -> nn.Module:
     return pyclipq_convert(copy.deepcopy(fp32), name)
 
 
+def _tower_inputs(loaded: LoadedModel, inputs: dict, towers, batches, fidelity_batch: int) -> dict[str, TowerInputs]:
+    # seeded apart from the timed batches, whose seed is their size
+    calibration = random_inputs(loaded, CALIBRATION_SAMPLES, seed=-1)
+    index = {"image": 0, "text": 1}  # random_inputs gives (images, tokens)
+    return {tower: TowerInputs(timed={f"{tower}@{b}": inputs[b][index[tower]] for b in batches},
+                               fidelity=inputs[fidelity_batch][index[tower]], calibration=calibration[index[tower]])
+            for tower in towers}
+
+
+def _time_runtime_peers(loaded: LoadedModel, peers, towers: dict[str, TowerInputs], reference: dict, threads: int,
+                        reps: int, warmup: int, bar) -> tuple[list[ContenderResult], list[dict], dict]:
+    """Results of the peers that ran, {"name", "error"} of those that failed, and {runtime: version}."""
+    results, failed, versions = [], [], {}
+    if not peers:  # nothing to export
+        return results, failed, versions
+    try:
+        with RuntimePeerWorkspace(loaded.model, towers, threads, reps, warmup) as workspace:
+            for peer in peers:
+                bar.set_postfix_str(peer)
+                try:
+                    run = workspace.run(peer)
+                except RuntimePeerError as e:
+                    failed.append({"name": peer, "error": str(e)})
+                else:
+                    versions[run.runtime] = run.runtime_version
+                    results.append(ContenderResult(peer, latency_ms=run.latency_ms, size_bytes=run.size_bytes,
+                                                   linears_quantized=None, linears_total=None,
+                                                   fidelity=_fidelity(run.features, reference),
+                                                   convert_s=run.prepare_s))
+                bar.update()
+    except RuntimePeerError as e:  # the export, which every peer needs
+        failed = [{"name": peer, "error": str(e)} for peer in peers]
+    return results, failed, versions
+
+
 def run_benchmark(model: str = "ViT-B-32", pretrained: str | None = None, formats=PYCLIPQ_FORMATS,
                   batches=(1, 8, 32), threads: int = 2, reps: int = 5, warmup: int = 2, towers=("image", "text"),
-                  fidelity_batch: int = 8, progress: bool = True) -> dict:
+                  fidelity_batch: int = 8, progress: bool = True, runtime_peers=()) -> dict:
+    """Every contender's latency, size and fidelity; `runtime_peers` from select_runtime_peers.
+
+    A runtime peer that fails is listed in the report's "runtime_peers_failed", not raised.
+    """
     from tqdm import tqdm
 
     if reps < 1 or warmup < 0 or threads < 1:
@@ -163,15 +265,18 @@ def run_benchmark(model: str = "ViT-B-32", pretrained: str | None = None, format
                          f"warmup={warmup}")
     if not batches or any(b < 1 for b in batches):
         raise ValueError(f"batches must be one or more sizes >= 1, got {list(batches)}")
+    unknown = [p for p in runtime_peers if p not in RUNTIME_PEERS]
+    if unknown:
+        raise ValueError(f"runtime_peers: unknown {unknown}; choose from {list(RUNTIME_PEERS)}")
     torch.set_num_threads(threads)
     loaded: LoadedModel = load_model(model, pretrained)
-    contenders = [*PEERS, *formats]
+    contenders = [*TORCH_PEERS, *formats]
     inputs = {b: random_inputs(loaded, b, seed=b) for b in sorted({*batches, fidelity_batch})}
     with torch.inference_mode():
-        ref_img = encode(loaded, images=inputs[fidelity_batch][0])
-        ref_txt = encode(loaded, tokens=inputs[fidelity_batch][1])
+        reference = {"image": encode(loaded, images=inputs[fidelity_batch][0]),
+                     "text": encode(loaded, tokens=inputs[fidelity_batch][1])}
     results, views = [], []
-    steps = len(contenders) * 2 + len(batches) * len(towers)
+    steps = len(contenders) * 2 + len(batches) * len(towers) + len(runtime_peers)
     bar = tqdm(total=steps, desc="bench", disable=not progress, unit="step")
     for name in contenders:
         bar.set_postfix_str(name)
@@ -183,11 +288,9 @@ def run_benchmark(model: str = "ViT-B-32", pretrained: str | None = None, format
         r.size_bytes = _size_on_disk(name, candidate)
         bar.update()
         with torch.inference_mode():
-            img = encode(view, images=inputs[fidelity_batch][0])
-            txt = encode(view, tokens=inputs[fidelity_batch][1])
-        ci, ct = _cosine(img, ref_img), _cosine(txt, ref_txt)
-        r.fidelity = {"image_cos_mean": ci.mean().item(), "image_cos_min": ci.min().item(),
-                      "text_cos_mean": ct.mean().item(), "text_cos_min": ct.min().item()}
+            features = {"image": encode(view, images=inputs[fidelity_batch][0]),
+                        "text": encode(view, tokens=inputs[fidelity_batch][1])}
+        r.fidelity = _fidelity(features, reference)
         bar.update()
         results.append(r)
         views.append(view)
@@ -203,6 +306,9 @@ def run_benchmark(model: str = "ViT-B-32", pretrained: str | None = None, format
                 r.latency_ms[f"{tower}@{b}"] = ms
             bar.update()
     del views
+    peer_results, peers_failed, runtime_versions = _time_runtime_peers(
+        loaded, runtime_peers, _tower_inputs(loaded, inputs, towers, batches, fidelity_batch), reference,
+        threads, reps, warmup, bar)
     size_only = []
     for preset in (SIZE_ONLY_PRESETS[f] for f in formats if f in SIZE_ONLY_PRESETS):
         bar.set_postfix_str(f"{preset} (size)")
@@ -213,8 +319,11 @@ def run_benchmark(model: str = "ViT-B-32", pretrained: str | None = None, format
         del candidate
     bar.close()
     fp32 = results[0]
-    report = {"model": loaded.label, "machine": machine_info(threads), "batches": list(batches),
-              "towers": list(towers), "reps": reps, "results": [asdict(r) for r in results], "size_only": size_only}
+    machine = {**machine_info(threads), "runtime_versions": runtime_versions}
+    report = {"model": loaded.label, "machine": machine, "batches": list(batches), "towers": list(towers),
+              "reps": reps, "warmup": warmup, "method": METHOD,
+              "results": [asdict(r) for r in results + peer_results], "size_only": size_only,
+              "runtime_peers_failed": peers_failed}
     for r in report["results"] + size_only:
         r["size_ratio_vs_fp32"] = fp32.size_bytes / r["size_bytes"]
     for r in report["results"]:
@@ -228,14 +337,17 @@ def asdict_shallow(loaded: LoadedModel) -> dict:
 
 def format_table(report: dict) -> str:
     keys = [f"{t}@{b}" for t in report["towers"] for b in report["batches"]]
-    head = ["contender", *[f"{k} ms" for k in keys], "img@1 x", "size MB", "smaller", "linears", "img cos", "txt cos"]
+    first = keys[0]
+    head = ["contender", *[f"{k} ms" for k in keys], f"{first} x", "size MB", "smaller", "linears", "img cos",
+            "txt cos"]
     rows = [head]
     for r in report["results"]:
-        first = f"{report['towers'][0]}@{report['batches'][0]}"
+        linears = "-" if r["linears_total"] is None else f"{r['linears_quantized']}/{r['linears_total']}"
+        cosines = [f"{r['fidelity'][f'{t}_cos_mean']:.4f}" if f"{t}_cos_mean" in r["fidelity"] else "-"
+                   for t in ("image", "text")]
         rows.append([r["name"], *[f"{r['latency_ms'][k]:.1f}" for k in keys],
                      f"{r['speedup_vs_fp32'][first]:.2f}", f"{r['size_bytes'] / 1e6:.1f}",
-                     f"{r['size_ratio_vs_fp32']:.1f}x", f"{r['linears_quantized']}/{r['linears_total']}",
-                     f"{r['fidelity']['image_cos_mean']:.4f}", f"{r['fidelity']['text_cos_mean']:.4f}"])
+                     f"{r['size_ratio_vs_fp32']:.1f}x", linears, *cosines])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -243,8 +355,9 @@ def format_table(report: dict) -> str:
         lines.append(f"{r['name']} (size only, not timed): {r['size_bytes'] / 1e6:.1f} MB, "
                      f"{r['size_ratio_vs_fp32']:.1f}x smaller, {r['linears_quantized']}/{r['linears_total']} linears")
     m = report["machine"]
-    return (f"{report['model']} | {m['cpu']} | ISA {m['cpu_isa']} | {m['threads']} threads | torch {m['torch']}\n"
-            + "\n".join(lines))
+    versions = "".join(f" | {name} {v}" for name, v in m.get("runtime_versions", {}).items())
+    return (f"{report['model']} | {m['cpu']} | ISA {m['cpu_isa']} | {m['threads']} threads | torch {m['torch']}"
+            f"{versions}\n" + "\n".join(lines) + "\n" + textwrap.fill(f"method: {report['method']}", 110))
 
 
 def save_plot(report: dict, path: str) -> None:
@@ -267,17 +380,23 @@ def save_plot(report: dict, path: str) -> None:
     axes[1].set_ylabel("x smaller than fp32 on disk")
     axes[1].set_title("model size")
     for ax in axes:
+        # anchored at their right end, the slanted names sit under their own points and bars
         ax.tick_params(axis="x", rotation=30)
+        for label in ax.get_xticklabels():
+            label.set(horizontalalignment="right", rotation_mode="anchor")
     fig.suptitle(f"{report['model']} - {report['machine']['cpu']}, {report['machine']['threads']} threads")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_report(report: dict, out_dir: str) -> dict:
+def write_report(report: dict, out_dir: str, plot: bool = True) -> dict:
+    """Write bench.json, and bench.png if `plot` (it needs matplotlib: see plot_available)."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, "bench.json"), "png": os.path.join(out_dir, "bench.png")}
+    paths = {"json": os.path.join(out_dir, "bench.json")}
     with open(paths["json"], "w") as f:
         json.dump(report, f, indent=2)
-    save_plot(report, paths["png"])
+    if plot:
+        paths["png"] = os.path.join(out_dir, "bench.png")
+        save_plot(report, paths["png"])
     return paths

@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   pyclipq info
   pyclipq bench                                   # ViT-B-32, random weights, every format
   pyclipq bench --formats int8 ternary --batches 1 8 --json
+  pyclipq bench --peers ort_int8 openvino_int8    # only these runtime peers (needs pyclipq[peers])
   pyclipq convert ViT-B-32 --format ternary -o vitb32-ternary.safetensors
   pyclipq convert ViT-B-32 --pretrained ./open_clip_model.bin --format int4 -o out.safetensors
   pyclipq eval testbed --format ternary           # zero-shot + fidelity on the shipped test bed
@@ -40,15 +41,30 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _notice(command: str, text: str) -> None:
+    # on stderr, so that --json output stays one JSON document
+    print(f"pyclipq {command}: {text}", file=sys.stderr)
+
+
 def cmd_bench(args) -> int:
     from . import benchmark
 
+    # Optional packages are checked before minutes of work, not when their turn comes.
+    runtime_peers, skipped = benchmark.select_runtime_peers(args.peers)
+    if skipped:
+        _notice("bench", skipped)
+    plot = benchmark.plot_available()
+    if not plot:
+        _notice("bench", "matplotlib is not installed, so bench.png is skipped; pip install 'pyclipq[plot]' to draw it")
     report = benchmark.run_benchmark(model=args.model, pretrained=args.pretrained, formats=tuple(args.formats),
                                      batches=tuple(args.batches), threads=args.threads, reps=args.reps,
-                                     warmup=args.warmup, progress=not args.json and not args.no_progress)
-    paths = benchmark.write_report(report, args.out)
+                                     warmup=args.warmup, progress=not args.json and not args.no_progress,
+                                     runtime_peers=runtime_peers)
+    paths = benchmark.write_report(report, args.out, plot=plot)
     report["files"] = paths
-    _print(args, report, benchmark.format_table(report) + f"\nwrote {paths['json']} and {paths['png']}")
+    for failure in report["runtime_peers_failed"]:
+        _notice("bench", failure["error"])
+    _print(args, report, benchmark.format_table(report) + f"\nwrote {' and '.join(paths.values())}")
     return 0
 
 
@@ -105,7 +121,7 @@ def cmd_train(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .benchmark import PYCLIPQ_FORMATS
+    from .benchmark import PYCLIPQ_FORMATS, RUNTIME_PEERS
 
     p = argparse.ArgumentParser(prog="pyclipq", description="Low-bit CLIP: kernels, conversion, benchmarks.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, default=2)
     sp.add_argument("--reps", type=int, default=5)
     sp.add_argument("--warmup", type=int, default=2)
+    sp.add_argument("--peers", nargs="+", default=["auto"], choices=["auto", "none", *RUNTIME_PEERS],
+                    help="ONNX Runtime / OpenVINO contenders (pip install 'pyclipq[peers]'); "
+                         "auto: every installed one (default)")
     sp.add_argument("--out", default="results", help="directory for bench.json and bench.png")
     sp.add_argument("--no-progress", action="store_true")
     common(sp)

@@ -51,7 +51,7 @@ def test_convert_then_eval_the_checkpoint(capsys, tmp_path):
 
 def test_bench_json_and_plot(capsys, tmp_path):
     code, text, _ = run(capsys, "bench", "--model", "testbed", "--formats", "int8", "ternary", "--batches", "1", "2",
-                        "--reps", "1", "--warmup", "0", "--out", str(tmp_path), "--json")
+                        "--reps", "1", "--warmup", "0", "--peers", "none", "--out", str(tmp_path), "--json")
     report = json.loads(text)
     assert code == 0
     names = [r["name"] for r in report["results"]]
@@ -68,6 +68,102 @@ def test_bench_json_and_plot(capsys, tmp_path):
     assert report["results"][2]["fidelity"]["image_cos_mean"] > 0.99
     assert os.path.getsize(tmp_path / "bench.png") > 0 and (tmp_path / "bench.json").is_file()
     assert report["machine"]["threads"] == 2 and report["machine"]["cpu_isa"]
+
+
+def fake_missing_packages(monkeypatch, absent):
+    """Make the benchmark see the packages in `absent` as not installed and every other as installed."""
+    from pyclipq import benchmark
+
+    monkeypatch.setattr(benchmark, "missing_packages", lambda packages: [p for p in packages if p in absent])
+
+
+TINY_BENCH = ("bench", "--model", "testbed", "--formats", "int8", "--batches", "1", "--reps", "1", "--warmup", "0")
+
+
+def test_bench_without_matplotlib_writes_json_and_says_how_to_plot(capsys, tmp_path, monkeypatch):
+    from pyclipq import benchmark
+
+    fake_missing_packages(monkeypatch, {"matplotlib"})
+    monkeypatch.setattr(benchmark, "save_plot", lambda *a: pytest.fail("plotted without matplotlib"))
+    code, text, err = run(capsys, *TINY_BENCH, "--peers", "none", "--out", str(tmp_path), "--json")
+    report = json.loads(text)
+    assert code == 0 and report["files"] == {"json": str(tmp_path / "bench.json")}
+    assert json.loads((tmp_path / "bench.json").read_text())["results"][0]["name"] == "fp32"
+    assert not (tmp_path / "bench.png").exists()
+    assert err.count("\n") == 1 and "pip install 'pyclipq[plot]'" in err
+
+
+def test_bench_skips_absent_runtime_peers_with_one_line(capsys, tmp_path, monkeypatch):
+    from pyclipq.benchmark import select_runtime_peers
+
+    fake_missing_packages(monkeypatch, {"onnxruntime"})
+    chosen, notice = select_runtime_peers(["auto"])
+    assert chosen == ("openvino_fp32", "openvino_int8")
+    assert notice == ("skipping the runtime peers ort_fp32, ort_int8 (onnxruntime not installed); "
+                      "pip install 'pyclipq[peers]' to time them")
+    assert select_runtime_peers(["none"]) == ((), None)
+
+    fake_missing_packages(monkeypatch, {"onnxruntime", "openvino"})
+    code, text, err = run(capsys, *TINY_BENCH, "--out", str(tmp_path), "--json")
+    assert code == 0 and [r["name"] for r in json.loads(text)["results"]] == ["fp32", "quantize_dynamic", "int8"]
+    assert err.count("\n") == 1 and "skipping the runtime peers ort_fp32, ort_int8, openvino_fp32" in err
+    # a peer asked for by name is an error before any work
+    code, _, err = run(capsys, *TINY_BENCH, "--peers", "ort_int8", "--out", str(tmp_path))
+    assert code == 2 and err.count("\n") == 1
+    assert "peers: ort_int8 need onnxruntime, not installed; pip install 'pyclipq[peers]'" in err
+
+
+def test_bench_times_onnxruntime_in_its_own_process(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="the peers extra is not installed: pip install 'pyclipq[peers]'")
+    pytest.importorskip("onnxscript", reason="torch.onnx.export needs onnxscript (the peers extra)")
+    # onnx refuses to write external data whose name exists in the working directory
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "image.onnx.data").write_bytes(b"a user's own export")
+    code, text, err = run(capsys, *TINY_BENCH, "--peers", "ort_fp32", "ort_int8", "--out", str(tmp_path), "--json")
+    report = json.loads(text)
+    assert code == 0 and err == ""
+    results = {r["name"]: r for r in report["results"]}
+    assert list(results) == ["fp32", "quantize_dynamic", "int8", "ort_fp32", "ort_int8"]
+    ort_fp32, ort_int8 = results["ort_fp32"], results["ort_int8"]
+    # the same fp32 graph in another runtime: equal up to float reassociation
+    assert ort_fp32["fidelity"]["image_cos_min"] > 0.99999 and ort_fp32["fidelity"]["text_cos_min"] > 0.99999
+    # dynamic int8 (weights and activations) keeps the test bed's features close
+    assert ort_int8["fidelity"]["image_cos_min"] > 0.99 and ort_int8["fidelity"]["text_cos_min"] > 0.99
+    for r in (ort_fp32, ort_int8):
+        assert set(r["latency_ms"]) == {"image@1", "text@1"} and min(r["latency_ms"].values()) > 0
+        assert r["linears_total"] is None and r["speedup_vs_fp32"]["image@1"] > 0
+    # int8 weights take about a quarter of fp32's bytes (embeddings and norms stay float)
+    assert ort_int8["size_bytes"] < 0.5 * ort_fp32["size_bytes"]
+    assert "onnxruntime" in report["machine"]["runtime_versions"] and "own process" in report["method"]
+    assert report["runtime_peers_failed"] == []
+
+
+def test_bench_times_openvino_in_its_own_process(capsys, tmp_path):
+    pytest.importorskip("openvino", reason="the peers extra is not installed: pip install 'pyclipq[peers]'")
+    pytest.importorskip("nncf", reason="openvino_int8 needs nncf (the peers extra)")
+    pytest.importorskip("onnxscript", reason="torch.onnx.export needs onnxscript (the peers extra)")
+    code, text, err = run(capsys, *TINY_BENCH, "--peers", "openvino_fp32", "openvino_int8", "--out", str(tmp_path),
+                          "--json")
+    report = json.loads(text)
+    assert code == 0 and err == "" and report["runtime_peers_failed"] == []
+    results = {r["name"]: r for r in report["results"]}
+    fp32, int8 = results["openvino_fp32"], results["openvino_int8"]
+    assert fp32["fidelity"]["image_cos_min"] > 0.99999 and fp32["fidelity"]["text_cos_min"] > 0.99999
+    # static int8 calibrated on 16 random inputs: close, though less than dynamic int8
+    assert int8["fidelity"]["image_cos_min"] > 0.98 and int8["fidelity"]["text_cos_min"] > 0.98
+    assert set(int8["latency_ms"]) == {"image@1", "text@1"} and int8["size_bytes"] < 0.5 * fp32["size_bytes"]
+    assert "openvino" in report["machine"]["runtime_versions"]
+
+
+def test_runtime_peer_failure_names_the_peer_and_the_error(tmp_path, monkeypatch):
+    from pyclipq.peers import runtimes
+
+    failing = tmp_path / "worker.py"
+    failing.write_text("import sys\nprint('noise on stdout')\nsys.exit('RuntimeError: no such op')\n")
+    monkeypatch.setattr(runtimes, "WORKER", str(failing))
+    workspace = runtimes.RuntimePeerWorkspace(torch.nn.Identity(), {}, threads=1, reps=1, warmup=0)
+    with pytest.raises(runtimes.RuntimePeerError, match=r"^ort_int8 build failed: RuntimeError: no such op$"):
+        workspace._worker("ort_int8", "build", str(tmp_path / "spec.json"))
 
 
 def test_open_clip_local_checkpoint_loads(tmp_path):
