@@ -829,11 +829,12 @@ void run(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int64_t m0
   }
 }
 
-void avx2_gemm(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* out) {
+void avx2_gemm(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* out, const NextColumns*) {
   run(p, nullptr, out, m0, m1, n0, n1);
 }
 
-void avx2_linear(const GemmProblem& p, const LinearEpilogue& e, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+void avx2_linear(const GemmProblem& p, const LinearEpilogue& e, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                 const NextColumns*) {
   run(p, &e, nullptr, m0, m1, n0, n1);
 }
 

@@ -531,7 +531,7 @@ Scratch& scratch() {
 
 template <WeightKind KIND>
 void run_format(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int64_t m0, int64_t m1, int64_t n0,
-                int64_t n1) {
+                int64_t n1, const NextColumns* next_task) {
   const int64_t G = num_groups(p.k_pad, p.group_size), glen = p.k_pad / G;
   const int64_t ldw = p.k_pad / codes_per_byte(KIND);
   const uint8_t* w = static_cast<const uint8_t*>(p.weight);
@@ -549,6 +549,16 @@ void run_format(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int
     }
     row_sums = sc.row_sums.data();
   }
+  // The `width` columns that follow column n in this thread's work: the rest of this task, then
+  // the start of its next task.
+  struct ColumnSpan {
+    int64_t n, count;
+  };
+  auto columns_after = [&](int64_t n, int64_t width) -> ColumnSpan {
+    if (n < n1) return {n, std::min(width, n1 - n)};
+    if (next_task != nullptr) return {next_task->n0, std::min(width, next_task->n1 - next_task->n0)};
+    return {0, 0};
+  };
   const bool broadcast = m1 - m0 >= kMinBroadcastRows || glen == 32;
   const int64_t nb = broadcast ? std::max<int64_t>(64, kL2OperandBytes / p.k_pad / 64 * 64) : 256;
   for (int64_t b0 = n0; b0 < n1; b0 += nb) {
@@ -562,8 +572,9 @@ void run_format(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int
       sc.operands.resize(cols * p.k_pad + 64);
       uint8_t* ops = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(sc.operands.data()) + 63) & ~uintptr_t(63));
       const int64_t panels = (b1 - b0 + 15) / 16;
-      const char* next = b1 < n1 ? reinterpret_cast<const char*>(w + b1 * ldw) : nullptr;
-      const int64_t next_lines = std::min<int64_t>(nb, n1 - b1) * ldw / 64;
+      const ColumnSpan ahead = columns_after(b1, nb);
+      const char* next = ahead.count > 0 ? reinterpret_cast<const char*>(w + ahead.n * ldw) : nullptr;
+      const int64_t next_lines = ahead.count * ldw / 64;
       repack_block<KIND>(w, ldw, b0, b1, p.k_pad, ops);
       int64_t prefetched = 0;  // lines of `next`
       auto prefetch_slice = [&](int64_t m) {  // before the row tile starting at m: lines up to m's share
@@ -636,9 +647,9 @@ void run_format(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int
           row0 = sc.ragged.data();
         }
         // the next tile's rows are contiguous: prefetch them a slice per 128-element step
-        const int64_t next_cols = std::min<int64_t>(16, n1 - (n + 16));
-        const char* next = next_cols > 0 ? reinterpret_cast<const char*>(w + (n + 16) * ldw) : nullptr;
-        const int64_t lines_per_step = (next_cols * ldw / 64 + p.k_pad / 128 - 1) / (p.k_pad / 128);
+        const ColumnSpan ahead = columns_after(n + 16, 16);
+        const char* next = ahead.count > 0 ? reinterpret_cast<const char*>(w + ahead.n * ldw) : nullptr;
+        const int64_t lines_per_step = (ahead.count * ldw / 64 + p.k_pad / 128 - 1) / (p.k_pad / 128);
         for (int64_t m = m0; m < m1; ++m) {
           const TileSpan span{p, row_sums, G, operand_offset(KIND), m, n, valid};
           const char* pf = m == m0 ? next : nullptr;
@@ -661,26 +672,29 @@ void run_format(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int
 }
 
 void run(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int64_t m0, int64_t m1, int64_t n0,
-         int64_t n1) {
+         int64_t n1,
+         const NextColumns* next) {
   if (m0 >= m1 || n0 >= n1) return;
   switch (p.kind) {
     case WeightKind::Int8:
-      return run_format<WeightKind::Int8>(p, e, out, m0, m1, n0, n1);
+      return run_format<WeightKind::Int8>(p, e, out, m0, m1, n0, n1, next);
     case WeightKind::Int4:
-      return run_format<WeightKind::Int4>(p, e, out, m0, m1, n0, n1);
+      return run_format<WeightKind::Int4>(p, e, out, m0, m1, n0, n1, next);
     case WeightKind::Int2:
-      return run_format<WeightKind::Int2>(p, e, out, m0, m1, n0, n1);
+      return run_format<WeightKind::Int2>(p, e, out, m0, m1, n0, n1, next);
     case WeightKind::Ternary:
-      return run_format<WeightKind::Ternary>(p, e, out, m0, m1, n0, n1);
+      return run_format<WeightKind::Ternary>(p, e, out, m0, m1, n0, n1, next);
   }
 }
 
-void vnni_gemm(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* out) {
-  run(p, nullptr, out, m0, m1, n0, n1);
+void vnni_gemm(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* out,
+               const NextColumns* next) {
+  run(p, nullptr, out, m0, m1, n0, n1, next);
 }
 
-void vnni_linear(const GemmProblem& p, const LinearEpilogue& e, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  run(p, &e, nullptr, m0, m1, n0, n1);
+void vnni_linear(const GemmProblem& p, const LinearEpilogue& e, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                 const NextColumns* next) {
+  run(p, &e, nullptr, m0, m1, n0, n1, next);
 }
 
 }  // namespace

@@ -160,7 +160,8 @@ inline const void* weight_row(WeightKind kind, const void* weight, int64_t n, in
   return static_cast<const uint8_t*>(weight) + n * (k_pad / codes_per_byte(kind));
 }
 
-void portable_gemm(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* out) {
+void portable_gemm(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* out,
+                   const NextColumns*) {
   const int64_t groups = num_groups(p.k_pad, p.group_size);
   const int64_t glen = p.k_pad / groups;
   for (int64_t m = m0; m < m1; ++m)
@@ -172,7 +173,7 @@ void portable_gemm(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int
 }
 
 void portable_linear(const GemmProblem& p, const LinearEpilogue& e, int64_t m0, int64_t m1, int64_t n0,
-                     int64_t n1) {
+                     int64_t n1, const NextColumns*) {
   const int64_t groups = num_groups(p.k_pad, p.group_size);
   const int64_t glen = p.k_pad / groups;
   for (int64_t m = m0; m < m1; ++m) {

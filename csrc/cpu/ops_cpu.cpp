@@ -125,11 +125,19 @@ void for_each_task(const TaskShape& shape, int64_t m, int64_t n, int64_t row_byt
   const int64_t m_tasks = (m + m_chunk - 1) / m_chunk;
   const int64_t tasks = m_tasks * ((n + n_chunk - 1) / n_chunk);
   const int64_t nt_count = (n + n_chunk - 1) / n_chunk;
-  std::atomic<int64_t> next{0};
+  // A thread claims its next task before it runs the current one, so the kernel knows which
+  // columns come next and can prefetch their weights (the balancing stays dynamic: a thread
+  // holds at most one claimed task that it has not started).
+  std::atomic<int64_t> counter{0};
   auto work = [&] {
-    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
-      const int64_t mt = t / nt_count, nt = t % nt_count;
-      fn(mt * m_chunk, std::min(m, (mt + 1) * m_chunk), nt * n_chunk, std::min(n, (nt + 1) * n_chunk));
+    int64_t t = counter.fetch_add(1, std::memory_order_relaxed);
+    while (t < tasks) {
+      const int64_t after = counter.fetch_add(1, std::memory_order_relaxed);
+      const int64_t mt = t / nt_count, nt = t % nt_count, nt_after = after % nt_count;
+      const NextColumns next_cols{nt_after * n_chunk, std::min(n, (nt_after + 1) * n_chunk)};
+      fn(mt * m_chunk, std::min(m, (mt + 1) * m_chunk), nt * n_chunk, std::min(n, (nt + 1) * n_chunk),
+         after < tasks ? &next_cols : nullptr);
+      t = after;
     }
   };
   if (tasks == 1 || threads == 1) return work();
@@ -148,7 +156,9 @@ at::Tensor integer_gemm(WeightKind kind, const at::Tensor& x_q, const at::Tensor
                       kind == WeightKind::Int8 ? nullptr : x_sums.data_ptr<int32_t>(), weight.data_ptr()};
   int32_t* outp = out.data_ptr<int32_t>();
   for_each_task(kt.tasks, m, n, weight_row_bytes(kind, k_pad),
-                [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.gemm(p, m0, m1, n0, n1, outp); });
+                [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, const NextColumns* next) {
+                  kt.gemm(p, m0, m1, n0, n1, outp, next);
+                });
   return grouped_output ? out : out.view({m, n});
 }
 
@@ -169,7 +179,9 @@ at::Tensor fused_linear(WeightKind kind, const at::Tensor& x, const at::Tensor& 
                          bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr, y.data_ptr(),
                          float_type(y.scalar_type())};
   for_each_task(kt.tasks, m, n, weight_row_bytes(kind, k_pad),
-                [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.linear(p, e, m0, m1, n0, n1); });
+                [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, const NextColumns* next) {
+                  kt.linear(p, e, m0, m1, n0, n1, next);
+                });
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
   return y.view(out_shape);

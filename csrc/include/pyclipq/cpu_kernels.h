@@ -30,9 +30,16 @@ struct GemmProblem {
   const void* weight;     // int8 [N, k_pad] or block-planar packed uint8 [N, k_pad / codes_per_byte]
 };
 
+// The columns the calling thread will work on next (its next task), or nullptr: a table may
+// prefetch their weights while it computes, so that a task's first weights do not wait on DRAM.
+struct NextColumns {
+  int64_t n0, n1;
+};
+
 // Integer GEMM on the tile m0 <= m < m1, n0 <= n < n1:
 // out[m, n, g] = sum_{k in g} level(w[n, k]) * x_q[m, k] (exact int32), out is [M, N, G].
-using GemmFn = void (*)(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* out);
+using GemmFn = void (*)(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* out,
+                        const NextColumns* next);
 
 // What a fused linear adds to the GEMM: y[m, n] = x_scale[m] * sum_g w_scale[n, g] * acc[m, n, g]
 // + bias[n], written as y_type into y [M, N] (row stride N). bias may be nullptr.
@@ -45,7 +52,7 @@ struct LinearEpilogue {
 };
 
 using LinearFn = void (*)(const GemmProblem& p, const LinearEpilogue& e, int64_t m0, int64_t m1, int64_t n0,
-                          int64_t n1);
+                          int64_t n1, const NextColumns* next);
 
 // How the aten wrapper cuts the (M, N) work of a GEMM or fused linear into tasks for a table.
 struct TaskShape {
