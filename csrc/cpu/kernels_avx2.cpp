@@ -134,14 +134,9 @@ int64_t quantize_rows_t(const void* x, int64_t ldx, int64_t rows, int64_t k, int
 
 int64_t avx2_quantize_rows(const void* x, FloatType x_type, int64_t ldx, int64_t rows, int64_t k, int64_t k_pad,
                            int64_t group_size, const float* static_scale, int8_t* q, float* scale, int32_t* sums) {
-  switch (x_type) {
-    case FloatType::BF16:
-      return quantize_rows_t<FloatType::BF16>(x, ldx, rows, k, k_pad, group_size, static_scale, q, scale, sums);
-    case FloatType::F16:
-      return quantize_rows_t<FloatType::F16>(x, ldx, rows, k, k_pad, group_size, static_scale, q, scale, sums);
-    default:
-      return quantize_rows_t<FloatType::F32>(x, ldx, rows, k, k_pad, group_size, static_scale, q, scale, sums);
-  }
+  return with_float_type(x_type, [&](auto t) {
+    return quantize_rows_t<decltype(t)::value>(x, ldx, rows, k, k_pad, group_size, static_scale, q, scale, sums);
+  });
 }
 
 // ------------------------------------------------------------------ tile layouts

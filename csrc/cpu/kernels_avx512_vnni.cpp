@@ -117,14 +117,9 @@ int64_t quantize_rows_t(const void* x, int64_t ldx, int64_t rows, int64_t k, int
 
 int64_t vnni_quantize_rows(const void* x, FloatType x_type, int64_t ldx, int64_t rows, int64_t k, int64_t k_pad,
                            int64_t group_size, const float* static_scale, int8_t* q, float* scale, int32_t* sums) {
-  switch (x_type) {
-    case FloatType::BF16:
-      return quantize_rows_t<FloatType::BF16>(x, ldx, rows, k, k_pad, group_size, static_scale, q, scale, sums);
-    case FloatType::F16:
-      return quantize_rows_t<FloatType::F16>(x, ldx, rows, k, k_pad, group_size, static_scale, q, scale, sums);
-    default:
-      return quantize_rows_t<FloatType::F32>(x, ldx, rows, k, k_pad, group_size, static_scale, q, scale, sums);
-  }
+  return with_float_type(x_type, [&](auto t) {
+    return quantize_rows_t<decltype(t)::value>(x, ldx, rows, k, k_pad, group_size, static_scale, q, scale, sums);
+  });
 }
 
 // ------------------------------------------------------------------ weight operands
@@ -336,7 +331,26 @@ PQ_INLINE int32_t load_i32(const int8_t* p) {
   return v;
 }
 
-// R rows x 4 panels over all of K, group by group. w[c]: panel c of the repacked block.
+// acc[r][c] = the K-quads [q0, q1) of row r against panel c (the broadcast tile's inner loop).
+template <int R>
+PQ_INLINE void add_quads(__m512i (&acc)[R][kTilePanels], const int8_t* x, int64_t k_pad, const uint8_t* w0,
+                         const uint8_t* w1, const uint8_t* w2, const uint8_t* w3, int64_t q0, int64_t q1) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < kTilePanels; ++c) acc[r][c] = _mm512_setzero_si512();
+  for (int64_t q = q0; q < q1; ++q) {
+    const __m512i wv[kTilePanels] = {_mm512_load_si512(w0 + 64 * q), _mm512_load_si512(w1 + 64 * q),
+                                     _mm512_load_si512(w2 + 64 * q), _mm512_load_si512(w3 + 64 * q)};
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512i xb = _mm512_set1_epi32(load_i32(x + r * k_pad + 4 * q));
+#pragma GCC unroll 4
+      for (int c = 0; c < kTilePanels; ++c) dpbusd(acc[r][c], wv[c], xb);
+    }
+  }
+}
+
 // The K-quads [q0, q1) of one group for R rows x 4 panels: totals[r * 4 + c]. A function of its
 // own, with nothing else in it: inlined into the group loop and its epilogue, GCC 12 kept the
 // 24 accumulators in memory (measured: half speed).
@@ -344,26 +358,12 @@ template <int R>
 __attribute__((noinline)) void accumulate_quads(const int8_t* x, int64_t k_pad, const uint8_t* w0, const uint8_t* w1,
                                                 const uint8_t* w2, const uint8_t* w3, int64_t q0, int64_t q1,
                                                 __m512i* totals) {
-  constexpr int C = kTilePanels;
-  __m512i acc[R][C];
+  __m512i acc[R][kTilePanels];
+  add_quads<R>(acc, x, k_pad, w0, w1, w2, w3, q0, q1);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
-  for (int64_t q = q0; q < q1; ++q) {
-    const __m512i wv[C] = {_mm512_load_si512(w0 + 64 * q), _mm512_load_si512(w1 + 64 * q),
-                           _mm512_load_si512(w2 + 64 * q), _mm512_load_si512(w3 + 64 * q)};
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512i xb = _mm512_set1_epi32(load_i32(x + r * k_pad + 4 * q));
-#pragma GCC unroll 4
-      for (int c = 0; c < C; ++c) dpbusd(acc[r][c], wv[c], xb);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) _mm512_store_si512(totals + r * C + c, acc[r][c]);
+    for (int c = 0; c < kTilePanels; ++c) _mm512_store_si512(totals + r * kTilePanels + c, acc[r][c]);
 }
 
 // R rows x 4 panels over all of K, group by group. w[c]: panel c of the repacked block.
@@ -397,20 +397,7 @@ __attribute__((noinline)) void accumulate_groups(const int8_t* x, int64_t k_pad,
     for (int c = 0; c < C; ++c) facc[r][c] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     __m512i acc[R][C];
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
-    for (int64_t q = g * group_quads; q < (g + 1) * group_quads; ++q) {
-      const __m512i wv[C] = {_mm512_load_si512(w0 + 64 * q), _mm512_load_si512(w1 + 64 * q),
-                             _mm512_load_si512(w2 + 64 * q), _mm512_load_si512(w3 + 64 * q)};
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        const __m512i xb = _mm512_set1_epi32(load_i32(x + r * k_pad + 4 * q));
-#pragma GCC unroll 4
-        for (int c = 0; c < C; ++c) dpbusd(acc[r][c], wv[c], xb);
-      }
-    }
+    add_quads<R>(acc, x, k_pad, w0, w1, w2, w3, g * group_quads, (g + 1) * group_quads);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const __m512i off = _mm512_set1_epi32(offset * x_sums[r * groups + g]);

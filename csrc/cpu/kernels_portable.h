@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "pyclipq/cpu_kernels.h"
 
@@ -59,6 +60,20 @@ inline uint16_t float_to_bf16(float f) {
   if (std::isnan(f)) return 0x7fc0;
   const uint32_t u = float_to_bits(f);
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// fn(std::integral_constant<FloatType, T>{}) for the run-time element type t: how a table turns
+// a row kernel templated on its element type into the QuantizeRowsFn of its table.
+template <class Fn>
+inline auto with_float_type(FloatType t, Fn&& fn) {
+  switch (t) {
+    case FloatType::BF16:
+      return fn(std::integral_constant<FloatType, FloatType::BF16>{});
+    case FloatType::F16:
+      return fn(std::integral_constant<FloatType, FloatType::F16>{});
+    default:
+      return fn(std::integral_constant<FloatType, FloatType::F32>{});
+  }
 }
 
 inline float load_float(const void* base, FloatType t, int64_t i) {
