@@ -425,9 +425,21 @@ PQ_INLINE void repack_chunk(const uint8_t* const (&rows)[16], int64_t s, uint8_t
   for (int d = 0; d < 16; ++d) _mm512_store_si512(dst + 64 * d, v[d]);
 }
 
+// Panels of weight rows prefetched ahead of the one being repacked. A panel's 16 rows are one
+// contiguous run of memory, but the repack reads them as 16 interleaved short streams that the
+// hardware prefetchers do not follow: cold (from DRAM), the repack waited on every line.
+constexpr int64_t kRepackPrefetchPanels = 3;
+
 template <WeightKind KIND>
 void repack_block(const uint8_t* w, int64_t ldw, int64_t b0, int64_t b1, int64_t k_pad, uint8_t* out) {
+  const char* bytes = reinterpret_cast<const char*>(w);
+  const int64_t end = b1 * ldw;  // prefetch no further than the block
+  auto prefetch_panel = [&](int64_t n) {
+    for (int64_t off = n * ldw; off < std::min(end, (n + 16) * ldw); off += 64) _mm_prefetch(bytes + off, _MM_HINT_T0);
+  };
+  for (int64_t i = 0; i < kRepackPrefetchPanels; ++i) prefetch_panel(b0 + 16 * i);
   for (int64_t n = b0; n < b1; n += 16) {
+    prefetch_panel(n + 16 * kRepackPrefetchPanels);
     const uint8_t* rows[16];
     for (int j = 0; j < 16; ++j) rows[j] = w + std::min(n + j, b1 - 1) * ldw;
     uint8_t* dst = out + (n - b0) * k_pad;  // a panel is 16 * K bytes
@@ -504,6 +516,11 @@ constexpr int64_t kMinBroadcastRows = 4;
 // gain when the weights come from DRAM.)
 constexpr int64_t kL2OperandBytes = 384 * 1024;
 
+// How far ahead of the dot tile's weight reads its prefetches run. One tile ahead is enough for
+// int8 rows (a 12 KiB tile at K = 768) but not for ternary (3 KiB: the last lines arrived late;
+// measured at M = 1 from DRAM, ternary read 17 GB/s where int8 read 24).
+constexpr int64_t kDotPrefetchBytes = 12 * 1024;
+
 struct Scratch {
   std::vector<uint8_t> operands;  // the block's u8 operands (64-byte aligned inside)
   std::vector<float> scales;    // the block's w_scale, transposed to [G][columns]
@@ -543,10 +560,14 @@ void run_format(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int
   };
   auto columns_after = [&](int64_t n, int64_t width) -> ColumnSpan {
     if (n < n1) return {n, std::min(width, n1 - n)};
-    if (next_task != nullptr) return {next_task->n0, std::min(width, next_task->n1 - next_task->n0)};
+    if (next_task != nullptr && next_task->n0 + (n - n1) < next_task->n1) {
+      const int64_t in_next = next_task->n0 + (n - n1);
+      return {in_next, std::min(width, next_task->n1 - in_next)};
+    }
     return {0, 0};
   };
   const bool broadcast = m1 - m0 >= kMinBroadcastRows || glen == 32;
+  const int64_t dot_tiles_ahead = std::max<int64_t>(1, kDotPrefetchBytes / (16 * ldw));
   const int64_t nb = broadcast ? std::max<int64_t>(64, kL2OperandBytes / p.k_pad / 64 * 64) : 256;
   for (int64_t b0 = n0; b0 < n1; b0 += nb) {
     const int64_t b1 = std::min(n1, b0 + nb), cols = (b1 - b0 + 63) / 64 * 64;
@@ -624,6 +645,9 @@ void run_format(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int
         }
       }
     } else {
+      if (b0 == n0)  // the task's first tiles, up to where the per-step prefetches start
+        for (int64_t off = n0 * ldw; off < std::min(n1, n0 + 16 * dot_tiles_ahead) * ldw; off += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(w) + off, _MM_HINT_T1);
       for (int64_t n = b0; n < b1; n += 16) {
         const int valid = static_cast<int>(std::min<int64_t>(16, b1 - n));
         // a ragged last tile reads a copy padded with its last row (the extra columns are not stored)
@@ -633,8 +657,8 @@ void run_format(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int
           for (int j = 0; j < 16; ++j) std::memcpy(sc.ragged.data() + j * ldw, w + (n + std::min(j, valid - 1)) * ldw, ldw);
           row0 = sc.ragged.data();
         }
-        // the next tile's rows are contiguous: prefetch them a slice per 128-element step
-        const ColumnSpan ahead = columns_after(n + 16, 16);
+        // the tile kDotPrefetchBytes ahead (its rows are contiguous), a slice per 128-element step
+        const ColumnSpan ahead = columns_after(n + 16 * dot_tiles_ahead, 16);
         const char* next = ahead.count > 0 ? reinterpret_cast<const char*>(w + ahead.n * ldw) : nullptr;
         const int64_t lines_per_step = (ahead.count * ldw / 64 + p.k_pad / 128 - 1) / (p.k_pad / 128);
         for (int64_t m = m0; m < m1; ++m) {
