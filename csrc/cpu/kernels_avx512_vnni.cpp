@@ -711,7 +711,7 @@ void vnni_linear(const GemmProblem& p, const LinearEpilogue& e, int64_t m0, int6
 }  // namespace
 
 const KernelTable& avx512_vnni_kernels() {
-  static const KernelTable table{"avx512_vnni", vnni_quantize_rows, vnni_gemm, vnni_linear, {kTileRows * 64, 16 * kTilePanels}};
+  static const KernelTable table{"avx512_vnni", vnni_quantize_rows, vnni_gemm, vnni_linear, {kTileRows * 64, 16 * kTilePanels, 48 * 1024}};
   return table;
 }
 

@@ -101,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_per_token(const at::Tens
 // rows' activations once; a task's weights stay in L2/L3), N split too only when there are too
 // few row chunks; for tables that repack weights per task, up to max_rows rows per task and N
 // split into about 8 tasks per thread. M < 8 (GEMV-like, weights from DRAM): split N only, with
-// >= 96 KiB of weights per task.
+// >= TaskShape::min_gemv_task_bytes of weights per task.
 template <typename Fn>
 void for_each_task(const TaskShape& shape, int64_t m, int64_t n, int64_t row_bytes, Fn&& fn) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -117,7 +117,7 @@ void for_each_task(const TaskShape& shape, int64_t m, int64_t n, int64_t row_byt
     m_chunk = (m + m_tasks - 1) / m_tasks;
     n_tasks = (target + m_tasks - 1) / m_tasks;
   } else {
-    n_tasks = std::min(target, std::max<int64_t>(1, n * row_bytes / (96 * 1024)));
+    n_tasks = std::min(target, std::max<int64_t>(1, n * row_bytes / shape.min_gemv_task_bytes));
   }
   const int64_t col = shape.col_multiple;
   const int64_t n_chunk =

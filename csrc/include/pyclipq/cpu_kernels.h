@@ -61,6 +61,9 @@ struct TaskShape {
   // weights per task, so every row of a task reuses the repacked columns).
   int64_t max_rows;
   int64_t col_multiple;  // a task's columns are a multiple of this (the table's column tile)
+  // M < 8: the least weight bytes worth a task of its own (smaller layers run on fewer threads:
+  // a task's fixed costs, the fork and the first lines' latency, outweigh its share)
+  int64_t min_gemv_task_bytes;
 };
 
 struct KernelTable {
