@@ -17,7 +17,7 @@
 //
 // Two register tiles, chosen per task by its row count (the results are bit-identical: both
 // produce exact int32 group totals and run the same float epilogue per output):
-// * Broadcast tile, for tasks of >= kMinBroadcastRows rows. The task repacks its column range
+// * Broadcast tile, for tasks of >= min_broadcast_rows rows (3 to 8 by format). The task repacks its column range
 //   once, L2 block by L2 block, into u8 operands in [16-column panel][K / 4][16 columns][4]
 //   order (a 16 x 16 dword transpose per 64 K-elements of 16 columns). A 6-row x 64-column tile
 //   then does one vpdpbusd per (row, panel, 4 K-elements) with the row's 4 activation bytes
@@ -522,8 +522,14 @@ void dot_tile(const int8_t* x, const uint8_t* row0, int64_t ldw, int64_t k_pad, 
 // ------------------------------------------------------------------ tasks
 
 // Tasks with at least this many rows repack their columns and use the broadcast tile; fewer
-// rows read the canonical layout with the dot tile (measured crossover, Zen 4).
-constexpr int64_t kMinBroadcastRows = 4;
+// rows read the canonical layout with the dot tile, whose cost per row is the decode and, per
+// scale group, the lane sums. Measured crossover on Zen 4 (3072 x 768, 2 threads, us per call
+// at M = 2 / 3 / 4 / 6 / 8, dot vs broadcast): int8 39/48/57/75/93 vs 60/63/69/83/97; ternary
+// 33/44/56/80/104 vs 50/54/60/72/87; int4 g128 58/79/100/146/185 vs 62/67/80/87/103.
+// Scale groups of 32 split a 64-lane vector between two groups: always the broadcast tile.
+constexpr int64_t min_broadcast_rows(WeightKind kind, int64_t groups) {
+  return kind == WeightKind::Int8 ? 8 : groups == 1 ? 5 : 3;
+}
 // Repacked u8 operands of one column block, kept in L2 (1 MiB per core on Zen 4) while the
 // task's row tiles stream past them; the next block's weights are prefetched into L2 meanwhile,
 // a slice per row tile. (Blocks of one 64-column tile measured ~10% slower at M = 50, with no
@@ -580,7 +586,7 @@ void run_format(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int
     }
     return {0, 0};
   };
-  const bool broadcast = m1 - m0 >= kMinBroadcastRows || glen == 32;
+  const bool broadcast = m1 - m0 >= min_broadcast_rows(KIND, G) || glen == 32;
   const int64_t dot_tiles_ahead = std::max<int64_t>(1, kDotPrefetchBytes / (16 * ldw));
   const int64_t nb = broadcast ? std::max<int64_t>(64, kL2OperandBytes / p.k_pad / 64 * 64) : 256;
   for (int64_t b0 = n0; b0 < n1; b0 += nb) {
