@@ -31,6 +31,8 @@ from .peers.runtimes import (INSTALL_HINT, RUNTIME_PEERS, RuntimePeerError, Runt
 
 PYCLIPQ_FORMATS = ("int8", "int4", "int2", "ternary")
 TORCH_PEERS = ("fp32", "quantize_dynamic")
+# `--compile`: each pyclipq format also runs as "<format>+compile", its towers through torch.compile.
+COMPILED_SUFFIX = "+compile"
 # NNCF's static PTQ calibrates openvino_int8 on this many random inputs: enough to time it.
 CALIBRATION_SAMPLES = 16
 METHOD = (
@@ -39,11 +41,31 @@ METHOD = (
     "and OpenVINO contender is timed alone, in its own process that loads only its runtime, while the torch "
     "process waits: torch's idle OpenMP threads would otherwise take cores from it. Every latency is the "
     f"median of the timed calls after the warm-up calls. openvino_int8 is calibrated on {CALIBRATION_SAMPLES} "
-    "random inputs: its speed is real, its fidelity is no measure of its accuracy on real data."
+    "random inputs: its speed is real, its fidelity is no measure of its accuracy on real data. A "
+    f"'<format>{COMPILED_SUFFIX}' contender (--compile) is that format's model with its towers through "
+    "torch.compile, compiled for every timed shape before timing."
 )
 # The smallest checkpoint of a format: its size is reported beside the timed contender.
 # Ternary Q-ALL leaves the token and patch embeddings in fp32, a quarter of ViT-B/32's bytes.
 SIZE_ONLY_PRESETS = {"ternary": "ternary-qall-embeddings"}
+
+
+class CompiledTowers:
+    """A converted model whose encode_image / encode_text run through torch.compile (inductor).
+
+    The pyclipq ops trace through their fakes, so a tower compiles into one graph: what is left
+    of the Python glue, the attention reshapes and the LayerNorm / GELU / residual kernels
+    between the linears is fused or removed. One compilation per tower and batch size (static
+    shapes), paid before timing starts.
+    """
+
+    def __init__(self, model: nn.Module):
+        from .eval.encode import as_clip_like
+
+        self.module = model  # what is counted and saved
+        clip = as_clip_like(model)
+        self.encode_image = torch.compile(clip.encode_image, dynamic=False)
+        self.encode_text = torch.compile(clip.encode_text, dynamic=False)
 
 
 @dataclass
@@ -197,7 +219,9 @@ def pyclipq_convert(model: nn.Module, config) -> nn.Module:
     return pyclipq.convert(model, config)
 
 
-def build_contender(name: str, fp32: nn.Module) -> nn.Module:
+def build_contender(name: str, fp32: nn.Module):
+    if name.endswith(COMPILED_SUFFIX):
+        return CompiledTowers(pyclipq_convert(copy.deepcopy(fp32), name[: -len(COMPILED_SUFFIX)]))
     if name == "fp32":
         return fp32
     if name == "quantize_dynamic":
@@ -253,8 +277,9 @@ def _time_runtime_peers(loaded: LoadedModel, peers, towers: dict[str, TowerInput
 
 def run_benchmark(model: str = "ViT-B-32", pretrained: str | None = None, formats=PYCLIPQ_FORMATS,
                   batches=(1, 8, 32), threads: int = 2, reps: int = 5, warmup: int = 2, towers=("image", "text"),
-                  fidelity_batch: int = 8, progress: bool = True, runtime_peers=()) -> dict:
-    """Every contender's latency, size and fidelity; `runtime_peers` from select_runtime_peers.
+                  fidelity_batch: int = 8, progress: bool = True, runtime_peers=(), compiled: bool = False) -> dict:
+    """Every contender's latency, size and fidelity; `runtime_peers` from select_runtime_peers;
+    `compiled`: each format also through torch.compile (CompiledTowers).
 
     A runtime peer that fails is listed in the report's "runtime_peers_failed", not raised.
     """
@@ -270,7 +295,7 @@ def run_benchmark(model: str = "ViT-B-32", pretrained: str | None = None, format
         raise ValueError(f"runtime_peers: unknown {unknown}; choose from {list(RUNTIME_PEERS)}")
     torch.set_num_threads(threads)
     loaded: LoadedModel = load_model(model, pretrained)
-    contenders = [*TORCH_PEERS, *formats]
+    contenders = [*TORCH_PEERS, *formats, *(f + COMPILED_SUFFIX for f in formats if compiled)]
     inputs = {b: random_inputs(loaded, b, seed=b) for b in sorted({*batches, fidelity_batch})}
     with torch.inference_mode():
         reference = {"image": encode(loaded, images=inputs[fidelity_batch][0]),
@@ -284,10 +309,15 @@ def run_benchmark(model: str = "ViT-B-32", pretrained: str | None = None, format
         candidate = build_contender(name, loaded.model)
         r = ContenderResult(name, convert_s=time.perf_counter() - t0)
         view = LoadedModel(**{**asdict_shallow(loaded), "model": candidate})
-        r.linears_quantized, r.linears_total = linear_inventory(candidate)
-        r.size_bytes = _size_on_disk(name, candidate)
+        module = candidate.module if isinstance(candidate, CompiledTowers) else candidate
+        r.linears_quantized, r.linears_total = linear_inventory(module)
+        r.size_bytes = _size_on_disk(name, module)
         bar.update()
         with torch.inference_mode():
+            if isinstance(candidate, CompiledTowers):  # compile every timed shape before any timing
+                for b in batches:
+                    encode(view, images=inputs[b][0])
+                    encode(view, tokens=inputs[b][1])
             features = {"image": encode(view, images=inputs[fidelity_batch][0]),
                         "text": encode(view, tokens=inputs[fidelity_batch][1])}
         r.fidelity = _fidelity(features, reference)

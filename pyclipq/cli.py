@@ -59,7 +59,7 @@ def cmd_bench(args) -> int:
     report = benchmark.run_benchmark(model=args.model, pretrained=args.pretrained, formats=tuple(args.formats),
                                      batches=tuple(args.batches), threads=args.threads, reps=args.reps,
                                      warmup=args.warmup, progress=not args.json and not args.no_progress,
-                                     runtime_peers=runtime_peers)
+                                     runtime_peers=runtime_peers, compiled=args.compile)
     paths = benchmark.write_report(report, args.out, plot=plot)
     report["files"] = paths
     for failure in report["runtime_peers_failed"]:
@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--peers", nargs="+", default=["auto"], choices=["auto", "none", *RUNTIME_PEERS],
                     help="ONNX Runtime / OpenVINO contenders (pip install 'pyclipq[peers]'); "
                          "auto: every installed one (default)")
+    sp.add_argument("--compile", action="store_true",
+                    help="also time each format with its towers through torch.compile ('<format>+compile')")
     sp.add_argument("--out", default="results", help="directory for bench.json and bench.png")
     sp.add_argument("--no-progress", action="store_true")
     common(sp)

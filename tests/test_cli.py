@@ -70,6 +70,20 @@ def test_bench_json_and_plot(capsys, tmp_path):
     assert report["machine"]["threads"] == 2 and report["machine"]["cpu_isa"]
 
 
+def test_bench_compile_times_each_format_compiled_too(capsys, tmp_path):
+    """--compile adds '<format>+compile': the same converted model through torch.compile, same embeddings."""
+    code, text, _ = run(capsys, *TINY_BENCH, "--peers", "none", "--compile", "--out", str(tmp_path), "--json")
+    report = json.loads(text)
+    results = {r["name"]: r for r in report["results"]}
+    assert code == 0 and list(results) == ["fp32", "quantize_dynamic", "int8", "int8+compile"]
+    eager, compiled = results["int8"], results["int8+compile"]
+    assert compiled["latency_ms"].keys() == eager["latency_ms"].keys() and min(compiled["latency_ms"].values()) > 0
+    assert compiled["size_bytes"] == eager["size_bytes"] and compiled["linears_quantized"] == eager["linears_quantized"]
+    # compiled fusions reorder float math: the embeddings stay those of the eager model
+    for tower in ("image", "text"):
+        assert abs(compiled["fidelity"][f"{tower}_cos_mean"] - eager["fidelity"][f"{tower}_cos_mean"]) < 1e-3
+
+
 def fake_missing_packages(monkeypatch, absent):
     """Make the benchmark see the packages in `absent` as not installed and every other as installed."""
     from pyclipq import benchmark
