@@ -213,6 +213,27 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return metadata
 
 
+# Scale buffers and what a valid one holds. A weight scale of 0 is valid: it stands for an all-zero
+# row or group (docs/FORMATS.md); an activation scale of 0 marks a layer not calibrated yet, which
+# the layer reports when called.
+SCALE_BUFFERS = ("weight_scale", "act_scale")
+
+
+def _check_scales(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Every scale finite and >= 0: a NaN or negative scale would only surface layers later, as
+    "x contains NaN" or silently wrong signs, even in a file whose checksum is right."""
+    for key, t in tensors.items():
+        if key.rsplit(".", 1)[-1] not in SCALE_BUFFERS or not t.is_floating_point():
+            continue
+        bad = ~torch.isfinite(t) | (t < 0)
+        if bool(bad.any()):
+            first = t.reshape(-1)[bad.reshape(-1)][0].item()
+            raise CorruptCheckpointError(
+                f"{path!r} has an invalid scale tensor {key!r}: {int(bad.sum())} of its {t.numel()} values are not "
+                f"finite and >= 0 (first: {first})"
+            )
+
+
 def _load_tensors(path: str, metadata: dict) -> dict[str, torch.Tensor]:
     try:
         tensors = load_file(path, device="cpu")
@@ -220,6 +241,7 @@ def _load_tensors(path: str, metadata: dict) -> dict[str, torch.Tensor]:
         raise CorruptCheckpointError(f"{path!r} is corrupted: safetensors cannot read it ({e})") from None
     if _checksum(tensors) != metadata["sha256"]:
         raise CorruptCheckpointError(f"{path!r} is corrupted: its tensor data does not match the recorded sha256")
+    _check_scales(tensors, path)
     for key, layout in metadata["storage_layouts"].items():
         if layout.get("layout") != TERNARY_STORAGE_LAYOUT or key not in tensors:
             raise CorruptCheckpointError(f"{path!r} has an unknown storage layout entry {key!r}: {layout!r}")

@@ -202,6 +202,41 @@ def test_corrupted_tensor_data_fails_the_checksum(tmp_path):
         load(bad, fresh())
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.5])
+@pytest.mark.parametrize("config", ["int8", "int4"])
+def test_invalid_scales_with_a_valid_checksum_are_corrupt(tmp_path, config, value):
+    """A NaN, infinite or negative scale is named at load, not found layers later as 'x contains NaN'."""
+    from safetensors import safe_open
+
+    from pyclipq.io import _checksum
+
+    _, path = saved(tmp_path, config=config)
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    key = next(k for k in sorted(tensors) if k.endswith("weight_scale"))
+    tensors[key].view(-1)[3] = value
+    pyclipq_meta = json.loads(metadata["pyclipq"])
+    pyclipq_meta["sha256"] = _checksum(tensors)  # the file is consistent: only the value is wrong
+    metadata["pyclipq"] = json.dumps(pyclipq_meta)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=metadata)
+    with pytest.raises(CorruptCheckpointError, match=f"invalid scale tensor '{key}'.*1 of its"):
+        load(bad, fresh())
+
+
+def test_zero_scales_of_all_zero_rows_load(tmp_path):
+    """Scale 0 is valid (an all-zero row, docs/FORMATS.md): such a checkpoint loads and computes zeros there."""
+    model = BUILDERS["open_clip"]()
+    with torch.no_grad():
+        model.visual.transformer.resblocks[0].mlp.c_fc.weight[5].zero_()
+    model = convert(model, "int8")
+    path = tmp_path / "zero.safetensors"
+    save(model, path)
+    loaded = load(path, fresh())
+    assert loaded.visual.transformer.resblocks[0].mlp.c_fc.weight_scale[5] == 0
+
+
 def test_foreign_safetensors_file_is_refused(tmp_path):
     foreign = tmp_path / "foreign.safetensors"
     save_file({"weight": torch.randn(4, 4)}, str(foreign), metadata={"format": "pt"})

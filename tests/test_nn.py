@@ -143,6 +143,16 @@ def test_half_precision_moves_bias_but_keeps_scales_float32_and_unrounded():
     assert layer.int8_original_dtype == torch.float32
 
 
+
+@pytest.mark.parametrize("fmt", ["int8", "ternary", "float"])
+def test_quant_linear_refuses_inputs_of_another_width(fmt):
+    """700 features pad to the same K block as 768: the layer, not the op, must refuse them (as nn.Linear does)."""
+    layer = QuantLinear.from_float(nn.Linear(768, 512), LayerConfig(fmt))
+    with pytest.raises(ValueError, match=r"x must have in_features = 768 features in its last dimension, got shape \[2, 700\]"):
+        layer(torch.randn(2, 700))
+    assert layer(torch.randn(2, 768)).shape == (2, 512)
+
+
 def test_from_float_rejects_non_linears_and_bad_layer_configs():
     with pytest.raises(ValueError, match="linear must be a torch.nn.Linear"):
         QuantLinear.from_float(nn.Conv1d(3, 3, 1), LayerConfig("int8"))

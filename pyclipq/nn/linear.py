@@ -103,6 +103,12 @@ class QuantLinear(PackedWeight):
         return self.act_scale
 
     def _linear(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        # The fused ops see only K rounded up to the K block: 700 features would pass for 768.
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"QuantLinear {self.layer_name or '(unnamed)'}: x must have in_features = {self.in_features} "
+                f"features in its last dimension, got shape {list(x.shape)}"
+            )
         bias = self.bias[rows] if self.bias is not None else None
         if self.layer.is_float:
             return F.linear(x, self.weight[rows], bias)
