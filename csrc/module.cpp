@@ -27,6 +27,30 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "pyclipq compiled kernels";
   m.def("torch_version", [] { return std::string(PYCLIPQ_TORCH_VERSION); });
   m.def("cpu_isa", [] { return std::string(pyclipq::cpu::active_kernels().isa); });
+  // The C++ side of the format table (include/pyclipq/formats.h), for the parity test with
+  // pyclipq/formats.py: one definition of each format, checked on both sides.
+  m.def("format_traits", [] {
+    py::dict formats;
+    for (const pyclipq::FormatTraits& t : pyclipq::kTraits) {
+      py::dict d;
+      d["bits"] = t.bits;
+      d["level_mul"] = t.level_mul;
+      d["level_offset"] = t.level_offset;
+      d["pad_code"] = t.pad_code;
+      d["max_code"] = t.max_code;
+      formats[t.name] = d;
+    }
+    py::dict constants;
+    constants["format_version"] = pyclipq::kFormatVersion;
+    constants["k_block"] = pyclipq::kKBlock;
+    constants["vector_bytes"] = pyclipq::kVectorBytes;
+    constants["act_qmax"] = pyclipq::kActQmax;
+    constants["trits_per_byte"] = pyclipq::kTritsPerByte;
+    py::dict out;
+    out["formats"] = formats;
+    out["constants"] = constants;
+    return out;
+  });
   m.def("build_info", [] {
     py::dict d;
     d["pyclipq_format_version"] = pyclipq::kFormatVersion;

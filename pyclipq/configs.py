@@ -24,7 +24,7 @@ WEIGHT_FORMATS = (*formats.FORMATS, FLOAT_FORMAT)
 ACTIVATION_MODES = ("dynamic", "static", "none")
 
 # group size used when a config names a grouped format without one
-DEFAULT_GROUP_SIZE = {"int4": 128, "int2": 64}
+DEFAULT_GROUP_SIZE = {f.name: f.default_group_size for f in formats.FORMATS.values() if f.grouped}
 
 
 def _check_choice(argument: str, value: Any, choices) -> None:

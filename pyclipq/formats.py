@@ -20,6 +20,12 @@ ACT_QMAX = 127
 
 @dataclass(frozen=True)
 class WeightFormat:
+    """Everything code may ask of a format; nothing outside this module branches on its name.
+
+    C++ mirror: ``FormatTraits`` in csrc/include/pyclipq/formats.h (bits, level_mul,
+    level_offset, pad_code, max_code), checked by tests/test_formats.py through ``_C``.
+    """
+
     name: str
     bits: int
     level_mul: int
@@ -27,29 +33,44 @@ class WeightFormat:
     pad_code: int
     qmax: int  # largest |level| the scale maps absmax to
     grouped: bool
+    min_code: int  # the code range the kernels accept (int8: signed codes, the levels themselves)
+    max_code: int
+    default_group_size: int = 0  # what a config naming the format without a group size gets
+    threshold_rule: bool = False  # the scale and levels come from a threshold rule (THRESHOLD_RULES)
+    trit_storage: bool = False  # checkpoints store its codes base 3 (TRITS_PER_BYTE to a byte)
 
     @property
     def codes_per_byte(self) -> int:
         return 8 // self.bits
 
     @property
+    def bit_packed(self) -> bool:
+        """Several codes to a byte, block-planar (docs/FORMATS.md); int8 holds one code a byte."""
+        return self.codes_per_byte > 1
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        """dtype of the unpacked codes and of the packed weight: int8 for signed codes, else uint8."""
+        return torch.int8 if self.min_code < 0 else torch.uint8
+
+    @property
     def block_elems(self) -> int:
         return VECTOR_BYTES * self.codes_per_byte
 
     @property
-    def max_code(self) -> int:
-        return (1 << self.bits) - 1 if self.name != "ternary" else 2
+    def max_abs_level(self) -> int:
+        """The largest |level| any code stands for (int32 accumulator bounds)."""
+        return max(abs(self.level_mul * c - self.level_offset) for c in (self.min_code, self.max_code))
 
     def level(self, codes: torch.Tensor) -> torch.Tensor:
-        if self.name == "int8":
-            return codes.to(torch.int32)
         return self.level_mul * codes.to(torch.int32) - self.level_offset
 
 
-INT8 = WeightFormat("int8", 8, 1, 0, 0, 127, grouped=False)
-INT4 = WeightFormat("int4", 4, 1, 8, 8, 7, grouped=True)
-INT2 = WeightFormat("int2", 2, 2, 3, 1, 3, grouped=True)
-TERNARY = WeightFormat("ternary", 2, 1, 1, 1, 1, grouped=False)
+INT8 = WeightFormat("int8", 8, 1, 0, 0, 127, grouped=False, min_code=-127, max_code=127)
+INT4 = WeightFormat("int4", 4, 1, 8, 8, 7, grouped=True, min_code=0, max_code=15, default_group_size=128)
+INT2 = WeightFormat("int2", 2, 2, 3, 1, 3, grouped=True, min_code=0, max_code=3, default_group_size=64)
+TERNARY = WeightFormat("ternary", 2, 1, 1, 1, 1, grouped=False, min_code=0, max_code=2, threshold_rule=True,
+                       trit_storage=True)
 FORMATS = {f.name: f for f in (INT8, INT4, INT2, TERNARY)}
 
 

@@ -142,3 +142,30 @@ def test_bad_weights_rejected():
         formats.quantize_weight(torch.tensor([[float("nan"), 1.0]]), "int4")
     with pytest.raises(ValueError, match="format must be one of"):
         formats.quantize_weight(torch.randn(2, 2), "int3")
+
+
+def test_cpp_format_traits_agree_with_formats_py():
+    """formats.h (through _C) and formats.py define each format once, identically."""
+    from pyclipq import _C
+
+    cpp = _C.format_traits()
+    assert list(cpp["formats"]) == list(formats.FORMATS)  # same formats, same order (the C++ WeightKind)
+    for name, traits in cpp["formats"].items():
+        f = formats.get_format(name)
+        assert traits == {"bits": f.bits, "level_mul": f.level_mul, "level_offset": f.level_offset,
+                          "pad_code": f.pad_code, "max_code": f.max_code}, name
+    assert cpp["constants"] == {"format_version": formats.FORMAT_VERSION, "k_block": formats.K_BLOCK,
+                                "vector_bytes": formats.VECTOR_BYTES, "act_qmax": formats.ACT_QMAX,
+                                "trits_per_byte": formats.TRITS_PER_BYTE}
+
+
+@pytest.mark.parametrize("name", list(formats.FORMATS))
+def test_a_format_answers_what_code_asks_of_it(name):
+    """Code dtype, code range and level bound follow from the table, never from the name."""
+    f = formats.get_format(name)
+    codes = torch.arange(f.min_code, f.max_code + 1).to(f.code_dtype)
+    levels = f.level(codes)
+    assert int(levels.abs().max()) == f.max_abs_level
+    assert f.qmax <= f.max_abs_level and f.level(torch.tensor([f.pad_code])).abs().item() <= 1
+    assert f.bit_packed == (f.codes_per_byte > 1) and f.code_dtype == (torch.int8 if f.min_code < 0 else torch.uint8)
+    assert (f.default_group_size in formats.GROUP_SIZES) and (f.default_group_size > 0) == f.grouped

@@ -66,12 +66,8 @@ def codes_from_levels(levels: torch.Tensor, fmt, k_pad: int | None = None) -> to
     lv = torch.round(levels).to(torch.int32)
     if bool((lv.abs() > fmt.qmax).any()) or (fmt.level_mul == 2 and bool(((lv + fmt.level_offset) % 2).any())):
         raise ValueError(f"levels must be levels of format {fmt.name!r} (|level| <= {fmt.qmax}, step {fmt.level_mul})")
-    if fmt.name == "int8":
-        codes = torch.zeros((n, k_pad), dtype=torch.int8)
-        codes[:, :k] = lv.to(torch.int8)
-        return codes
-    codes = torch.full((n, k_pad), fmt.pad_code, dtype=torch.uint8)
-    codes[:, :k] = ((lv + fmt.level_offset) // fmt.level_mul).to(torch.uint8)
+    codes = torch.full((n, k_pad), fmt.pad_code, dtype=fmt.code_dtype)
+    codes[:, :k] = ((lv + fmt.level_offset) // fmt.level_mul).to(fmt.code_dtype)
     return codes
 
 
@@ -189,13 +185,11 @@ def load_quantized_weight(module, codes: torch.Tensor, scale: torch.Tensor) -> N
     expected_codes = (n, formats.padded_k(k))
     if tuple(codes.shape) != expected_codes:
         raise ValueError(f"codes must have shape {list(expected_codes)}, got {list(codes.shape)}")
-    if codes.dtype != (torch.int8 if fmt.name == "int8" else torch.uint8):
-        raise ValueError(f"codes for format {fmt.name!r} must be {'int8' if fmt.name == 'int8' else 'uint8'}, got {codes.dtype}")
-    if fmt.name == "int8":
-        if bool((codes == -128).any()):
-            raise ValueError("int8 codes must lie in [-127, 127]")
-    elif bool((codes > fmt.max_code).any()):
-        raise ValueError(f"codes for format {fmt.name!r} must lie in [0, {fmt.max_code}]")
+    if codes.dtype != fmt.code_dtype:
+        raise ValueError(f"codes for format {fmt.name!r} must be {str(fmt.code_dtype).removeprefix('torch.')}, "
+                         f"got {codes.dtype}")
+    if bool(((codes < fmt.min_code) | (codes > fmt.max_code)).any()):
+        raise ValueError(f"{fmt.name} codes must lie in [{fmt.min_code}, {fmt.max_code}]")
     if tuple(scale.shape) != tuple(module.weight_scale.shape):
         raise ValueError(f"scale must have shape {list(module.weight_scale.shape)}, got {list(scale.shape)}")
     device = module.packed_weight.device

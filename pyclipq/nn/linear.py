@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import formats, ops
 from ..configs import LayerConfig
 from .packed import PackedWeight, dequantize_packed
 
@@ -21,13 +21,10 @@ def static_act_scale(layer: LayerConfig, scale) -> torch.Tensor:
 
 
 def _fused_linear(fmt: str, x, packed, scale, group_size, bias, act_scale):
-    if fmt == "int8":
-        return ops.int8_linear(x, packed, scale, bias, act_scale)
-    if fmt == "int4":
-        return ops.int4_linear(x, packed, scale, group_size, bias, act_scale)
-    if fmt == "int2":
-        return ops.int2_linear(x, packed, scale, group_size, bias, act_scale)
-    return ops.ternary_linear(x, packed, scale, bias, act_scale)
+    linear = getattr(ops, f"{fmt}_linear")  # the op family: <format>_linear, with group_size where grouped
+    if formats.get_format(fmt).grouped:
+        return linear(x, packed, scale, group_size, bias, act_scale)
+    return linear(x, packed, scale, bias, act_scale)
 
 
 class QuantLinear(PackedWeight):

@@ -32,15 +32,13 @@ def scale_shape(fmt: str, out_features: int, in_features: int, group_size: int) 
 
 def pack_codes(codes: torch.Tensor, fmt: str) -> torch.Tensor:
     """Unpacked codes [N, K_pad] (formats.quantize_weight) -> the compute layout kernels read."""
-    if fmt == "int8":
-        return codes
-    return ops.pack_codes(codes, formats.get_format(fmt).bits)
+    spec = formats.get_format(fmt)
+    return ops.pack_codes(codes, spec.bits) if spec.bit_packed else codes
 
 
 def unpack_codes(packed: torch.Tensor, fmt: str) -> torch.Tensor:
-    if fmt == "int8":
-        return packed
-    return ops.unpack_codes(packed, formats.get_format(fmt).bits)
+    spec = formats.get_format(fmt)
+    return ops.unpack_codes(packed, spec.bits) if spec.bit_packed else packed
 
 
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int, dtype) -> torch.Tensor:
@@ -73,7 +71,7 @@ class PackedWeight(nn.Module):
         if layer.is_float:
             self.register_buffer("weight", torch.empty(out_features, in_features, dtype=self.float_dtype, device=device))
             return
-        code_dtype = torch.int8 if layer.format == "int8" else torch.uint8
+        code_dtype = formats.get_format(layer.format).code_dtype
         self.register_buffer(
             "packed_weight", torch.empty(packed_shape(layer.format, out_features, in_features), dtype=code_dtype, device=device)
         )
@@ -137,6 +135,6 @@ class PackedWeight(nn.Module):
         text = f"format={self.layer.format}"
         if formats.FORMATS.get(self.layer.format) is not None and formats.get_format(self.layer.format).grouped:
             text += f", group_size={self.layer.group_size}"
-        if self.layer.format == "ternary":
+        if formats.FORMATS.get(self.layer.format) is not None and formats.get_format(self.layer.format).threshold_rule:
             text += f", threshold_rule={self.layer.threshold_rule}"
         return text

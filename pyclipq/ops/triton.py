@@ -80,12 +80,12 @@ def _check_quantized_activation(x_q, op):
 
 
 def _check_weight(fmt, weight, k_pad, op):
-    want = torch.int8 if fmt.name == "int8" else torch.uint8
+    want = fmt.code_dtype
     _check(weight.dtype == want, op, f"weight must be {'int8' if want == torch.int8 else 'uint8 (packed codes)'} "
            f"for format {fmt.name}, got {weight.dtype}")
     _check(weight.dim() == 2, op, f"weight must be 2-D [N, K_pad / codes_per_byte], got shape {tuple(weight.shape)}")
     _check(weight.is_contiguous(), op, "weight must be contiguous")
-    cpb = 1 if fmt.name == "int8" else fmt.codes_per_byte
+    cpb = fmt.codes_per_byte
     _check(weight.shape[1] * cpb == k_pad, op,
            f"weight holds K_pad = {weight.shape[1] * cpb} ({weight.shape[1]} bytes x {cpb} codes) but the "
            f"activation has K_pad = {k_pad} (mismatched in_features K?)")
@@ -300,7 +300,7 @@ def linear(fmt_name: str, x: Tensor, weight: Tensor, weight_scale: Tensor, group
     m = x_q.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n and _launches(x):
-        if fmt.name == "int8":
+        if not fmt.bit_packed:  # int8: its own kernel, one signed code a byte
             _launch_int8(x_q, weight, out, n, True, s, weight_scale, bias, config)
         else:
             _launch_lowbit(fmt, x_q, sums, weight, group_size, out, n, True, s, weight_scale, bias, config)
@@ -312,7 +312,7 @@ def weight_only_linear(fmt_name: str, x: Tensor, weight: Tensor, weight_scale: T
     """y = x @ dequantized(weight).T + bias with float activations (meant for M <= 16)."""
     fmt = formats.get_format(fmt_name)
     op = f"pyclipq.triton_{fmt.name}_weight_only_linear"
-    _check(fmt.name != "int8", op, "the weight-only path is for the packed low-bit formats")
+    _check(fmt.bit_packed, op, "the weight-only path is for the packed low-bit formats")
     _check_float_input(x, op)
     _check_group_size(group_size, op)
     k = x.shape[-1]

@@ -175,8 +175,7 @@ def fake_quantize_weight(weight: torch.Tensor, layer: LayerConfig) -> torch.Tens
 def _chunk_limit(fmt: str) -> int:
     """Largest K chunk (a multiple of the K block) whose int accumulator stays exact in float32."""
     f = formats.get_format(fmt)
-    max_level = max(abs(f.level(torch.tensor([c])).item()) for c in range(f.max_code + 1)) if fmt != "int8" else 127
-    limit = _FP32_EXACT_INT // (formats.ACT_QMAX * max_level)
+    limit = _FP32_EXACT_INT // (formats.ACT_QMAX * f.max_abs_level)
     return max(formats.K_BLOCK, limit // formats.K_BLOCK * formats.K_BLOCK)
 
 
@@ -432,7 +431,7 @@ class FakeQuantLinear(nn.Linear):
         text = f"{super().extra_repr()}, format={self.layer.format}"
         if self.layer.format in formats.FORMATS and formats.get_format(self.layer.format).grouped:
             text += f", group_size={self.layer.group_size}"
-        if self.layer.format == "ternary":
+        if self.layer.format in formats.FORMATS and formats.get_format(self.layer.format).threshold_rule:
             text += f", threshold_rule={self.layer.threshold_rule}"
         text += f", activation={self.layer.activation}, exact={self.exact}"
         return text + (", frozen" if self.frozen else "")
