@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "pyclipq/backend_limits.h"
 #include "pyclipq/cpu_kernels.h"
 #include "pyclipq/formats.h"
 
@@ -46,10 +47,16 @@ PYBIND11_MODULE(_C, m) {
     constants["vector_bytes"] = pyclipq::kVectorBytes;
     constants["act_qmax"] = pyclipq::kActQmax;
     constants["trits_per_byte"] = pyclipq::kTritsPerByte;
+    constants["max_trit_byte"] = pyclipq::kMaxTritByte;
     py::dict out;
     out["formats"] = formats;
     out["constants"] = constants;
     return out;
+  });
+  m.def("backend_limits", [] {
+    py::dict d;
+    d["gemv_max_m"] = pyclipq::kGemvMaxM;
+    return d;
   });
   m.def("build_info", [] {
     py::dict d;

@@ -187,7 +187,8 @@ inline void check_unpack_trits_args(const at::Tensor& packed, int64_t k, c10::De
               k, ", got ", packed.size(1));
   if (packed.numel() > 0) {
     const int64_t found = packed.max().item<int64_t>();
-    TORCH_CHECK(found <= 242, op, ": packed holds byte ", found, " > 242, not a base-3 ternary layout");
+    TORCH_CHECK(found <= kMaxTritByte, op, ": packed holds byte ", found, " > ", kMaxTritByte,
+                ", not a base-3 ternary layout");
   }
 }
 

@@ -15,6 +15,7 @@ VECTOR_BYTES = 32
 GROUP_SIZES = (0, 32, 64, 128)  # 0 = one group per output channel
 THRESHOLD_RULES = ("absmean", "twice_mean")
 TRITS_PER_BYTE = 5
+MAX_TRIT_BYTE = 3**TRITS_PER_BYTE - 1  # 242: the largest byte of the base-3 storage layout
 ACT_QMAX = 127
 
 
@@ -212,8 +213,8 @@ def unpack_trits_reference(packed: torch.Tensor, k: int) -> torch.Tensor:
     if nbytes != -(-k // TRITS_PER_BYTE):
         raise ValueError(f"packed has {nbytes} bytes per row, expected ceil({k}/5) = {-(-k // TRITS_PER_BYTE)}")
     p = packed.to(torch.int32)
-    if (p > 242).any():
-        raise ValueError("packed trits contain a byte > 242: not a base-3 ternary layout")
+    if (p > MAX_TRIT_BYTE).any():
+        raise ValueError(f"packed trits contain a byte > {MAX_TRIT_BYTE}: not a base-3 ternary layout")
     powers = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
     trits = (p[:, :, None] // powers) % 3
     codes = torch.full((n, padded_k(k)), TERNARY.pad_code, dtype=torch.uint8)

@@ -324,3 +324,10 @@ def test_scalar_isa_can_be_forced():
     r = _run_python("import pyclipq, torch; pyclipq.ops.int8_gemm(torch.zeros(1, 128, dtype=torch.int8), "
                     "torch.zeros(1, 128, dtype=torch.int8))", PYCLIPQ_CPU_ISA="sse9")
     assert r.returncode != 0 and "PYCLIPQ_CPU_ISA must be" in r.stderr
+
+
+def test_routing_rule_and_kernels_share_the_gemv_limit():
+    """ops' CUDA/Triton routing and the CUDA GEMV kernel read one limit (backend_limits.h)."""
+    from pyclipq import _C
+
+    assert _C.backend_limits() == {"gemv_max_m": ops.GEMV_MAX_M}

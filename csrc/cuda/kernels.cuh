@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "pyclipq/backend_limits.h"
+
 namespace pyclipq::cuda {
 
 // Element types of float tensors crossing the launchers (activations, bias, output).
@@ -42,8 +44,9 @@ struct GemmArgs {
   int bits, level_mul, level_offset;
 };
 void launch_gemm(const GemmArgs& a, cudaStream_t stream);
-// M <= 16, fused epilogue only: memory-bound weight streaming with K split across warps.
-constexpr int kGemvMaxM = 16;
+// M <= kGemvMaxM (pyclipq/backend_limits.h), fused epilogue only: memory-bound weight
+// streaming with K split across warps.
+using pyclipq::kGemvMaxM;
 void launch_gemv(const GemmArgs& a, cudaStream_t stream);
 
 void launch_pack_codes(const uint8_t* codes, uint8_t* out, int64_t n, int64_t k_pad, int bits, cudaStream_t stream);

@@ -32,7 +32,7 @@ _ops = torch.ops.pyclipq
 
 BACKEND_ENV = "PYCLIPQ_GPU_BACKEND"
 BACKENDS = ("auto", "cuda", "triton")
-GEMV_MAX_M = 16  # the CUDA GEMV kernel's limit (csrc/cuda/kernels.cuh kGemvMaxM)
+GEMV_MAX_M = 16  # the CUDA GEMV kernel's limit (csrc/include/pyclipq/backend_limits.h kGemvMaxM, tested equal)
 
 
 @torch.compiler.assume_constant_result

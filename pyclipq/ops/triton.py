@@ -425,7 +425,8 @@ def unpack_trits(packed: Tensor, k: int) -> Tensor:
     packed = packed.contiguous()
     if packed.numel() and _concrete(packed):
         found = int(packed.max().item())
-        _check(found <= 242, op, f"packed holds byte {found} > 242, not a base-3 ternary layout")
+        _check(found <= formats.MAX_TRIT_BYTE, op,
+               f"packed holds byte {found} > {formats.MAX_TRIT_BYTE}, not a base-3 ternary layout")
     n = packed.shape[0]
     k_pad = formats.padded_k(k)
     out = torch.empty((n, k_pad), dtype=torch.uint8, device=packed.device)

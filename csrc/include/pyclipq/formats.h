@@ -10,6 +10,7 @@ inline constexpr int64_t kKBlock = 128;       // K is zero-padded to a multiple 
 inline constexpr int64_t kVectorBytes = 32;   // block-planar packing unit
 inline constexpr int kActQmax = 127;          // symmetric int8 activations in [-127, 127]
 inline constexpr int kTritsPerByte = 5;       // ternary storage layout: base 3
+inline constexpr int kMaxTritByte = 242;      // 3^kTritsPerByte - 1, the largest byte of that layout
 
 enum class WeightKind : int { Int8 = 0, Int4 = 1, Int2 = 2, Ternary = 3 };
 
