@@ -365,3 +365,11 @@ def test_backward_through_a_triton_op_raises():
     y = torch.ops.pyclipq.triton_int8_linear(x, dev(packed), dev(scale), None, None)
     with pytest.raises(RuntimeError, match="has no gradient"):
         y.sum().backward()
+
+
+def test_triton_layout_constants_are_the_formats():
+    """The Triton package (importable without pyclipq) holds the layout constants once; they are the formats'."""
+    from pyclipq_triton import unpack
+
+    assert unpack.VECTOR_BYTES.value == formats.VECTOR_BYTES
+    assert unpack.TRITS_PER_BYTE.value == formats.TRITS_PER_BYTE

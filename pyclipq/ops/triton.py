@@ -377,7 +377,7 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     out = torch.empty((n, k_pad // per_byte), dtype=torch.uint8, device=codes.device)
     if n and k_pad and _launches(codes):
         with _device_guard(codes):
-            wrap_triton(pack.pack_codes_kernel)[(triton.cdiv(n, 16), k_pad // (32 * per_byte))](
+            wrap_triton(pack.pack_codes_kernel)[(triton.cdiv(n, 16), k_pad // (formats.VECTOR_BYTES * per_byte))](
                 codes, out, n, k_pad, BITS=bits, BLOCK_ROWS=16)
     return out
 
@@ -394,7 +394,7 @@ def unpack_codes(packed: Tensor, bits: int) -> Tensor:
     out = torch.empty((n, row_bytes * per_byte), dtype=torch.uint8, device=packed.device)
     if n and row_bytes and _launches(packed):
         with _device_guard(packed):
-            wrap_triton(unpack.unpack_codes_kernel)[(triton.cdiv(n, 16), row_bytes // 32)](
+            wrap_triton(unpack.unpack_codes_kernel)[(triton.cdiv(n, 16), row_bytes // formats.VECTOR_BYTES)](
                 packed, out, n, row_bytes, BITS=bits, BLOCK_ROWS=16)
     return out
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .gemm_int8 import linear_epilogue, tile_ids
-from .unpack import unpack_field
+from .unpack import VECTOR_BYTES, unpack_field
 
 
 @triton.jit
@@ -60,11 +60,11 @@ def lowbit_gemm_kernel(a_ptr, w_ptr, sums_ptr, out_ptr, s_ptr, ws_ptr, bias_ptr,
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    j = tl.arange(0, 32)
+    j = tl.arange(0, VECTOR_BYTES)
     rm_safe = tl.minimum(rm, M - 1)
     rn_safe = tl.minimum(rn, N - 1)
     row_bytes = K_PAD // CODES_PER_BYTE
-    n_blocks = row_bytes // 32
+    n_blocks = row_bytes // VECTOR_BYTES
     a_rows = a_ptr + rm_safe[:, None] * K_PAD + j[None, :]
     w_cols = w_ptr + rn_safe[None, :] * row_bytes + j[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
@@ -73,14 +73,14 @@ def lowbit_gemm_kernel(a_ptr, w_ptr, sums_ptr, out_ptr, s_ptr, ws_ptr, bias_ptr,
         for b in tl.static_range(BLOCKS_PER_ITER):
             block = it * BLOCKS_PER_ITER + b
             if EVEN:
-                packed = tl.load(w_cols + block * 32)
+                packed = tl.load(w_cols + block * VECTOR_BYTES)
             else:
-                packed = tl.load(w_cols + block * 32, mask=block < n_blocks, other=0)
+                packed = tl.load(w_cols + block * VECTOR_BYTES, mask=block < n_blocks, other=0)
             for p in tl.static_range(CODES_PER_BYTE):
                 if EVEN:
-                    a = tl.load(a_rows + block * 32 * CODES_PER_BYTE + p * 32)
+                    a = tl.load(a_rows + block * VECTOR_BYTES * CODES_PER_BYTE + p * VECTOR_BYTES)
                 else:
-                    a = tl.load(a_rows + block * 32 * CODES_PER_BYTE + p * 32, mask=block < n_blocks, other=0)
+                    a = tl.load(a_rows + block * VECTOR_BYTES * CODES_PER_BYTE + p * VECTOR_BYTES, mask=block < n_blocks, other=0)
                 acc = tl.dot(a, unpack_field(packed, p, BITS), acc, out_dtype=tl.int32)
                 if GROUP_STEPS > 0:
                     if (b * CODES_PER_BYTE + p + 1) % GROUP_STEPS == 0:

@@ -13,7 +13,7 @@ is the classical n·u one, independent of the order).
 import triton
 import triton.language as tl
 
-from .unpack import code_to_level, unpack_field
+from .unpack import VECTOR_BYTES, code_to_level, unpack_field
 
 
 @triton.jit
@@ -35,9 +35,9 @@ def weight_only_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
     pid_k = tl.program_id(1)
     rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    j = tl.arange(0, 32)
+    j = tl.arange(0, VECTOR_BYTES)
     row_bytes = K_PAD // CODES_PER_BYTE
-    n_blocks = row_bytes // 32
+    n_blocks = row_bytes // VECTOR_BYTES
     per_split = tl.cdiv(n_blocks, SPLIT_K)
     first = pid_k * per_split
     last = tl.minimum(first + per_split, n_blocks)
@@ -47,9 +47,9 @@ def weight_only_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
     row_ok = rm[:, None] < M
     y = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for block in range(first, last):
-        packed = tl.load(w_cols + block * 32)
+        packed = tl.load(w_cols + block * VECTOR_BYTES)
         for p in tl.static_range(CODES_PER_BYTE):
-            k0 = block * 32 * CODES_PER_BYTE + p * 32
+            k0 = block * VECTOR_BYTES * CODES_PER_BYTE + p * VECTOR_BYTES
             x = tl.load(x_rows + k0, mask=row_ok & (k0 + j[None, :] < K), other=0.0)
             w = code_to_level(unpack_field(packed, p, BITS), LEVEL_MUL, LEVEL_OFFSET).to(tl.float32)
             if DOT_FP32:

@@ -5,7 +5,7 @@ Load-time work, not on the hot path: simple and exact rather than tuned.
 import triton
 import triton.language as tl
 
-from .unpack import decode_trit
+from .unpack import TRITS_PER_BYTE, VECTOR_BYTES, decode_trit
 
 
 @triton.jit
@@ -15,14 +15,14 @@ def pack_codes_kernel(codes_ptr, out_ptr, n_rows, k_pad, BITS: tl.constexpr, BLO
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     block = tl.program_id(1)
     valid = rows[:, None] < n_rows
-    j = tl.arange(0, 32)
-    byte = tl.zeros([BLOCK_ROWS, 32], dtype=tl.int32)
+    j = tl.arange(0, VECTOR_BYTES)
+    byte = tl.zeros([BLOCK_ROWS, VECTOR_BYTES], dtype=tl.int32)
     for p in tl.static_range(CODES_PER_BYTE):
-        c = tl.load(codes_ptr + rows[:, None] * k_pad + block * 32 * CODES_PER_BYTE + p * 32 + j[None, :],
+        c = tl.load(codes_ptr + rows[:, None] * k_pad + block * VECTOR_BYTES * CODES_PER_BYTE + p * VECTOR_BYTES + j[None, :],
                     mask=valid, other=0)
         byte |= c.to(tl.int32) << (p * BITS)
     row_bytes = k_pad // CODES_PER_BYTE
-    tl.store(out_ptr + rows[:, None] * row_bytes + block * 32 + j[None, :], byte.to(tl.uint8), mask=valid)
+    tl.store(out_ptr + rows[:, None] * row_bytes + block * VECTOR_BYTES + j[None, :], byte.to(tl.uint8), mask=valid)
 
 
 @triton.jit
@@ -33,8 +33,8 @@ def pack_trits_kernel(codes_ptr, out_ptr, n_rows, width, k, n_bytes, PAD_CODE: t
     cols = tl.program_id(1) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
     valid = (rows[:, None] < n_rows) & (cols[None, :] < n_bytes)
     byte = tl.zeros([BLOCK_ROWS, BLOCK_BYTES], dtype=tl.int32)
-    for i in tl.static_range(4, -1, -1):  # Horner: ((c4 * 3 + c3) * 3 + ...) + c0
-        idx = cols[None, :] * 5 + i
+    for i in tl.static_range(TRITS_PER_BYTE - 1, -1, -1):  # Horner: ((c4 * 3 + c3) * 3 + ...) + c0
+        idx = cols[None, :] * TRITS_PER_BYTE + i
         c = tl.load(codes_ptr + rows[:, None] * width + idx, mask=valid & (idx < k), other=PAD_CODE)
         byte = byte * 3 + c.to(tl.int32)
     tl.store(out_ptr + rows[:, None] * n_bytes + cols[None, :], byte.to(tl.uint8), mask=valid)
@@ -48,10 +48,10 @@ def unpack_trits_kernel(packed_ptr, out_ptr, n_rows, k, n_bytes, k_pad, PAD_CODE
     cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     valid = (rows[:, None] < n_rows) & (cols[None, :] < k_pad)
     live = valid & (cols[None, :] < k)
-    byte = tl.load(packed_ptr + rows[:, None] * n_bytes + cols[None, :] // 5, mask=live, other=0).to(tl.int32)
-    position = cols[None, :] % 5
+    byte = tl.load(packed_ptr + rows[:, None] * n_bytes + cols[None, :] // TRITS_PER_BYTE, mask=live, other=0).to(tl.int32)
+    position = cols[None, :] % TRITS_PER_BYTE
     code = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.int32)
-    for i in tl.static_range(5):
+    for i in tl.static_range(TRITS_PER_BYTE):
         code = tl.where(position == i, decode_trit(byte, i), code)
     code = tl.where(live, code, PAD_CODE)
     tl.store(out_ptr + rows[:, None] * k_pad + cols[None, :], code.to(tl.uint8), mask=valid)

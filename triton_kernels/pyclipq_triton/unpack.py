@@ -15,7 +15,10 @@ values ``b * 32 * codes_per_byte + p * 32 + (0..31)``: exactly the B operand of 
 import triton
 import triton.language as tl
 
-BLOCK_BYTES = 32  # bytes per block-planar block, whatever the bit width
+# The layout constants of docs/FORMATS.md, as the constexprs every kernel here uses (this package
+# imports only triton; tests/test_triton_ops.py checks them against pyclipq.formats).
+VECTOR_BYTES = tl.constexpr(32)  # bytes per block-planar block, whatever the bit width
+TRITS_PER_BYTE = tl.constexpr(5)  # trits per byte of the ternary storage layout
 
 
 @triton.jit
@@ -44,8 +47,8 @@ def load_block_field_tile(w_ptr, row_bytes, rows, block, FIELD: tl.constexpr, BI
     ``w_ptr`` points at a packed uint8 ``[N, row_bytes]`` weight; rows outside
     ``rows_valid`` read as code 0 (mask them out of the result, or out of the store).
     """
-    j = tl.arange(0, 32)
-    ptrs = w_ptr + rows[None, :] * row_bytes + block * 32 + j[:, None]
+    j = tl.arange(0, VECTOR_BYTES)
+    ptrs = w_ptr + rows[None, :] * row_bytes + block * VECTOR_BYTES + j[:, None]
     packed = tl.load(ptrs, mask=rows_valid[None, :], other=0)
     return unpack_field(packed, FIELD, BITS)
 
@@ -69,9 +72,9 @@ def unpack_codes_kernel(packed_ptr, out_ptr, n_rows, row_bytes,
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     block = tl.program_id(1)
     valid = rows < n_rows
-    j = tl.arange(0, 32)
+    j = tl.arange(0, VECTOR_BYTES)
     k_pad = row_bytes * CODES_PER_BYTE
     for p in tl.static_range(CODES_PER_BYTE):
         codes = load_block_field_tile(packed_ptr, row_bytes, rows, block, p, BITS, valid)  # [32, rows]
-        out = out_ptr + rows[None, :] * k_pad + block * 32 * CODES_PER_BYTE + p * 32 + j[:, None]
+        out = out_ptr + rows[None, :] * k_pad + block * VECTOR_BYTES * CODES_PER_BYTE + p * VECTOR_BYTES + j[:, None]
         tl.store(out, codes.to(tl.uint8), mask=valid[None, :])
