@@ -314,3 +314,21 @@ def test_differentiable_twin_matches_packed_model_and_passes_gradients():
     assert all(not p.requires_grad for p in twin.parameters())
     with pytest.raises(ValueError, match="convert it first"):
         qat.differentiable_twin(model)
+
+
+def test_fake_quant_attention_takes_masks_as_the_packed_one_does():
+    """One mask builder for QuantMultiheadAttention and its fake-quant twin: same errors, same hint rule."""
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    fake = FakeQuantMultiheadAttention.from_float(mha, LayerConfig("int8"), LayerConfig("int8"))
+    x = torch.randn(3, 6, 8)
+    with pytest.raises(ValueError, match="is_causal=True needs the causal attn_mask"):
+        fake(x, x, x, is_causal=True)  # nn.MultiheadAttention's rule: the flag is only a hint
+    with pytest.raises(ValueError, match=r"attn_mask 2-D must be \[L, S\] = \[6, 6\]"):
+        fake(x, x, x, attn_mask=torch.zeros(6, 7))
+    with pytest.raises(ValueError, match=r"key_padding_mask must be \[B, S\]"):
+        fake(x, x, x, key_padding_mask=torch.zeros(3, 8, dtype=torch.bool))
+    causal = torch.ones(6, 6, dtype=torch.bool).triu(1)
+    with torch.no_grad():
+        got = fake(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)[0]
+        bool_vs_float = fake(x, x, x, attn_mask=torch.zeros(6, 6).masked_fill(causal, float("-inf")), need_weights=False)[0]
+    assert torch.equal(got, bool_vs_float)

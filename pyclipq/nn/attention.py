@@ -38,6 +38,12 @@ def additive_mask(mask: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Te
     return mask.to(dtype)
 
 
+def check_causal_hint(is_causal: bool, attn_mask) -> None:
+    """nn.MultiheadAttention treats is_causal only as a hint about attn_mask: without the mask it is an error."""
+    if is_causal and attn_mask is None:
+        raise ValueError("is_causal=True needs the causal attn_mask as well (it is only a hint, as in nn.MultiheadAttention)")
+
+
 def merged_attention_mask(attn_mask, key_padding_mask, batch, num_heads, tgt_len, src_len, dtype):
     """nn.MultiheadAttention's attn_mask and key_padding_mask as one additive mask
     broadcastable to [B, heads, L, S], or None when neither is given."""
@@ -172,9 +178,7 @@ class QuantMultiheadAttention(nn.Module):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ):
-        if is_causal and attn_mask is None:
-            # nn.MultiheadAttention treats is_causal only as a hint about attn_mask.
-            raise ValueError("is_causal=True needs the causal attn_mask as well (it is only a hint, as in nn.MultiheadAttention)")
+        check_causal_hint(is_causal, attn_mask)
         self_attention = query is key and key is value
         batched = query.dim() == 3
         if not batched:

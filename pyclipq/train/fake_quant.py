@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import formats
 from ..configs import LayerConfig
+from ..nn.attention import attend, check_causal_hint, merged_attention_mask
 from ..nn.linear import static_act_scale
 from ..ops import reference
 
@@ -470,17 +471,6 @@ class FakeQuantParameter(nn.Module):
         return f"layout={self.layout}, format={self.layer.format}"
 
 
-def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype, argument: str) -> torch.Tensor | None:
-    """nn.MultiheadAttention's mask conventions -> an additive float mask (bool True = not allowed)."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
-    if not mask.is_floating_point():
-        raise ValueError(f"{argument} must be a bool or floating-point tensor, got {mask.dtype}")
-    return mask.to(dtype)
-
-
 class FakeQuantMultiheadAttention(nn.Module):
     """A fake-quant stand-in for ``nn.MultiheadAttention`` (packed q/k/v in_proj + out_proj).
 
@@ -551,6 +541,7 @@ class FakeQuantMultiheadAttention(nn.Module):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ):
+        check_causal_hint(is_causal, attn_mask)
         unbatched = query.dim() == 2
         if query.dim() not in (2, 3):
             raise ValueError(f"query must be 2-D (unbatched) or 3-D, got shape {list(query.shape)}")
@@ -568,35 +559,13 @@ class FakeQuantMultiheadAttention(nn.Module):
         heads = lambda t, length: t.reshape(n, length, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
         q, k, v = heads(q, tgt), heads(k, src), heads(v, src)
 
-        mask = _additive_mask(attn_mask, q.dtype, "attn_mask")
-        if mask is not None:
-            if mask.dim() == 2:
-                mask = mask.view(1, 1, tgt, src)
-            elif mask.dim() == 3:
-                mask = mask.view(n, self.num_heads, tgt, src)
-            else:
-                raise ValueError(f"attn_mask must be 2-D or 3-D, got shape {list(attn_mask.shape)}")
-        elif is_causal:
-            mask = torch.full((tgt, src), float("-inf"), dtype=q.dtype, device=q.device).triu(1).view(1, 1, tgt, src)
-        padding = _additive_mask(key_padding_mask, q.dtype, "key_padding_mask")
-        if padding is not None:
-            padding = padding.view(n, 1, 1, src)
-            mask = padding if mask is None else mask + padding
+        # one mask builder and one attention core with QuantMultiheadAttention (pyclipq.nn.attention)
+        mask = merged_attention_mask(attn_mask, key_padding_mask, n, self.num_heads, tgt, src, q.dtype)
         dropout = self.dropout if self.training else 0.0
-
-        weights = None
-        if need_weights:
-            scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
-            if mask is not None:
-                scores = scores + mask
-            weights = scores.softmax(dim=-1)
-            out = F.dropout(weights, dropout, self.training) @ v
-            if average_attn_weights:
-                weights = weights.mean(dim=1)
-            if unbatched:
-                weights = weights.squeeze(0)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        out, weights = attend(q, k, v, mask, need_weights=need_weights, average_attn_weights=average_attn_weights,
+                              dropout_p=dropout)
+        if weights is not None and unbatched:
+            weights = weights.squeeze(0)
         out = self.out_proj(out.transpose(1, 2).reshape(n, tgt, self.embed_dim))
         if unbatched:
             out = out.squeeze(0)
