@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes import block_linears  # noqa: E402
 
 import pyclipq  # noqa: E402
-from pyclipq import formats, ops  # noqa: E402
+from pyclipq import formats, ops, primitives  # noqa: E402
 
 FORMATS = ("int8", "int4", "int2", "ternary")
 M_VALUES = (1, 50, 77, 400, 1600)
@@ -109,7 +109,7 @@ def machine(threads: int) -> dict:
 def quantized_layer(fmt: str, w: torch.Tensor):
     """(packed weight, scales, group size) of a float weight, as QuantLinear stores them."""
     g = group_size(fmt)
-    codes, scale = formats.quantize_weight(w, fmt, g)
+    codes, scale = primitives.quantize_weight(w, fmt, g)
     packed = codes if fmt == "int8" else ops.pack_codes(codes, formats.get_format(fmt).bits)
     return packed, scale, g
 

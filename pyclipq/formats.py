@@ -1,7 +1,8 @@
 """The weight and activation formats of pyclipq: the Python mirror of docs/FORMATS.md.
 
 Everything here is the reference definition (plain PyTorch, exact). The C++ mirror
-is ``csrc/include/pyclipq/formats.h``; nothing else defines a bit layout.
+is ``csrc/include/pyclipq/formats.h``; nothing else defines a bit layout. The math that
+quantizes to these formats is pyclipq.primitives.
 """
 from __future__ import annotations
 
@@ -97,76 +98,21 @@ def num_groups(k_pad: int, group_size: int) -> int:
     return 1 if group_size == 0 else k_pad // group_size
 
 
-def _check_weight(weight: torch.Tensor) -> None:
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D tensor [N, K], got {getattr(weight, 'shape', type(weight))}")
-    if not weight.is_floating_point():
-        raise ValueError(f"weight must be floating point, got {weight.dtype}")
-    if not torch.isfinite(weight).all():
-        raise ValueError("weight contains NaN or Inf")
+# The quantization math that used to live here is pyclipq.primitives (device-agnostic, one copy).
+_MOVED_TO_PRIMITIVES = ("quantize_weight", "dequantize_codes")
 
 
-def _safe_inverse(scale: torch.Tensor) -> torch.Tensor:
-    return torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(scale))
+def __getattr__(name: str):
+    """Deprecated aliases: formats.quantize_weight / dequantize_codes are pyclipq.primitives'."""
+    if name in _MOVED_TO_PRIMITIVES:
+        import warnings
 
+        # imported here, not at the top: primitives builds on this module (a deprecated alias only)
+        from . import primitives
 
-def quantize_weight(
-    weight: torch.Tensor,
-    fmt: str | WeightFormat,
-    group_size: int = 0,
-    threshold_rule: str = "absmean",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float weight [N, K] -> (unpacked codes uint8/int8 [N, K_pad], scales fp32).
-
-    Scales are [N] for int8/ternary and [N, G] for int4/int2.
-    """
-    fmt = get_format(fmt) if isinstance(fmt, str) else fmt
-    _check_weight(weight)
-    n, k = weight.shape
-    k_pad = padded_k(k)
-    w = weight.detach().to(torch.float32)
-    if fmt.name == "ternary":
-        if threshold_rule not in THRESHOLD_RULES:
-            raise ValueError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {threshold_rule!r}")
-        mean_abs = w.abs().mean(dim=1)
-        scale = mean_abs if threshold_rule == "absmean" else 2.0 * mean_abs
-        levels = torch.clamp(torch.round(w * _safe_inverse(scale)[:, None]), -1, 1)
-        codes = torch.full((n, k_pad), fmt.pad_code, dtype=torch.uint8)
-        codes[:, :k] = (levels + 1).to(torch.uint8)
-        return codes, scale.contiguous()
-    if fmt.name == "int8":
-        scale = w.abs().amax(dim=1) / fmt.qmax
-        q = torch.clamp(torch.round(w * _safe_inverse(scale)[:, None]), -127, 127).to(torch.int8)
-        codes = torch.zeros((n, k_pad), dtype=torch.int8)
-        codes[:, :k] = q
-        return codes, scale.contiguous()
-    check_group_size(group_size)
-    wp = torch.zeros((n, k_pad), dtype=torch.float32)
-    wp[:, :k] = w
-    g = num_groups(k_pad, group_size)
-    grouped = wp.view(n, g, k_pad // g)
-    scale = grouped.abs().amax(dim=2) / fmt.qmax
-    ratio = grouped * _safe_inverse(scale)[:, :, None]
-    if fmt.name == "int4":
-        codes = torch.clamp(torch.round(ratio), -7, 7) + fmt.level_offset
-    else:  # int2: nearest odd level in {-3, -1, 1, 3}
-        codes = torch.clamp(torch.round((ratio + 3) / 2), 0, 3)
-    codes = codes.view(n, k_pad).to(torch.uint8)
-    codes[:, k:] = fmt.pad_code
-    return codes.contiguous(), scale.contiguous()
-
-
-def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, fmt: str | WeightFormat, k: int) -> torch.Tensor:
-    """Unpacked codes [N, K_pad] + scales -> float32 weight [N, K] (what the kernels multiply by)."""
-    fmt = get_format(fmt) if isinstance(fmt, str) else fmt
-    n, k_pad = codes.shape
-    levels = fmt.level(codes).to(torch.float32)
-    if scale.dim() == 1:
-        w = levels * scale[:, None]
-    else:
-        g = scale.shape[1]
-        w = (levels.view(n, g, k_pad // g) * scale[:, :, None]).view(n, k_pad)
-    return w[:, :k]
+        warnings.warn(f"pyclipq.formats.{name} moved to pyclipq.primitives.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(primitives, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------- packing (reference)

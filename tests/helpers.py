@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pyclipq import formats
+from pyclipq import formats, primitives
 from pyclipq.ops import reference
 
 FP32_EPS = 2.0**-23  # one fp32 ulp at 1.0 (twice the unit roundoff: margin for FMA vs mul+add)
@@ -40,7 +40,7 @@ def reference_accumulators(fmt, x, weight, group_size, act_scale=None):
 def make_layer(fmt, n, k, group_size=0, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
-    codes, scale = formats.quantize_weight(w, fmt, group_size)
+    codes, scale = primitives.quantize_weight(w, fmt, group_size)
     if fmt == "int8":
         packed = codes
     else:

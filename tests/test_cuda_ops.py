@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pyclipq
-from pyclipq import formats, ops
+from pyclipq import formats, ops, primitives
 from pyclipq.ops import reference
 
 from helpers import alternating_extremes, linear_tolerance, make_layer
@@ -129,7 +129,7 @@ def test_packing_kernels(bits):
     packed = P.pack_codes(codes.cuda(), bits)
     assert torch.equal(packed.cpu(), formats.pack_codes_reference(codes, bits))
     assert torch.equal(P.unpack_codes(packed, bits).cpu(), codes)
-    tcodes, _ = formats.quantize_weight(torch.randn(37, 301), "ternary")
+    tcodes, _ = primitives.quantize_weight(torch.randn(37, 301), "ternary")
     trits = P.pack_trits(tcodes.cuda(), 301)
     assert torch.equal(trits.cpu(), formats.pack_trits_reference(tcodes, 301))
     assert torch.equal(P.unpack_trits(trits, 301).cpu(), tcodes)

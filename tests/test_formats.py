@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyclipq import formats
+from pyclipq import formats, primitives
 
 
 def test_padded_k_and_groups():
@@ -19,7 +19,7 @@ def test_padded_k_and_groups():
 
 def test_int8_weight_by_hand():
     w = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]])
-    codes, scale = formats.quantize_weight(w, "int8")
+    codes, scale = primitives.quantize_weight(w, "int8")
     assert codes.dtype == torch.int8 and codes.shape == (2, 128)
     assert torch.allclose(scale, torch.tensor([2.0 / 127, 0.0]))
     assert codes[0, :3].tolist() == [64, -127, 32]  # 63.5 -> 64 (half to even), 31.75 -> 32
@@ -29,7 +29,7 @@ def test_int8_weight_by_hand():
 def test_int4_weight_by_hand():
     w = torch.zeros(1, 32)
     w[0, :4] = torch.tensor([7.0, -14.0, 3.0, 1.0])  # absmax 14 -> scale 2
-    codes, scale = formats.quantize_weight(w, "int4", group_size=32)
+    codes, scale = primitives.quantize_weight(w, "int4", group_size=32)
     assert scale.shape == (1, 4)
     assert scale[0, 0] == 2.0 and scale[0, 1:].abs().sum() == 0
     # 3.5 -> 4 (half to even) + 8; -7 + 8; 1.5 -> 2 + 8; 0.5 -> 0 + 8
@@ -39,7 +39,7 @@ def test_int4_weight_by_hand():
 
 def test_int2_weight_by_hand():
     w = torch.tensor([[3.0, -3.0, 1.2, -0.9, 0.1]])  # absmax 3 -> scale 1, levels -3,-1,1,3
-    codes, scale = formats.quantize_weight(w, "int2", group_size=0)
+    codes, scale = primitives.quantize_weight(w, "int2", group_size=0)
     assert scale.tolist() == [[1.0]]
     assert codes[0, :5].tolist() == [3, 0, 2, 1, 2]
     levels = formats.INT2.level(codes[0, :5])
@@ -52,11 +52,11 @@ def test_int2_weight_by_hand():
 ])
 def test_ternary_threshold_rules(rule, expected_scale, expected):
     w = torch.tensor([[2.0, -1.4, 0.55, 0.05]])  # |w| sums to 4 -> mean 1
-    codes, scale = formats.quantize_weight(w, "ternary", threshold_rule=rule)
+    codes, scale = primitives.quantize_weight(w, "ternary", threshold_rule=rule)
     assert scale.tolist() == pytest.approx([expected_scale])
     assert (codes[0, :4].to(torch.int32) - 1).tolist() == expected
     with pytest.raises(ValueError, match="threshold_rule must be one of"):
-        formats.quantize_weight(w, "ternary", threshold_rule="median")
+        primitives.quantize_weight(w, "ternary", threshold_rule="median")
 
 
 @pytest.mark.parametrize("fmt, group, code", [("int8", 0, 0), ("int4", 32, 8), ("int2", 32, 2), ("ternary", 0, 1)])
@@ -66,11 +66,11 @@ def test_all_zero_rows_and_groups_get_the_documented_codes_and_stay_zero(fmt, gr
     w[1] = 0.0  # an all-zero row
     if group:
         w[2, 32:64] = 0.0  # an all-zero group in a non-zero row
-    codes, scale = formats.quantize_weight(w, fmt, group)
+    codes, scale = primitives.quantize_weight(w, fmt, group)
     assert (codes[1, :96] == code).all() and (scale[1] == 0).all()
     if group:
         assert (codes[2, 32:64] == code).all() and scale[2, 1] == 0
-    back = formats.dequantize_codes(codes, scale, fmt, 96)
+    back = primitives.dequantize_codes(codes, scale, fmt, 96)
     assert (back[1] == 0).all() and (not group or (back[2, 32:64] == 0).all())
 
 
@@ -116,7 +116,7 @@ def test_pack_roundtrip(n, k, bits):
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 9), k=st.integers(1, 300), rule=st.sampled_from(formats.THRESHOLD_RULES))
 def test_ternary_storage_roundtrip(n, k, rule):
-    codes, _ = formats.quantize_weight(torch.randn(n, k), "ternary", threshold_rule=rule)
+    codes, _ = primitives.quantize_weight(torch.randn(n, k), "ternary", threshold_rule=rule)
     packed = formats.pack_trits_reference(codes, k)
     assert packed.shape == (n, -(-k // 5))
     assert torch.equal(formats.unpack_trits_reference(packed, k), codes)
@@ -126,8 +126,8 @@ def test_ternary_storage_roundtrip(n, k, rule):
 @given(k=st.integers(1, 300), fmt=st.sampled_from(["int8", "int4", "int2"]), group=st.sampled_from([0, 32, 64, 128]))
 def test_dequantize_error_is_half_a_step(k, fmt, group):
     w = torch.randn(4, k)
-    codes, scale = formats.quantize_weight(w, fmt, group)
-    wq = formats.dequantize_codes(codes, scale, fmt, k)
+    codes, scale = primitives.quantize_weight(w, fmt, group)
+    wq = primitives.dequantize_codes(codes, scale, fmt, k)
     # round-to-nearest: at most half a step; int2's levels are 2 apart in units of scale
     step = scale if scale.dim() == 1 else scale.repeat_interleave(codes.shape[1] // scale.shape[1], dim=1)[:, :k]
     step = step[:, None] if step.dim() == 1 else step
@@ -137,11 +137,11 @@ def test_dequantize_error_is_half_a_step(k, fmt, group):
 
 def test_bad_weights_rejected():
     with pytest.raises(ValueError, match="2-D"):
-        formats.quantize_weight(torch.randn(3), "int8")
+        primitives.quantize_weight(torch.randn(3), "int8")
     with pytest.raises(ValueError, match="NaN or Inf"):
-        formats.quantize_weight(torch.tensor([[float("nan"), 1.0]]), "int4")
+        primitives.quantize_weight(torch.tensor([[float("nan"), 1.0]]), "int4")
     with pytest.raises(ValueError, match="format must be one of"):
-        formats.quantize_weight(torch.randn(2, 2), "int3")
+        primitives.quantize_weight(torch.randn(2, 2), "int3")
 
 
 def test_cpp_format_traits_agree_with_formats_py():
@@ -169,3 +169,25 @@ def test_a_format_answers_what_code_asks_of_it(name):
     assert f.qmax <= f.max_abs_level and f.level(torch.tensor([f.pad_code])).abs().item() <= 1
     assert f.bit_packed == (f.codes_per_byte > 1) and f.code_dtype == (torch.int8 if f.min_code < 0 else torch.uint8)
     assert (f.default_group_size in formats.GROUP_SIZES) and (f.default_group_size > 0) == f.grouped
+
+
+def test_the_math_moved_to_primitives_keeps_deprecated_aliases():
+    with pytest.warns(DeprecationWarning, match="moved to pyclipq.primitives.quantize_weight"):
+        assert formats.quantize_weight is primitives.quantize_weight
+    with pytest.warns(DeprecationWarning, match="moved to pyclipq.primitives.dequantize_codes"):
+        assert formats.dequantize_codes is primitives.dequantize_codes
+    with pytest.raises(AttributeError):
+        formats.no_such_name
+
+
+@pytest.mark.parametrize("name", list(formats.FORMATS))
+def test_primitives_take_any_float_dtype_and_keep_the_device(name):
+    """The one quantizer: a bf16 or fp64 weight quantizes as its fp32 value does, where it lives."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 200, generator=gen).to(torch.bfloat16)
+    group = formats.get_format(name).default_group_size
+    want = primitives.quantize_weight(w.float(), name, group)
+    for dtype in (torch.bfloat16, torch.float64):
+        codes, scale = primitives.quantize_weight(w.to(dtype), name, group)
+        assert torch.equal(codes, want[0]) and torch.equal(scale, want[1])
+        assert codes.device == w.device and codes.dtype == formats.get_format(name).code_dtype

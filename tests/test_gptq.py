@@ -6,7 +6,7 @@ import pytest
 import torch
 from calibration_fixtures import one_intra_op_thread  # noqa: F401  (autouse)
 
-from pyclipq import formats
+from pyclipq import formats, primitives
 from pyclipq.calibrate.gptq import HessianAccumulator, gptq_quantize, layer_output_error, rtn_quantize
 
 CASES = [("int8", 0), ("int4", 32), ("int4", 0), ("int2", 32), ("ternary", 0)]
@@ -73,7 +73,7 @@ def test_gptq_result_is_a_valid_format(layer, fmt, group_size):
     else:
         assert result.codes.dtype == torch.uint8 and int(result.codes.max()) <= spec.max_code
         assert bool((result.codes[:, 150:] == spec.pad_code).all())
-    torch.testing.assert_close(result.weight, formats.dequantize_codes(result.codes, result.scale, fmt, 150))
+    torch.testing.assert_close(result.weight, primitives.dequantize_codes(result.codes, result.scale, fmt, 150))
     # The codes and scales load into QuantLinear buffers and compute with exactly that weight.
     module = QuantLinear.from_weight(w, None, LayerConfig(fmt, group_size=group_size, activation="none"))
     load_quantized_weight(module, result.codes, result.scale)
@@ -88,7 +88,7 @@ def test_identity_hessian_is_round_to_nearest(fmt, group_size):
     g = torch.Generator().manual_seed(3)
     w = torch.randn(32, 256, generator=g)
     result = gptq_quantize(w, 2 * torch.eye(256), fmt, group_size)
-    codes, scale = formats.quantize_weight(w, fmt, group_size)
+    codes, scale = primitives.quantize_weight(w, fmt, group_size)
     assert torch.equal(result.scale, scale)
     assert torch.equal(result.codes, codes)
 

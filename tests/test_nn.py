@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pyclipq import formats
+from pyclipq import formats, primitives
 from pyclipq.configs import FLOAT_LAYER, LayerConfig
 from pyclipq.nn import PackedParameter, PatchConv2d, QuantEmbedding, QuantLinear, QuantMultiheadAttention
 from pyclipq.nn.parameter import quantize_parameter_
@@ -79,8 +79,8 @@ def test_quant_linear_keeps_a_bfloat16_input_dtype(fmt, group_size):
 def test_weight_only_layer_is_f_linear_with_the_dequantized_weight(fmt, group_size):
     linear = float_linear(200, 20)
     layer = QuantLinear.from_float(linear, LayerConfig(fmt, group_size, activation="none"))
-    codes, scale = formats.quantize_weight(linear.weight, fmt, group_size)
-    weight = formats.dequantize_codes(codes, scale, fmt, 200)
+    codes, scale = primitives.quantize_weight(linear.weight, fmt, group_size)
+    weight = primitives.dequantize_codes(codes, scale, fmt, 200)
     x = torch.randn(4, 200)
     assert torch.equal(layer(x), F.linear(x, weight, linear.bias))
     assert torch.equal(layer.dequantize_weight(), weight)
@@ -320,8 +320,8 @@ def test_embedding_lookup_equals_rows_of_the_dequantized_table(fmt, group_size):
     torch.manual_seed(0)
     table = nn.Embedding(50, 72)
     module = QuantEmbedding.from_float(table, LayerConfig(fmt, group_size))
-    codes, scale = formats.quantize_weight(table.weight, fmt, group_size)
-    dequantized = formats.dequantize_codes(codes, scale, fmt, 72)
+    codes, scale = primitives.quantize_weight(table.weight, fmt, group_size)
+    dequantized = primitives.dequantize_codes(codes, scale, fmt, 72)
     ids = torch.randint(0, 50, (3, 11))
     assert torch.equal(module(ids), F.embedding(ids, dequantized))
     assert module.layer.activation == "none"
@@ -356,8 +356,8 @@ def test_packed_projection_parameter_reads_back_its_dequantized_value(fmt, group
     original = model.proj.detach().clone()
     quantize_parameter_(model, "proj", PackedParameter.from_float(model.proj, "in_out", LayerConfig(fmt, group_size)))
     # Each output column of P is one output channel of the format.
-    codes, scale = formats.quantize_weight(original.t(), fmt, group_size)
-    expected = formats.dequantize_codes(codes, scale, fmt, 40).t()
+    codes, scale = primitives.quantize_weight(original.t(), fmt, group_size)
+    expected = primitives.dequantize_codes(codes, scale, fmt, 40).t()
     assert torch.equal(model.proj, expected)
     x = torch.randn(3, 40)
     assert torch.equal(model(x), x @ expected)
@@ -380,7 +380,7 @@ def test_packed_parameter_is_dequantized_once_for_inference_and_follows_buffer_w
         packed.weight_scale.mul_(2)
         assert torch.equal(model.proj, 2 * again)
         packed.packed_weight.zero_()
-        assert torch.equal(model.proj, formats.dequantize_codes(
+        assert torch.equal(model.proj, primitives.dequantize_codes(
             torch.zeros(24, 128, dtype=torch.uint8), packed.weight_scale, "int4", 40).t())
     model.double()
     with torch.no_grad():
@@ -395,8 +395,8 @@ def test_packed_conv_weight_keeps_its_shape_and_follows_the_model_dtype():
     reference_conv = copy.deepcopy(conv)
     quantize_parameter_(conv, "weight", PackedParameter.from_float(conv.weight, "out_rows", LayerConfig("int8")))
     assert conv.weight.shape == (16, 3, 4, 4)
-    codes, scale = formats.quantize_weight(reference_conv.weight.reshape(16, -1), "int8")
-    assert torch.equal(conv.weight, formats.dequantize_codes(codes, scale, "int8", 48).reshape(16, 3, 4, 4))
+    codes, scale = primitives.quantize_weight(reference_conv.weight.reshape(16, -1), "int8")
+    assert torch.equal(conv.weight, primitives.dequantize_codes(codes, scale, "int8", 48).reshape(16, 3, 4, 4))
     conv.half()
     assert conv.weight.dtype == torch.float16
 

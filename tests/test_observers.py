@@ -6,7 +6,7 @@ import pytest
 import torch
 from calibration_fixtures import one_intra_op_thread  # noqa: F401  (autouse)
 
-from pyclipq import formats
+from pyclipq import formats, primitives
 from pyclipq.calibrate import observers as obs
 from pyclipq.calibrate.observers import (
     EMAObserver,
@@ -55,8 +55,8 @@ def test_fake_quantize_matches_the_format_dequantization():
     w = torch.randn(16, 128, generator=g)
     for name in ("int8", "int4", "int2"):
         fmt = formats.get_format(name)
-        codes, scale = formats.quantize_weight(w, fmt, 0 if name == "int8" else 32)
-        expected = formats.dequantize_codes(codes, scale, fmt, 128)
+        codes, scale = primitives.quantize_weight(w, fmt, 0 if name == "int8" else 32)
+        expected = primitives.dequantize_codes(codes, scale, fmt, 128)
         s = scale[:, :, None].expand(-1, -1, 32).reshape(16, 128) if scale.dim() == 2 else scale[:, None]
         torch.testing.assert_close(fake_quantize(w, s, 0, Grid.for_format(fmt)), expected, rtol=0, atol=1e-6)
 
@@ -101,7 +101,7 @@ def test_minmax_weight_scales_equal_the_format_rule(fmt, group_size):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(24, 200, generator=g)  # K not a multiple of the group or the K block
     w[3] = 0.0
-    expected_codes, expected_scale = formats.quantize_weight(w, fmt, group_size)
+    expected_codes, expected_scale = primitives.quantize_weight(w, fmt, group_size)
     codes, scale = quantize_weight_observed(w, fmt, group_size, "minmax")
     assert torch.equal(scale, expected_scale)
     assert torch.equal(codes, expected_codes)
@@ -364,7 +364,7 @@ def test_codes_with_the_format_scales_equal_quantize_weight(fmt, group_size, k):
     g = torch.Generator().manual_seed(k)
     w = torch.randn(9, k, generator=g)
     w[2] = 0.0  # a zero row: scale 0
-    codes, scale = formats.quantize_weight(w, fmt, group_size)
+    codes, scale = primitives.quantize_weight(w, fmt, group_size)
     assert torch.equal(quantize_weight_with_scales(w, fmt, scale, group_size), codes)
 
 
@@ -387,10 +387,10 @@ def test_omse_weight_scales_lower_the_weight_error():
     w = torch.randn(32, 256, generator=g) * 0.02
     w[:, 5] = 0.3  # an outlier column
     for fmt, gs in (("int4", 128), ("int2", 64), ("ternary", 0)):
-        c_rtn, s_rtn = formats.quantize_weight(w, fmt, gs)
+        c_rtn, s_rtn = primitives.quantize_weight(w, fmt, gs)
         c_omse, s_omse = quantize_weight_observed(w, fmt, gs, "omse")
-        e_rtn = (formats.dequantize_codes(c_rtn, s_rtn, fmt, 256) - w).norm()
-        e_omse = (formats.dequantize_codes(c_omse, s_omse, fmt, 256) - w).norm()
+        e_rtn = (primitives.dequantize_codes(c_rtn, s_rtn, fmt, 256) - w).norm()
+        e_omse = (primitives.dequantize_codes(c_omse, s_omse, fmt, 256) - w).norm()
         assert e_omse < e_rtn, fmt
 
 
@@ -417,7 +417,7 @@ def test_load_quantized_weight_into_a_quantlinear():
     layer = QuantLinear.from_weight(w, None, LayerConfig("int2", group_size=32, activation="none"))
     codes, scale = quantize_weight_observed(w, "int2", 32, "omse")
     load_quantized_weight(layer, codes, scale)
-    torch.testing.assert_close(layer.dequantize_weight(), formats.dequantize_codes(codes, scale, "int2", 96))
+    torch.testing.assert_close(layer.dequantize_weight(), primitives.dequantize_codes(codes, scale, "int2", 96))
     with pytest.raises(ValueError, match="codes must have shape"):
         load_quantized_weight(layer, codes[:, :64], scale)
     with pytest.raises(ValueError, match="must lie in"):

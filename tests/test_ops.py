@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pyclipq
-from pyclipq import formats, ops
+from pyclipq import formats, ops, primitives
 from pyclipq.ops import reference
 
 from helpers import linear_args, linear_tolerance, make_layer, reference_accumulators
@@ -165,7 +165,7 @@ def test_pack_ops_match_reference(n, k, bits):
 @settings(max_examples=30, deadline=None)
 @given(n=st.integers(1, 9), k=st.integers(1, 300))
 def test_trit_ops_match_reference(n, k):
-    codes, _ = formats.quantize_weight(torch.randn(n, k), "ternary")
+    codes, _ = primitives.quantize_weight(torch.randn(n, k), "ternary")
     packed = ops.pack_trits(codes, k)
     assert torch.equal(packed, formats.pack_trits_reference(codes, k))
     assert torch.equal(ops.unpack_trits(packed, k), codes)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyclipq
-from pyclipq import formats, ops
+from pyclipq import formats, ops, primitives
 from pyclipq.configs import LayerConfig, QuantConfig
 from pyclipq.convert import convert
 from pyclipq.ops import reference
@@ -37,7 +37,7 @@ _one_thread = pytest.fixture(autouse=True)(single_thread)
 
 
 def packed_args(layer: LayerConfig, weight: torch.Tensor):
-    codes, scale = formats.quantize_weight(weight, layer.format, layer.group_size, layer.threshold_rule)
+    codes, scale = primitives.quantize_weight(weight, layer.format, layer.group_size, layer.threshold_rule)
     packed = codes if layer.format == "int8" else formats.pack_codes_reference(codes, formats.get_format(layer.format).bits)
     return (packed, scale, layer.group_size) if layer.format in ("int4", "int2") else (packed, scale)
 
@@ -89,8 +89,8 @@ def test_activation_rejects_bad_input():
 def test_fake_weight_is_dequantize_of_quantize_with_identity_gradient(layer):
     w = torch.randn(12, 200, requires_grad=True)
     fq = fake_quantize_weight(w, layer)
-    codes, scale = formats.quantize_weight(w.detach(), layer.format, layer.group_size, layer.threshold_rule)
-    assert torch.equal(fq, formats.dequantize_codes(codes, scale, layer.format, 200))
+    codes, scale = primitives.quantize_weight(w.detach(), layer.format, layer.group_size, layer.threshold_rule)
+    assert torch.equal(fq, primitives.dequantize_codes(codes, scale, layer.format, 200))
     upstream = torch.randn_like(fq)
     (fq * upstream).sum().backward()
     assert torch.equal(w.grad, upstream)
@@ -143,8 +143,8 @@ def test_float_path_and_kernel_within_derived_tolerance(layer):
     assert ((fast(x) - y).abs() <= tol).all()
     assert ((kernel_linear(layer, x, lin.weight.detach(), lin.bias.detach()) - y).abs() <= tol).all()
     # The bound is tight enough to catch a wrong code: nudge one weight across a level.
-    codes, scale = formats.quantize_weight(lin.weight.detach(), layer.format, layer.group_size, layer.threshold_rule)
-    wrong = formats.dequantize_codes(codes, scale, layer.format, 300).clone()
+    codes, scale = primitives.quantize_weight(lin.weight.detach(), layer.format, layer.group_size, layer.threshold_rule)
+    wrong = primitives.dequantize_codes(codes, scale, layer.format, 300).clone()
     wrong[0, 0] += scale.reshape(64, -1)[0, 0] * formats.get_format(layer.format).level_mul
     x_fq = fake_quantize_activation(x)
     assert ((F.linear(x_fq, wrong, lin.bias) - y).abs() > tol).any()

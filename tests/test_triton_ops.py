@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyclipq import formats
+from pyclipq import formats, primitives
 from pyclipq.ops import reference
 
 from helpers import BF16_ULP, alternating_extremes, linear_tolerance, make_layer, reference_accumulators
@@ -180,7 +180,7 @@ def weight_only_reference(fmt, x, packed, scale, group, bias):
     """float64 x @ dequantized(w).T + bias, and the magnitude sum_k |x w| + |bias| for the bound."""
     f = formats.get_format(fmt)
     k = x.shape[-1]
-    w = formats.dequantize_codes(formats.unpack_codes_reference(packed, f.bits), scale, f, k).to(torch.float64)
+    w = primitives.dequantize_codes(formats.unpack_codes_reference(packed, f.bits), scale, f, k).to(torch.float64)
     x64 = x.to(torch.float64)
     y = x64 @ w.T
     mag = x64.abs() @ w.abs().T
@@ -224,7 +224,7 @@ def test_pack_unpack_codes(bits, n, k):
 
 @pytest.mark.parametrize("n,k", [(1, 1), (3, 5), (7, 77), (17, 300), (2, 1001)])
 def test_pack_unpack_trits(n, k):
-    codes, _ = formats.quantize_weight(torch.randn(n, k), "ternary")
+    codes, _ = primitives.quantize_weight(torch.randn(n, k), "ternary")
     packed = T.pack_trits(dev(codes), k)
     assert torch.equal(packed.cpu(), formats.pack_trits_reference(codes, k))
     assert torch.equal(T.unpack_trits(packed, k).cpu(), codes)

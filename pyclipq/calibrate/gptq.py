@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import formats
+from .. import formats, primitives
 from ._threads import one_thread
 from .observers import Grid, make_observer
 from .weights import codes_from_levels, nearest_levels, observed_weight_scales
@@ -185,7 +185,7 @@ def gptq_quantize(
         inverse_perm = torch.argsort(perm)
         levels = levels[:, inverse_perm]
     codes = codes_from_levels(levels, fmt)
-    dequantized = formats.dequantize_codes(codes, scale, fmt, k)
+    dequantized = primitives.dequantize_codes(codes, scale, fmt, k)
     return GPTQResult(codes, scale, dequantized, used_damp)
 
 
@@ -241,10 +241,10 @@ def rtn_quantize(weight: torch.Tensor, fmt, group_size: int = 0, *, observer=Non
 
     fmt = formats.get_format(fmt) if isinstance(fmt, str) else fmt
     if observer is None:
-        codes, scale = formats.quantize_weight(weight, fmt, group_size if fmt.grouped else 0, threshold_rule)
+        codes, scale = primitives.quantize_weight(weight, fmt, group_size if fmt.grouped else 0, threshold_rule)
     else:
         codes, scale = quantize_weight_observed(weight, fmt, group_size, observer, threshold_rule)
-    return codes, scale, formats.dequantize_codes(codes, scale, fmt, weight.shape[1])
+    return codes, scale, primitives.dequantize_codes(codes, scale, fmt, weight.shape[1])
 
 
 def layer_output_error(x: torch.Tensor, weight: torch.Tensor, quantized: torch.Tensor) -> float:

@@ -1,6 +1,6 @@
 """Weight codes from given scales or given levels, in the formats of pyclipq.formats.
 
-`formats.quantize_weight` is the format's own rule (absmax / qmax per group, or the
+`primitives.quantize_weight` is the format's own rule (absmax / qmax per group, or the
 ternary threshold rule). Calibration needs two variants that the format spec allows
 but that rule does not produce:
 
@@ -11,7 +11,8 @@ but that rule does not produce:
 
 Nothing here defines a layout: the levels and codes come from each format's
 ``qmax``, ``level_mul``, ``level_offset`` and ``pad_code``, and with the format's own
-scales `quantize_weight_with_scales` reproduces `formats.quantize_weight` exactly
+scales `quantize_weight_with_scales` reproduces `primitives.quantize_weight` (they are one function chain
+in pyclipq.primitives)
 (tests/test_observers.py checks it).
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 
 from .. import formats
 from ..formats import WeightFormat
+# the rounding and code math is pyclipq.primitives'; re-exported here, where calibration asks for it
+from ..primitives import _check_weight, codes_from_levels, nearest_levels, quantize_weight, quantize_weight_with_scales
 from .observers import Grid, make_observer
 
 __all__ = [
@@ -36,84 +39,6 @@ def _fmt(fmt) -> WeightFormat:
     return formats.get_format(fmt) if isinstance(fmt, str) else fmt
 
 
-def _inverse(scale: torch.Tensor) -> torch.Tensor:
-    # The same reciprocal formats.quantize_weight multiplies by (1/s, 0 where s = 0), so ties
-    # round identically.
-    return torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(scale))
-
-
-def nearest_levels(ratio: torch.Tensor, fmt) -> torch.Tensor:
-    """w / s -> the format's nearest integer level (float tensor), as formats.quantize_weight rounds.
-
-    Unit-step formats (int8, int4, ternary): ``clamp(round(r), -qmax, qmax)``. int2 (odd
-    levels, LEVEL_MUL = 2): the nearest odd level, ``2 * clamp(round((r + 3) / 2), 0, 3) - 3``.
-    """
-    fmt = _fmt(fmt)
-    if fmt.level_mul == 1:
-        return torch.clamp(torch.round(ratio), -fmt.qmax, fmt.qmax)
-    codes = torch.clamp(torch.round((ratio + fmt.level_offset) / fmt.level_mul), 0, fmt.max_code)
-    return fmt.level_mul * codes - fmt.level_offset
-
-
-def codes_from_levels(levels: torch.Tensor, fmt, k_pad: int | None = None) -> torch.Tensor:
-    """Integer levels [N, K] -> unpacked codes [N, K_pad] (int8 for int8, uint8 with pad codes otherwise).
-
-    The inverse of ``formats.WeightFormat.level``: ``code = (level + LEVEL_OFFSET) / LEVEL_MUL``.
-    """
-    fmt = _fmt(fmt)
-    n, k = levels.shape
-    k_pad = formats.padded_k(k) if k_pad is None else k_pad
-    lv = torch.round(levels).to(torch.int32)
-    if bool((lv.abs() > fmt.qmax).any()) or (fmt.level_mul == 2 and bool(((lv + fmt.level_offset) % 2).any())):
-        raise ValueError(f"levels must be levels of format {fmt.name!r} (|level| <= {fmt.qmax}, step {fmt.level_mul})")
-    codes = torch.full((n, k_pad), fmt.pad_code, dtype=fmt.code_dtype)
-    codes[:, :k] = ((lv + fmt.level_offset) // fmt.level_mul).to(fmt.code_dtype)
-    return codes
-
-
-def _check_weight(weight) -> None:
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D tensor [N, K], got {getattr(weight, 'shape', type(weight).__name__)}")
-    if not weight.is_floating_point():
-        raise ValueError(f"weight must be floating point, got {weight.dtype}")
-    if not bool(torch.isfinite(weight).all()):
-        raise ValueError("weight contains NaN or Inf")
-
-
-def expected_scale_shape(fmt, n: int, k: int, group_size: int) -> tuple[int, ...]:
-    fmt = _fmt(fmt)
-    if fmt.grouped:
-        return (n, formats.num_groups(formats.padded_k(k), group_size))
-    return (n,)
-
-
-def quantize_weight_with_scales(weight: torch.Tensor, fmt, scale: torch.Tensor, group_size: int = 0) -> torch.Tensor:
-    """Float weight [N, K] + given scales ([N] or [N, G]) -> unpacked codes [N, K_pad].
-
-    With the scales formats.quantize_weight computes, the codes equal its codes exactly.
-    """
-    fmt = _fmt(fmt)
-    _check_weight(weight)
-    n, k = weight.shape
-    if not fmt.grouped and group_size != 0:
-        raise ValueError(f"group_size must be 0 for format {fmt.name!r}, got {group_size}")
-    expected = expected_scale_shape(fmt, n, k, group_size)
-    if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != expected:
-        raise ValueError(f"scale must have shape {list(expected)} for format {fmt.name!r}, got {getattr(scale, 'shape', scale)}")
-    if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
-        raise ValueError("scale must be finite and >= 0")
-    k_pad = formats.padded_k(k)
-    w = torch.zeros((n, k_pad), dtype=torch.float32)
-    w[:, :k] = weight.detach().to(torch.float32)
-    scale = scale.to(torch.float32)
-    if fmt.grouped:
-        g = scale.shape[1]
-        ratio = (w.view(n, g, k_pad // g) * _inverse(scale)[:, :, None]).view(n, k_pad)
-    else:
-        ratio = w * _inverse(scale)[:, None]
-    return codes_from_levels(nearest_levels(ratio[:, :k], fmt), fmt, k_pad)
-
-
 def observed_weight_scales(
     weight: torch.Tensor,
     fmt,
@@ -123,7 +48,7 @@ def observed_weight_scales(
 ) -> torch.Tensor:
     """Per-channel / per-group weight scales chosen by an observer on the format's level grid.
 
-    ``observer=None`` keeps the format's own rule (formats.quantize_weight). Groups and
+    ``observer=None`` keeps the format's own rule (primitives.quantize_weight). Groups and
     channels are observed over the *true* K: padding columns multiply zero activations,
     so their error never matters and must not pull OMSE's clip. MinMax reproduces the
     format rule of int8 / int4 / int2 (absmax / qmax) exactly.
@@ -131,7 +56,7 @@ def observed_weight_scales(
     fmt = _fmt(fmt)
     _check_weight(weight)
     if observer is None:
-        return formats.quantize_weight(weight, fmt, group_size if fmt.grouped else 0, threshold_rule)[1]
+        return quantize_weight(weight, fmt, group_size if fmt.grouped else 0, threshold_rule)[1]
     grid = Grid.for_format(fmt)
     w = weight.detach().to(torch.float32).cpu()
     n, k = w.shape
@@ -162,7 +87,7 @@ def observed_weight_scales(
 def quantize_weight_observed(
     weight: torch.Tensor, fmt, group_size: int = 0, observer="omse", threshold_rule: str = "absmean"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes [N, K_pad], scales): `formats.quantize_weight` with observer-chosen scales."""
+    """(codes [N, K_pad], scales): `primitives.quantize_weight` with observer-chosen scales."""
     fmt = _fmt(fmt)
     group_size = group_size if fmt.grouped else 0
     scale = observed_weight_scales(weight, fmt, group_size, observer, threshold_rule)

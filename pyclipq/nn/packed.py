@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import formats, ops
+from .. import formats, ops, primitives
 from ..configs import LayerConfig
 
 # Buffers whose dtype the format fixes at float32: a model-wide .half() or
@@ -31,7 +31,7 @@ def scale_shape(fmt: str, out_features: int, in_features: int, group_size: int) 
 
 
 def pack_codes(codes: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Unpacked codes [N, K_pad] (formats.quantize_weight) -> the compute layout kernels read."""
+    """Unpacked codes [N, K_pad] (primitives.quantize_weight) -> the compute layout kernels read."""
     spec = formats.get_format(fmt)
     return ops.pack_codes(codes, spec.bits) if spec.bit_packed else codes
 
@@ -44,7 +44,7 @@ def unpack_codes(packed: torch.Tensor, fmt: str) -> torch.Tensor:
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int, dtype) -> torch.Tensor:
     """Packed rows + their scales -> float weight rows [n, in_features] in `dtype`."""
     codes = unpack_codes(packed, fmt)
-    return formats.dequantize_codes(codes, scale, fmt, in_features).to(dtype)
+    return primitives.dequantize_codes(codes, scale, fmt, in_features).to(dtype)
 
 
 class PackedWeight(nn.Module):
@@ -96,8 +96,9 @@ class PackedWeight(nn.Module):
             self.weight.copy_(weight)
             return
         device = self.packed_weight.device
-        # formats.quantize_weight is the format's reference definition and builds CPU tensors.
-        codes, scale = formats.quantize_weight(
+        # On the CPU whatever the module's device: a converted model's codes do not depend on where
+        # it was converted (a GPU's reductions for ternary's mean|w| may round differently).
+        codes, scale = primitives.quantize_weight(
             weight.detach().cpu(), self.layer.format, self.layer.group_size, self.layer.threshold_rule
         )
         self.packed_weight.copy_(pack_codes(codes.to(device), self.layer.format))

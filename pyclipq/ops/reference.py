@@ -9,30 +9,8 @@ import torch
 
 from .. import formats
 from ..formats import INT2, INT4, INT8, TERNARY
-
-
-def quantize_per_token(x: torch.Tensor, group_size: int, act_scale: torch.Tensor | None = None):
-    k = x.shape[-1]
-    k_pad = formats.padded_k(k)
-    rows = x.reshape(-1, k).to(torch.float32)
-    absmax = rows.abs().amax(dim=1) if rows.shape[0] else rows.new_zeros(0)
-    if not torch.isfinite(absmax).all():
-        raise ValueError("x contains NaN or Inf")
-    if act_scale is None:
-        # Tensor / tensor on purpose: a Python-scalar operand may be applied as a
-        # multiplication by its reciprocal, which rounds differently from the kernels.
-        qmax = torch.full_like(absmax, float(formats.ACT_QMAX))
-        inv = torch.where(absmax > 0, qmax / torch.where(absmax > 0, absmax, qmax), torch.zeros_like(absmax))
-        scale = absmax / qmax
-    else:
-        s = act_scale.to(torch.float32).reshape(())
-        inv = torch.full_like(absmax, 1.0) / s
-        scale = torch.full_like(absmax, 1.0) * s
-    q = torch.zeros((rows.shape[0], k_pad), dtype=torch.int8)
-    q[:, :k] = torch.clamp(torch.round(rows * inv[:, None]), -127, 127).to(torch.int8)
-    g = formats.num_groups(k_pad, group_size)
-    sums = q.to(torch.int32).view(rows.shape[0], g, k_pad // g).sum(dim=2, dtype=torch.int32)
-    return q, scale, sums
+# the activation format's math is pyclipq.primitives' (device-agnostic): the reference op is it
+from ..primitives import quantize_per_token
 
 
 def _grouped_dot(x_q: torch.Tensor, levels: torch.Tensor, groups: int) -> torch.Tensor:

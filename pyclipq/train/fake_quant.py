@@ -1,9 +1,9 @@
 """Fake quantization for QAT: the kernels' integer math in float, with straight-through gradients.
 
-Nothing here defines a format. Weights go through ``formats.quantize_weight`` /
-``formats.level`` (the spec's reference definitions) and activations through a
-device-agnostic line-by-line mirror of ``ops.reference.quantize_per_token`` (the
-reference itself builds CPU tensors; tests assert the two agree bit for bit).
+Nothing here defines a format or its math. Weights go through ``primitives.quantize_weight``
+and ``WeightFormat.level``, activations through ``primitives.quantize_activation_rows`` (the
+rows of ``ops.reference.quantize_per_token``, which is primitives' too), on the device the
+tensors are on: no CPU round trip per step.
 
 Two ways to compute a fake-quant linear, both with the same straight-through
 gradients (those of ``F.linear(x_fq, w_fq)``, x_fq and w_fq being the dequantized
@@ -34,6 +34,7 @@ from ..configs import LayerConfig
 from ..nn.attention import attend, check_causal_hint, merged_attention_mask
 from ..nn.linear import static_act_scale
 from ..ops import reference
+from ..primitives import quantize_activation_rows, quantize_weight
 
 # Largest |integer accumulator| that float32 holds exactly (its 24-bit significand).
 _FP32_EXACT_INT = 2**24
@@ -46,26 +47,6 @@ def _check_layer(layer) -> LayerConfig:
 
 
 # ---------------------------------------------------------------- activations
-
-
-def quantize_activation_rows(rows: torch.Tensor, act_scale: torch.Tensor | None = None):
-    """float32 rows [M, K] -> (integer-valued float32 q [M, K], float32 scale [M]).
-
-    The device-agnostic mirror of ``ops.reference.quantize_per_token`` (without the
-    K padding and group sums, which only the integer kernels need): same fp32
-    absmax, same tensor/tensor reciprocal, same round-half-to-even and clamp.
-    """
-    absmax = rows.abs().amax(dim=1) if rows.shape[0] else rows.new_zeros(0)
-    if act_scale is None:
-        qmax = torch.full_like(absmax, float(formats.ACT_QMAX))
-        inv = torch.where(absmax > 0, qmax / torch.where(absmax > 0, absmax, qmax), torch.zeros_like(absmax))
-        scale = absmax / qmax
-    else:
-        s = act_scale.to(device=rows.device, dtype=torch.float32).reshape(())
-        inv = torch.full_like(absmax, 1.0) / s
-        scale = torch.full_like(absmax, 1.0) * s
-    q = torch.clamp(torch.round(rows * inv[:, None]), -formats.ACT_QMAX, formats.ACT_QMAX)
-    return q, scale
 
 
 def _clip_mask(rows: torch.Tensor, act_scale: torch.Tensor | None) -> torch.Tensor | None:
@@ -126,7 +107,7 @@ class QuantizedWeight:
         return 1 if self.scale.dim() == 1 else self.scale.shape[1]
 
     def dequantize(self) -> torch.Tensor:
-        """float32 [N, K]: exactly formats.dequantize_codes of these codes."""
+        """float32 [N, K]: exactly primitives.dequantize_codes of these codes."""
         n, k_pad = self.levels.shape
         g = self.groups
         w = (self.levels.view(n, g, k_pad // g) * self.scale.reshape(n, g, 1)).view(n, k_pad)
@@ -134,15 +115,14 @@ class QuantizedWeight:
 
 
 def quantize_weight_codes(weight: torch.Tensor, layer: LayerConfig) -> QuantizedWeight:
-    """formats.quantize_weight of `weight` (no gradient), kept as integer levels on weight's device."""
+    """primitives.quantize_weight of `weight` (no gradient), as integer levels, on the weight's device."""
     fmt = formats.get_format(layer.format)
-    # formats.quantize_weight is the spec's reference and builds CPU tensors: quantize there.
-    codes, scale = formats.quantize_weight(weight.detach().cpu(), fmt, layer.group_size, layer.threshold_rule)
+    codes, scale = quantize_weight(weight.detach(), fmt, layer.group_size, layer.threshold_rule)
     return codes_to_quantized(codes, scale, layer.format, weight.shape[1], weight.device)
 
 
 def codes_to_quantized(codes: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int, device=None) -> QuantizedWeight:
-    """Unpacked codes [N, K_pad] (formats.quantize_weight's layout) + scales -> QuantizedWeight."""
+    """Unpacked codes [N, K_pad] (primitives.quantize_weight's layout) + scales -> QuantizedWeight."""
     f = formats.get_format(fmt)
     device = device if device is not None else codes.device
     levels = f.level(codes.to(device)).to(torch.float32)
@@ -323,7 +303,7 @@ class FakeQuantLinear(nn.Linear):
     """An nn.Linear whose forward computes what ``QuantLinear`` will, with STE gradients.
 
     The float ``weight`` (the latent weight) is what trains; every forward quantizes it
-    with ``formats.quantize_weight`` and runs the kernels' math (see the module doc).
+    with ``primitives.quantize_weight`` and runs the kernels' math (see the module doc).
     It stays an ``nn.Linear`` so code that reads ``.weight`` (open_clip's
     ``get_cast_dtype``) and optimizers see the same parameters as before ``prepare``.
 

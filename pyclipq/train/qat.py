@@ -8,7 +8,7 @@ FakeQuantParameter parametrization for projection Parameters, embedding tables a
 the patch convolution. The latent float weights stay the model's Parameters.
 
 ``convert(model)`` puts the latent float modules back and runs ``pyclipq.convert``
-with the same config. The packed codes are ``formats.quantize_weight`` of the same
+with the same config. The packed codes are ``primitives.quantize_weight`` of the same
 latent tensors the fake-quant forward quantizes, so they are the same codes; with
 ``exact=True`` the fake-quant forward is bit-identical to ``ops.reference``, so the
 converted model differs from the fake-quant one only by the kernels' epilogue
