@@ -25,6 +25,7 @@ __all__ = [
     "codes_from_levels",
     "quantize_weight_with_scales",
     "quantize_weight",
+    "dequantize_levels",
     "dequantize_codes",
 ]
 
@@ -193,14 +194,14 @@ def quantize_weight(
     return quantize_weight_with_scales(weight, fmt, scale, group_size).contiguous(), scale
 
 
+def dequantize_levels(levels: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor:
+    """Integer levels [N, K_pad] (float32) + scales [N] or [N, G] -> float32 weight [N, K]."""
+    n, k_pad = levels.shape
+    g = 1 if scale.dim() == 1 else scale.shape[1]
+    w = (levels.view(n, g, k_pad // g) * scale.reshape(n, g, 1)).view(n, k_pad)
+    return w[:, :k]
+
+
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, fmt: str | WeightFormat, k: int) -> torch.Tensor:
     """Unpacked codes [N, K_pad] + scales -> float32 weight [N, K] (what the kernels multiply by)."""
-    fmt = _fmt(fmt)
-    n, k_pad = codes.shape
-    levels = fmt.level(codes).to(torch.float32)
-    if scale.dim() == 1:
-        w = levels * scale[:, None]
-    else:
-        g = scale.shape[1]
-        w = (levels.view(n, g, k_pad // g) * scale[:, :, None]).view(n, k_pad)
-    return w[:, :k]
+    return dequantize_levels(_fmt(fmt).level(codes).to(torch.float32), scale, k)

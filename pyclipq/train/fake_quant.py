@@ -34,7 +34,7 @@ from ..configs import LayerConfig
 from ..nn.attention import attend, check_causal_hint, merged_attention_mask
 from ..nn.linear import static_act_scale
 from ..ops import reference
-from ..primitives import quantize_activation_rows, quantize_weight
+from ..primitives import dequantize_levels, quantize_activation_rows, quantize_weight
 
 # Largest |integer accumulator| that float32 holds exactly (its 24-bit significand).
 _FP32_EXACT_INT = 2**24
@@ -108,10 +108,7 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K]: exactly primitives.dequantize_codes of these codes."""
-        n, k_pad = self.levels.shape
-        g = self.groups
-        w = (self.levels.view(n, g, k_pad // g) * self.scale.reshape(n, g, 1)).view(n, k_pad)
-        return w[:, : self.in_features]
+        return dequantize_levels(self.levels, self.scale, self.in_features)
 
 
 def quantize_weight_codes(weight: torch.Tensor, layer: LayerConfig) -> QuantizedWeight:
