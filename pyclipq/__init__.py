@@ -16,5 +16,7 @@ from .configs import QuantConfig  # noqa: E402
 from .convert import convert, summary  # noqa: E402
 from .io import load, save  # noqa: E402
 from .calibrate import calibrate  # noqa: E402
+from .train.qat import convert_qat, prepare_qat  # noqa: E402
 
-__all__ = ["build_info", "formats", "ops", "QuantConfig", "convert", "summary", "save", "load", "calibrate"]
+__all__ = ["build_info", "formats", "ops", "QuantConfig", "convert", "summary", "save", "load", "calibrate",
+           "prepare_qat", "convert_qat"]

@@ -119,7 +119,7 @@ def _data(batches=3, n=6):
 
 
 def _trainer(out_dir, steps=5, **kwargs):
-    student = qat.prepare(tiny_clip().eval(), "ternary-qall")
+    student = qat.prepare_qat(tiny_clip().eval(), "ternary-qall")
     config = TrainConfig(steps=steps, lr=2e-3, warmup_steps=1, output_dir=str(out_dir), progress=False, log_every=1, **kwargs)
     return Trainer(student, torch.utils.data.DataLoader(_Pairs(_data(4, 4)), batch_size=4, shuffle=True), config)
 
@@ -158,7 +158,7 @@ def test_resume_reproduces_the_next_step_loss(tmp_path):
 def test_qat_with_distillation_lowers_the_loss():
     images, tokens = tiny_batch(8, seed=3)
     positives = (tokens[:, None, :] == tokens[None, :, :]).all(-1)  # repeated captions are positives
-    student = qat.prepare(tiny_clip().eval(), "ternary-qall")
+    student = qat.prepare_qat(tiny_clip().eval(), "ternary-qall")
     trainer = Trainer(student, [(images, tokens, positives)], TrainConfig(steps=20, lr=3e-3, progress=False))
     history = trainer.fit()
     assert history[-1]["loss"] < 0.9 * history[0]["loss"]
@@ -166,14 +166,14 @@ def test_qat_with_distillation_lowers_the_loss():
 
 
 def test_bf16_training_runs():
-    student = qat.prepare(tiny_clip().eval(), "ternary-qall", exact=False)
+    student = qat.prepare_qat(tiny_clip().eval(), "ternary-qall", exact=False)
     history = Trainer(student, [tiny_batch(4)], TrainConfig(steps=2, precision="bf16", progress=False)).fit()
     assert all(math.isfinite(r["loss"]) for r in history)
 
 
 def test_teacher_is_frozen_without_touching_the_callers_model():
     model = tiny_clip().eval()
-    student = qat.prepare(model, "int8")
+    student = qat.prepare_qat(model, "int8")
     trainer = Trainer(student, [tiny_batch(2)], TrainConfig(steps=1, progress=False), teacher=model)
     assert all(p.requires_grad for p in model.parameters())
     assert all(not p.requires_grad for p in trainer.teacher.parameters()) and not trainer.teacher.training
@@ -182,7 +182,7 @@ def test_teacher_is_frozen_without_touching_the_callers_model():
 
 
 def test_trainer_errors(tmp_path):
-    student = qat.prepare(tiny_clip().eval(), "int8")
+    student = qat.prepare_qat(tiny_clip().eval(), "int8")
     with pytest.raises(ValueError, match="data must be re-iterable"):
         Trainer(student, iter([tiny_batch(2)]), TrainConfig(steps=1))
     with pytest.raises(ValueError, match="objective needs a teacher"):

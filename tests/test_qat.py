@@ -237,8 +237,8 @@ def test_fake_quant_attention_rejects_unsupported():
 def test_prepare_then_convert_matches_layer_by_layer(preset):
     model = tiny_clip().eval()
     images, tokens = tiny_batch(6)
-    fake = qat.prepare(model, preset)
-    real = qat.convert(fake)
+    fake = qat.prepare_qat(model, preset)
+    real = qat.convert_qat(fake)
     matches = qat.compare_layers(fake, real, lambda m: m(images, tokens))
     assert matches and all(m.ok for m in matches), [m for m in matches if not m.ok]
     linears = {n for n, m in fake.named_modules() if isinstance(m, FakeQuantLinear) and not m.layer.is_float}
@@ -259,7 +259,7 @@ def test_prepare_leaves_the_original_alone_and_strip_undoes_it():
     images, tokens = tiny_batch(4)
     with torch.no_grad():
         before = model(images, tokens)[0].clone()
-        fake = qat.prepare(model, "ternary-qall")
+        fake = qat.prepare_qat(model, "ternary-qall")
         assert not torch.equal(fake(images, tokens)[0], before)  # it does quantize
         assert torch.equal(model(images, tokens)[0], before)
         stripped = qat.strip(fake)
@@ -272,27 +272,27 @@ def test_prepare_leaves_the_original_alone_and_strip_undoes_it():
 def test_prepare_and_convert_errors():
     model = tiny_clip()
     with pytest.raises(ValueError, match="model must be a torch.nn.Module"):
-        qat.prepare("model", "int8")
+        qat.prepare_qat("model", "int8")
     with pytest.raises(ValueError, match="config must be a QuantConfig or one of"):
-        qat.prepare(model, "int3")
-    fake = qat.prepare(model, "int8")
+        qat.prepare_qat(model, "int3")
+    fake = qat.prepare_qat(model, "int8")
     with pytest.raises(ValueError, match="already prepared"):
-        qat.prepare(fake, "int8")
+        qat.prepare_qat(fake, "int8")
     with pytest.raises(ValueError, match="not prepared"):
-        qat.convert(model)
+        qat.convert_qat(model)
     with pytest.raises(ValueError, match="already converted"):
-        qat.prepare(qat.convert(fake), "int8")
+        qat.prepare_qat(qat.convert_qat(fake), "int8")
 
 
 def test_static_act_scales_survive_convert():
     model = tiny_clip().eval()
     images, tokens = tiny_batch(3)
     config = QuantConfig("int8", activation="static", include=("*.mlp.*",), quantize_projections=False)
-    fake = qat.prepare(model, config)
+    fake = qat.prepare_qat(model, config)
     for m in fake.modules():
         if isinstance(m, FakeQuantLinear):
             m.set_act_scale(0.02)
-    real = qat.convert(fake)
+    real = qat.convert_qat(fake)
     scales = [float(m.act_scale) for m in real.modules() if isinstance(m, pyclipq.nn.QuantLinear)]
     assert scales and all(s == pytest.approx(0.02) for s in scales)
     matches = qat.compare_layers(fake, real, lambda m: m(images, tokens))
@@ -332,3 +332,17 @@ def test_fake_quant_attention_takes_masks_as_the_packed_one_does():
         got = fake(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)[0]
         bool_vs_float = fake(x, x, x, attn_mask=torch.zeros(6, 6).masked_fill(causal, float("-inf")), need_weights=False)[0]
     assert torch.equal(got, bool_vs_float)
+
+
+def test_qat_entry_points_have_one_public_name_and_deprecated_aliases():
+    """pyclipq.prepare_qat / convert_qat, apart from pyclipq.convert; the old names warn for a release."""
+    import pyclipq
+    import pyclipq.qat as old
+
+    assert pyclipq.prepare_qat is qat.prepare_qat and pyclipq.convert_qat is qat.convert_qat
+    assert pyclipq.convert is not pyclipq.convert_qat
+    for module in (old, qat):
+        with pytest.warns(DeprecationWarning, match="is now pyclipq.prepare_qat"):
+            assert module.prepare is qat.prepare_qat
+        with pytest.warns(DeprecationWarning, match="is now pyclipq.convert_qat"):
+            assert module.convert is qat.convert_qat

@@ -186,7 +186,7 @@ def test_shortened_ternary_qat_on_the_testbed_lowers_loss_and_beats_ptq():
 
     testbed = load_testbed()
     test = make_split("test", 256).loader(256)
-    student = qat.prepare(testbed.model, recipes.ternary_config("qall"))
+    student = qat.prepare_qat(testbed.model, recipes.ternary_config("qall"))
     # Before training the fake-quant model *is* the PTQ model (same codes, reference numerics).
     accuracy = lambda m: recipes.zero_shot_top1(m, testbed.tokenizer, testbed.classnames, testbed.templates, test)  # noqa: E731
     ptq = accuracy(student)

@@ -1,7 +1,7 @@
 """Training: QAT with straight-through estimators, distillation, and the TernaryCLIP and P4Q recipes.
 
 - fake_quant: FakeQuantLinear / FakeQuantMultiheadAttention / FakeQuantParameter (the kernels' math, STE)
-- qat: prepare(model, config) -> fake-quant model; convert(model) -> packed model; compare_layers
+- qat: prepare_qat(model, config) -> fake-quant model; convert_qat(model) -> packed model; compare_layers
 - distill: contrastive, tau-scaled KL(teacher || student), feature losses; DistillationLoss
 - trainer: Trainer + TrainConfig (AdamW, warm-up + cosine, clipping, bf16, checkpoint/resume, JSONL log)
 - prompt, p4q: CoOp-style PromptLearner, QAdapter, P4QModel, P4QObjective
@@ -9,7 +9,7 @@
 """
 from .distill import DistillationLoss
 from .fake_quant import FakeQuantLinear, FakeQuantMultiheadAttention, FakeQuantParameter
-from .qat import compare_layers, convert, differentiable_twin, prepare, strip
+from .qat import compare_layers, convert_qat, differentiable_twin, prepare_qat, strip
 from .trainer import CLIPDistillation, TrainConfig, Trainer
 
 __all__ = [
@@ -21,8 +21,8 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "compare_layers",
-    "convert",
+    "convert_qat",
     "differentiable_twin",
-    "prepare",
+    "prepare_qat",
     "strip",
 ]

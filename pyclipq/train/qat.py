@@ -1,13 +1,16 @@
-"""Quantization-aware training: `prepare` swaps in fake-quant modules, `convert` exports packed ones.
+"""Quantization-aware training: `prepare_qat` swaps in fake-quant modules, `convert_qat` exports packed ones.
 
-``prepare(model, config)`` plans exactly what ``pyclipq.convert(model, config)``
+Both are also ``pyclipq.prepare_qat`` / ``pyclipq.convert_qat``: named apart from
+``pyclipq.convert`` (post-training conversion), which ``convert_qat`` calls at its end.
+
+``prepare_qat(model, config)`` plans exactly what ``pyclipq.convert(model, config)``
 would quantize (the same ``pyclipq.convert.plan``, the same adapters) and swaps in
 the fake-quant twin of each target: FakeQuantLinear for nn.Linear,
 FakeQuantMultiheadAttention for nn.MultiheadAttention, a weight-only
 FakeQuantParameter parametrization for projection Parameters, embedding tables and
 the patch convolution. The latent float weights stay the model's Parameters.
 
-``convert(model)`` puts the latent float modules back and runs ``pyclipq.convert``
+``convert_qat(model)`` puts the latent float modules back and runs ``pyclipq.convert``
 with the same config. The packed codes are ``primitives.quantize_weight`` of the same
 latent tensors the fake-quant forward quantizes, so they are the same codes; with
 ``exact=True`` the fake-quant forward is bit-identical to ``ops.reference``, so the
@@ -67,7 +70,7 @@ def is_prepared(model: nn.Module) -> bool:
     return getattr(model, CONFIG_ATTR, None) is not None
 
 
-def prepare(model: nn.Module, config: "str | QuantConfig" = "ternary-qall", *, exact: bool = True, inplace: bool = False) -> nn.Module:
+def prepare_qat(model: nn.Module, config: "str | QuantConfig" = "ternary-qall", *, exact: bool = True, inplace: bool = False) -> nn.Module:
     """The fake-quant model for QAT (a deep copy unless inplace=True).
 
     config: a QuantConfig or a preset name ("ternary-qall", "ternary-qffn", "int4", ...).
@@ -123,7 +126,7 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """The float model holding the latent weights: every fake-quant swap of `prepare` undone."""
     _check_model(model)
     if not is_prepared(model):
-        raise ValueError("model is not prepared for QAT (pyclipq.train.qat.prepare returns one)")
+        raise ValueError("model is not prepared for QAT (pyclipq.prepare_qat returns one)")
     if not inplace:
         model = deepcopy_model(model)
     for target in _targets(model):
@@ -144,7 +147,7 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     return model
 
 
-def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+def convert_qat(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """The packed model (QuantLinear / QuantMultiheadAttention / packed parameters) of a prepared one.
 
     The same codes as the fake-quant forward (see the module doc); static activation
@@ -155,7 +158,7 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     _check_model(model)
     if not is_prepared(model):
-        raise ValueError("model is not prepared for QAT (pyclipq.train.qat.prepare returns one)")
+        raise ValueError("model is not prepared for QAT (pyclipq.prepare_qat returns one)")
     config = getattr(model, CONFIG_ATTR)
     act_scales = {
         name: m.act_scale.detach().clone()
@@ -288,3 +291,16 @@ def differentiable_twin(quantized: nn.Module) -> nn.Module:
     for p in twin.parameters():
         p.requires_grad_(False)
     return twin
+
+
+# Deprecated names (one release): `convert` read as pyclipq.convert's twin, which it is not.
+_RENAMED = {"prepare": "prepare_qat", "convert": "convert_qat"}
+
+
+def __getattr__(name: str):
+    if name in _RENAMED:
+        import warnings
+
+        warnings.warn(f"pyclipq.train.qat.{name} is now pyclipq.{_RENAMED[name]}", DeprecationWarning, stacklevel=2)
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,7 +29,7 @@ from ..configs import LayerConfig, QuantConfig
 from .distill import DistillationLoss
 from .p4q import ExportedP4Q, FeatureBatches, P4QModel, P4QObjective, QAdapter, p4q_optimizers
 from .prompt import PromptLearner
-from .qat import convert, deepcopy_model, prepare
+from .qat import convert_qat, deepcopy_model, prepare_qat
 from .trainer import CLIPDistillation, Trainer, TrainConfig
 
 TERNARY_PRESETS = {"qall": "ternary-qall", "qffn": "ternary-qffn"}
@@ -74,14 +74,14 @@ def ternary_clip(
     train = train if train is not None else TrainConfig()
     loss = loss if loss is not None else DistillationLoss(contrastive_weight=1.0, kd_weight=1.0, feature_weight=1.0)
     teacher = teacher if teacher is not None else deepcopy_model(model)
-    student = prepare(model, ternary_config(preset, threshold_rule), exact=exact)
+    student = prepare_qat(model, ternary_config(preset, threshold_rule), exact=exact)
     trainer = Trainer(student, data, train, teacher=teacher, objective=CLIPDistillation(loss))
     checkpoint = trainer.checkpoint_path()
     if resume and checkpoint is not None and checkpoint.is_file():
         trainer.load_checkpoint()
     history = trainer.fit()
     # Packing runs on the CPU, which every pyclipq build has kernels for; move the result after.
-    quantized = convert(student.cpu()).eval()
+    quantized = convert_qat(student.cpu()).eval()
     return TernaryResult(student.eval(), quantized, history, trainer)
 
 
