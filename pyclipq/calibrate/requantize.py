@@ -1,0 +1,83 @@
+"""Weight re-quantization from the float model: the float weight behind each packed one, and
+observer-chosen scales written back."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .inputs import quant_linears
+from .weights import load_quantized_weight, quantize_weight_observed
+
+
+def float_weight(float_model: nn.Module, name: str, shape) -> torch.Tensor:
+    """The float weight of converted layer `name` in the unconverted model.
+
+    A swapped nn.Linear keeps its path (``<name>.weight``); an attention's packed in_proj
+    (``<attn>.in_proj``) is ``<attn>.in_proj_weight`` in nn.MultiheadAttention and open_clip.
+    """
+    shape = tuple(shape)
+    try:
+        module = float_model.get_submodule(name)
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and tuple(weight.shape) == shape:
+            return weight.detach()
+    except AttributeError:
+        pass
+    owner_name, _, attr = name.rpartition(".")
+    try:
+        owner = float_model.get_submodule(owner_name)
+    except AttributeError:
+        owner = None
+    weight = getattr(owner, f"{attr}_weight", None) if owner is not None else None
+    if isinstance(weight, torch.Tensor) and tuple(weight.shape) == shape:
+        return weight.detach()
+    raise ValueError(
+        f"float_model has no float weight of shape {list(shape)} for layer {name!r}: pass the same model "
+        "before pyclipq.convert (e.g. copy.deepcopy(model) taken before converting)"
+    )
+
+
+def _float_parameter(float_model: nn.Module, owner_name: str, attr: str, packed) -> torch.Tensor:
+    from ..nn.parameter import to_rows
+
+    try:
+        tensor = getattr(float_model.get_submodule(owner_name), attr)
+    except AttributeError:
+        tensor = None
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(packed.shape):
+        raise ValueError(
+            f"float_model has no float tensor {owner_name + '.' if owner_name else ''}{attr} of shape {list(packed.shape)}: "
+            "pass the same model before pyclipq.convert"
+        )
+    return to_rows(tensor.detach(), packed.layout)
+
+
+def proxy_error(delta: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr(dW H dW^T) / tr(W H W^T) = ||X dW^T||^2 / ||X W^T||^2 over the calibration inputs."""
+    h = hessian.to(torch.float32)
+    num = ((delta.float() @ h) * delta.float()).sum(dtype=torch.float64)
+    den = ((weight.float() @ h) * weight.float()).sum(dtype=torch.float64)
+    return float(num / den.clamp(min=1e-30))
+
+
+def apply_weight_observer(model, float_model, weight_observer, entries, skip_linears: bool):
+    """Re-quantize every packed weight from the float model with observer-chosen scales."""
+    from ..nn.parameter import packed_parameters
+
+    label = f"observer:{weight_observer if isinstance(weight_observer, str) else 'custom'}"
+    if not skip_linears:
+        for name, module in quant_linears(model):
+            w = float_weight(float_model, name, (module.out_features, module.in_features))
+            codes, scale = quantize_weight_observed(
+                w.float().cpu(), module.layer.format, module.layer.group_size, weight_observer, module.layer.threshold_rule
+            )
+            load_quantized_weight(module, codes, scale)
+            entries[name].weights = label
+    for owner_name, attr, packed in packed_parameters(model):
+        if packed.layer.is_float:
+            continue
+        w = _float_parameter(float_model, owner_name, attr, packed)
+        codes, scale = quantize_weight_observed(
+            w.float().cpu(), packed.layer.format, packed.layer.group_size, weight_observer, packed.layer.threshold_rule
+        )
+        load_quantized_weight(packed, codes, scale)
