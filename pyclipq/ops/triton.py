@@ -48,7 +48,7 @@ INT8_GEMM = autotune.BucketedKernel("int8_gemm", gemm_int8.int8_gemm_kernel,
 LOWBIT_GEMM = autotune.BucketedKernel("lowbit_gemm", gemm_lowbit.lowbit_gemm_kernel,
                                       key=["N", "K_PAD", "BITS", "GROUP_STEPS", "FUSED", "HAS_BIAS",
                                            "BLOCKS_PER_ITER", "EVEN"])
-STEP = 32  # K elements per bit-field of a block-planar block: the K of each int8 dot
+STEP = formats.VECTOR_BYTES  # K elements per bit-field of a block-planar block: the K of each int8 dot
 
 
 # ---------------------------------------------------------------- checks (mirror csrc/op_checks.h)
