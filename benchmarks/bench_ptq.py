@@ -96,7 +96,7 @@ def emulate_kernels(model: torch.nn.Module, on: bool = True) -> None:
 
 
 def machine_info() -> dict:
-    from pyclipq.benchmark import machine_info as base
+    from pyclipq.cli.bench import machine_info as base
 
     return base(torch.get_num_threads()) | {
         "cpus": os.cpu_count(),

@@ -17,7 +17,7 @@ from torch import nn
 
 from .configs import QuantConfig, resolve_config
 from .models import Adapter, Target, apply_target, detect_adapter
-from .models.base import attention_target, existing_module, existing_tensor, patch_embeddings_as_matmul_
+from .models.base import NOT_LINEAR_KINDS, attention_target, existing_module, existing_tensor, patch_embeddings_as_matmul_
 from .nn import PackedParameter, PackedWeight, QuantMultiheadAttention
 from .nn.parameter import packed_parameters
 
@@ -300,3 +300,25 @@ def summary(model: nn.Module, file=sys.stdout) -> str:
     if file is not None:
         print(text, file=file)
     return text
+
+
+def linear_inventory(model: nn.Module) -> tuple[int, int]:
+    """(quantized, total) linear maps of a float, quantize_dynamic or pyclipq model.
+
+    An attention's packed in_proj counts as q, k and v, and each CLIP projection held as a
+    bare Parameter (x @ P) as one, so that every contender is counted on the same maps (the
+    benchmark compares pyclipq with torch's quantize_dynamic on this count).
+    """
+    adapter = detect_adapter(model)
+    dynamic_linear = torch.ao.nn.quantized.dynamic.Linear
+    quantized = 0
+    for module in model.modules():
+        if isinstance(module, PackedWeight) and not isinstance(module, PackedParameter):
+            if not module.layer.is_float and module.kind not in NOT_LINEAR_KINDS:  # a token embedding is a lookup
+                quantized += 3 if module.layer_name.endswith(".in_proj") else 1
+        elif isinstance(module, dynamic_linear):
+            quantized += 1
+    projections = sum(isinstance(existing_tensor(model, n), torch.Tensor) for n in adapter.projection_parameters)
+    packed_projections = sum(p.kind == "projection" and not p.layer.is_float for _, _, p in packed_parameters(model))
+    quantized += packed_projections
+    return quantized, quantized + count_linears(model, adapter) + projections - packed_projections

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyclipq import cli
-from pyclipq.loading import ModelLoadError, encode, load_model, random_inputs
+from pyclipq.cli.loading import ModelLoadError, encode, load_model, random_inputs
 
 
 def run(capsys, *argv):
@@ -86,7 +86,7 @@ def test_bench_compile_times_each_format_compiled_too(capsys, tmp_path):
 
 def fake_missing_packages(monkeypatch, absent):
     """Make the benchmark see the packages in `absent` as not installed and every other as installed."""
-    from pyclipq import benchmark
+    from pyclipq.cli import bench as benchmark
 
     monkeypatch.setattr(benchmark, "missing_packages", lambda packages: [p for p in packages if p in absent])
 
@@ -95,7 +95,7 @@ TINY_BENCH = ("bench", "--model", "testbed", "--formats", "int8", "--batches", "
 
 
 def test_bench_without_matplotlib_writes_json_and_says_how_to_plot(capsys, tmp_path, monkeypatch):
-    from pyclipq import benchmark
+    from pyclipq.cli import bench as benchmark
 
     fake_missing_packages(monkeypatch, {"matplotlib"})
     monkeypatch.setattr(benchmark, "save_plot", lambda *a: pytest.fail("plotted without matplotlib"))
@@ -108,7 +108,7 @@ def test_bench_without_matplotlib_writes_json_and_says_how_to_plot(capsys, tmp_p
 
 
 def test_bench_skips_absent_runtime_peers_with_one_line(capsys, tmp_path, monkeypatch):
-    from pyclipq.benchmark import select_runtime_peers
+    from pyclipq.cli.bench import select_runtime_peers
 
     fake_missing_packages(monkeypatch, {"onnxruntime"})
     chosen, notice = select_runtime_peers(["auto"])
@@ -170,7 +170,7 @@ def test_bench_times_openvino_in_its_own_process(capsys, tmp_path):
 
 
 def test_runtime_peer_failure_names_the_peer_and_the_error(tmp_path, monkeypatch):
-    from pyclipq.peers import runtimes
+    from pyclipq.cli.peers import runtimes
 
     failing = tmp_path / "worker.py"
     failing.write_text("import sys\nprint('noise on stdout')\nsys.exit('RuntimeError: no such op')\n")
@@ -250,7 +250,7 @@ def test_linear_inventory_counts_every_contender_on_the_same_maps():
     import open_clip
 
     import pyclipq
-    from pyclipq.benchmark import build_contender, linear_inventory
+    from pyclipq.cli.bench import build_contender, linear_inventory
 
     model = open_clip.create_model("ViT-B-32", pretrained=None).eval()
     assert linear_inventory(model) == (0, 146)

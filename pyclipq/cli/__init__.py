@@ -47,7 +47,7 @@ def _notice(command: str, text: str) -> None:
 
 
 def cmd_bench(args) -> int:
-    from . import benchmark
+    from . import bench as benchmark
 
     # Optional packages are checked before minutes of work, not when their turn comes.
     runtime_peers, skipped = benchmark.select_runtime_peers(args.peers)
@@ -69,7 +69,7 @@ def cmd_bench(args) -> int:
 
 
 def _config_from_args(args):
-    from .configs import QuantConfig, resolve_config
+    from ..configs import QuantConfig, resolve_config
 
     config = resolve_config(args.format)
     overrides = {}
@@ -94,7 +94,7 @@ def cmd_convert(args) -> int:
     if os.path.dirname(out) and not os.path.isdir(os.path.dirname(out)):
         raise UserError(f"output directory does not exist: {os.path.dirname(out)}")
     pyclipq.save(model, out)
-    from .benchmark import linear_inventory
+    from ..convert import linear_inventory
 
     quantized, total = linear_inventory(model)
     payload = {"model": loaded.label, "format": args.format, "output": out, "bytes": os.path.getsize(out),
@@ -105,7 +105,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import run_eval
+    from .eval import run_eval
 
     report = run_eval(args)
     _print(args, report, report.pop("_text", json.dumps(report, indent=2)))
@@ -113,7 +113,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import recipes
+    from ..train import recipes
 
     # The recipe prints its own summary (JSON) and writes results.json under --out.
     recipes.COMMANDS[args.recipe](args.recipe_args)
@@ -121,7 +121,7 @@ def cmd_train(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .benchmark import PYCLIPQ_FORMATS, RUNTIME_PEERS
+    from .bench import PYCLIPQ_FORMATS, RUNTIME_PEERS
 
     p = argparse.ArgumentParser(prog="pyclipq", description="Low-bit CLIP: kernels, conversion, benchmarks.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)

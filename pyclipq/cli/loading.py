@@ -103,7 +103,7 @@ def _openai(path: str) -> LoadedModel:
 
 
 def _testbed() -> LoadedModel:
-    from .testbed import load_testbed
+    from ..testbed import load_testbed
 
     bed = load_testbed()
     model = bed.model.eval()
@@ -134,7 +134,7 @@ def random_inputs(loaded: LoadedModel, batch: int, seed: int = 0) -> tuple[torch
 
 def encode(loaded: LoadedModel, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> Any:
     """Image or text embeddings through the family's own API (a transformers CLIPModel is wrapped)."""
-    from .eval.encode import as_clip_like
+    from ..eval.encode import as_clip_like
 
     model = as_clip_like(loaded.model)
     return model.encode_image(images) if images is not None else model.encode_text(tokens)

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..convert import linear_inventory
 from .loading import LoadedModel, encode, load_model, random_inputs
 from .peers.runtimes import (INSTALL_HINT, RUNTIME_PEERS, RuntimePeerError, RuntimePeerWorkspace, TowerInputs,
                              packages_needed)
@@ -60,7 +61,7 @@ class CompiledTowers:
     """
 
     def __init__(self, model: nn.Module):
-        from .eval.encode import as_clip_like
+        from ..eval.encode import as_clip_like
 
         self.module = model  # what is counted and saved
         clip = as_clip_like(model)
@@ -78,33 +79,6 @@ class ContenderResult:
     linears_total: int | None = 0
     fidelity: dict = field(default_factory=dict)
     convert_s: float = 0.0
-
-
-def linear_inventory(model: nn.Module) -> tuple[int, int]:
-    """(quantized, total) linear maps of a float, quantize_dynamic or pyclipq model.
-
-    An attention's packed in_proj counts as q, k and v, and each CLIP projection held as a
-    bare Parameter (x @ P) as one, so that every contender is counted on the same maps.
-    """
-    from .convert import count_linears
-    from .models import detect_adapter
-    from .models.base import NOT_LINEAR_KINDS, existing_tensor
-    from .nn import PackedParameter, PackedWeight
-    from .nn.parameter import packed_parameters
-
-    adapter = detect_adapter(model)
-    dynamic_linear = torch.ao.nn.quantized.dynamic.Linear
-    quantized = 0
-    for module in model.modules():
-        if isinstance(module, PackedWeight) and not isinstance(module, PackedParameter):
-            if not module.layer.is_float and module.kind not in NOT_LINEAR_KINDS:  # a token embedding is a lookup
-                quantized += 3 if module.layer_name.endswith(".in_proj") else 1
-        elif isinstance(module, dynamic_linear):
-            quantized += 1
-    projections = sum(isinstance(existing_tensor(model, n), torch.Tensor) for n in adapter.projection_parameters)
-    packed_projections = sum(p.kind == "projection" and not p.layer.is_float for _, _, p in packed_parameters(model))
-    quantized += packed_projections
-    return quantized, quantized + count_linears(model, adapter) + projections - packed_projections
 
 
 def _interleaved_median_ms(calls, reps: int, warmup: int) -> list[float]:
@@ -141,7 +115,7 @@ def _size_on_disk(name: str, model: nn.Module) -> int:
                     unique[k] = v
             save_file(unique, path)
         else:
-            from .io import save
+            from ..io import save
 
             save(model, path)
         return os.path.getsize(path)

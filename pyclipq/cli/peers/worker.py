@@ -7,7 +7,7 @@ process they starved ONNX Runtime's pool (its int8 image tower measured 45 ms in
 with torch, 20.6 ms alone on the same 2 cores). `build` is a process of its own because
 NNCF imports torch.
 
-SPEC.json (written by pyclipq.peers.runtimes):
+SPEC.json (written by pyclipq.cli.peers.runtimes):
     {"contender": "ort_int8", "dir": DIR, "threads": 2, "reps": 5, "warmup": 2,
      "towers": {"image": {"onnx": PATH, "calibration": NPY, "fidelity": NPY,
                           "timed": {"image@1": NPY, ...}}, ...}}

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from . import eval as ev
+from .. import eval as ev
 from .loading import LoadedModel, load_model
 
 DATASET_KINDS = ("testbed", "imagefolder", "cifar100", "retrieval")
@@ -42,7 +42,7 @@ def quantized_model(loaded: LoadedModel, fmt: str | None, checkpoint: str | None
 def labelled_images(loaded: LoadedModel, kind: str, path: str | None, limit: int | None):
     """(list of (images, labels) batches or loader, classnames, templates)."""
     if kind == "testbed":
-        from .testbed import ZERO_SHOT_TEMPLATES, class_names, make_split
+        from ..testbed import ZERO_SHOT_TEMPLATES, class_names, make_split
 
         data = make_split("test", limit or 2048)
         batches = [(data.images[i:i + 256], data.labels[i:i + 256]) for i in range(0, len(data), 256)]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..eval.encode import as_clip_like
+from ...eval.encode import as_clip_like
 from .worker import CONTENDERS
 
 RUNTIME_PEERS = tuple(CONTENDERS)
