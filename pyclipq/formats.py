@@ -67,6 +67,10 @@ class WeightFormat:
     def level(self, codes: torch.Tensor) -> torch.Tensor:
         return self.level_mul * codes.to(torch.int32) - self.level_offset
 
+    def scale_shape(self, n: int, k: int, group_size: int) -> tuple[int, ...]:
+        """Shape of the scales of an [n, k] weight: [N, G] for a grouped format, else [N]."""
+        return (n, num_groups(padded_k(k), group_size)) if self.grouped else (n,)
+
 
 INT8 = WeightFormat("int8", 8, 1, 0, 0, 127, grouped=False, min_code=-127, max_code=127)
 INT4 = WeightFormat("int4", 4, 1, 8, 8, 7, grouped=True, min_code=0, max_code=15, default_group_size=128)

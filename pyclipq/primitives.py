@@ -146,13 +146,6 @@ def codes_from_levels(levels: torch.Tensor, fmt, k_pad: int | None = None) -> to
     return codes
 
 
-def expected_scale_shape(fmt, n: int, k: int, group_size: int) -> tuple[int, ...]:
-    fmt = _fmt(fmt)
-    if fmt.grouped:
-        return (n, formats.num_groups(formats.padded_k(k), group_size))
-    return (n,)
-
-
 def quantize_weight_with_scales(weight: torch.Tensor, fmt, scale: torch.Tensor, group_size: int = 0) -> torch.Tensor:
     """Float weight [N, K] + scales ([N] or [N, G]) -> unpacked codes [N, K_pad]: each weight
     times the reciprocal of its scale, rounded to the nearest level."""
@@ -161,7 +154,7 @@ def quantize_weight_with_scales(weight: torch.Tensor, fmt, scale: torch.Tensor, 
     n, k = weight.shape
     if not fmt.grouped and group_size != 0:
         raise ValueError(f"group_size must be 0 for format {fmt.name!r}, got {group_size}")
-    expected = expected_scale_shape(fmt, n, k, group_size)
+    expected = fmt.scale_shape(n, k, group_size)
     if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != expected:
         raise ValueError(f"scale must have shape {list(expected)} for format {fmt.name!r}, got {getattr(scale, 'shape', scale)}")
     if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):

@@ -24,12 +24,6 @@ def packed_shape(fmt: str, out_features: int, in_features: int) -> tuple[int, in
     return out_features, k_pad // formats.get_format(fmt).codes_per_byte
 
 
-def scale_shape(fmt: str, out_features: int, in_features: int, group_size: int) -> tuple[int, ...]:
-    if formats.get_format(fmt).grouped:
-        return out_features, formats.num_groups(formats.padded_k(in_features), group_size)
-    return (out_features,)
-
-
 def pack_codes(codes: torch.Tensor, fmt: str) -> torch.Tensor:
     """Unpacked codes [N, K_pad] (primitives.quantize_weight) -> the compute layout kernels read."""
     spec = formats.get_format(fmt)
@@ -78,7 +72,8 @@ class PackedWeight(nn.Module):
         self.register_buffer(
             "weight_scale",
             torch.empty(
-                scale_shape(layer.format, out_features, in_features, layer.group_size), dtype=torch.float32, device=device
+                formats.get_format(layer.format).scale_shape(out_features, in_features, layer.group_size),
+                dtype=torch.float32, device=device,
             ),
         )
 
