@@ -346,3 +346,36 @@ def test_qat_entry_points_have_one_public_name_and_deprecated_aliases():
             assert module.prepare is qat.prepare_qat
         with pytest.warns(DeprecationWarning, match="is now pyclipq.convert_qat"):
             assert module.convert is qat.convert_qat
+
+
+@pytest.mark.parametrize("block", [dict(block_type="custom"), dict(qk_norm=True, scale_heads=True, scale_attn=True)])
+def test_qat_covers_open_clip_custom_attention_as_convert_does(block):
+    """open_clip's own Attention class: prepare_qat swaps it (the module convert builds, fake-quant
+    projections sharing the Parameters), strip puts the original back, convert_qat packs it."""
+    from clip_builders import sample_inputs, small_open_clip
+    from pyclipq.models.open_clip import QuantOpenClipAttention
+
+    model = small_open_clip(**block)
+    images, tokens = sample_inputs()
+    fake = qat.prepare_qat(model, "int8")
+    attentions = [m for m in fake.modules() if isinstance(m, QuantOpenClipAttention)]
+    assert attentions and all(isinstance(a.in_proj, FakeQuantLinear) for a in attentions)
+    # the latent weights are the float model's Parameters: training them trains the model
+    assert attentions[0].in_proj.weight is attentions[0].float_module.in_proj_weight
+    loss = fake(images, tokens)[0].square().sum()
+    loss.backward()
+    assert attentions[0].in_proj.weight.grad is not None and attentions[0].in_proj.weight.grad.abs().sum() > 0
+    stripped = qat.strip(fake)
+    assert not any(isinstance(m, QuantOpenClipAttention) for m in stripped.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(stripped(images, tokens)[0], model(images, tokens)[0])
+    real = qat.convert_qat(fake)
+    matches = qat.compare_layers(fake, real, lambda m: m(images, tokens))
+    assert matches and all(m.ok for m in matches), [m for m in matches if not m.ok]
+    assert {m.name for m in matches} >= {n for n, m in real.named_modules()
+                                        if isinstance(m, pyclipq.nn.QuantLinear) and n.endswith("attn.in_proj")}
+    # and a converted model with it has a differentiable twin (P4Q trains on top of one)
+    twin = qat.differentiable_twin(real)
+    x = images.clone().requires_grad_(True)
+    twin.encode_image(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

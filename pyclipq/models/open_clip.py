@@ -26,20 +26,49 @@ def _is_open_clip_attention(module) -> bool:
 
 
 class QuantOpenClipAttention(nn.Module):
-    """open_clip.transformer.Attention with a packed quantized in_proj and out_proj.
+    """open_clip.transformer.Attention computed through replaceable q/k/v and out projections.
 
     Keeps the original's norms and scales (ln_q, ln_k, ln_inner, logit_scale,
     head_scale) under the same names and computes the same function: scaled-cosine
-    attention when logit_scale is set, F.scaled_dot_product_attention otherwise.
+    attention when logit_scale is set, F.scaled_dot_product_attention otherwise. The
+    projections are modules given to it: packed QuantLinears (``quantized``, what convert
+    builds) or fake-quant twins sharing the original's Parameters (``with_projections``,
+    what QAT builds; ``float_module`` then keeps the original to put back).
     """
 
-    def __init__(self, attention: nn.Module, in_proj_layer: LayerConfig, out_proj_layer: LayerConfig, *, quantize: bool = True):
-        super().__init__()
+    @classmethod
+    def quantized(cls, attention: nn.Module, in_proj_layer: LayerConfig, out_proj_layer: LayerConfig, *,
+                  quantize: bool = True) -> "QuantOpenClipAttention":
+        """With packed QuantLinear projections, quantized from the attention's weights when `quantize`."""
         if not _is_open_clip_attention(attention):
             raise ValueError(f"attention must be an open_clip.transformer.Attention, got {type(attention).__name__}")
         weight = attention.in_proj_weight
         dim = weight.shape[1]
         has_bias = attention.in_proj_bias is not None
+        kwargs = dict(dtype=weight.dtype, device=weight.device)
+        in_proj = QuantLinear(dim, 3 * dim, has_bias, layer=in_proj_layer, **kwargs)
+        out_proj = QuantLinear(dim, dim, attention.out_proj.bias is not None, layer=out_proj_layer, **kwargs)
+        if quantize:
+            in_proj.load_float_weight(weight)
+            out_proj.load_float_weight(attention.out_proj.weight)
+            with torch.no_grad():
+                if has_bias:
+                    in_proj.bias.copy_(attention.in_proj_bias)
+                if attention.out_proj.bias is not None:
+                    out_proj.bias.copy_(attention.out_proj.bias)
+        return cls(attention, in_proj, out_proj)
+
+    @classmethod
+    def with_projections(cls, attention: nn.Module, in_proj: nn.Module, out_proj: nn.Module) -> "QuantOpenClipAttention":
+        """With the given projections; the original attention is kept as ``float_module``."""
+        module = cls(attention, in_proj, out_proj)
+        object.__setattr__(module, "float_module", attention)  # not a submodule: its Parameters are ours already
+        return module
+
+    def __init__(self, attention: nn.Module, in_proj: nn.Module, out_proj: nn.Module):
+        super().__init__()
+        if not _is_open_clip_attention(attention):
+            raise ValueError(f"attention must be an open_clip.transformer.Attention, got {type(attention).__name__}")
         self.num_heads = attention.num_heads
         self.head_dim = attention.head_dim
         self.logit_scale_max = attention.logit_scale_max
@@ -47,17 +76,8 @@ class QuantOpenClipAttention(nn.Module):
         self.attn_drop, self.out_drop = attention.attn_drop, attention.out_drop
         self.logit_scale = attention.logit_scale
         self.head_scale = attention.head_scale
-        kwargs = dict(dtype=weight.dtype, device=weight.device)
-        self.in_proj = QuantLinear(dim, 3 * dim, has_bias, layer=in_proj_layer, **kwargs)
-        self.out_proj = QuantLinear(dim, dim, attention.out_proj.bias is not None, layer=out_proj_layer, **kwargs)
-        if quantize:
-            self.in_proj.load_float_weight(weight)
-            self.out_proj.load_float_weight(attention.out_proj.weight)
-            with torch.no_grad():
-                if has_bias:
-                    self.in_proj.bias.copy_(attention.in_proj_bias)
-                if attention.out_proj.bias is not None:
-                    self.out_proj.bias.copy_(attention.out_proj.bias)
+        self.in_proj = in_proj
+        self.out_proj = out_proj
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, width = x.shape
@@ -87,7 +107,7 @@ class QuantOpenClipAttention(nn.Module):
 
 
 def _build_open_clip_attention(owner, attr, attention, target: Target, quantize: bool) -> None:
-    new = QuantOpenClipAttention(attention, target.layers["in_proj"], target.layers["out_proj"], quantize=quantize)
+    new = QuantOpenClipAttention.quantized(attention, target.layers["in_proj"], target.layers["out_proj"], quantize=quantize)
     label(new.in_proj, target, "in_proj")
     label(new.out_proj, target, "out_proj")
     setattr(owner, attr, new)

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..configs import QuantConfig, resolve_config
+from ..models.open_clip import QuantOpenClipAttention
 from .fake_quant import (
     FakeQuantLinear,
     FakeQuantMultiheadAttention,
@@ -104,6 +105,11 @@ def _swap_in(model: nn.Module, target, exact: bool) -> None:
     elif target.target == "multihead_attention":
         fake = FakeQuantMultiheadAttention.from_float(obj, target.layers["in_proj"], target.layers["out_proj"], exact)
         setattr(owner, attr, fake.train(obj.training))
+    elif target.target == "open_clip_attention":
+        # open_clip's own attention class, through the same module convert builds, fake-quant projections
+        in_proj = FakeQuantLinear.from_parameters(obj.in_proj_weight, obj.in_proj_bias, target.layers["in_proj"], exact)
+        out_proj = FakeQuantLinear.from_linear(obj.out_proj, target.layers["out_proj"], exact)
+        setattr(owner, attr, QuantOpenClipAttention.with_projections(obj, in_proj, out_proj).train(obj.training))
     elif target.target == "parameter":
         parametrize.register_parametrization(owner, attr, FakeQuantParameter(target.layout, target.layers[""]))
     elif target.target == "embedding":
@@ -138,6 +144,9 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             setattr(owner, attr, linear.train(fake.training))
         elif target.target == "multihead_attention":
             setattr(owner, attr, getattr(owner, attr).to_float())
+        elif target.target == "open_clip_attention":
+            fake = getattr(owner, attr)
+            setattr(owner, attr, fake.float_module.train(fake.training))
         elif target.target == "parameter":
             parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
         elif target.target == "embedding":
@@ -284,8 +293,6 @@ def differentiable_twin(quantized: nn.Module) -> nn.Module:
         elif isinstance(module, QuantLinear) and not isinstance(owner, (QuantMultiheadAttention, FakeQuantMultiheadAttention)):
             found = True
             setattr(owner, attr, FakeQuantLinear.from_quant_linear(module))
-        elif type(module).__name__ == "QuantOpenClipAttention":
-            raise ValueError(f"quantized: {name} is an open_clip custom attention, which has no differentiable twin yet")
     if not found:
         raise ValueError("quantized: the model holds no pyclipq QuantLinear / QuantMultiheadAttention (convert it first)")
     for p in twin.parameters():
