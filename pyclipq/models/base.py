@@ -101,6 +101,25 @@ def register_builder(target: str, builder: Builder) -> None:
     BUILDERS[target] = builder
 
 
+@dataclass(frozen=True)
+class QATHandlers:
+    """What QAT does to one target kind: swap in its fake-quant twin, and undo that."""
+
+    fake_quantize: Callable[[nn.Module, str, object, Target, bool], None]  # (owner, attr, float obj, target, exact)
+    strip: Callable[[nn.Module, str, Target], None]  # (owner, attr, target): the float object back
+
+
+# Keyed like BUILDERS (one registry of target kinds): pyclipq.train.qat registers the handlers of
+# every kind it covers, from above, so this layer never imports the fake-quant modules.
+QAT_HANDLERS: dict[str, QATHandlers] = {}
+
+
+def register_qat_handlers(target: str, handlers: QATHandlers) -> None:
+    if target not in BUILDERS:
+        raise ValueError(f"target kind {target!r} has no builder; known: {sorted(BUILDERS)}")
+    QAT_HANDLERS[target] = handlers
+
+
 def label(module, target: Target, sub: str = "") -> None:
     """Name and kind a swapped-in PackedWeight, for error messages, summaries and checkpoints."""
     module.layer_name = target.sub_name(sub)

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..configs import QuantConfig, resolve_config
+from ..models.base import QAT_HANDLERS, QATHandlers, register_qat_handlers
 from ..models.open_clip import QuantOpenClipAttention
 from .fake_quant import (
     FakeQuantLinear,
@@ -96,30 +97,76 @@ def prepare_qat(model: nn.Module, config: "str | QuantConfig" = "ternary-qall", 
     return model
 
 
+def _fake_linear(owner, attr, linear, target, exact) -> None:
+    setattr(owner, attr, FakeQuantLinear.from_linear(linear, target.layers[""], exact).train(linear.training))
+
+
+def _strip_linear(owner, attr, target) -> None:
+    fake = getattr(owner, attr)
+    linear = nn.Linear(fake.in_features, fake.out_features, fake.bias is not None, device="meta")
+    linear.weight, linear.bias = fake.weight, fake.bias
+    setattr(owner, attr, linear.train(fake.training))
+
+
+def _fake_multihead_attention(owner, attr, mha, target, exact) -> None:
+    fake = FakeQuantMultiheadAttention.from_float(mha, target.layers["in_proj"], target.layers["out_proj"], exact)
+    setattr(owner, attr, fake.train(mha.training))
+
+
+def _strip_multihead_attention(owner, attr, target) -> None:
+    setattr(owner, attr, getattr(owner, attr).to_float())
+
+
+def _fake_open_clip_attention(owner, attr, attention, target, exact) -> None:
+    # open_clip's own attention class, through the same module convert builds, fake-quant projections
+    in_proj = FakeQuantLinear.from_parameters(attention.in_proj_weight, attention.in_proj_bias, target.layers["in_proj"],
+                                              exact)
+    out_proj = FakeQuantLinear.from_linear(attention.out_proj, target.layers["out_proj"], exact)
+    setattr(owner, attr, QuantOpenClipAttention.with_projections(attention, in_proj, out_proj).train(attention.training))
+
+
+def _strip_open_clip_attention(owner, attr, target) -> None:
+    fake = getattr(owner, attr)
+    setattr(owner, attr, fake.float_module.train(fake.training))
+
+
+def _fake_parameter(owner, attr, parameter, target, exact) -> None:
+    parametrize.register_parametrization(owner, attr, FakeQuantParameter(target.layout, target.layers[""]))
+
+
+def _strip_parameter(owner, attr, target) -> None:
+    parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
+
+
+def _fake_embedding(owner, attr, embedding, target, exact) -> None:
+    # QuantEmbedding packs the table row by row: the same rows as an "out_rows" parameter.
+    parametrize.register_parametrization(embedding, "weight", FakeQuantParameter("out_rows", target.layers[""]))
+
+
+def _strip_embedding(owner, attr, target) -> None:
+    parametrize.remove_parametrizations(getattr(owner, attr), "weight", leave_parametrized=False)
+
+
+for _kind, _handlers in {
+    "linear": QATHandlers(_fake_linear, _strip_linear),
+    "multihead_attention": QATHandlers(_fake_multihead_attention, _strip_multihead_attention),
+    "open_clip_attention": QATHandlers(_fake_open_clip_attention, _strip_open_clip_attention),
+    "parameter": QATHandlers(_fake_parameter, _strip_parameter),
+    "embedding": QATHandlers(_fake_embedding, _strip_embedding),
+}.items():
+    register_qat_handlers(_kind, _handlers)
+
+
 def _swap_in(model: nn.Module, target, exact: bool) -> None:
-    owner, attr = _owner(model, target.name)
-    obj = getattr(owner, attr)
-    # New modules keep the train/eval mode of the ones they replace.
-    if target.target == "linear":
-        setattr(owner, attr, FakeQuantLinear.from_linear(obj, target.layers[""], exact).train(obj.training))
-    elif target.target == "multihead_attention":
-        fake = FakeQuantMultiheadAttention.from_float(obj, target.layers["in_proj"], target.layers["out_proj"], exact)
-        setattr(owner, attr, fake.train(obj.training))
-    elif target.target == "open_clip_attention":
-        # open_clip's own attention class, through the same module convert builds, fake-quant projections
-        in_proj = FakeQuantLinear.from_parameters(obj.in_proj_weight, obj.in_proj_bias, target.layers["in_proj"], exact)
-        out_proj = FakeQuantLinear.from_linear(obj.out_proj, target.layers["out_proj"], exact)
-        setattr(owner, attr, QuantOpenClipAttention.with_projections(obj, in_proj, out_proj).train(obj.training))
-    elif target.target == "parameter":
-        parametrize.register_parametrization(owner, attr, FakeQuantParameter(target.layout, target.layers[""]))
-    elif target.target == "embedding":
-        # QuantEmbedding packs the table row by row: the same rows as an "out_rows" parameter.
-        parametrize.register_parametrization(obj, "weight", FakeQuantParameter("out_rows", target.layers[""]))
-    else:
+    handlers = QAT_HANDLERS.get(target.target)
+    if handlers is None:
         raise ValueError(
             f"QAT has no fake-quant module for {target.name!r} (conversion target {target.target!r}); "
             "exclude it from the config (QuantConfig.exclude) or convert it after training"
         )
+    owner, attr = _owner(model, target.name)
+    # New modules keep the train/eval mode of the ones they replace.
+    handlers.fake_quantize(owner, attr, getattr(owner, attr), target, exact)
 
 
 def _targets(model: nn.Module):
@@ -137,20 +184,7 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         model = deepcopy_model(model)
     for target in _targets(model):
         owner, attr = _owner(model, target.name)
-        if target.target == "linear":
-            fake = getattr(owner, attr)
-            linear = nn.Linear(fake.in_features, fake.out_features, fake.bias is not None, device="meta")
-            linear.weight, linear.bias = fake.weight, fake.bias
-            setattr(owner, attr, linear.train(fake.training))
-        elif target.target == "multihead_attention":
-            setattr(owner, attr, getattr(owner, attr).to_float())
-        elif target.target == "open_clip_attention":
-            fake = getattr(owner, attr)
-            setattr(owner, attr, fake.float_module.train(fake.training))
-        elif target.target == "parameter":
-            parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
-        elif target.target == "embedding":
-            parametrize.remove_parametrizations(getattr(owner, attr), "weight", leave_parametrized=False)
+        QAT_HANDLERS[target.target].strip(owner, attr, target)
     delattr(model, CONFIG_ATTR)
     delattr(model, TARGETS_ATTR)
     return model
