@@ -105,7 +105,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .eval import run_eval
+    from .eval_command import run_eval
 
     report = run_eval(args)
     _print(args, report, report.pop("_text", json.dumps(report, indent=2)))

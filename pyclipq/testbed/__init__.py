@@ -6,7 +6,7 @@ quantization hard. `load_testbed()` gives a trained CLIP small enough to ship; `
 renders its deterministic train / val / test scenes.
 """
 from .captions import ZERO_SHOT_TEMPLATES
-from .evaluate import evaluate_on_testbed
+from .scorecard import evaluate_on_testbed
 from .model import Testbed, TestbedConfig, build_model, load_testbed
 from .scenes import NUM_CLASSES, class_names
 from .splits import TestbedSplit, make_split
