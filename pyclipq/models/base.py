@@ -107,6 +107,9 @@ class QATHandlers:
 
     fake_quantize: Callable[[nn.Module, str, object, Target, bool], None]  # (owner, attr, float obj, target, exact)
     strip: Callable[[nn.Module, str, Target], None]  # (owner, attr, target): the float object back
+    # (owner, attr, packed module): a frozen differentiable twin of what the builder made, or None
+    # when that already is differentiable (packed parameters and embeddings return float tensors)
+    twin: Callable[[nn.Module, str, nn.Module], None] | None = None
 
 
 # Keyed like BUILDERS (one registry of target kinds): pyclipq.train.qat registers the handlers of

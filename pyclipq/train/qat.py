@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..configs import QuantConfig, resolve_config
-from ..models.base import QAT_HANDLERS, QATHandlers, register_qat_handlers
+from ..models.base import BUILDERS, QAT_HANDLERS, QATHandlers, register_qat_handlers
 from ..models.open_clip import QuantOpenClipAttention
 from .fake_quant import (
     FakeQuantLinear,
@@ -108,6 +108,18 @@ def _strip_linear(owner, attr, target) -> None:
     setattr(owner, attr, linear.train(fake.training))
 
 
+def _twin_linear(owner, attr, qlinear) -> None:
+    setattr(owner, attr, FakeQuantLinear.from_quant_linear(qlinear))
+
+
+def _twin_multihead_attention(owner, attr, qmha) -> None:
+    setattr(owner, attr, FakeQuantMultiheadAttention(
+        qmha.embed_dim, qmha.num_heads,
+        FakeQuantLinear.from_quant_linear(qmha.in_proj), FakeQuantLinear.from_quant_linear(qmha.out_proj),
+        qmha.dropout, qmha.batch_first,
+    ))
+
+
 def _fake_multihead_attention(owner, attr, mha, target, exact) -> None:
     fake = FakeQuantMultiheadAttention.from_float(mha, target.layers["in_proj"], target.layers["out_proj"], exact)
     setattr(owner, attr, fake.train(mha.training))
@@ -148,8 +160,9 @@ def _strip_embedding(owner, attr, target) -> None:
 
 
 for _kind, _handlers in {
-    "linear": QATHandlers(_fake_linear, _strip_linear),
-    "multihead_attention": QATHandlers(_fake_multihead_attention, _strip_multihead_attention),
+    "linear": QATHandlers(_fake_linear, _strip_linear, _twin_linear),
+    "multihead_attention": QATHandlers(_fake_multihead_attention, _strip_multihead_attention, _twin_multihead_attention),
+    # its QuantLinear projections get the linear twin: the module itself computes with any projection
     "open_clip_attention": QATHandlers(_fake_open_clip_attention, _strip_open_clip_attention),
     "parameter": QATHandlers(_fake_parameter, _strip_parameter),
     "embedding": QATHandlers(_fake_embedding, _strip_embedding),
@@ -308,25 +321,24 @@ def differentiable_twin(quantized: nn.Module) -> nn.Module:
     reach the inputs (P4Q's prompts), never the frozen weights. Packed parameters and
     embeddings already return float tensors and stay as they are.
     """
-    from ..nn import QuantLinear, QuantMultiheadAttention
-
     _check_model(quantized)
     twin = deepcopy_model(quantized)
+    # the registry's twin handlers, by the class each target kind's builder produces
+    twin_of = {BUILDERS[kind].produces: h.twin for kind, h in QAT_HANDLERS.items()
+               if h.twin is not None and BUILDERS[kind].produces is not None}
     found = False
-    for name, module in list(twin.named_modules()):
+    for name, _ in list(twin.named_modules()):
         if not name:
             continue
-        owner, attr = _owner(twin, name)
-        if isinstance(module, QuantMultiheadAttention):
+        try:  # a parent's twin may have replaced it, or its parent (attention projections)
+            owner, attr = _owner(twin, name)
+        except AttributeError:
+            continue
+        current = getattr(owner, attr, None)
+        make = twin_of.get(type(current))
+        if make is not None:
+            make(owner, attr, current)
             found = True
-            setattr(owner, attr, FakeQuantMultiheadAttention(
-                module.embed_dim, module.num_heads,
-                FakeQuantLinear.from_quant_linear(module.in_proj), FakeQuantLinear.from_quant_linear(module.out_proj),
-                module.dropout, module.batch_first,
-            ))
-        elif isinstance(module, QuantLinear) and not isinstance(owner, (QuantMultiheadAttention, FakeQuantMultiheadAttention)):
-            found = True
-            setattr(owner, attr, FakeQuantLinear.from_quant_linear(module))
     if not found:
         raise ValueError("quantized: the model holds no pyclipq QuantLinear / QuantMultiheadAttention (convert it first)")
     for p in twin.parameters():
