@@ -7,7 +7,7 @@ device-dispatched ops; ``pyclipq.ops`` routes CUDA tensors here or to the CUDA k
 
 The host functions below ("check, allocate, launch") are public too: they take a
 ``config=`` dict to launch with a fixed configuration (see ``pyclipq_triton.autotune``).
-Kernels live apart, in ``triton_kernels/pyclipq_triton``; format constants are passed to
+Kernels live apart, in the top-level package ``pyclipq_triton``; format constants are passed to
 them from ``pyclipq.formats``, their single source.
 
 Ops (same arguments and results as the un-prefixed ones; references in ``reference.py``):
@@ -20,26 +20,16 @@ GPU note: unlike the CPU kernels, these do not raise on NaN/Inf activations (tha
 would need a device sync); a row with one gets scale NaN, so its outputs are NaN.
 """
 import contextlib
-import sys
-from pathlib import Path
 from typing import Optional
 
 import torch
+import triton
 from torch.library import triton_op, wrap_triton
 
 from .. import formats
-
-try:
-    import pyclipq_triton  # noqa: F401  (installed next to pyclipq by the wheel)
-except ImportError:  # a source checkout: the kernels sit in triton_kernels/
-    _src = Path(__file__).resolve().parents[2] / "triton_kernels"
-    if not (_src / "pyclipq_triton").is_dir():
-        raise
-    sys.path.append(str(_src))
-
-import triton  # noqa: E402
-
-from pyclipq_triton import autotune, gemm_int8, gemm_lowbit, gemv_weight_only, pack, quantize, unpack  # noqa: E402
+# The kernels are a sibling top-level package (installed beside pyclipq by the wheel, and
+# beside it in a source checkout), importable without pyclipq.
+from pyclipq_triton import autotune, gemm_int8, gemm_lowbit, gemv_weight_only, pack, quantize, unpack
 
 Tensor = torch.Tensor
 
