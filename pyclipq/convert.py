@@ -18,7 +18,7 @@ from torch import nn
 from .configs import QuantConfig, resolve_config
 from .models import Adapter, Target, apply_target, detect_adapter
 from .models.base import NOT_LINEAR_KINDS, attention_target, existing_module, existing_tensor, patch_embeddings_as_matmul_
-from .nn import PackedParameter, PackedWeight, QuantMultiheadAttention
+from .nn import PackedParameter, PackedWeight
 from .nn.parameter import packed_parameters
 
 
@@ -234,7 +234,7 @@ def _float_sizes(model: nn.Module, target: Target) -> dict[str, int]:
 
 def _check_not_converted(model: nn.Module) -> None:
     for name, module in model.named_modules():
-        if isinstance(module, (PackedWeight, QuantMultiheadAttention)):
+        if isinstance(module, PackedWeight):  # packed attention holds QuantLinear projections
             raise ValueError(f"model is already converted ({name or 'the model'} is a pyclipq {type(module).__name__}); "
                              "convert a float model")
     if next(packed_parameters(model), None) is not None:

@@ -10,11 +10,12 @@ import pyclipq
 from pyclipq import formats, ops, primitives
 from pyclipq.configs import LayerConfig, QuantConfig
 from pyclipq.convert import convert
+from pyclipq.nn import QuantMultiheadAttention
 from pyclipq.ops import reference
 from pyclipq.train import qat
 from pyclipq.train.fake_quant import (
     FakeQuantLinear,
-    FakeQuantMultiheadAttention,
+    fake_quant_multihead_attention,
     fake_quantize_activation,
     fake_quantize_weight,
     linear_match_tolerance,
@@ -200,7 +201,7 @@ def test_weight_cache_follows_in_place_updates():
 def test_fake_quant_attention_reproduces_multihead_attention(batch_first):
     float_layer = LayerConfig("float")
     mha = nn.MultiheadAttention(32, 4, batch_first=batch_first)
-    fake = FakeQuantMultiheadAttention.from_float(mha, float_layer, float_layer)
+    fake = fake_quant_multihead_attention(mha, float_layer, float_layer)
     x = torch.randn(2, 6, 32) if batch_first else torch.randn(6, 2, 32)
     kv = torch.randn(2, 5, 32) if batch_first else torch.randn(5, 2, 32)
     causal = torch.ones(6, 6, dtype=torch.bool).triu(1)
@@ -224,10 +225,37 @@ def test_fake_quant_attention_reproduces_multihead_attention(batch_first):
 
 
 def test_fake_quant_attention_rejects_unsupported():
-    with pytest.raises(ValueError, match="kdim or vdim"):
-        FakeQuantMultiheadAttention.from_float(nn.MultiheadAttention(8, 2, kdim=4), LayerConfig("int8"), LayerConfig("int8"))
+    with pytest.raises(ValueError, match="kdim/vdim differ from embed_dim"):
+        fake_quant_multihead_attention(nn.MultiheadAttention(8, 2, kdim=4), LayerConfig("int8"), LayerConfig("int8"))
     with pytest.raises(ValueError, match="add_bias_kv"):
-        FakeQuantMultiheadAttention.from_float(nn.MultiheadAttention(8, 2, add_bias_kv=True), LayerConfig("int8"), LayerConfig("int8"))
+        fake_quant_multihead_attention(nn.MultiheadAttention(8, 2, add_bias_kv=True), LayerConfig("int8"), LayerConfig("int8"))
+
+
+def test_one_attention_class_for_packed_and_fake_projections():
+    """QAT's attention is convert's QuantMultiheadAttention with FakeQuantLinear projections sharing mha's Parameters."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4)
+    fake = fake_quant_multihead_attention(mha, LayerConfig("int8"), LayerConfig("int4", 32))
+    assert type(fake) is QuantMultiheadAttention and isinstance(fake.in_proj, FakeQuantLinear)
+    assert fake.in_proj.weight is mha.in_proj_weight and fake.out_proj.weight is mha.out_proj.weight
+    assert fake.float_module is mha
+    # the same function as the packed module (they differ by the kernels' epilogue rounding only)
+    packed = QuantMultiheadAttention.from_float(mha, LayerConfig("int8"), LayerConfig("int4", 32))
+    x = torch.randn(5, 2, 32)
+    torch.testing.assert_close(fake(x, x, x, need_weights=False)[0], packed(x, x, x, need_weights=False)[0],
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="either in_proj_layer and out_proj_layer .* or in_proj and out_proj"):
+        QuantMultiheadAttention(32, 4, in_proj_layer=LayerConfig("int8"), out_proj=fake.out_proj)
+    with pytest.raises(ValueError, match="in_proj must map 32 features to 96"):
+        QuantMultiheadAttention(32, 4, in_proj=fake.out_proj, out_proj=fake.out_proj)
+
+
+def test_fake_quant_multihead_attention_name_is_a_deprecated_alias():
+    from pyclipq.train import FakeQuantMultiheadAttention
+
+    with pytest.warns(DeprecationWarning, match="QuantMultiheadAttention with FakeQuantLinear projections"):
+        fake = FakeQuantMultiheadAttention.from_float(nn.MultiheadAttention(16, 2), LayerConfig("int8"), LayerConfig("int8"))
+    assert type(fake) is QuantMultiheadAttention
 
 
 # ---------------------------------------------------------------- prepare / convert
@@ -266,7 +294,7 @@ def test_prepare_leaves_the_original_alone_and_strip_undoes_it():
         assert torch.equal(stripped(images, tokens)[0], before)
         assert fake(images, tokens)[0].shape == before.shape  # strip copied: fake still works
     assert sum(isinstance(m, nn.Linear) and not isinstance(m, FakeQuantLinear) for m in stripped.modules()) > 0
-    assert not any(isinstance(m, (FakeQuantLinear, FakeQuantMultiheadAttention)) for m in stripped.modules())
+    assert not any(isinstance(m, (FakeQuantLinear, QuantMultiheadAttention)) for m in stripped.modules())
 
 
 def test_prepare_and_convert_errors():
@@ -319,7 +347,7 @@ def test_differentiable_twin_matches_packed_model_and_passes_gradients():
 def test_fake_quant_attention_takes_masks_as_the_packed_one_does():
     """One mask builder for QuantMultiheadAttention and its fake-quant twin: same errors, same hint rule."""
     mha = nn.MultiheadAttention(8, 2, batch_first=True)
-    fake = FakeQuantMultiheadAttention.from_float(mha, LayerConfig("int8"), LayerConfig("int8"))
+    fake = fake_quant_multihead_attention(mha, LayerConfig("int8"), LayerConfig("int8"))
     x = torch.randn(3, 6, 8)
     with pytest.raises(ValueError, match="is_causal=True needs the causal attn_mask"):
         fake(x, x, x, is_causal=True)  # nn.MultiheadAttention's rule: the flag is only a hint

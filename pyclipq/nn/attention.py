@@ -1,4 +1,4 @@
-"""QuantMultiheadAttention: nn.MultiheadAttention with quantized in_proj and out_proj.
+"""QuantMultiheadAttention: nn.MultiheadAttention with quantized (packed or fake-quant) in_proj and out_proj.
 
 nn.MultiheadAttention keeps q, k, v as one bare ``in_proj_weight`` Parameter and
 reads ``out_proj.weight`` directly, so swapping Linear modules misses all of its
@@ -92,6 +92,12 @@ def attend(q, k, v, mask, *, need_weights: bool, average_attn_weights: bool = Tr
 class QuantMultiheadAttention(nn.Module):
     """Drop-in for nn.MultiheadAttention (self- and cross-attention, kdim = vdim = embed_dim).
 
+    The one attention module for nn.MultiheadAttention, parameterised by its projections:
+    packed QuantLinears (``from_float``, what ``convert`` builds) or fake-quant
+    FakeQuantLinears sharing the original's Parameters (``with_projections``, what QAT
+    builds; ``float_module`` then keeps the original to put back). Any projection
+    module works that computes ``y = x W^T + b`` and has ``forward_rows(x, start, stop)``.
+
     Same call signature and results as the original:
     - ``attn_mask`` 2-D [L, S] or 3-D [B*num_heads, L, S], bool (True = masked) or additive float;
     - ``key_padding_mask`` [B, S] (or [S] unbatched), bool or float, merged into the mask;
@@ -107,35 +113,46 @@ class QuantMultiheadAttention(nn.Module):
         embed_dim: int,
         num_heads: int,
         *,
-        in_proj_layer: LayerConfig,
-        out_proj_layer: LayerConfig,
+        in_proj_layer: LayerConfig | None = None,
+        out_proj_layer: LayerConfig | None = None,
         bias: bool = True,
         dropout: float = 0.0,
         batch_first: bool = False,
         dtype=None,
         device=None,
+        in_proj: nn.Module | None = None,
+        out_proj: nn.Module | None = None,
     ):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        given = (in_proj is not None, out_proj is not None)
+        layers = (in_proj_layer is not None, out_proj_layer is not None)
+        if given != (True, True) and layers != (True, True) or any(given) and any(layers):
+            raise ValueError("QuantMultiheadAttention takes either in_proj_layer and out_proj_layer (packed "
+                             "QuantLinear projections are built) or in_proj and out_proj modules, not a mix")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
         self.dropout = dropout
         self.batch_first = batch_first
-        self.in_proj = QuantLinear(embed_dim, 3 * embed_dim, bias, layer=in_proj_layer, dtype=dtype, device=device)
-        self.out_proj = QuantLinear(embed_dim, embed_dim, bias, layer=out_proj_layer, dtype=dtype, device=device)
+        if in_proj is None:
+            in_proj = QuantLinear(embed_dim, 3 * embed_dim, bias, layer=in_proj_layer, dtype=dtype, device=device)
+            out_proj = QuantLinear(embed_dim, embed_dim, bias, layer=out_proj_layer, dtype=dtype, device=device)
+        for name, module, rows in (("in_proj", in_proj, 3 * embed_dim), ("out_proj", out_proj, embed_dim)):
+            shape = (getattr(module, "out_features", None), getattr(module, "in_features", None))
+            if shape != (rows, embed_dim):
+                raise ValueError(f"{name} must map {embed_dim} features to {rows}, got in_features={shape[1]}, "
+                                 f"out_features={shape[0]}")
+        self.in_proj = in_proj
+        self.out_proj = out_proj
 
     @classmethod
     def from_float(
         cls, mha: nn.MultiheadAttention, in_proj_layer: LayerConfig, out_proj_layer: LayerConfig, *, quantize: bool = True
     ) -> "QuantMultiheadAttention":
-        """From an nn.MultiheadAttention; with quantize=False the buffers are left empty (to be loaded)."""
-        if not isinstance(mha, nn.MultiheadAttention):
-            raise ValueError(f"mha must be a torch.nn.MultiheadAttention, got {type(mha).__name__}")
-        reason = unsupported_reason(mha)
-        if reason is not None:
-            raise ValueError(f"QuantMultiheadAttention cannot replace this nn.MultiheadAttention: {reason}")
+        """With packed QuantLinear projections; with quantize=False the buffers are left empty (to be loaded)."""
+        check_replaceable(mha)
         weight = mha.in_proj_weight
         module = cls(
             mha.embed_dim,
@@ -155,6 +172,15 @@ class QuantMultiheadAttention(nn.Module):
                 if mha.in_proj_bias is not None:
                     module.in_proj.bias.copy_(mha.in_proj_bias)
                     module.out_proj.bias.copy_(mha.out_proj.bias)
+        return module
+
+    @classmethod
+    def with_projections(cls, mha: nn.MultiheadAttention, in_proj: nn.Module, out_proj: nn.Module) -> "QuantMultiheadAttention":
+        """With the given projections (e.g. fake-quant ones sharing `mha`'s Parameters); `mha` is kept as ``float_module``."""
+        check_replaceable(mha)
+        module = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, batch_first=mha.batch_first,
+                     in_proj=in_proj, out_proj=out_proj)
+        object.__setattr__(module, "float_module", mha)  # not a submodule: its Parameters are the projections' already
         return module
 
     def _project(self, query, key, value, self_attention: bool):
@@ -179,6 +205,8 @@ class QuantMultiheadAttention(nn.Module):
         is_causal: bool = False,
     ):
         check_causal_hint(is_causal, attn_mask)
+        if query.dim() not in (2, 3):
+            raise ValueError(f"query must be 2-D (unbatched) or 3-D, got shape {list(query.shape)}")
         self_attention = query is key and key is value
         batched = query.dim() == 3
         if not batched:
@@ -210,3 +238,12 @@ class QuantMultiheadAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, dropout={self.dropout}"
+
+
+def check_replaceable(mha) -> None:
+    """Raise ValueError unless `mha` is an nn.MultiheadAttention that QuantMultiheadAttention can replace."""
+    if not isinstance(mha, nn.MultiheadAttention):
+        raise ValueError(f"mha must be a torch.nn.MultiheadAttention, got {type(mha).__name__}")
+    reason = unsupported_reason(mha)
+    if reason is not None:
+        raise ValueError(f"QuantMultiheadAttention cannot replace this nn.MultiheadAttention: {reason}")

@@ -1,6 +1,7 @@
 """Training: QAT with straight-through estimators, distillation, and the TernaryCLIP and P4Q recipes.
 
-- fake_quant: FakeQuantLinear / FakeQuantMultiheadAttention / FakeQuantParameter (the kernels' math, STE)
+- fake_quant: FakeQuantLinear / FakeQuantParameter (the kernels' math, STE); attention is pyclipq.nn's with
+  fake-quant projections (FakeQuantMultiheadAttention is a deprecated name for that)
 - qat: prepare_qat(model, config) -> fake-quant model; convert_qat(model) -> packed model; compare_layers
 - distill: contrastive, tau-scaled KL(teacher || student), feature losses; DistillationLoss
 - trainer: Trainer + TrainConfig (AdamW, warm-up + cosine, clipping, bf16, checkpoint/resume, JSONL log)

@@ -24,6 +24,7 @@ activations and weight):
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from torch import nn
 
 from .. import formats
 from ..configs import LayerConfig
-from ..nn.attention import attend, check_causal_hint, merged_attention_mask
+from ..nn.attention import QuantMultiheadAttention, check_replaceable
 from ..nn.linear import static_act_scale
 from ..ops import reference
 from ..primitives import dequantize_levels, quantize_activation_rows, quantize_weight
@@ -390,10 +391,13 @@ class FakeQuantLinear(nn.Linear):
         return self._cache.get(self.weight, self.layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_rows(x, None)
+        return self._linear(x, None)
 
-    def forward_rows(self, x: torch.Tensor, rows: slice | None) -> torch.Tensor:
-        """Output features `rows` only (a q, k or v block of a packed attention in_proj)."""
+    def forward_rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Only output features [start, stop): one of q, k, v of a packed attention in_proj (as QuantLinear's)."""
+        return self._linear(x, slice(start, stop))
+
+    def _linear(self, x: torch.Tensor, rows: slice | None) -> torch.Tensor:
         weight, bias = self.weight, self.bias
         if self.layer.is_float:
             if rows is not None:
@@ -448,107 +452,40 @@ class FakeQuantParameter(nn.Module):
         return f"layout={self.layout}, format={self.layer.format}"
 
 
-class FakeQuantMultiheadAttention(nn.Module):
-    """A fake-quant stand-in for ``nn.MultiheadAttention`` (packed q/k/v in_proj + out_proj).
+def fake_quant_multihead_attention(mha: nn.MultiheadAttention, in_layer: LayerConfig, out_layer: LayerConfig,
+                                   exact: bool = True) -> QuantMultiheadAttention:
+    """`mha` as a QuantMultiheadAttention with FakeQuantLinear projections sharing its Parameters.
 
-    The projections are FakeQuantLinear (per-token activations, quantized weights);
-    attention itself is float ``F.scaled_dot_product_attention``, as in
-    ``pyclipq.nn.QuantMultiheadAttention``. Masks, ``batch_first``, unbatched inputs and
-    ``need_weights`` behave as in nn.MultiheadAttention. The packed in_proj's rows are
-    quantized as one [3E, E] weight: every format's scales are per output row (and per K
-    group), so that is the same as quantizing q, k and v separately.
+    The packed in_proj's rows are quantized as one [3E, E] weight: every format's scales are
+    per output row (and per K group), so that is the same as quantizing q, k and v apart.
+    ``float_module`` keeps `mha` to put back (``pyclipq.train.qat.strip``).
+    """
+    check_replaceable(mha)
+    in_proj = FakeQuantLinear.from_parameters(mha.in_proj_weight, mha.in_proj_bias, in_layer, exact)
+    out_proj = FakeQuantLinear.from_parameters(mha.out_proj.weight, mha.out_proj.bias, out_layer, exact)
+    return QuantMultiheadAttention.with_projections(mha, in_proj, out_proj)
+
+
+class FakeQuantMultiheadAttention:
+    """Deprecated: QAT's attention is ``pyclipq.nn.QuantMultiheadAttention`` with fake-quant projections.
+
+    Constructing this, or calling ``from_float``, warns and returns that module.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, in_proj: FakeQuantLinear, out_proj: FakeQuantLinear, dropout: float = 0.0, batch_first: bool = False):
-        super().__init__()
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        self.embed_dim = embed_dim
-        self.num_heads = num_heads
-        self.head_dim = embed_dim // num_heads
-        self.dropout = dropout
-        self.batch_first = batch_first
-        self.in_proj = in_proj
-        self.out_proj = out_proj
+    def __new__(cls, embed_dim: int, num_heads: int, in_proj: FakeQuantLinear, out_proj: FakeQuantLinear,
+                dropout: float = 0.0, batch_first: bool = False):
+        _warn_deprecated_attention()
+        return QuantMultiheadAttention(embed_dim, num_heads, in_proj=in_proj, out_proj=out_proj, dropout=dropout,
+                                       batch_first=batch_first)
 
-    @classmethod
-    def from_float(cls, mha: nn.MultiheadAttention, in_layer: LayerConfig, out_layer: LayerConfig, exact: bool = True) -> "FakeQuantMultiheadAttention":
-        """Wrap `mha`, sharing its Parameters."""
-        if not isinstance(mha, nn.MultiheadAttention):
-            raise ValueError(f"mha must be a torch.nn.MultiheadAttention, got {type(mha).__name__}")
-        if not mha._qkv_same_embed_dim:
-            raise ValueError("mha: separate q/k/v projections (kdim or vdim != embed_dim) are not supported")
-        if mha.bias_k is not None or mha.add_zero_attn:
-            raise ValueError("mha: add_bias_kv and add_zero_attn are not supported")
-        in_proj = FakeQuantLinear.from_parameters(mha.in_proj_weight, mha.in_proj_bias, in_layer, exact)
-        out_proj = FakeQuantLinear.from_parameters(mha.out_proj.weight, mha.out_proj.bias, out_layer, exact)
-        return cls(mha.embed_dim, mha.num_heads, in_proj, out_proj, mha.dropout, mha.batch_first)
+    @staticmethod
+    def from_float(mha: nn.MultiheadAttention, in_layer: LayerConfig, out_layer: LayerConfig,
+                   exact: bool = True) -> QuantMultiheadAttention:
+        _warn_deprecated_attention()
+        return fake_quant_multihead_attention(mha, in_layer, out_layer, exact)
 
-    def to_float(self) -> nn.MultiheadAttention:
-        """An nn.MultiheadAttention holding the latent weights (shared Parameters)."""
-        mha = nn.MultiheadAttention(
-            self.embed_dim, self.num_heads, dropout=self.dropout, bias=self.in_proj.bias is not None,
-            batch_first=self.batch_first, device="meta",
-        )
-        mha.in_proj_weight = self.in_proj.weight
-        mha.in_proj_bias = self.in_proj.bias
-        mha.out_proj.weight = self.out_proj.weight
-        mha.out_proj.bias = self.out_proj.bias
-        # train/eval decides nn.MultiheadAttention's fast path, whose rounding differs slightly.
-        return mha.train(self.training)
 
-    def _project(self, query, key, value):
-        e = self.embed_dim
-        if query is key and key is value:
-            q, k, v = self.in_proj(query).chunk(3, dim=-1)
-        else:
-            q = self.in_proj.forward_rows(query, slice(0, e))
-            k = self.in_proj.forward_rows(key, slice(e, 2 * e))
-            v = self.in_proj.forward_rows(value, slice(2 * e, 3 * e))
-        return q, k, v
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        key_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = True,
-        attn_mask: torch.Tensor | None = None,
-        average_attn_weights: bool = True,
-        is_causal: bool = False,
-    ):
-        check_causal_hint(is_causal, attn_mask)
-        unbatched = query.dim() == 2
-        if query.dim() not in (2, 3):
-            raise ValueError(f"query must be 2-D (unbatched) or 3-D, got shape {list(query.shape)}")
-        same = query is key and key is value
-        if unbatched:
-            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
-            key_padding_mask = key_padding_mask.unsqueeze(0) if key_padding_mask is not None else None
-        elif not self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        if same:  # keep the identity the self-attention fast path relies on
-            key = value = query
-        n, tgt, _ = query.shape
-        src = key.shape[1]
-        q, k, v = self._project(query, key, value)
-        heads = lambda t, length: t.reshape(n, length, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
-        q, k, v = heads(q, tgt), heads(k, src), heads(v, src)
-
-        # one mask builder and one attention core with QuantMultiheadAttention (pyclipq.nn.attention)
-        mask = merged_attention_mask(attn_mask, key_padding_mask, n, self.num_heads, tgt, src, q.dtype)
-        dropout = self.dropout if self.training else 0.0
-        out, weights = attend(q, k, v, mask, need_weights=need_weights, average_attn_weights=average_attn_weights,
-                              dropout_p=dropout)
-        if weights is not None and unbatched:
-            weights = weights.squeeze(0)
-        out = self.out_proj(out.transpose(1, 2).reshape(n, tgt, self.embed_dim))
-        if unbatched:
-            out = out.squeeze(0)
-        elif not self.batch_first:
-            out = out.transpose(0, 1)
-        return out, weights
-
-    def extra_repr(self) -> str:
-        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
+def _warn_deprecated_attention() -> None:
+    warnings.warn("FakeQuantMultiheadAttention is deprecated: QAT builds pyclipq.nn.QuantMultiheadAttention with "
+                  "FakeQuantLinear projections (pyclipq.train.fake_quant.fake_quant_multihead_attention)",
+                  DeprecationWarning, stacklevel=3)

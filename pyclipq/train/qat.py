@@ -5,8 +5,9 @@ Both are also ``pyclipq.prepare_qat`` / ``pyclipq.convert_qat``: named apart fro
 
 ``prepare_qat(model, config)`` plans exactly what ``pyclipq.convert(model, config)``
 would quantize (the same ``pyclipq.convert.plan``, the same adapters) and swaps in
-the fake-quant twin of each target: FakeQuantLinear for nn.Linear,
-FakeQuantMultiheadAttention for nn.MultiheadAttention, a weight-only
+the fake-quant twin of each target: FakeQuantLinear for nn.Linear, the attention
+modules convert builds with FakeQuantLinear projections for nn.MultiheadAttention
+and open_clip's attention, a weight-only
 FakeQuantParameter parametrization for projection Parameters, embedding tables and
 the patch convolution. The latent float weights stay the model's Parameters.
 
@@ -32,8 +33,8 @@ from ..models.base import BUILDERS, QAT_HANDLERS, QATHandlers, register_qat_hand
 from ..models.open_clip import QuantOpenClipAttention
 from .fake_quant import (
     FakeQuantLinear,
-    FakeQuantMultiheadAttention,
     FakeQuantParameter,
+    fake_quant_multihead_attention,
     linear_match_tolerance,
 )
 
@@ -112,21 +113,15 @@ def _twin_linear(owner, attr, qlinear) -> None:
     setattr(owner, attr, FakeQuantLinear.from_quant_linear(qlinear))
 
 
-def _twin_multihead_attention(owner, attr, qmha) -> None:
-    setattr(owner, attr, FakeQuantMultiheadAttention(
-        qmha.embed_dim, qmha.num_heads,
-        FakeQuantLinear.from_quant_linear(qmha.in_proj), FakeQuantLinear.from_quant_linear(qmha.out_proj),
-        qmha.dropout, qmha.batch_first,
-    ))
-
-
 def _fake_multihead_attention(owner, attr, mha, target, exact) -> None:
-    fake = FakeQuantMultiheadAttention.from_float(mha, target.layers["in_proj"], target.layers["out_proj"], exact)
+    fake = fake_quant_multihead_attention(mha, target.layers["in_proj"], target.layers["out_proj"], exact)
     setattr(owner, attr, fake.train(mha.training))
 
 
-def _strip_multihead_attention(owner, attr, target) -> None:
-    setattr(owner, attr, getattr(owner, attr).to_float())
+def _strip_attention(owner, attr, target) -> None:
+    # both attention kinds keep the module they replaced, whose Parameters the fake projections share
+    fake = getattr(owner, attr)
+    setattr(owner, attr, fake.float_module.train(fake.training))
 
 
 def _fake_open_clip_attention(owner, attr, attention, target, exact) -> None:
@@ -135,11 +130,6 @@ def _fake_open_clip_attention(owner, attr, attention, target, exact) -> None:
                                               exact)
     out_proj = FakeQuantLinear.from_linear(attention.out_proj, target.layers["out_proj"], exact)
     setattr(owner, attr, QuantOpenClipAttention.with_projections(attention, in_proj, out_proj).train(attention.training))
-
-
-def _strip_open_clip_attention(owner, attr, target) -> None:
-    fake = getattr(owner, attr)
-    setattr(owner, attr, fake.float_module.train(fake.training))
 
 
 def _fake_parameter(owner, attr, parameter, target, exact) -> None:
@@ -161,9 +151,10 @@ def _strip_embedding(owner, attr, target) -> None:
 
 for _kind, _handlers in {
     "linear": QATHandlers(_fake_linear, _strip_linear, _twin_linear),
-    "multihead_attention": QATHandlers(_fake_multihead_attention, _strip_multihead_attention, _twin_multihead_attention),
-    # its QuantLinear projections get the linear twin: the module itself computes with any projection
-    "open_clip_attention": QATHandlers(_fake_open_clip_attention, _strip_open_clip_attention),
+    # An attention module computes with any projection: a converted one's QuantLinear projections
+    # get the linear twin, so the attention kinds need no twin of their own.
+    "multihead_attention": QATHandlers(_fake_multihead_attention, _strip_attention),
+    "open_clip_attention": QATHandlers(_fake_open_clip_attention, _strip_attention),
     "parameter": QATHandlers(_fake_parameter, _strip_parameter),
     "embedding": QATHandlers(_fake_embedding, _strip_embedding),
 }.items():
@@ -316,8 +307,8 @@ def differentiable_twin(quantized: nn.Module) -> nn.Module:
 
     The packed ops have no backward. Each QuantLinear becomes a frozen
     FakeQuantLinear holding the *same* codes and scales (whatever produced them:
-    absmax, OMSE, ...), and each QuantMultiheadAttention a FakeQuantMultiheadAttention
-    of those; exact fake-quant is bit-identical to the reference kernels. Gradients
+    absmax, OMSE, ...); attention modules keep computing with their twinned
+    projections. Exact fake-quant is bit-identical to the reference kernels. Gradients
     reach the inputs (P4Q's prompts), never the frozen weights. Packed parameters and
     embeddings already return float tensors and stay as they are.
     """
