@@ -1,9 +1,8 @@
 """pyclipq: low-bit (int8 / int4 / int2 / ternary) kernels and conversion for CLIP models."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from ._build import build_info, load_extension  # noqa: E402
+from ._build import build_info, load_extension
+from ._version import __version__  # noqa: F401  (the public pyclipq.__version__)
 
 _C = load_extension()
 
@@ -18,5 +17,5 @@ from .io import load, save  # noqa: E402
 from .calibrate import calibrate  # noqa: E402
 from .train.qat import convert_qat, prepare_qat  # noqa: E402
 
-__all__ = ["build_info", "formats", "ops", "QuantConfig", "convert", "summary", "save", "load", "calibrate",
+__all__ = ["__version__", "build_info", "formats", "ops", "QuantConfig", "convert", "summary", "save", "load", "calibrate",
            "prepare_qat", "convert_qat"]

@@ -33,9 +33,7 @@ def load_extension():
 
 def build_info() -> dict:
     """What the extension was built with and what it picked at run time."""
-    from . import _C
-
-    info = dict(_C.build_info())
+    info = dict(load_extension().build_info())
     try:
         import triton
 

@@ -6,6 +6,7 @@ quantizes to these formats is pyclipq.primitives.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -109,8 +110,6 @@ _MOVED_TO_PRIMITIVES = ("quantize_weight", "dequantize_codes")
 def __getattr__(name: str):
     """Deprecated aliases: formats.quantize_weight / dequantize_codes are pyclipq.primitives'."""
     if name in _MOVED_TO_PRIMITIVES:
-        import warnings
-
         # imported here, not at the top: primitives builds on this module (a deprecated alias only)
         from . import primitives
 

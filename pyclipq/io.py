@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import formats, ops
+from ._version import __version__
 from .configs import CONFIG_VERSION
 from .models import Target, apply_target, detect_adapter
 from .models.base import BUILDERS, TargetError, class_path, patch_embeddings_as_matmul_, targets_in_model
@@ -109,8 +110,6 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write a converted model to one safetensors file (see the module docstring)."""
-    from . import __version__
-
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     targets = targets_in_model(model)

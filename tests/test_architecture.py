@@ -14,7 +14,7 @@ PACKAGE = Path(pyclipq.__file__).resolve().parent
 
 # first path component under pyclipq/ -> layer (higher imports lower, never the reverse)
 LAYERS = {
-    "_build": 0, "_C": 0,
+    "_build": 0, "_C": 0, "_version": 0,
     "formats": 1,
     "primitives": 2,
     "ops": 3,
@@ -90,3 +90,36 @@ def test_the_layer_check_sees_an_upward_import(tmp_path, monkeypatch):
         assert "nn/bad.py:1 imports train (layer 8 above nn" in str(e)
     else:
         raise AssertionError("an upward import went unseen")
+
+
+# Packages that pyclipq's core install does not bring (extras), imported where first needed so
+# the library works without them. Anything else is imported at the top of its module.
+OPTIONAL_DEPENDENCIES = {"triton", "open_clip", "transformers", "clip", "torchvision", "PIL", "matplotlib",
+                         "onnxruntime", "openvino", "nncf"}
+# Function-local pyclipq imports kept on purpose, each with its reason.
+ALLOWED_LOCAL = {
+    ("formats.py", "primitives"),  # the deprecated alias above: primitives is a layer higher
+    ("ops/__init__.py", "triton"),  # pyclipq.ops.triton needs the optional triton
+}
+
+
+def test_function_local_imports_are_only_for_optional_dependencies():
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Import):
+                    names = [(alias.name.split(".")[0], alias.name) for alias in sub.names]
+                elif isinstance(sub, ast.ImportFrom):
+                    root = "." if sub.level else (sub.module or "").split(".")[0]
+                    names = [(root, sub.module or sub.names[0].name)]
+                else:
+                    continue
+                for root, full in names:
+                    if root in OPTIONAL_DEPENDENCIES or (rel, full.split(".")[0]) in ALLOWED_LOCAL:
+                        continue
+                    wrong.append(f"{rel}:{sub.lineno} imports {full} inside {node.name}()")
+    assert not wrong, "move these to the top of the module:\n" + "\n".join(wrong)

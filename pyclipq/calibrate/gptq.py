@@ -35,7 +35,7 @@ import torch
 from .. import formats, primitives
 from ._threads import one_thread
 from .observers import Grid, make_observer
-from .weights import codes_from_levels, nearest_levels, observed_weight_scales
+from .weights import codes_from_levels, nearest_levels, observed_weight_scales, quantize_weight_observed
 
 __all__ = ["HessianAccumulator", "GPTQResult", "gptq_quantize", "rtn_quantize", "layer_output_error"]
 
@@ -237,8 +237,6 @@ def _group_scale(group: torch.Tensor, fmt, observer, grid: Grid) -> torch.Tensor
 
 def rtn_quantize(weight: torch.Tensor, fmt, group_size: int = 0, *, observer=None, threshold_rule: str = "absmean"):
     """Round-to-nearest with the same scale choices as `gptq_quantize` (the baseline it must beat)."""
-    from .weights import quantize_weight_observed
-
     fmt = formats.get_format(fmt) if isinstance(fmt, str) else fmt
     if observer is None:
         codes, scale = primitives.quantize_weight(weight, fmt, group_size if fmt.grouped else 0, threshold_rule)

@@ -8,14 +8,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..nn import QuantLinear
+
 
 class StopForward(Exception):
     """Raised by a hook once every layer a GPTQ chunk needs has seen this batch."""
 
 
 def quant_linears(model: nn.Module):
-    from ..nn import QuantLinear
-
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear) and not module.layer.is_float:
             yield name, module

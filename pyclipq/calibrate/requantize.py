@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..nn.parameter import packed_parameters, to_rows
 from .inputs import quant_linears
 from .weights import load_quantized_weight, quantize_weight_observed
 
@@ -38,8 +39,6 @@ def float_weight(float_model: nn.Module, name: str, shape) -> torch.Tensor:
 
 
 def _float_parameter(float_model: nn.Module, owner_name: str, attr: str, packed) -> torch.Tensor:
-    from ..nn.parameter import to_rows
-
     try:
         tensor = getattr(float_model.get_submodule(owner_name), attr)
     except AttributeError:
@@ -62,8 +61,6 @@ def proxy_error(delta: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor
 
 def apply_weight_observer(model, float_model, weight_observer, entries, skip_linears: bool):
     """Re-quantize every packed weight from the float model with observer-chosen scales."""
-    from ..nn.parameter import packed_parameters
-
     label = f"observer:{weight_observer if isinstance(weight_observer, str) else 'custom'}"
     if not skip_linears:
         for name, module in quant_linears(model):

@@ -21,6 +21,8 @@ import torch
 
 from .. import formats
 from ..formats import WeightFormat
+from ..nn.packed import PackedWeight, pack_codes
+
 # the rounding and code math is pyclipq.primitives'; re-exported here, where calibration asks for it
 from ..primitives import _check_weight, codes_from_levels, nearest_levels, quantize_weight, quantize_weight_with_scales
 from .observers import Grid, make_observer
@@ -101,8 +103,6 @@ def load_quantized_weight(module, codes: torch.Tensor, scale: torch.Tensor) -> N
     The codes are packed into the module's compute layout (pyclipq.nn.packed.pack_codes)
     and both buffers keep their device and dtype.
     """
-    from ..nn.packed import PackedWeight, pack_codes
-
     if not isinstance(module, PackedWeight) or module.layer.is_float:
         raise ValueError(f"module must be a quantized pyclipq PackedWeight, got {type(module).__name__}")
     fmt = formats.get_format(module.layer.format)

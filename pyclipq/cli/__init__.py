@@ -7,7 +7,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+import pyclipq
+
+from ..configs import QuantConfig, resolve_config
+from ..convert import linear_inventory
+from ..train import recipes
+from . import bench as benchmark
+from .bench import PYCLIPQ_FORMATS, RUNTIME_PEERS
+from .eval_command import run_eval
+from .loading import ModelLoadError, load_model
 
 EXAMPLES = """examples:
   pyclipq info
@@ -33,8 +44,6 @@ def _print(args, payload, text: str) -> None:
 
 
 def cmd_info(args) -> int:
-    import pyclipq
-
     info = pyclipq.build_info()
     text = "\n".join(f"{k}: {v}" for k, v in info.items())
     _print(args, info, text)
@@ -47,8 +56,6 @@ def _notice(command: str, text: str) -> None:
 
 
 def cmd_bench(args) -> int:
-    from . import bench as benchmark
-
     # Optional packages are checked before minutes of work, not when their turn comes.
     runtime_peers, skipped = benchmark.select_runtime_peers(args.peers)
     if skipped:
@@ -69,8 +76,6 @@ def cmd_bench(args) -> int:
 
 
 def _config_from_args(args):
-    from ..configs import QuantConfig, resolve_config
-
     config = resolve_config(args.format)
     overrides = {}
     if getattr(args, "group_size", None) is not None:
@@ -81,12 +86,6 @@ def _config_from_args(args):
 
 
 def cmd_convert(args) -> int:
-    import os
-
-    import pyclipq
-
-    from .loading import load_model
-
     loaded = load_model(args.model, args.pretrained)
     config = _config_from_args(args)
     model = pyclipq.convert(loaded.model, config)
@@ -94,7 +93,6 @@ def cmd_convert(args) -> int:
     if os.path.dirname(out) and not os.path.isdir(os.path.dirname(out)):
         raise UserError(f"output directory does not exist: {os.path.dirname(out)}")
     pyclipq.save(model, out)
-    from ..convert import linear_inventory
 
     quantized, total = linear_inventory(model)
     payload = {"model": loaded.label, "format": args.format, "output": out, "bytes": os.path.getsize(out),
@@ -105,24 +103,18 @@ def cmd_convert(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .eval_command import run_eval
-
     report = run_eval(args)
     _print(args, report, report.pop("_text", json.dumps(report, indent=2)))
     return 0
 
 
 def cmd_train(args) -> int:
-    from ..train import recipes
-
     # The recipe prints its own summary (JSON) and writes results.json under --out.
     recipes.COMMANDS[args.recipe](args.recipe_args)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import PYCLIPQ_FORMATS, RUNTIME_PEERS
-
     p = argparse.ArgumentParser(prog="pyclipq", description="Low-bit CLIP: kernels, conversion, benchmarks.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -189,7 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .loading import ModelLoadError
 
     try:
         return args.fn(args)

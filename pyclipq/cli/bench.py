@@ -23,12 +23,24 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
+from tqdm import tqdm
+
+import pyclipq
 
 from ..convert import linear_inventory
+from ..eval.encode import as_clip_like
+from ..io import save
 from .loading import LoadedModel, encode, load_model, random_inputs
-from .peers.runtimes import (INSTALL_HINT, RUNTIME_PEERS, RuntimePeerError, RuntimePeerWorkspace, TowerInputs,
-                             packages_needed)
+from .peers.runtimes import (
+    INSTALL_HINT,
+    RUNTIME_PEERS,
+    RuntimePeerError,
+    RuntimePeerWorkspace,
+    TowerInputs,
+    packages_needed,
+)
 
 PYCLIPQ_FORMATS = ("int8", "int4", "int2", "ternary")
 TORCH_PEERS = ("fp32", "quantize_dynamic")
@@ -61,8 +73,6 @@ class CompiledTowers:
     """
 
     def __init__(self, model: nn.Module):
-        from ..eval.encode import as_clip_like
-
         self.module = model  # what is counted and saved
         clip = as_clip_like(model)
         self.encode_image = torch.compile(clip.encode_image, dynamic=False)
@@ -95,8 +105,6 @@ def _interleaved_median_ms(calls, reps: int, warmup: int) -> list[float]:
 
 
 def _size_on_disk(name: str, model: nn.Module) -> int:
-    from safetensors.torch import save_file
-
     if name == "quantize_dynamic":
         # torch's packed dynamic-quant weights only serialize through torch.save (pickle);
         # we measure its size, we never load it.
@@ -115,8 +123,6 @@ def _size_on_disk(name: str, model: nn.Module) -> int:
                     unique[k] = v
             save_file(unique, path)
         else:
-            from ..io import save
-
             save(model, path)
         return os.path.getsize(path)
 
@@ -167,8 +173,6 @@ def select_runtime_peers(requested: Iterable[str] = ("auto",)) -> tuple[tuple[st
 
 
 def machine_info(threads: int) -> dict:
-    import pyclipq
-
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -188,8 +192,6 @@ def machine_info(threads: int) -> dict:
 
 
 def pyclipq_convert(model: nn.Module, config) -> nn.Module:
-    import pyclipq
-
     return pyclipq.convert(model, config)
 
 
@@ -257,8 +259,6 @@ def run_benchmark(model: str = "ViT-B-32", pretrained: str | None = None, format
 
     A runtime peer that fails is listed in the report's "runtime_peers_failed", not raised.
     """
-    from tqdm import tqdm
-
     if reps < 1 or warmup < 0 or threads < 1:
         raise ValueError(f"reps and threads must be >= 1 and warmup >= 0, got reps={reps}, threads={threads}, "
                          f"warmup={warmup}")

@@ -8,7 +8,10 @@ import os
 
 import torch
 
+import pyclipq
+
 from .. import eval as ev
+from ..testbed import ZERO_SHOT_TEMPLATES, class_names, make_split
 from .loading import LoadedModel, load_model
 
 DATASET_KINDS = ("testbed", "imagefolder", "cifar100", "retrieval")
@@ -26,8 +29,6 @@ def parse_dataset(spec: str) -> tuple[str, str | None]:
 
 
 def quantized_model(loaded: LoadedModel, fmt: str | None, checkpoint: str | None) -> torch.nn.Module | None:
-    import pyclipq
-
     if fmt and checkpoint:
         raise ValueError("give either --format (convert now) or --quantized (a saved checkpoint), not both")
     if checkpoint:
@@ -42,8 +43,6 @@ def quantized_model(loaded: LoadedModel, fmt: str | None, checkpoint: str | None
 def labelled_images(loaded: LoadedModel, kind: str, path: str | None, limit: int | None):
     """(list of (images, labels) batches or loader, classnames, templates)."""
     if kind == "testbed":
-        from ..testbed import ZERO_SHOT_TEMPLATES, class_names, make_split
-
         data = make_split("test", limit or 2048)
         batches = [(data.images[i:i + 256], data.labels[i:i + 256]) for i in range(0, len(data), 256)]
         return batches, class_names(), list(ZERO_SHOT_TEMPLATES)

@@ -17,6 +17,9 @@ from typing import Any, Callable
 
 import torch
 
+from ..eval.encode import as_clip_like
+from ..testbed import load_testbed
+
 
 class ModelLoadError(ValueError):
     """A user-facing failure to build or load the named model (bad name, missing file, no internet)."""
@@ -103,8 +106,6 @@ def _openai(path: str) -> LoadedModel:
 
 
 def _testbed() -> LoadedModel:
-    from ..testbed import load_testbed
-
     bed = load_testbed()
     model = bed.model.eval()
     return LoadedModel(model, bed.tokenizer, bed.config.image_size, bed.config.context_length,
@@ -134,7 +135,5 @@ def random_inputs(loaded: LoadedModel, batch: int, seed: int = 0) -> tuple[torch
 
 def encode(loaded: LoadedModel, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> Any:
     """Image or text embeddings through the family's own API (a transformers CLIPModel is wrapped)."""
-    from ..eval.encode import as_clip_like
-
     model = as_clip_like(loaded.model)
     return model.encode_image(images) if images is not None else model.encode_text(tokens)

@@ -33,7 +33,9 @@ from torch import nn
 from .. import formats
 from ..configs import LayerConfig
 from ..nn.attention import QuantMultiheadAttention, check_replaceable
-from ..nn.linear import static_act_scale
+from ..nn.linear import QuantLinear, static_act_scale
+from ..nn.packed import unpack_codes
+from ..nn.parameter import LAYOUTS, to_rows
 from ..ops import reference
 from ..primitives import dequantize_levels, quantize_activation_rows, quantize_weight
 
@@ -345,9 +347,6 @@ class FakeQuantLinear(nn.Linear):
     @classmethod
     def from_quant_linear(cls, qlinear, exact: bool = True) -> "FakeQuantLinear":
         """A differentiable (w.r.t. its input) twin of a ``pyclipq.nn.QuantLinear``, same codes."""
-        from ..nn.linear import QuantLinear
-        from ..nn.packed import unpack_codes
-
         if not isinstance(qlinear, QuantLinear):
             raise ValueError(f"qlinear must be a pyclipq QuantLinear, got {type(qlinear).__name__}")
         layer = qlinear.layer
@@ -430,7 +429,6 @@ class FakeQuantParameter(nn.Module):
 
     def __init__(self, layout: str, layer: LayerConfig):
         super().__init__()
-        from ..nn.parameter import LAYOUTS
 
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
@@ -439,8 +437,6 @@ class FakeQuantParameter(nn.Module):
         self._cache = _WeightCache()
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
-        from ..nn.parameter import to_rows
-
         rows = to_rows(original, self.layout)
         if self.layer.is_float:
             return original

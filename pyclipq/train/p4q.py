@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configs import LayerConfig
+from ..nn import QuantLinear
 from .distill import kl_teacher_student
 from .fake_quant import FakeQuantLinear
 from .prompt import PromptLearner, encode_text_embeddings
+from .qat import differentiable_twin
 
 
 class QAdapter(nn.Module):
@@ -53,8 +55,6 @@ class QAdapter(nn.Module):
 
     def export(self) -> "QAdapter":
         """A copy whose fc1/fc2 are packed QuantLinears with the same codes (inference only)."""
-        from ..nn import QuantLinear
-
         exported = QAdapter.__new__(QAdapter)
         nn.Module.__init__(exported)
         exported.dim, exported.hidden, exported.alpha = self.dim, self.hidden, self.alpha
@@ -76,7 +76,6 @@ class P4QModel(nn.Module):
 
     def __init__(self, ptq_model: nn.Module, prompt: PromptLearner, adapter: QAdapter):
         super().__init__()
-        from .qat import differentiable_twin
 
         if not isinstance(prompt, PromptLearner):
             raise ValueError(f"prompt must be a PromptLearner, got {type(prompt).__name__}")

@@ -22,6 +22,7 @@ layer against it).
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +30,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..configs import QuantConfig, resolve_config
+from ..convert import _check_not_converted, plan
+from ..convert import convert as pyclipq_convert
+from ..models import Target, detect_adapter
 from ..models.base import BUILDERS, QAT_HANDLERS, QATHandlers, register_qat_handlers
 from ..models.open_clip import QuantOpenClipAttention
+from ..nn import QuantLinear
+from ..nn.parameter import packed_parameters
 from .fake_quant import (
     FakeQuantLinear,
     FakeQuantParameter,
@@ -80,9 +86,6 @@ def prepare_qat(model: nn.Module, config: "str | QuantConfig" = "ternary-qall", 
     exact: see pyclipq.train.fake_quant (True: bit-identical to the reference kernels;
     False: F.linear on dequantized operands, faster for grouped formats and under bf16).
     """
-    from ..convert import _check_not_converted, plan
-    from ..models import detect_adapter
-
     _check_model(model)
     config = resolve_config(config)
     if is_prepared(model):
@@ -174,8 +177,6 @@ def _swap_in(model: nn.Module, target, exact: bool) -> None:
 
 
 def _targets(model: nn.Module):
-    from ..models import Target
-
     return [Target.from_dict(d) for d in getattr(model, TARGETS_ATTR)]
 
 
@@ -200,9 +201,6 @@ def convert_qat(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     The same codes as the fake-quant forward (see the module doc); static activation
     scales are carried over. The result is what ``pyclipq.save`` stores.
     """
-    from ..convert import convert as pyclipq_convert
-    from ..nn import QuantLinear
-
     _check_model(model)
     if not is_prepared(model):
         raise ValueError("model is not prepared for QAT (pyclipq.prepare_qat returns one)")
@@ -250,9 +248,6 @@ def compare_layers(fake_model: nn.Module, real_model: nn.Module, run) -> list[La
     mismatch of the math. Packed parameters are compared exactly (they are dequantized
     weights, no arithmetic). Returns one LayerMatch per layer.
     """
-    from ..nn import QuantLinear
-    from ..nn.parameter import packed_parameters
-
     real = {name: m for name, m in real_model.named_modules() if isinstance(m, QuantLinear)}
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     hooks = []
@@ -343,8 +338,6 @@ _RENAMED = {"prepare": "prepare_qat", "convert": "convert_qat"}
 
 def __getattr__(name: str):
     if name in _RENAMED:
-        import warnings
-
         warnings.warn(f"pyclipq.train.qat.{name} is now pyclipq.{_RENAMED[name]}", DeprecationWarning, stacklevel=2)
         return globals()[_RENAMED[name]]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,8 @@ model and any data.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -23,14 +25,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import io as pyclipq_io
+from ..calibrate import calibrate
 from ..configs import LayerConfig, QuantConfig
+from ..convert import convert as pyclipq_convert
+from ..eval.zero_shot import zero_shot_accuracy, zero_shot_classifier
+from ..nn import QuantLinear
+from ..testbed import load_testbed, make_split
+from ..testbed.scenes import SceneAttributes
+from ..testbed.splits import TestbedSplit
+from ..testbed.train import describes
 from .distill import DistillationLoss
 from .p4q import ExportedP4Q, FeatureBatches, P4QModel, P4QObjective, QAdapter, p4q_optimizers
 from .prompt import PromptLearner
 from .qat import convert_qat, deepcopy_model, prepare_qat
-from .trainer import CLIPDistillation, Trainer, TrainConfig
+from .trainer import CLIPDistillation, TrainConfig, Trainer
 
 TERNARY_PRESETS = {"qall": "ternary-qall", "qffn": "ternary-qffn"}
 
@@ -127,8 +140,6 @@ def p4q(
     cache_features: encode the images with both frozen towers once (FeatureBatches);
     turn it off when `data` augments its images, which caching would freeze.
     """
-    from ..eval.zero_shot import zero_shot_classifier
-
     train = train if train is not None else TrainConfig()
     device = torch.device(train.device)
     teacher = teacher.to(device).float().eval()
@@ -162,8 +173,6 @@ class TestbedPairs:
     __test__ = False  # not a pytest class
 
     def __init__(self, n: int, batch_size: int, tokenizer, split: str = "train", labels: bool = False):
-        from ..testbed import make_split
-
         if batch_size < 2 or batch_size > n:
             raise ValueError(f"batch_size must be in [2, n={n}], got {batch_size}")
         self.data = make_split(split, n)
@@ -176,17 +185,11 @@ class TestbedPairs:
 
     def with_labels(self) -> "TestbedPairs":
         """The same scenes as (images, class labels) batches (P4Q's data), without rendering again."""
-        import copy
-
         view = copy.copy(self)
         view.labels = True
         return view
 
     def __iter__(self):
-        from ..testbed.scenes import SceneAttributes
-        from ..testbed.splits import TestbedSplit
-        from ..testbed.train import describes
-
         order = torch.randperm(len(self.data))  # the trainer seeds each epoch: resumable
         d = self.data
         for b in range(len(self)):
@@ -204,16 +207,12 @@ class TestbedPairs:
 
 @torch.no_grad()
 def zero_shot_top1(model, tokenizer, classnames, templates, loader, device="cpu") -> float:
-    from ..eval.zero_shot import zero_shot_accuracy, zero_shot_classifier
-
     classifier = zero_shot_classifier(model, tokenizer, classnames, templates, device=device, progress=False)
     return zero_shot_accuracy(model, classifier, loader, device=device, progress=False)["top1"]
 
 
 @torch.no_grad()
 def p4q_top1(exported: ExportedP4Q, loader, device="cpu") -> float:
-    from ..eval.zero_shot import zero_shot_accuracy
-
     return zero_shot_accuracy(exported, exported.class_embeddings, loader, device=device, progress=False)["top1"]
 
 
@@ -252,8 +251,6 @@ def _train_config(args) -> TrainConfig:
 
 
 def _setup(args):
-    from ..testbed import load_testbed, make_split
-
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     testbed = load_testbed(args.testbed)
@@ -271,9 +268,6 @@ def _write_results(args, command: str, argv, results: dict) -> dict:
 
 def ternary_main(argv: list[str] | None = None, prog: str = "pyclipq train ternary") -> dict:
     """`ternary` command: TernaryCLIP QAT + KD on the test bed."""
-    from .. import io as pyclipq_io
-    from ..convert import convert as pyclipq_convert
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog=prog, description=ternary_main.__doc__)
     parser.add_argument("--preset", choices=sorted(TERNARY_PRESETS), default="qall")
@@ -315,13 +309,8 @@ def ternary_main(argv: list[str] | None = None, prog: str = "pyclipq train terna
 
 def _ptq_model(model: nn.Module, config: QuantConfig, calibration: str, calibration_data, float_model: nn.Module) -> nn.Module:
     """PTQ: dynamic per-token activations with absmax weights, or OMSE-calibrated (P4Q's baseline)."""
-    from ..convert import convert as pyclipq_convert
-
     if calibration == "none":
         return pyclipq_convert(deepcopy_model(model), config)
-    import dataclasses
-
-    from ..calibrate import calibrate
 
     static = pyclipq_convert(deepcopy_model(model), dataclasses.replace(config, activation="static"))
     calibrate(static, calibration_data, observer="omse", weight_observer="omse", float_model=float_model, progress=False)
@@ -330,8 +319,6 @@ def _ptq_model(model: nn.Module, config: QuantConfig, calibration: str, calibrat
 
 def p4q_main(argv: list[str] | None = None, prog: str = "pyclipq train p4q") -> dict:
     """`p4q` command: P4Q (prompt + QAdapter + KD) on a low-bit PTQ test bed."""
-    from .. import io as pyclipq_io
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog=prog, description=p4q_main.__doc__)
     parser.add_argument("--format", choices=("int8", "int4", "int2", "ternary"), default="int4")
@@ -386,8 +373,6 @@ def p4q_main(argv: list[str] | None = None, prog: str = "pyclipq train p4q") -> 
 
 def save_p4q_head(exported: ExportedP4Q, path) -> None:
     """The P4Q parts outside the PTQ model (packed adapter, class embeddings) as one safetensors file."""
-    from safetensors.torch import save_file
-
     tensors = {f"adapter.{k}": v.detach().cpu().contiguous() for k, v in exported.adapter.state_dict().items() if v is not None}
     tensors["class_embeddings"] = exported.class_embeddings.detach().cpu().contiguous()
     layer = exported.adapter.fc1.layer
@@ -400,11 +385,6 @@ def save_p4q_head(exported: ExportedP4Q, path) -> None:
 
 def load_p4q_head(ptq_model: nn.Module, path) -> ExportedP4Q:
     """Rebuild an ExportedP4Q from a loaded PTQ model (pyclipq.load) and a save_p4q_head file."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from ..nn import QuantLinear
-
     with safe_open(str(path), framework="pt") as f:
         raw = (f.metadata() or {}).get("pyclipq_p4q")
     if raw is None:

@@ -26,7 +26,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import qat
 from .distill import DistillationLoss
+from .qat import deepcopy_model
 
 PRECISIONS = ("fp32", "bf16")
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -166,8 +168,6 @@ class CLIPDistillation:
 
 def default_teacher(student: nn.Module) -> nn.Module:
     """The original float model of a QAT student (its latent weights, as they are now)."""
-    from . import qat
-
     if not qat.is_prepared(student):
         raise ValueError(
             "teacher: no teacher given and the student is not a QAT-prepared model, so there is no original "
@@ -182,8 +182,6 @@ def frozen_teacher(teacher: nn.Module, device) -> nn.Module:
     The teacher is often the very model a student was prepared from; setting
     requires_grad or the dtype in place would leak into the caller's later use of it.
     """
-    from .qat import deepcopy_model
-
     tensors = list(teacher.parameters()) + list(teacher.buffers())
     if any(p.requires_grad for p in teacher.parameters()) or any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors):
         teacher = deepcopy_model(teacher)
