@@ -22,6 +22,9 @@ CONFIG_VERSION = 1
 FLOAT_FORMAT = "float"
 WEIGHT_FORMATS = (*formats.FORMATS, FLOAT_FORMAT)
 ACTIVATION_MODES = ("dynamic", "static", "none")
+# Per-input-channel smoothing (SmoothQuant): "online" divides x by the layer's smooth_scale at
+# run time; "folded" means an upstream LayerNorm already did (calibrate folds it there).
+SMOOTHING_MODES = ("none", "online", "folded")
 
 # group size used when a config names a grouped format without one
 DEFAULT_GROUP_SIZE = {f.name: f.default_group_size for f in formats.FORMATS.values() if f.grouped}
@@ -57,6 +60,12 @@ def _resolve_activation(fmt: str, activation: str | None) -> str:
     return activation
 
 
+def _check_rotation(rotation) -> None:
+    if (not isinstance(rotation, int) or isinstance(rotation, bool) or rotation < 0
+            or (rotation and (rotation & (rotation - 1) or rotation < 2))):
+        raise ValueError(f"rotation must be 0 (none) or a power of 2 >= 2 (the Hadamard block size), got {rotation!r}")
+
+
 @dataclass(frozen=True)
 class LayerConfig:
     """How one layer's weight is stored and its activations are handled.
@@ -65,26 +74,46 @@ class LayerConfig:
     calibrated per-tensor scale (the layer's ``act_scale`` buffer, filled by
     calibration); "none" = weight-only (the packed weight is dequantized and a
     float GEMM runs).
+
+    Input transforms of a linear layer (``QuantLinear``), each exact in real arithmetic
+    because the stored weight carries the inverse: y = T(x) (W T^-T)^T = x W^T.
+    smoothing: "none" | "online" | "folded" (SmoothQuant; see ``SMOOTHING_MODES``), set by
+    ``pyclipq.calibrate(smooth=...)``. rotation: 0, or the block size b (a power of 2) of an
+    orthonormal block-Hadamard rotation of the input, spreading outlier channels over b
+    channels before int8 quantization (QuaRot-style, applied online).
     """
 
     format: str
     group_size: int | None = None
     activation: str | None = None
     threshold_rule: str = "absmean"
+    smoothing: str = "none"
+    rotation: int = 0
 
     def __post_init__(self):
         _check_choice("format", self.format, WEIGHT_FORMATS)
         object.__setattr__(self, "group_size", _resolve_group_size(self.format, self.group_size))
         object.__setattr__(self, "activation", _resolve_activation(self.format, self.activation))
         _check_choice("threshold_rule", self.threshold_rule, formats.THRESHOLD_RULES)
+        _check_choice("smoothing", self.smoothing, SMOOTHING_MODES)
+        _check_rotation(self.rotation)
+        if self.format == FLOAT_FORMAT and (self.smoothing != "none" or self.rotation):
+            raise ValueError(f"smoothing and rotation need a quantized format, not {FLOAT_FORMAT!r} (pass-through)")
+
+    @property
+    def has_input_transform(self) -> bool:
+        return self.smoothing != "none" or self.rotation > 0
 
     @property
     def is_float(self) -> bool:
         return self.format == FLOAT_FORMAT
 
     def weight_only(self) -> "LayerConfig":
-        """The same weight format with activations left in float (lookups and x @ P projections)."""
-        return dataclasses.replace(self, activation="none")
+        """The same weight format with activations left in float (lookups and x @ P projections).
+
+        Input transforms belong to linear layers: lookups and x @ P products have none.
+        """
+        return dataclasses.replace(self, activation="none", smoothing="none", rotation=0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -134,6 +163,11 @@ class QuantConfig:
     converted only when their flag is set *and* their name is selected by the
     patterns. Projections held as bare Parameters and both embeddings are
     weight-only (they are used as tensors or lookups, not as Linear calls).
+
+    rotation: 0, or the block size of an online block-Hadamard rotation of every quantized
+    linear's input (see LayerConfig): outlier channels are spread before int8 quantization,
+    and the stored weights are the rotated ones. Each layer uses the largest power of 2 up
+    to `rotation` that divides its in_features.
     """
 
     format: str = "int8"
@@ -145,11 +179,12 @@ class QuantConfig:
     quantize_projections: bool = True
     quantize_token_embedding: bool = False
     quantize_patch_embedding: bool = False
+    rotation: int = 0
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
-        # LayerConfig owns the format / group / activation / threshold rules.
-        layer = LayerConfig(self.format, self.group_size, self.activation, self.threshold_rule)
+        # LayerConfig owns the format / group / activation / threshold / rotation rules.
+        layer = self.layer
         object.__setattr__(self, "group_size", layer.group_size)
         object.__setattr__(self, "activation", layer.activation)
         object.__setattr__(self, "include", _as_patterns("include", self.include))
@@ -164,7 +199,7 @@ class QuantConfig:
 
     @property
     def layer(self) -> LayerConfig:
-        return LayerConfig(self.format, self.group_size, self.activation, self.threshold_rule)
+        return LayerConfig(self.format, self.group_size, self.activation, self.threshold_rule, rotation=self.rotation)
 
     def selects(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.include) and not any(

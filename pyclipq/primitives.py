@@ -7,9 +7,13 @@ activation quantization, exactly as docs/FORMATS.md defines them. The op referen
 they come on: QAT quantizes its weights where they live.
 
 What a format *is* (bits, levels, offsets, layouts) is pyclipq.formats; this module only
-computes with it.
+computes with it. The input transforms that make int8 activations hold outliers
+(SmoothQuant factors, block-Hadamard rotation) are here too.
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 
@@ -27,6 +31,10 @@ __all__ = [
     "quantize_weight",
     "dequantize_levels",
     "dequantize_codes",
+    "hadamard",
+    "rotation_block",
+    "rotate_blocks",
+    "smoothing_scales",
 ]
 
 
@@ -198,3 +206,60 @@ def dequantize_levels(levels: torch.Tensor, scale: torch.Tensor, k: int) -> torc
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, fmt: str | WeightFormat, k: int) -> torch.Tensor:
     """Unpacked codes [N, K_pad] + scales -> float32 weight [N, K] (what the kernels multiply by)."""
     return dequantize_levels(_fmt(fmt).level(codes).to(torch.float32), scale, k)
+
+
+# ---------------------------------------------------------------- input transforms (smoothing, rotation)
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_cpu(size: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < size:  # Sylvester: H_2n = [[H, H], [H, -H]]
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(size)).to(torch.float32)
+
+
+def hadamard(size: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The orthonormal, symmetric Sylvester-Hadamard matrix of a power-of-2 `size` (H H = I)."""
+    if not isinstance(size, int) or size < 1 or size & (size - 1):
+        raise ValueError(f"size must be a power of 2, got {size!r}")
+    return _hadamard_cpu(size).to(device=device, dtype=dtype)
+
+
+def rotation_block(in_features: int, requested: int) -> int:
+    """The block size a layer of `in_features` uses for a requested rotation: the largest power
+    of 2 <= requested dividing in_features (1, no rotation, when in_features is odd)."""
+    block = 1
+    while block * 2 <= requested and in_features % (block * 2) == 0:
+        block *= 2
+    return block
+
+
+def rotate_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x [..., K] times the block-diagonal Hadamard matrix diag(H_b, ..., H_b) (K % b == 0).
+
+    It is its own inverse, so a linear y = x W^T equals rotate(x) rotate(W)^T exactly in real
+    arithmetic: the rotated weight is what gets quantized.
+    """
+    if block <= 1:
+        return x
+    k = x.shape[-1]
+    if k % block:
+        raise ValueError(f"x's last dimension ({k}) must be a multiple of the rotation block ({block})")
+    h = hadamard(block, x.device, x.dtype)
+    return (x.reshape(*x.shape[:-1], k // block, block) @ h).reshape(x.shape)
+
+
+def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel factors s_j = max|X_j|^alpha / max|W_j|^(1 - alpha).
+
+    x / s and W * s give the same product; the activations' outlier channels shrink and the
+    weights' matching columns grow. Channels without activations or weights get s = 1.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    a = act_absmax.to(torch.float32)
+    w = weight_absmax.to(torch.float32)
+    live = (a > 0) & (w > 0)
+    s = a.clamp(min=1e-12).pow(alpha) / w.clamp(min=1e-12).pow(1.0 - alpha)
+    s = torch.where(live, s, torch.ones_like(s))
+    return s.clamp(min=1e-5, max=1e5)

@@ -32,7 +32,7 @@ def calibrate_activations(model, linears, source, run, observer, observer_kwargs
         obs = observers.get(name)
 
         def hook(mod, args):
-            x = args[0]
+            x = mod.transform_input(args[0])  # what the int8 quantizer sees
             if name not in seen:
                 seen.add(name)
                 order.append(name)

@@ -35,7 +35,13 @@ import torch
 from .. import formats, primitives
 from ._threads import one_thread
 from .observers import Grid, make_observer
-from .weights import codes_from_levels, nearest_levels, observed_weight_scales, quantize_weight_observed
+from .weights import (
+    codes_from_levels,
+    nearest_levels,
+    observed_weight_scales,
+    output_aware_scales,
+    quantize_weight_observed,
+)
 
 __all__ = ["HessianAccumulator", "GPTQResult", "gptq_quantize", "rtn_quantize", "layer_output_error"]
 
@@ -137,6 +143,7 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    clip_search: bool = False,
 ) -> GPTQResult:
     """GPTQ-round `weight` [N, K] for the layer input Hessian `hessian` [K, K].
 
@@ -145,6 +152,9 @@ def gptq_quantize(
     act_order: round columns in order of decreasing H_ii (GPTQ's "act-order"); group
     scales are then fixed up front from the original weight ("static groups"), since a
     group's columns are no longer rounded together.
+    clip_search: choose each scale by `weights.output_aware_scales` (least output error on
+    this Hessian) instead of `observer`; group scales are searched on the group's updated
+    weights against its diagonal block of H.
     """
     fmt = _check_inputs(weight, hessian, fmt, group_size)
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0:
@@ -153,6 +163,8 @@ def gptq_quantize(
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     if observer is not None:
         make_observer(observer, "observer")  # validate the name early
+        if clip_search:
+            raise ValueError("observer and clip_search both choose the scales: pass one of them")
     grouped = fmt.grouped and group_size > 0
     if grouped and block_size % group_size:
         # A group must never straddle two blocks: its scale is chosen from the updated block.
@@ -164,7 +176,9 @@ def gptq_quantize(
     # Per-channel scales (and static group scales under act_order) come from the original weight.
     dynamic_groups = grouped and not act_order
     scale = None
-    if not dynamic_groups:
+    if not dynamic_groups and clip_search:
+        scale = output_aware_scales(w, hessian, fmt, group_size if fmt.grouped else 0, threshold_rule)
+    elif not dynamic_groups:
         scale = observed_weight_scales(w, fmt, group_size if fmt.grouped else 0, observer, threshold_rule)
     else:
         scale = torch.zeros(expected_groups_shape(n, k, group_size), dtype=torch.float32)
@@ -179,7 +193,9 @@ def gptq_quantize(
 
     levels = torch.zeros(n, k, dtype=torch.float32)
     with one_thread():
-        _round_columns(w, upper, scale, levels, fmt, group_size, dynamic_groups, perm, block_size, observer, grid)
+        search = h if clip_search and dynamic_groups else None
+        _round_columns(w, upper, scale, levels, fmt, group_size, dynamic_groups, perm, block_size, observer, grid,
+                       search, threshold_rule)
 
     if perm is not None:
         inverse_perm = torch.argsort(perm)
@@ -189,8 +205,10 @@ def gptq_quantize(
     return GPTQResult(codes, scale, dequantized, used_damp)
 
 
-def _round_columns(w, upper, scale, levels, fmt, group_size, dynamic_groups, perm, block_size, observer, grid):
-    """Step 4 in place: `levels` gets every column's level; `scale` gets the dynamic group scales."""
+def _round_columns(w, upper, scale, levels, fmt, group_size, dynamic_groups, perm, block_size, observer, grid,
+                   search_hessian=None, threshold_rule="absmean"):
+    """Step 4 in place: `levels` gets every column's level; `scale` gets the dynamic group scales
+    (searched against `search_hessian`'s diagonal block when given)."""
     n, k = w.shape
     for start in range(0, k, block_size):  # step 4: blocks of columns, lazy updates
         end = min(start + block_size, k)
@@ -203,7 +221,12 @@ def _round_columns(w, upper, scale, levels, fmt, group_size, dynamic_groups, per
                 if col % group_size == 0:
                     # The group's scale from its columns as updated by the errors so far.
                     group = block[:, i : i + group_size]
-                    scale[:, col // group_size] = _group_scale(group, fmt, observer, grid)
+                    if search_hessian is not None:
+                        h_group = search_hessian[col : col + group.shape[1], col : col + group.shape[1]]
+                        # the group alone is one "row group" (group_size 0): it may be a short last group
+                        scale[:, col // group_size] = output_aware_scales(group, h_group, fmt, 0, threshold_rule)[:, 0]
+                    else:
+                        scale[:, col // group_size] = _group_scale(group, fmt, observer, grid)
                 s = scale[:, col // group_size]
             elif scale.dim() == 2:  # grouped format: static groups (act_order) or one group per row
                 original = int(perm[col]) if perm is not None else col

@@ -3,7 +3,7 @@ how a batch goes through a CLIP (images, tokens or both)."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -21,24 +21,28 @@ def quant_linears(model: nn.Module):
             yield name, module
 
 
-def check_model(model) -> list:
+def check_model(model, needs_static: bool = True) -> list:
+    """The quantized linears of a converted model; with `needs_static`, at least one must be static."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module converted by pyclipq.convert, got {type(model).__name__}")
     linears = list(quant_linears(model))
+    if not linears:
+        raise ValueError("model has no quantized pyclipq QuantLinear: convert it with pyclipq.convert first")
     static = [(n, m) for n, m in linears if m.layer.activation == "static"]
-    if not static:
+    if needs_static and not static:
         modes = sorted({m.layer.activation for _, m in linears})
         found = f"its quantized linears use activation {modes}" if linears else "it has no pyclipq QuantLinear"
         raise ValueError(
             "model was not converted with static activations "
-            f"({found}): convert it with pyclipq.convert(model, QuantConfig(<format>, activation='static')) first"
+            f"({found}): convert it with pyclipq.convert(model, QuantConfig(<format>, activation='static')) first, "
+            "or ask for a weight-side method (gptq, clip_search, weight_observer, smooth)"
         )
     return linears
 
 
 def batch_passes(batches, num_batches: int):
     """A function returning an iterator over the (at most num_batches) calibration batches, once per pass."""
-    if isinstance(batches, (torch.Tensor, dict, str, bytes)) or not isinstance(batches, Iterable):
+    if isinstance(batches, (torch.Tensor, Mapping, str, bytes)) or not isinstance(batches, Iterable):
         raise ValueError(
             "batches must be an iterable of batches (a list or DataLoader of image tensors, token-id tensors, "
             f"(images, token_ids) pairs or dicts of model inputs), got {type(batches).__name__}"
@@ -86,7 +90,7 @@ def default_forward(model: nn.Module, batch) -> None:
     - a dict: ``model(**batch)``.
     """
     device = _device(model)
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # a dict, or a tokenizer's BatchEncoding
         model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
         return
     if isinstance(batch, torch.Tensor):

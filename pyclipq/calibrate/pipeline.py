@@ -12,6 +12,24 @@ from .inputs import batch_passes, check_model, default_forward
 from .observers import make_observer
 from .report import CalibrationReport, LayerCalibration
 from .requantize import apply_weight_observer
+from .smooth import ALPHAS, smooth_model
+
+
+def _smooth_alphas(smooth):
+    """The alpha grid the `smooth` argument asks for, or None for no smoothing."""
+    if smooth is None or smooth is False:
+        return None
+    if smooth is True or smooth == "search":
+        return ALPHAS
+    if isinstance(smooth, (int, float)) and not isinstance(smooth, bool):
+        alphas = (float(smooth),)
+    elif isinstance(smooth, (list, tuple)):
+        alphas = tuple(smooth)
+    else:
+        raise ValueError(f"smooth must be None, True, 'search', an alpha in [0, 1] or a sequence of them, got {smooth!r}")
+    if not alphas or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1 for a in alphas):
+        raise ValueError(f"smooth alphas must be numbers in [0, 1], got {smooth!r}")
+    return alphas
 
 
 def calibrate(
@@ -30,10 +48,16 @@ def calibrate(
     gptq_block_size: int = 128,
     gptq_act_order: bool = False,
     max_hessian_bytes: int = 512 * 2**20,
+    clip_search: bool = False,
+    smooth=None,
+    dynamic_fallback: float | None = None,
 ) -> CalibrationReport:
-    """Fix the static activation scales of `model` (in place) from calibration batches.
+    """Calibrate a converted `model` in place: outlier smoothing, weight re-rounding, static scales.
 
-    model: converted with ``activation="static"`` (its QuantLinears hold ``act_scale`` buffers).
+    model: converted by pyclipq.convert with any activation mode. Static layers
+        (``activation="static"``) get their per-tensor scales here; the weight-side methods
+        (weight_observer, gptq, clip_search) and smoothing work for dynamic and weight-only
+        layers too. A model without static layers needs at least one of them.
     batches: an iterable of batches (see `default_forward`: images, token ids,
         (images, token_ids) pairs, dicts), of which the first `num_batches` are used.
     observer: "minmax" | "ema" | "percentile" | "omse" (P4Q's baseline) or an observer
@@ -47,12 +71,27 @@ def calibrate(
     max_hessian_bytes: GPTQ collects the [K, K] Hessians of as many consecutive layers as
         fit in this budget per pass over the batches (earlier chunks are already rounded,
         so later layers see the quantized model's inputs).
+    clip_search: choose every weight scale (per channel / group) for the least *output*
+        error on the calibration inputs (``weights.output_aware_scales``), then round to
+        nearest, or with GPTQ when ``gptq=True``. Needs float_model.
+    smooth: SmoothQuant outlier migration before everything else (``calibrate.smooth``):
+        True or "search" searches alpha per layer over ``smooth.ALPHAS``; a number fixes
+        alpha; a sequence of numbers is the search grid. Folded into pre-LN LayerNorms where
+        exact, online elsewhere. Needs float_model.
+    dynamic_fallback: with smooth, a static layer whose smoothed error stays above this
+        multiple of the dynamic-activation error becomes dynamic (e.g. 4.0); None keeps all.
 
     Returns a CalibrationReport. Raises ValueError for zero batches, non-finite activations,
-    a model without static activations, or layers that no batch reached.
+    a model without static activations and no weight-side method, or layers no batch reached.
     """
     started = time.perf_counter()
-    linears = check_model(model)
+    alphas = _smooth_alphas(smooth)
+    if not isinstance(clip_search, bool):
+        raise ValueError(f"clip_search must be True or False, got {clip_search!r}")
+    if dynamic_fallback is not None and alphas is None:
+        raise ValueError("dynamic_fallback chooses between smoothed static and dynamic activations: it needs smooth")
+    weight_side = gptq or clip_search or weight_observer is not None or alphas is not None
+    linears = check_model(model, needs_static=not weight_side)
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches must be an int >= 1, got {num_batches!r}")
     if not isinstance(gptq, bool):
@@ -69,9 +108,9 @@ def calibrate(
         )
     if weight_observer is not None:
         make_observer(weight_observer, "weight_observer", axis=0)
-    if (weight_observer is not None or gptq) and float_model is None:
+    if weight_side and float_model is None:
         raise ValueError(
-            "float_model is required with weight_observer or gptq=True: a converted model no longer holds its "
+            "float_model is required with weight_observer, gptq, clip_search or smooth: a converted model no longer holds its "
             "float weights; pass the unconverted model (e.g. copy.deepcopy(model) taken before pyclipq.convert)"
         )
     if float_model is not None and not isinstance(float_model, nn.Module):
@@ -93,23 +132,37 @@ def calibrate(
         stage[0] = now
 
     try:
+        if alphas is not None:
+            report.smoothing = smooth_model(model, float_model, source, run, alphas=alphas,
+                                            dynamic_fallback=dynamic_fallback, progress=progress)
+            linears = check_model(model, needs_static=False)  # smoothed layers were replaced
+            finished("smoothing")
+        rerounds = gptq or clip_search
         if weight_observer is not None:
-            apply_weight_observer(model, float_model, weight_observer, entries, skip_linears=gptq)
+            apply_weight_observer(model, float_model, weight_observer, entries, skip_linears=rerounds)
             finished("weight_observer")
-        order = calibrate_activations(model, linears, source, run, observer, observer_kwargs, progress, report, "activations")
-        finished("activations")
-        if gptq:
+        order = []
+        if rerounds or any(m.layer.activation == "static" for _, m in linears):
+            # (GPTQ's chunks follow the call order this pass records)
+            order = calibrate_activations(model, linears, source, run, observer, observer_kwargs, progress, report,
+                                          "activations")
+            finished("activations")
+        if rerounds:
             apply_gptq(
                 model, linears, float_model, source, run, order, weight_observer, entries, progress, report,
                 damp=gptq_damp, block_size=gptq_block_size, act_order=gptq_act_order, budget=max_hessian_bytes,
+                gptq=gptq, clip_search=clip_search,
             )
-            finished("gptq")
+            finished("gptq" if gptq else "clip_search")
+        if rerounds and any(m.layer.activation == "static" for _, m in linears):
             # The weights changed: downstream activations changed too, so observe them again.
             calibrate_activations(model, linears, source, run, observer, observer_kwargs, progress, report, "activations (after GPTQ)")
             finished("activations")
     finally:
         model.train(was_training)
     for name, module in linears:
+        entries[name].activation = module.layer.activation
+        entries[name].smoothing = module.layer.smoothing
         if module.layer.activation == "static":
             entries[name].act_scale = float(module.act_scale)
     report.layers = [entries[n] for n, _ in linears]

@@ -38,6 +38,13 @@ def float_weight(float_model: nn.Module, name: str, shape) -> torch.Tensor:
     )
 
 
+def stored_float_weight(float_model: nn.Module, name: str, module) -> torch.Tensor:
+    """The float weight that converted layer `name` quantizes: the original one, input-transformed
+    (smoothed / rotated) as the layer stores it, float32 on the CPU."""
+    w = float_weight(float_model, name, (module.out_features, module.in_features)).float().cpu()
+    return module.transform_weight(w) if module.layer.has_input_transform else w
+
+
 def _float_parameter(float_model: nn.Module, owner_name: str, attr: str, packed) -> torch.Tensor:
     try:
         tensor = getattr(float_model.get_submodule(owner_name), attr)
@@ -64,9 +71,9 @@ def apply_weight_observer(model, float_model, weight_observer, entries, skip_lin
     label = f"observer:{weight_observer if isinstance(weight_observer, str) else 'custom'}"
     if not skip_linears:
         for name, module in quant_linears(model):
-            w = float_weight(float_model, name, (module.out_features, module.in_features))
+            w = stored_float_weight(float_model, name, module)
             codes, scale = quantize_weight_observed(
-                w.float().cpu(), module.layer.format, module.layer.group_size, weight_observer, module.layer.threshold_rule
+                w, module.layer.format, module.layer.group_size, weight_observer, module.layer.threshold_rule
             )
             load_quantized_weight(module, codes, scale)
             entries[name].weights = label

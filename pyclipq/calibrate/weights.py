@@ -7,7 +7,9 @@ but that rule does not produce:
 - scales chosen by an observer (OMSE-clipped, percentile-clipped), then the codes
   those scales give: `quantize_weight_with_scales`, `observed_weight_scales`;
 - codes chosen by error-compensating rounding (GPTQ), one column at a time:
-  `nearest_levels` + `codes_from_levels`.
+  `nearest_levels` + `codes_from_levels`;
+- scales chosen to minimise the layer's *output* error on the calibration inputs, not the
+  weight error (`output_aware_scales`: an MSE-clip search weighted by the input Hessian).
 
 Nothing here defines a layout: the levels and codes come from each format's
 ``qmax``, ``level_mul``, ``level_offset`` and ``pad_code``, and with the format's own
@@ -24,7 +26,15 @@ from ..formats import WeightFormat
 from ..nn.packed import PackedWeight, pack_codes
 
 # the rounding and code math is pyclipq.primitives'; re-exported here, where calibration asks for it
-from ..primitives import _check_weight, codes_from_levels, nearest_levels, quantize_weight, quantize_weight_with_scales
+from ..primitives import (
+    _check_weight,
+    codes_from_levels,
+    dequantize_codes,
+    format_scales,
+    nearest_levels,
+    quantize_weight,
+    quantize_weight_with_scales,
+)
 from .observers import Grid, make_observer
 
 __all__ = [
@@ -33,8 +43,13 @@ __all__ = [
     "quantize_weight_with_scales",
     "observed_weight_scales",
     "quantize_weight_observed",
+    "output_aware_scales",
     "load_quantized_weight",
 ]
+
+# Multiples of the format rule's scale that the output-aware search tries: below 1 clips the
+# largest weights (int4 / int2 gain), above 1 widens ternary's zero band.
+CLIP_RATIOS = tuple(round(0.30 + 0.05 * i, 2) for i in range(25))  # 0.30 ... 1.50
 
 
 def _fmt(fmt) -> WeightFormat:
@@ -84,6 +99,59 @@ def observed_weight_scales(
         scale[:, full] = obs.qparams(grid).scale
     # Groups made only of padding keep scale 0 (all-zero levels), as in formats.
     return scale
+
+
+def _group_output_error(delta: torch.Tensor, hessian: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per row (and group) d^T H_gg d: the output error ||X d^T||^2 each group's rounding causes
+    (cross-group terms left out, so that each group's scale can be chosen on its own)."""
+    n, k = delta.shape
+    if group_size == 0:
+        return ((delta @ hessian) * delta).sum(dim=1, keepdim=True)
+    k_pad = formats.padded_k(k)
+    d = torch.nn.functional.pad(delta, (0, k_pad - k))
+    h = torch.nn.functional.pad(hessian, (0, k_pad - k, 0, k_pad - k))
+    g = k_pad // group_size
+    blocks = h.view(g, group_size, g, group_size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [G, gs, gs]
+    d = d.view(n, g, group_size)
+    return torch.einsum("ngi,gij,ngj->ng", d, blocks, d)
+
+
+@torch.no_grad()
+def output_aware_scales(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    fmt,
+    group_size: int = 0,
+    threshold_rule: str = "absmean",
+    ratios=CLIP_RATIOS,
+) -> torch.Tensor:
+    """Scales minimising each channel's (group's) output error on the calibration inputs.
+
+    hessian: [K, K] = 2/n X^T X of the layer's inputs (``gptq.HessianAccumulator``). Each
+    channel / group tries every multiple in `ratios` of the format rule's scale and keeps
+    the one with the least d^T H d, d being that row's (group's) rounding error: an
+    MSE-clip search on the output, where a plain MSE clip would weigh every input channel
+    alike and miss the outlier channels that matter.
+    """
+    fmt = _fmt(fmt)
+    _check_weight(weight)
+    w = weight.detach().to(torch.float32).cpu()
+    n, k = w.shape
+    if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (k, k):
+        raise ValueError(f"hessian must be a [K, K] = [{k}, {k}] tensor, got {getattr(hessian, 'shape', type(hessian).__name__)}")
+    group_size = group_size if fmt.grouped else 0
+    h = hessian.detach().to(torch.float32).cpu()
+    base = format_scales(w, fmt, group_size, threshold_rule)
+    best = base.clone()
+    best_error = torch.full(base.shape, float("inf"))
+    for ratio in ratios:
+        scale = base * ratio
+        delta = w - dequantize_codes(quantize_weight_with_scales(w, fmt, scale, group_size), scale, fmt, k)
+        error = _group_output_error(delta, h, group_size).reshape(base.shape)
+        better = error < best_error
+        best = torch.where(better, scale, best)
+        best_error = torch.where(better, error, best_error)
+    return best
 
 
 def quantize_weight_observed(

@@ -221,9 +221,22 @@ class Adapter:
     projection_linears: tuple[str, ...] = ()  # nn.Linear modules that are CLIP's projections
     token_embeddings: tuple[str, ...] = ()
     patch_embeddings: tuple[str, ...] = ()  # conv modules whose weight is quantized weight-only
+    # Pre-LN blocks: a LayerNorm child whose output feeds only these linears (paths relative to
+    # the block), so that per-input-channel factors fold into it exactly (SmoothQuant). Empty
+    # for the generic adapter: a post-LN norm's output also feeds the residual stream.
+    pre_norm_consumers: dict[str, tuple[str, ...]] = {}
 
     def matches(self, model: nn.Module) -> bool:
         return True
+
+    def norm_folds(self, model: nn.Module):
+        """(LayerNorm name, [names of the linears it alone feeds]) for every pre-LN block of `model`."""
+        for name, module in model.named_modules():
+            for norm, consumers in self.pre_norm_consumers.items():
+                ln = getattr(module, norm, None)
+                if isinstance(ln, nn.LayerNorm) and ln.elementwise_affine and ln.bias is not None:
+                    prefix = f"{name}." if name else ""
+                    yield prefix + norm, [prefix + c for c in consumers]
 
     def skip_reason(self, name: str, module: nn.Module) -> str | None:
         """Why the linears inside `module` must stay float, or None."""

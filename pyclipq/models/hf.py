@@ -17,6 +17,11 @@ class HuggingFaceClipAdapter(Adapter):
     projection_linears = ("visual_projection", "text_projection")
     token_embeddings = ("text_model.embeddings.token_embedding",)
     patch_embeddings = ("vision_model.embeddings.patch_embedding",)
+    # CLIPEncoderLayer: x + self_attn(layer_norm1(x)), then x + mlp(layer_norm2(x))
+    pre_norm_consumers = {
+        "layer_norm1": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "layer_norm2": ("mlp.fc1",),
+    }
 
     def matches(self, model) -> bool:
         return any(c.__module__.startswith("transformers.models.clip.") for c in type(model).__mro__)

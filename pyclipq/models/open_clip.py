@@ -125,6 +125,8 @@ class OpenClipAdapter(Adapter):
     projection_linears = ("text_projection", "text.text_projection")
     token_embeddings = ("token_embedding", "text.token_embedding")
     patch_embeddings = ("visual.conv1",)
+    # ResidualAttentionBlock: x + attn(ln_1(x)), then x + mlp(ln_2(x))
+    pre_norm_consumers = {"ln_1": ("attn.in_proj",), "ln_2": ("mlp.c_fc",)}
 
     def matches(self, model) -> bool:
         return type(model).__module__.startswith("open_clip.") or any(

@@ -21,6 +21,8 @@ class OpenAIClipAdapter(Adapter):
     projection_parameters = ("visual.proj", "text_projection")
     token_embeddings = ("token_embedding",)
     patch_embeddings = ("visual.conv1",)
+    # ResidualAttentionBlock: x + attn(ln_1(x)), then x + mlp(ln_2(x))
+    pre_norm_consumers = {"ln_1": ("attn.in_proj",), "ln_2": ("mlp.c_fc",)}
 
     def matches(self, model) -> bool:
         return any(_is_openai_clip(c) for c in type(model).__mro__)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import formats, ops
+from .. import formats, ops, primitives
 from ..configs import LayerConfig
 from .packed import PackedWeight, dequantize_packed
 
@@ -37,6 +37,13 @@ class QuantLinear(PackedWeight):
     - activation "none" (weight-only): the weight is dequantized and F.linear runs.
     - format "float" (pass-through): the float weight, F.linear; the module swap
       is exact.
+
+    Input transforms (``layer.smoothing``, ``layer.rotation``): the layer computes
+    ``transform_input(x) @ W'^T`` with ``W' = transform_weight(W)`` stored, which equals
+    ``x W^T`` in real arithmetic. Smoothing divides x by the ``smooth_scale`` buffer
+    (unless an upstream LayerNorm was folded to do it) and multiplies W's columns by it;
+    rotation multiplies both by the same orthonormal block-Hadamard matrix.
+    ``load_float_weight`` takes the *original* weight and transforms it.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, layer: LayerConfig, dtype=None, device=None):
@@ -51,6 +58,30 @@ class QuantLinear(PackedWeight):
         else:
             self.register_buffer("act_scale", None)
         self._act_scale_ready = False
+        if layer.smoothing != "none":
+            self.register_buffer("smooth_scale", torch.ones(in_features, dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("smooth_scale", None)
+        self.rotation_block = primitives.rotation_block(in_features, layer.rotation) if layer.rotation else 1
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the stored weight multiplies: x smoothed (online) and rotated, as the layer runs it."""
+        if self.layer.smoothing == "online":
+            x = x / self.smooth_scale.to(x.dtype)
+        return primitives.rotate_blocks(x, self.rotation_block)
+
+    def transform_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The stored (to be quantized) weight for an original float weight [out, in]."""
+        if self.layer.smoothing != "none":
+            weight = weight * self.smooth_scale.to(device=weight.device, dtype=weight.dtype)
+        return primitives.rotate_blocks(weight, self.rotation_block)
+
+    @torch.no_grad()
+    def load_float_weight(self, weight: torch.Tensor) -> None:
+        """Quantize an original float [out_features, in_features] weight (input transforms applied here)."""
+        if self.layer.has_input_transform and tuple(weight.shape) == (self.out_features, self.in_features):
+            weight = self.transform_weight(weight.to(torch.float32))
+        super().load_float_weight(weight)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, layer: LayerConfig) -> "QuantLinear":
@@ -107,6 +138,8 @@ class QuantLinear(PackedWeight):
                 f"features in its last dimension, got shape {list(x.shape)}"
             )
         bias = self.bias[rows] if self.bias is not None else None
+        if self.layer.has_input_transform:
+            x = self.transform_input(x)
         if self.layer.is_float:
             return F.linear(x, self.weight[rows], bias)
         packed, scale = self.packed_weight[rows], self.weight_scale[rows]

@@ -350,6 +350,11 @@ class FakeQuantLinear(nn.Linear):
         if not isinstance(qlinear, QuantLinear):
             raise ValueError(f"qlinear must be a pyclipq QuantLinear, got {type(qlinear).__name__}")
         layer = qlinear.layer
+        if layer.has_input_transform:
+            raise ValueError(
+                f"qlinear {qlinear.layer_name or '(unnamed)'} has an input transform (smoothing={layer.smoothing!r}, "
+                f"rotation={layer.rotation}); fake-quant twins of smoothed or rotated layers are not supported"
+            )
         weight = qlinear.dequantize_weight(torch.float32)
         bias = qlinear.bias.detach().clone() if qlinear.bias is not None else None
         module = cls.from_parameters(nn.Parameter(weight, requires_grad=False), None if bias is None else nn.Parameter(bias, requires_grad=False), layer, exact)
