@@ -215,7 +215,7 @@ def _hadamard_cpu(size: int) -> torch.Tensor:
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < size:  # Sylvester: H_2n = [[H, H], [H, -H]]
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / math.sqrt(size)).to(torch.float32)
+    return h / math.sqrt(size)  # float64: each dtype rounds from the exact values
 
 
 def hadamard(size: int, device=None, dtype=torch.float32) -> torch.Tensor:

@@ -6,6 +6,7 @@ end with a one-line error and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -17,6 +18,7 @@ from ..convert import linear_inventory
 from ..train import recipes
 from . import bench as benchmark
 from .bench import PYCLIPQ_FORMATS, RUNTIME_PEERS
+from .calibration import calibration_batches
 from .eval_command import run_eval
 from .loading import ModelLoadError, load_model
 
@@ -82,23 +84,54 @@ def _config_from_args(args):
         overrides["group_size"] = args.group_size
     if getattr(args, "activation", None) is not None:
         overrides["activation"] = args.activation
+    if getattr(args, "rotation", None):
+        overrides["rotation"] = args.rotation
     return QuantConfig.preset(args.format, **overrides) if overrides else config
 
 
+def _smooth_arg(value):
+    if value is None or value == "search":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise UserError(f"--smooth takes an alpha in [0, 1] or 'search', got {value!r}") from None
+
+
+def _calibrate_from_args(args, loaded, model, float_model) -> str:
+    """Run pyclipq.calibrate on the user's files when --calibrate is given; the report's text."""
+    method_flags = args.smooth is not None or args.gptq or args.clip_search or args.weight_observer
+    if not args.calibrate:
+        if method_flags:
+            raise UserError("--smooth, --gptq, --clip-search and --weight-observer need calibration inputs: --calibrate PATH")
+        return ""
+    batches = calibration_batches(loaded, args.calibrate, args.calibrate_batches, args.calibrate_batch_size)
+    report = pyclipq.calibrate(
+        model, batches, observer=args.observer, num_batches=len(batches), weight_observer=args.weight_observer,
+        gptq=args.gptq, clip_search=args.clip_search, smooth=_smooth_arg(args.smooth),
+        dynamic_fallback=args.dynamic_fallback, float_model=float_model, progress=not args.json,
+    )
+    return str(report)
+
+
 def cmd_convert(args) -> int:
-    loaded = load_model(args.model, args.pretrained)
-    config = _config_from_args(args)
-    model = pyclipq.convert(loaded.model, config)
     out = args.output
     if os.path.dirname(out) and not os.path.isdir(os.path.dirname(out)):
         raise UserError(f"output directory does not exist: {os.path.dirname(out)}")
+    loaded = load_model(args.model, args.pretrained)
+    config = _config_from_args(args)
+    float_model = copy.deepcopy(loaded.model) if args.calibrate else None
+    model = pyclipq.convert(loaded.model, config)
+    calibration = _calibrate_from_args(args, loaded, model, float_model)
     pyclipq.save(model, out)
 
     quantized, total = linear_inventory(model)
     payload = {"model": loaded.label, "format": args.format, "output": out, "bytes": os.path.getsize(out),
                "linears_quantized": quantized, "linears_total": total}
-    _print(args, payload, f"{loaded.label} -> {out} ({payload['bytes'] / 1e6:.1f} MB, "
-                          f"{quantized}/{total} linears quantized, {args.format})")
+    if calibration:
+        payload["calibration"] = calibration
+    _print(args, payload, (calibration + "\n" if calibration else "") + f"{loaded.label} -> {out} "
+           f"({payload['bytes'] / 1e6:.1f} MB, {quantized}/{total} linears quantized, {args.format})")
     return 0
 
 
@@ -151,7 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", required=True, help="int8, int4, int2, ternary or a preset name")
     sp.add_argument("--group-size", type=int, default=None)
     sp.add_argument("--activation", default=None, choices=["dynamic", "static", "none"])
+    sp.add_argument("--rotation", type=int, default=0,
+                    help="block size of an online Hadamard rotation of every linear's input (e.g. 128; 0: none)")
     sp.add_argument("-o", "--output", required=True)
+    cal = sp.add_argument_group("calibration (pyclipq.calibrate on your own images or captions)")
+    cal.add_argument("--calibrate", action="append", default=[], metavar="PATH",
+                     help="a folder of images or a .txt file of captions (one per line); repeat to give both")
+    cal.add_argument("--calibrate-batches", type=int, default=4)
+    cal.add_argument("--calibrate-batch-size", type=int, default=8)
+    cal.add_argument("--observer", default="omse", help="static activation observer: minmax, ema, percentile, omse")
+    cal.add_argument("--weight-observer", default=None, help="re-choose weight scales with this observer (e.g. omse)")
+    cal.add_argument("--gptq", action="store_true", help="GPTQ error-compensating rounding")
+    cal.add_argument("--clip-search", action="store_true", help="weight scales with the least output error")
+    cal.add_argument("--smooth", nargs="?", const="search", default=None, metavar="ALPHA",
+                     help="SmoothQuant outlier migration: alpha searched per layer, or a fixed alpha")
+    cal.add_argument("--dynamic-fallback", type=float, default=None, metavar="RATIO",
+                     help="with --smooth: static layers whose error stays above RATIO x dynamic's become dynamic")
     common(sp)
     sp.set_defaults(fn=cmd_convert)
 
