@@ -18,6 +18,11 @@ The method names the observer of both the activations and the weight scales:
   omse+gptq   A: OMSE,        W: OMSE-clipped scales, GPTQ rounding
   rtn         A: OMSE,        W: the format's rule (absmax / qmax; ternary absmean), round to nearest
   gptq        A: OMSE,        W: the format's rule, GPTQ rounding
+  smooth+omse             SmoothQuant (alpha searched per layer; folded into pre-LN norms) + omse activations
+  rotate+omse             online block-Hadamard rotation (block 64) of every linear's input + omse
+  clip_search             A: OMSE, W: scales with the least output error on the calibration inputs, RTN
+  gptq+clip_search        the same scales search inside GPTQ
+  rotate+gptq+clip_search rotation + GPTQ + output-aware scales
 
 Kernels: by default every quantized model runs the real fused ops (pyclipq's CPU kernels).
 `--emulate` instead runs a float emulation (`emulate_kernels`: fake-quantized activations @
@@ -58,6 +63,15 @@ METHODS = {
     "rtn": ("omse", None, False),
     "gptq": ("omse", None, True),
 }
+# Outlier and output-aware methods (issue 15): extra QuantConfig fields / calibrate arguments.
+EXTRA = {
+    "smooth+omse": ("omse", None, False, {"smooth": True}),
+    "rotate+omse": ("omse", None, False, {"rotation": 64}),
+    "clip_search": ("omse", None, False, {"clip_search": True}),
+    "gptq+clip_search": ("omse", None, True, {"clip_search": True}),
+    "rotate+gptq+clip_search": ("omse", None, True, {"rotation": 64, "clip_search": True}),
+}
+METHODS.update({name: spec[:3] for name, spec in EXTRA.items()})
 
 
 # ------------------------------------------------------------------ kernel emulation
@@ -67,7 +81,7 @@ def _emulated_forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """The fused op's numerics in float: docs/FORMATS.md "Activations" then x_hat @ W_hat^T + b."""
     weight = self.dequantize_weight(torch.float32)
     bias = self.bias.float() if self.bias is not None else None
-    xf = x.float()
+    xf = self.transform_input(x.float())  # smoothing / rotation, as the layer runs them
     if self.layer.activation == "none":
         return F.linear(xf, weight, bias).to(x.dtype)
     if self.layer.activation == "static":
@@ -156,7 +170,9 @@ class TestbedEval:
 def quantize(fp32, fmt: str, method: str, batches, emulate: bool = False, activation: str = "static"):
     """Convert a copy of fp32 and calibrate it with `method`; returns (model, report, seconds)."""
     act_observer, weight_observer, gptq = METHODS[method]
-    model = pyclipq.convert(copy.deepcopy(fp32), QuantConfig(fmt, activation=activation))
+    extra = dict(EXTRA[method][3]) if method in EXTRA else {}
+    rotation = extra.pop("rotation", 0)
+    model = pyclipq.convert(copy.deepcopy(fp32), QuantConfig(fmt, activation=activation, rotation=rotation))
     if emulate:
         emulate_kernels(model)
     started = time.perf_counter()
@@ -164,7 +180,7 @@ def quantize(fp32, fmt: str, method: str, batches, emulate: bool = False, activa
     if activation == "static":
         report = calibrate(
             model, batches, observer=act_observer, num_batches=len(batches), weight_observer=weight_observer, gptq=gptq,
-            float_model=fp32 if (weight_observer or gptq) else None, progress=False,
+            float_model=fp32 if (weight_observer or gptq or extra) else None, progress=False, **extra,
         )
     return model, report, time.perf_counter() - started
 

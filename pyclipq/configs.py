@@ -116,7 +116,12 @@ class LayerConfig:
         return dataclasses.replace(self, activation="none", smoothing="none", rotation=0)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        # Input transforms are written only when used: checkpoints without them read as before.
+        for name, default in (("smoothing", "none"), ("rotation", 0)):
+            if data[name] == default:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LayerConfig":
@@ -208,6 +213,8 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
+        if not data["rotation"]:
+            del data["rotation"]
         data["include"] = list(self.include)
         data["exclude"] = list(self.exclude)
         return data

@@ -27,7 +27,8 @@ def check_model(model, needs_static: bool = True) -> list:
         raise ValueError(f"model must be a torch.nn.Module converted by pyclipq.convert, got {type(model).__name__}")
     linears = list(quant_linears(model))
     if not linears:
-        raise ValueError("model has no quantized pyclipq QuantLinear: convert it with pyclipq.convert first")
+        raise ValueError("model has no quantized pyclipq QuantLinear (it was not converted with static activations or "
+                         "any other mode): convert it with pyclipq.convert first")
     static = [(n, m) for n, m in linears if m.layer.activation == "static"]
     if needs_static and not static:
         modes = sorted({m.layer.activation for _, m in linears})
