@@ -95,7 +95,7 @@ def test_the_layer_check_sees_an_upward_import(tmp_path, monkeypatch):
 # Packages that pyclipq's core install does not bring (extras), imported where first needed so
 # the library works without them. Anything else is imported at the top of its module.
 OPTIONAL_DEPENDENCIES = {"triton", "open_clip", "transformers", "clip", "torchvision", "PIL", "matplotlib",
-                         "onnxruntime", "openvino", "nncf"}
+                         "onnxruntime", "openvino", "nncf", "webdataset"}
 # Function-local pyclipq imports kept on purpose, each with its reason.
 ALLOWED_LOCAL = {
     ("formats.py", "primitives"),  # the deprecated alias above: primitives is a layer higher
