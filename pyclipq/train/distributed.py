@@ -65,10 +65,14 @@ def init_distributed(device: str = "auto", *, init_method: str | None = None, ra
     """
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda under torch.distributed, got {device!r}")
+    joined = dist.is_available() and dist.is_initialized()  # by the caller, or an earlier call
+    if joined:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
     rank = _env_int("RANK", 0) if rank is None else rank
     world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
-    local_rank = _env_int("LOCAL_RANK", rank if init_method else 0)
-    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size if init_method else 1)
+    # without torchrun's variables (spawned test processes) every rank is taken to be on this machine
+    local_rank = _env_int("LOCAL_RANK", rank if (init_method or joined) else 0)
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size if (init_method or joined) else 1)
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available on this machine")
@@ -105,7 +109,11 @@ class GlobalBatch:
         counts = self._counts(x.shape[0], x.device)
         longest = max(counts)
         padded = x if x.shape[0] == longest else torch.cat([x, x.new_zeros(longest - x.shape[0], *x.shape[1:])])
-        parts = dist_nn.all_gather(padded)
+        with warnings.catch_warnings():
+            # torch 2.14 marks the public autograd all_gather deprecated in favour of a private
+            # module's; the public one (open_clip's gather_with_grad) is kept until that is public
+            warnings.simplefilter("ignore", FutureWarning)
+            parts = dist_nn.all_gather(padded)
         return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
     def positives(self, positives: torch.Tensor) -> torch.Tensor:
