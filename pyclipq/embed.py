@@ -46,6 +46,7 @@ class Unit:
     """One output shard: explicit (key, path or text) items, or one tar shard's samples."""
 
     id: int
+    modality: str
     items: list[tuple[str, str]] = field(default_factory=list)
     url: str | None = None
 
@@ -59,7 +60,7 @@ def plan_units(spec: str, modality: str, shard_size: int, *, image_column: str =
         raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
     kind, path = parse_data_spec(spec, "--input")
     if kind == "wds":
-        return [Unit(i, url=url) for i, url in enumerate(shard_urls(path, "--input"))]
+        return [Unit(i, modality, url=url) for i, url in enumerate(shard_urls(path, "--input"))]
     if kind == "csv":
         column = image_column if modality == "image" else text_column
         argument = "--image-column" if modality == "image" else "--text-column"
@@ -79,7 +80,7 @@ def plan_units(spec: str, modality: str, shard_size: int, *, image_column: str =
                  for p in files]
     if not items:
         raise ValueError(f"--input: {spec} holds no {'images' if modality == 'image' else 'texts'}")
-    return [Unit(j, items=items[start:start + shard_size]) for j, start in enumerate(range(0, len(items), shard_size))]
+    return [Unit(j, modality, items=items[start:start + shard_size]) for j, start in enumerate(range(0, len(items), shard_size))]
 
 
 class UnitBatches(torch.utils.data.IterableDataset):
@@ -88,9 +89,10 @@ class UnitBatches(torch.utils.data.IterableDataset):
     Yields {"unit", "keys", "inputs" (tensor or None), "skipped", "last"}; the last batch of a unit has last=True.
     """
 
-    def __init__(self, units: list[Unit], modality: str, transform: Callable | None, tokenizer: Callable | None,
+    def __init__(self, units: list[Unit], transform: Callable | None, tokenizer: Callable | None,
                  batch_size: int, strict: bool = False):
-        self.units, self.modality, self.transform, self.tokenizer = units, modality, transform, tokenizer
+        self.units, self.transform, self.tokenizer = units, transform, tokenizer
+        self.modality = units[0].modality if units else "image"
         self.batch_size, self.strict = batch_size, strict
 
     def __iter__(self):
@@ -229,7 +231,7 @@ def _check_run(out: Path, run: dict) -> None:
 
 
 @torch.inference_mode()
-def embed(model, units: list[Unit], out, *, modality: str = "image", transform: Callable | None = None,
+def embed(model, units: list[Unit], out, *, transform: Callable | None = None,
           tokenizer: Callable | None = None, batch_size: int = 64, workers: int = 2, device="cpu",
           normalize: bool = True, dtype: str = "float32", output_format: str = "npy", strict: bool = False,
           describe: dict | None = None, progress: bool = True, on_shard: Callable[[int], None] | None = None,
@@ -237,10 +239,14 @@ def embed(model, units: list[Unit], out, *, modality: str = "image", transform: 
     """Embed `units` into `out` (see the module doc); every rank of a torchrun job calls it.
 
     describe: what metadata.json should say of the model (name, pretrained, format, ...).
+    units: plan_units(...), which fixes the modality (images or texts) and the rows of every shard.
     on_shard: called with each unit id after its shard is written (progress hooks, tests).
     """
-    if modality not in MODALITIES:
-        raise ValueError(f"--modality must be one of {list(MODALITIES)}, got {modality!r}")
+    if not units:
+        raise ValueError("units: nothing to embed")
+    modality = units[0].modality
+    if any(u.modality != modality for u in units):
+        raise ValueError("units: mixes image and text units")
     if modality == "image" and transform is None:
         raise ValueError("transform: image embedding needs the model's preprocessing")
     if modality == "text" and tokenizer is None:
@@ -271,7 +277,7 @@ def embed(model, units: list[Unit], out, *, modality: str = "image", transform: 
     if isinstance(model, torch.nn.Module):
         model.to(device).eval()
     encode = model.encode_image if modality == "image" else model.encode_text
-    loader = torch.utils.data.DataLoader(UnitBatches(todo, modality, transform, tokenizer, batch_size, strict),
+    loader = torch.utils.data.DataLoader(UnitBatches(todo, transform, tokenizer, batch_size, strict),
                                          batch_size=None, num_workers=min(workers, len(todo)))
     buffers: dict[int, list] = {}
     rows, started = 0, time.perf_counter()

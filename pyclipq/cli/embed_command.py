@@ -59,7 +59,7 @@ def run_embed(args) -> dict:
                     "format": args.format or ("checkpoint" if args.quantized else "fp32"),
                     "quantized_checkpoint": os.path.abspath(args.quantized) if args.quantized else None,
                     "input": args.input}
-        report = embedding.embed(model, units, args.out, modality=args.modality, transform=loaded.preprocess,
+        report = embedding.embed(model, units, args.out, transform=loaded.preprocess,
                                  tokenizer=loaded.tokenize, batch_size=args.batch_size, workers=args.workers,
                                  device=args.device, normalize=not args.no_normalize, dtype=args.dtype,
                                  output_format=args.output_format, strict=args.strict_images, describe=describe,

@@ -63,9 +63,13 @@ def parse_data_spec(spec: str, argument: str = "--data") -> tuple[str, str]:
     """
     kind, sep, rest = spec.partition(":")
     if sep and kind in DATA_KINDS:
+        if kind != "wds" and not Path(rest).exists():
+            raise FileNotFoundError(f"{argument}: {rest} not found")
         return kind, rest
     path = Path(spec)
     if path.suffix.lower() in (".csv", ".tsv"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{argument}: {spec} not found")
         return "csv", spec
     if spec.endswith(".tar") or ("{" in spec and ".tar" in spec):
         return "wds", spec
@@ -76,7 +80,7 @@ def parse_data_spec(spec: str, argument: str = "--data") -> tuple[str, str]:
             return "imagefolder", spec
         return "folder", spec
     if not path.exists():
-        raise FileNotFoundError(f"{argument}: {spec} does not exist")
+        raise FileNotFoundError(f"{argument}: {spec} not found")
     raise ValueError(f"{argument}: cannot tell what {spec} is; write csv:PATH, wds:SHARDS, imagefolder:DIR or folder:DIR")
 
 
@@ -257,14 +261,19 @@ class _ShuffleSamples:
 
 
 class _DecodePairs:
-    """webdataset samples -> (image, caption, bad samples skipped just before it)."""
+    """webdataset samples -> (image, caption, bad samples skipped since the previous good one).
+
+    The last good sample is held back until the stream ends, so bad samples at the very end of
+    a worker's stream are counted on it rather than lost (unless it falls in the partial batch
+    that is dropped at the end of the stream).
+    """
 
     def __init__(self, transform: Callable, strict: bool):
         self.transform = transform
         self.strict = strict
 
     def __call__(self, samples):
-        skipped = 0
+        skipped, held = 0, None
         for sample in samples:
             key = f"{Path(sample.get('__url__', '?')).name}/{sample.get('__key__')}"
             encoded = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
@@ -279,8 +288,12 @@ class _DecodePairs:
             if image is None:
                 skipped += 1
                 continue
-            yield image, caption.decode("utf-8") if isinstance(caption, bytes) else caption, skipped
+            if held is not None:
+                yield held
+            held = (image, caption.decode("utf-8") if isinstance(caption, bytes) else caption, skipped)
             skipped = 0
+        if held is not None:
+            yield held[0], held[1], held[2] + skipped
 
 
 def webdataset_pairs(shards: str | Sequence[str], transform: Callable, tokenizer: Callable, global_batch: int, *,
