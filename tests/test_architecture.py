@@ -22,7 +22,7 @@ LAYERS = {
     "nn": 5,
     "models": 6, "convert": 6, "io": 6,
     "eval": 7, "testbed": 7,
-    "calibrate": 8, "train": 8, "qat": 8,
+    "calibrate": 8, "train": 8, "qat": 8, "embed": 8,
     "cli": 9,
 }
 # Imports that point up on purpose, each with its reason.
