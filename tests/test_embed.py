@@ -51,6 +51,7 @@ def _rank(rank: int, world: int, store: str, images, out):
         shutdown_distributed()
 
 
+@pytest.mark.filterwarnings("ignore:skipping image")  # the bad file, on purpose
 def test_two_ranks_write_the_rows_of_one_rank(tmp_path):
     images = write_images(tmp_path / "images")
     units = embedding.plan_units(str(images), "image", shard_size=4)
@@ -115,6 +116,7 @@ def write_shards(folder, n_shards: int = 3, per_shard: int = 4):
     return written
 
 
+@pytest.mark.filterwarnings("ignore:skipping image")  # the broken sample, on purpose
 def test_webdataset_round_trip_for_embedding_and_training(tmp_path):
     from pyclipq.train.data import webdataset_pairs
 
