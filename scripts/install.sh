@@ -12,6 +12,6 @@ python -m pip install -q torch==2.14.1 torchvision==0.29.1
 python -m pip install -q scikit-build-core pybind11 ninja cmake
 # --no-build-isolation: build against the torch above, never download a second one.
 # peers (ONNX Runtime, OpenVINO, NNCF) adds about 10 s of wheels and no conflicts: its tests run in CI.
-python -m pip install -q --no-build-isolation ".[clip,test,plot,triton,peers]"
+python -m pip install -q --no-build-isolation ".[clip,test,plot,triton,peers,data]"
 # from outside the source tree, so the installed package is the one imported
 (cd / && python -c "import pyclipq, json; print(json.dumps(pyclipq.build_info()))")

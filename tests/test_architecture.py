@@ -22,7 +22,7 @@ LAYERS = {
     "nn": 5,
     "models": 6, "convert": 6, "io": 6,
     "eval": 7, "testbed": 7,
-    "calibrate": 8, "train": 8, "qat": 8,
+    "calibrate": 8, "train": 8, "qat": 8, "embed": 8,
     "cli": 9,
 }
 # Imports that point up on purpose, each with its reason.
@@ -95,7 +95,7 @@ def test_the_layer_check_sees_an_upward_import(tmp_path, monkeypatch):
 # Packages that pyclipq's core install does not bring (extras), imported where first needed so
 # the library works without them. Anything else is imported at the top of its module.
 OPTIONAL_DEPENDENCIES = {"triton", "open_clip", "transformers", "clip", "torchvision", "PIL", "matplotlib",
-                         "onnxruntime", "openvino", "nncf"}
+                         "onnxruntime", "openvino", "nncf", "webdataset"}
 # Function-local pyclipq imports kept on purpose, each with its reason.
 ALLOWED_LOCAL = {
     ("formats.py", "primitives"),  # the deprecated alias above: primitives is a layer higher

@@ -1,4 +1,4 @@
-"""The `pyclipq` command line: info, bench, convert, eval, train.
+"""The `pyclipq` command line: info, bench, convert, eval, train, embed.
 
 User mistakes (unknown model or format, missing file, no internet for a pretrained tag)
 end with a one-line error and exit code 2, never a traceback.
@@ -17,6 +17,7 @@ from ..configs import QuantConfig, resolve_config
 from ..convert import linear_inventory
 from ..train import recipes
 from . import bench as benchmark
+from . import embed_command, train_command
 from .bench import PYCLIPQ_FORMATS, RUNTIME_PEERS
 from .calibration import calibration_batches
 from .eval_command import run_eval
@@ -34,6 +35,10 @@ EXAMPLES = """examples:
   pyclipq train ternary --preset qall --steps 600 --out runs/ternary   # TernaryCLIP QAT + KD on the test bed
   pyclipq train p4q --format int4 --out runs/p4q                       # P4Q prompt + QAdapter on a PTQ model
   pyclipq train ternary --help                                          # every option of a recipe
+  pyclipq train ternary --model ViT-B-32 --pretrained ckpt.bin --data pairs.csv --out runs/own    # your model and data
+  torchrun --nproc-per-node 8 -m pyclipq.cli train ternary --model ViT-B-32 --pretrained ckpt.bin --data 'wds:shards/{0000..0999}.tar' --out runs/own
+  pyclipq embed ViT-B-32 --pretrained ckpt.bin --format int8 --input images/ --out emb/   # resumable shards
+  torchrun --nproc-per-node 4 -m pyclipq.cli embed ViT-B-32 --quantized m.safetensors --input 'wds:shards/{0000..0999}.tar' --out emb/
 """
 
 
@@ -143,7 +148,17 @@ def cmd_eval(args) -> int:
 
 def cmd_train(args) -> int:
     # The recipe prints its own summary (JSON) and writes results.json under --out.
-    recipes.COMMANDS[args.recipe](args.recipe_args)
+    if train_command.wants_own_data(args.recipe_args):
+        train_command.run_own_data(args.recipe, args.recipe_args)
+    else:
+        recipes.COMMANDS[args.recipe](args.recipe_args)
+    return 0
+
+
+def cmd_embed(args) -> int:
+    payload = embed_command.run_embed(args)
+    if payload["rank"] == 0:  # one report per job, as torchrun runs every rank
+        _print(args, payload, payload.pop("_text"))
     return 0
 
 
@@ -217,12 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.set_defaults(fn=cmd_eval)
 
-    sp = sub.add_parser("train", help="QAT recipes on the test bed: ternary (TernaryCLIP) or p4q (P4Q)",
+    sp = sub.add_parser("train", help="QAT recipes, ternary (TernaryCLIP) or p4q (P4Q): on the test bed, or "
+                                      "--model/--data for your own (torchrun for several processes)",
                         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sp.add_argument("recipe", choices=["ternary", "p4q"])
     sp.add_argument("recipe_args", nargs=argparse.REMAINDER,
                     help="the recipe's own options; `pyclipq train RECIPE --help` lists them")
     sp.set_defaults(fn=cmd_train)
+
+    sp = sub.add_parser("embed", help="embed images or texts into resumable shards (one or many processes)",
+                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    embed_command.add_arguments(sp)
+    common(sp)
+    sp.set_defaults(fn=cmd_embed)
     return p
 
 

@@ -106,10 +106,15 @@ def _openai(path: str) -> LoadedModel:
 
 
 def _testbed() -> LoadedModel:
+    from torchvision import transforms
+
     bed = load_testbed()
     model = bed.model.eval()
-    return LoadedModel(model, bed.tokenizer, bed.config.image_size, bed.config.context_length,
-                       bed.config.vocab_size, "testbed", "pyclipq test bed (trained)")
+    # the test bed trains on images in [0, 1] at its resolution, unnormalized
+    size = bed.config.image_size
+    preprocess = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor()])
+    return LoadedModel(model, bed.tokenizer, size, bed.config.context_length,
+                       bed.config.vocab_size, "testbed", "pyclipq test bed (trained)", preprocess)
 
 
 def load_model(spec: str, pretrained: str | None = None) -> LoadedModel:

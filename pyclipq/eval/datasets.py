@@ -68,25 +68,37 @@ def cifar100(root, transform: Callable, train: bool = False) -> LabelledImages:
     return LabelledImages(dataset, cifar100_classnames())
 
 
+def read_csv_columns(csv_path, columns: dict[str, str]) -> list[tuple[str, ...]]:
+    """The named columns of every row of a CSV (a .tsv file is read tab-separated).
+
+    columns: {argument name: column name}, so that a missing column is reported under the
+    argument that named it. Returns one tuple per row, in file order, columns in the given order.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        wanted = " and ".join(repr(column) for column in columns.values())
+        raise FileNotFoundError(f"csv_path: {csv_path} not found; pass a CSV with {wanted} columns")
+    delimiter = "\t" if csv_path.suffix.lower() == ".tsv" else ","
+    with csv_path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle, delimiter=delimiter)
+        present = reader.fieldnames or []
+        for argument, column in columns.items():
+            if column not in present:
+                raise ValueError(f"{argument}: column {column!r} not in {csv_path.name}; its columns are {present}")
+        rows = [tuple(row[column] for column in columns.values()) for row in reader]
+    if not rows:
+        raise ValueError(f"csv_path: {csv_path} has a header but no rows")
+    return rows
+
+
 def read_retrieval_csv(csv_path, *, image_column: str = "image", caption_column: str = "caption", root=None) -> RetrievalPairs:
     """Rows of (image path, caption); relative paths are read from root (default: the CSV's folder).
 
     A .tsv file is read tab-separated, anything else comma-separated.
     """
     csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"csv_path: {csv_path} not found; pass a CSV with '{image_column}' and '{caption_column}' columns")
+    rows = read_csv_columns(csv_path, {"image_column": image_column, "caption_column": caption_column})
     root = Path(root) if root is not None else csv_path.parent
-    delimiter = "\t" if csv_path.suffix.lower() == ".tsv" else ","
-    with csv_path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        columns = reader.fieldnames or []
-        for argument, column in (("image_column", image_column), ("caption_column", caption_column)):
-            if column not in columns:
-                raise ValueError(f"{argument}: column {column!r} not in {csv_path.name}; its columns are {columns}")
-        rows = [(row[image_column], row[caption_column]) for row in reader]
-    if not rows:
-        raise ValueError(f"csv_path: {csv_path} has a header but no rows")
 
     image_index: dict[Path, int] = {}
     captions, owners = [], []

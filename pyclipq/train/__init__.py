@@ -5,17 +5,22 @@
 - qat: prepare_qat(model, config) -> fake-quant model; convert_qat(model) -> packed model; compare_layers
 - distill: contrastive, tau-scaled KL(teacher || student), feature losses; DistillationLoss
 - trainer: Trainer + TrainConfig (AdamW, warm-up + cosine, clipping, bf16, checkpoint/resume, JSONL log)
+- distributed: init_distributed (torchrun / file rendezvous), GlobalBatch (all-gather with gradients),
+  DistributedTrainer (DDP, rank-0 logs and checkpoints, per-rank resume)
+- data: the user's data from disk (CSV pairs, webdataset shards, ImageFolder) with counted skips of bad images
 - prompt, p4q: CoOp-style PromptLearner, QAdapter, P4QModel, P4QObjective
 - recipes: ternary_clip(...) and p4q(...) one-call recipes, and their command line
 """
 from .distill import DistillationLoss
 from .fake_quant import FakeQuantLinear, FakeQuantMultiheadAttention, FakeQuantParameter
 from .qat import compare_layers, convert_qat, differentiable_twin, prepare_qat, strip
+from .distributed import DistributedTrainer, init_distributed
 from .trainer import CLIPDistillation, TrainConfig, Trainer
 
 __all__ = [
     "CLIPDistillation",
     "DistillationLoss",
+    "DistributedTrainer",
     "FakeQuantLinear",
     "FakeQuantMultiheadAttention",
     "FakeQuantParameter",
@@ -24,6 +29,7 @@ __all__ = [
     "compare_layers",
     "convert_qat",
     "differentiable_twin",
+    "init_distributed",
     "prepare_qat",
     "strip",
 ]

@@ -40,6 +40,7 @@ from ..testbed.scenes import SceneAttributes
 from ..testbed.splits import TestbedSplit
 from ..testbed.train import describes
 from .distill import DistillationLoss
+from .distributed import DistributedContext, DistributedTrainer
 from .p4q import ExportedP4Q, FeatureBatches, P4QModel, P4QObjective, QAdapter, p4q_optimizers
 from .prompt import PromptLearner
 from .qat import convert_qat, deepcopy_model, prepare_qat
@@ -49,6 +50,12 @@ TERNARY_PRESETS = {"qall": "ternary-qall", "qffn": "ternary-qffn"}
 
 
 # ---------------------------------------------------------------- TernaryCLIP
+
+
+def _trainer(student, data, train: TrainConfig, distributed: DistributedContext | None, **kwargs) -> Trainer:
+    if distributed is None:
+        return Trainer(student, data, train, **kwargs)
+    return DistributedTrainer(student, data, train, context=distributed, **kwargs)
 
 
 @dataclass
@@ -77,18 +84,21 @@ def ternary_clip(
     teacher: nn.Module | None = None,
     exact: bool = True,
     resume: bool = False,
+    distributed: DistributedContext | None = None,
 ) -> TernaryResult:
     """Ternary QAT with self-distillation, in one call.
 
     model: a float CLIP (left untouched; the default teacher is a frozen fp32 copy of it).
     data: re-iterable (images, token ids[, positives]) batches.
     resume: continue from train.output_dir's checkpoint when there is one.
+    distributed: this process's rank (pyclipq.train.distributed.init_distributed()); `data`
+    then holds this rank's batches and the loss sees the global batch.
     """
     train = train if train is not None else TrainConfig()
     loss = loss if loss is not None else DistillationLoss(contrastive_weight=1.0, kd_weight=1.0, feature_weight=1.0)
     teacher = teacher if teacher is not None else deepcopy_model(model)
     student = prepare_qat(model, ternary_config(preset, threshold_rule), exact=exact)
-    trainer = Trainer(student, data, train, teacher=teacher, objective=CLIPDistillation(loss))
+    trainer = _trainer(student, data, train, distributed, teacher=teacher, objective=CLIPDistillation(loss))
     checkpoint = trainer.checkpoint_path()
     if resume and checkpoint is not None and checkpoint.is_file():
         trainer.load_checkpoint()
@@ -130,6 +140,7 @@ def p4q(
     train: TrainConfig | None = None,
     resume: bool = False,
     cache_features: bool = True,
+    distributed: DistributedContext | None = None,
 ) -> P4QResult:
     """P4Q on a frozen PTQ model, in one call.
 
@@ -139,6 +150,7 @@ def p4q(
     adapter (AdamW) train, both on the warm-up + cosine schedule of `train`.
     cache_features: encode the images with both frozen towers once (FeatureBatches);
     turn it off when `data` augments its images, which caching would freeze.
+    distributed: as in ternary_clip; each rank caches and trains on its own slice of the data.
     """
     train = train if train is not None else TrainConfig()
     device = torch.device(train.device)
@@ -152,7 +164,8 @@ def p4q(
     if cache_features:
         data = FeatureBatches.from_batches(ptq_model, teacher, data, device)
     optimizers = p4q_optimizers(model, prompt_lr=prompt_lr, adapter_lr=adapter_lr)
-    trainer = Trainer(model, data, train, teacher=teacher, objective=P4QObjective(teacher_classes, lam, temperature), optimizers=optimizers)
+    trainer = _trainer(model, data, train, distributed, teacher=teacher, objective=P4QObjective(teacher_classes, lam, temperature),
+                       optimizers=optimizers)
     checkpoint = trainer.checkpoint_path()
     if resume and checkpoint is not None and checkpoint.is_file():
         trainer.load_checkpoint()
@@ -220,19 +233,24 @@ def p4q_top1(exported: ExportedP4Q, loader, device="cpu") -> float:
 
 
 def _common_arguments(parser: argparse.ArgumentParser, steps: int, lr: float, batch: int) -> None:
+    training_arguments(parser, steps, lr, batch)
+    parser.add_argument("--train-scenes", type=int, default=8192, help="test-bed train scenes to cycle over")
+    parser.add_argument("--eval-scenes", type=int, default=4096, help="test-split scenes for zero-shot top-1")
+    parser.add_argument("--eval-device", default="cpu", help="device of the zero-shot evaluations (the packed model runs there)")
+    parser.add_argument("--testbed", type=Path, default=None, help="test-bed weights folder (default: the shipped weights)")
+    parser.add_argument("--device", default="cpu", help="training device")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+
+
+def training_arguments(parser: argparse.ArgumentParser, steps: int, lr: float, batch: int) -> None:
+    """The options of every training run (the test bed's and the user's own data)."""
     parser.add_argument("--steps", type=int, default=steps)
-    parser.add_argument("--batch-size", type=int, default=batch)
+    parser.add_argument("--batch-size", type=int, default=batch, help="the global batch (all processes together)")
     parser.add_argument("--lr", type=float, default=lr)
     parser.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--train-scenes", type=int, default=8192, help="test-bed train scenes to cycle over")
-    parser.add_argument("--eval-scenes", type=int, default=4096, help="test-split scenes for zero-shot top-1")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1 is fastest for the tiny test bed on a busy machine)")
-    parser.add_argument("--device", default="cpu", help="training device")
-    parser.add_argument("--eval-device", default="cpu", help="device of the zero-shot evaluations (the packed model runs there)")
-    parser.add_argument("--testbed", type=Path, default=None, help="test-bed weights folder (default: the shipped weights)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="folder for the checkpoint, log, results.json and the packed model")
     parser.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
@@ -241,7 +259,7 @@ def _common_arguments(parser: argparse.ArgumentParser, steps: int, lr: float, ba
     parser.add_argument("--no-progress", action="store_true")
 
 
-def _train_config(args) -> TrainConfig:
+def train_config(args) -> TrainConfig:
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20)
     return TrainConfig(
         steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=warmup, grad_clip=args.grad_clip or None,
@@ -270,17 +288,10 @@ def ternary_main(argv: list[str] | None = None, prog: str = "pyclipq train terna
     """`ternary` command: TernaryCLIP QAT + KD on the test bed."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog=prog, description=ternary_main.__doc__)
-    parser.add_argument("--preset", choices=sorted(TERNARY_PRESETS), default="qall")
-    parser.add_argument("--threshold-rule", choices=("absmean", "twice_mean"), default="absmean")
-    parser.add_argument("--contrastive-weight", type=float, default=1.0)
-    parser.add_argument("--kd-weight", type=float, default=1.0)
-    parser.add_argument("--kd-temperature", type=float, default=1.0)
-    parser.add_argument("--feature-weight", type=float, default=1.0)
-    parser.add_argument("--feature-kind", choices=("cosine", "mse"), default="cosine")
-    parser.add_argument("--fast-fake-quant", action="store_true", help="F.linear on dequantized operands instead of the exact integer path")
+    ternary_arguments(parser)
     _common_arguments(parser, steps=600, lr=5e-4, batch=128)
     args = parser.parse_args(argv)
-    train = _train_config(args)
+    train = train_config(args)
     testbed, test = _setup(args)
     tok, names, templates = testbed.tokenizer, testbed.classnames, testbed.templates
     config = ternary_config(args.preset, args.threshold_rule)
@@ -289,9 +300,8 @@ def ternary_main(argv: list[str] | None = None, prog: str = "pyclipq train terna
     ptq = zero_shot_top1(pyclipq_convert(deepcopy_model(testbed.model), config), tok, names, templates, test, args.eval_device)
     print(f"fp32 top-1 {fp32:.4f}   ternary-{args.preset} PTQ top-1 {ptq:.4f}", flush=True)
     data = TestbedPairs(args.train_scenes, args.batch_size, tok)
-    loss = DistillationLoss(args.contrastive_weight, args.kd_weight, args.kd_temperature, args.feature_weight, args.feature_kind)
     result = ternary_clip(
-        testbed.model, data, preset=args.preset, threshold_rule=args.threshold_rule, train=train, loss=loss,
+        testbed.model, data, preset=args.preset, threshold_rule=args.threshold_rule, train=train, loss=distillation_loss(args),
         exact=not args.fast_fake_quant, resume=args.resume,
     )
     after = zero_shot_top1(result.quantized, tok, names, templates, test, args.eval_device)  # on the packed kernels
@@ -307,7 +317,23 @@ def ternary_main(argv: list[str] | None = None, prog: str = "pyclipq train terna
     })
 
 
-def _ptq_model(model: nn.Module, config: QuantConfig, calibration: str, calibration_data, float_model: nn.Module) -> nn.Module:
+def ternary_arguments(parser: argparse.ArgumentParser) -> None:
+    """TernaryCLIP's options: the preset, the threshold rule and the distillation loss."""
+    parser.add_argument("--preset", choices=sorted(TERNARY_PRESETS), default="qall")
+    parser.add_argument("--threshold-rule", choices=("absmean", "twice_mean"), default="absmean")
+    parser.add_argument("--contrastive-weight", type=float, default=1.0)
+    parser.add_argument("--kd-weight", type=float, default=1.0)
+    parser.add_argument("--kd-temperature", type=float, default=1.0)
+    parser.add_argument("--feature-weight", type=float, default=1.0)
+    parser.add_argument("--feature-kind", choices=("cosine", "mse"), default="cosine")
+    parser.add_argument("--fast-fake-quant", action="store_true", help="F.linear on dequantized operands instead of the exact integer path")
+
+
+def distillation_loss(args) -> DistillationLoss:
+    return DistillationLoss(args.contrastive_weight, args.kd_weight, args.kd_temperature, args.feature_weight, args.feature_kind)
+
+
+def build_ptq_model(model: nn.Module, config: QuantConfig, calibration: str, calibration_data, float_model: nn.Module) -> nn.Module:
     """PTQ: dynamic per-token activations with absmax weights, or OMSE-calibrated (P4Q's baseline)."""
     if calibration == "none":
         return pyclipq_convert(deepcopy_model(model), config)
@@ -321,24 +347,11 @@ def p4q_main(argv: list[str] | None = None, prog: str = "pyclipq train p4q") -> 
     """`p4q` command: P4Q (prompt + QAdapter + KD) on a low-bit PTQ test bed."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog=prog, description=p4q_main.__doc__)
-    parser.add_argument("--format", choices=("int8", "int4", "int2", "ternary"), default="int4")
-    parser.add_argument("--group-size", type=int, default=None, help="int4/int2 group (0 = per channel); default: the format's")
-    parser.add_argument("--calibration", choices=("none", "omse"), default="omse",
-                        help="none: absmax weights, dynamic activations; omse: OMSE weights + static activations (P4Q's baseline)")
-    parser.add_argument("--calibration-batches", type=int, default=8, help="train batches fed to OMSE calibration")
-    parser.add_argument("--n-ctx", type=int, default=8, help="context vectors (the paper's 16 do not fit the test bed's 16-token context)")
-    parser.add_argument("--position", choices=("end", "front", "middle"), default="end")
-    parser.add_argument("--ctx-init", default=None, help="initial context phrase with exactly --n-ctx tokens (default: random)")
-    parser.add_argument("--alpha", type=float, default=0.2)
-    parser.add_argument("--reduction", type=int, default=4)
-    parser.add_argument("--adapter-format", choices=("int8", "int4", "int2", "ternary"), default="int8")
-    parser.add_argument("--lam", type=float, default=1.0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--prompt-lr", type=float, default=1e-2, help="SGD (momentum 0.9) learning rate of the prompt")
+    p4q_arguments(parser)
     # --lr is the adapter's AdamW rate. The defaults were tuned on the test bed (benchmarks/train_results.md).
     _common_arguments(parser, steps=600, lr=3e-3, batch=128)
     args = parser.parse_args(argv)
-    train = _train_config(args)
+    train = train_config(args)
     testbed, test = _setup(args)
     tok, names, templates = testbed.tokenizer, testbed.classnames, testbed.templates
     config = QuantConfig(args.format, group_size=args.group_size)
@@ -347,7 +360,7 @@ def p4q_main(argv: list[str] | None = None, prog: str = "pyclipq train p4q") -> 
     pairs = TestbedPairs(args.train_scenes, args.batch_size, tok)
     data = pairs.with_labels()
     calibration = [(images, tokens) for images, tokens, _ in itertools.islice(pairs, args.calibration_batches)]
-    ptq_model = _ptq_model(testbed.model, config, args.calibration, calibration, testbed.model)
+    ptq_model = build_ptq_model(testbed.model, config, args.calibration, calibration, testbed.model)
     ptq = zero_shot_top1(ptq_model, tok, names, templates, test, args.eval_device)
     print(f"fp32 top-1 {fp32:.4f}   {args.format} PTQ top-1 {ptq:.4f}", flush=True)
     result = p4q(
@@ -369,6 +382,24 @@ def p4q_main(argv: list[str] | None = None, prog: str = "pyclipq train p4q") -> 
         "seconds": round(time.perf_counter() - started, 1),
         "train": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(train).items()},
     })
+
+
+def p4q_arguments(parser: argparse.ArgumentParser) -> None:
+    """P4Q's options: the PTQ format and calibration, the prompt and the QAdapter."""
+    parser.add_argument("--format", choices=("int8", "int4", "int2", "ternary"), default="int4")
+    parser.add_argument("--group-size", type=int, default=None, help="int4/int2 group (0 = per channel); default: the format's")
+    parser.add_argument("--calibration", choices=("none", "omse"), default="omse",
+                        help="none: absmax weights, dynamic activations; omse: OMSE weights + static activations (P4Q's baseline)")
+    parser.add_argument("--calibration-batches", type=int, default=8, help="train batches fed to OMSE calibration")
+    parser.add_argument("--n-ctx", type=int, default=8, help="context vectors (the paper's 16 do not fit the test bed's 16-token context)")
+    parser.add_argument("--position", choices=("end", "front", "middle"), default="end")
+    parser.add_argument("--ctx-init", default=None, help="initial context phrase with exactly --n-ctx tokens (default: random)")
+    parser.add_argument("--alpha", type=float, default=0.2)
+    parser.add_argument("--reduction", type=int, default=4)
+    parser.add_argument("--adapter-format", choices=("int8", "int4", "int2", "ternary"), default="int8")
+    parser.add_argument("--lam", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--prompt-lr", type=float, default=1e-2, help="SGD (momentum 0.9) learning rate of the prompt")
 
 
 def save_p4q_head(exported: ExportedP4Q, path) -> None:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..eval.encode import as_clip_like
 from . import qat
 from .distill import DistillationLoss
 from .qat import deepcopy_model
@@ -137,6 +138,7 @@ def clip_outputs(model, images: torch.Tensor, tokens: torch.Tensor) -> dict:
     scale = getattr(model, "logit_scale", None)
     if scale is None:
         raise ValueError(f"model must have a logit_scale (a CLIP-like model), {type(model).__name__} has none")
+    model = as_clip_like(model)  # a transformers CLIPModel gets encode_image / encode_text
     return {
         "image_features": model.encode_image(images),
         "text_features": model.encode_text(tokens),
@@ -145,12 +147,18 @@ def clip_outputs(model, images: torch.Tensor, tokens: torch.Tensor) -> dict:
 
 
 class CLIPDistillation:
-    """The default objective: DistillationLoss between a CLIP student and its frozen teacher."""
+    """The default objective: DistillationLoss between a CLIP student and its frozen teacher.
 
-    def __init__(self, loss: DistillationLoss | None = None):
+    gather: None (one process), or an object with ``rows(features)`` and
+    ``positives(matrix)`` that assemble the global batch of every rank
+    (pyclipq.train.distributed.GlobalBatch), so the loss sees every rank's pairs as negatives.
+    """
+
+    def __init__(self, loss: DistillationLoss | None = None, gather=None):
         self.loss = loss if loss is not None else DistillationLoss()
         if not isinstance(self.loss, DistillationLoss):
             raise ValueError(f"loss must be a DistillationLoss, got {type(self.loss).__name__}")
+        self.gather = gather
 
     @property
     def needs_teacher(self) -> bool:
@@ -163,7 +171,16 @@ class CLIPDistillation:
         if self.loss.needs_teacher:
             with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
                 teacher_outputs = clip_outputs(teacher, images.float(), tokens)
+        if self.gather is not None:
+            outputs, teacher_outputs = self._global(outputs), self._global(teacher_outputs)
+            positives = self.gather.positives(positives) if positives is not None else None
         return self.loss(outputs, teacher_outputs, positives)
+
+    def _global(self, outputs: dict | None) -> dict | None:
+        if outputs is None:
+            return None
+        return {**outputs, "image_features": self.gather.rows(outputs["image_features"]),
+                "text_features": self.gather.rows(outputs["text_features"])}
 
 
 def default_teacher(student: nn.Module) -> nn.Module:
@@ -251,6 +268,7 @@ class Trainer:
         self.params = [p for o in self.optimizers for g in o.param_groups for p in g["params"]]
         self.position = _Position()
         self.history: list[dict] = []  # one record per step: step, loss, parts, lr, grad_norm
+        self.skipped = 0  # bad images the data left out, on this process
         self.output_dir = Path(config.output_dir) if config.output_dir else None
 
     # ------------------------------------------------------------ checkpoints
@@ -271,17 +289,23 @@ class Trainer:
         }
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
+        return self.write_checkpoint(self.state_dict(), path)
+
+    def write_checkpoint(self, state: dict, path: str | os.PathLike | None = None) -> Path:
         path = Path(path) if path is not None else self.checkpoint_path()
         if path is None:
             raise ValueError("path: no checkpoint path given and config.output_dir is not set")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
+        torch.save(state, tmp)
         os.replace(tmp, path)  # atomic: an interrupted save never leaves a half-written checkpoint
         return path
 
     def load_checkpoint(self, path: str | os.PathLike | None = None) -> None:
         """Restore a checkpoint written by save_checkpoint; the next fit() continues where it stopped."""
+        self.load_state_dict(self.read_checkpoint(path))
+
+    def read_checkpoint(self, path: str | os.PathLike | None = None) -> dict:
         path = Path(path) if path is not None else self.checkpoint_path()
         if path is None or not path.is_file():
             raise FileNotFoundError(f"path: no checkpoint at {path}")
@@ -291,6 +315,9 @@ class Trainer:
             raise ValueError(f"path: {path} is not a pyclipq trainer checkpoint (version {CHECKPOINT_VERSION})")
         if len(state["optimizers"]) != len(self.optimizers):
             raise ValueError(f"path: the checkpoint has {len(state['optimizers'])} optimizers, this trainer {len(self.optimizers)}")
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
         for o, s in zip(self.optimizers, state["optimizers"]):
             o.load_state_dict(s)
@@ -347,12 +374,16 @@ class Trainer:
         with open(self.output_dir / LOG_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def compute_loss(self, batch):
+        """(loss, parts) of one batch; the distributed trainer runs it inside DistributedDataParallel."""
+        return self.objective(self.student, self.teacher, batch)
+
     def train_step(self, batch) -> dict:
         batch = to_device(batch, self.device)
         self.student.train()
         use_bf16 = self.config.precision == "bf16"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss, parts = self.objective(self.student, self.teacher, batch)
+            loss, parts = self.compute_loss(batch)
         if not bool(torch.isfinite(loss)):
             raise FloatingPointError(f"loss is {loss.item()} at step {self.position.step + 1}; lower lr or check the data")
         for o in self.optimizers:
@@ -374,13 +405,17 @@ class Trainer:
                 scale.clamp_(0, self.config.max_logit_scale)
         self.position.step += 1
         self.position.batch_in_epoch += 1
-        return {
+        record = {
             "step": self.position.step,
             "loss": float(loss.detach()),
             **{k: float(v.detach()) for k, v in parts.items()},
             "lr": lr,
             "grad_norm": grad_norm,
         }
+        if isinstance(batch, dict) and "skipped" in batch:  # bad images left out (pyclipq.train.data)
+            self.skipped += int(batch["skipped"])
+            record["skipped"] = self.skipped
+        return record
 
     def fit(self, until: int | None = None) -> list[dict]:
         """Train up to step `until` (default config.steps); checkpoint at the end. Returns the step records."""

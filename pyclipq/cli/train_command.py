@@ -1,0 +1,172 @@
+"""`pyclipq train {ternary,p4q} --model ... --data ...`: the recipes on the user's own model and data,
+in one process or under torchrun (pyclipq.train.distributed), ending with the packed model saved.
+
+    pyclipq train ternary --model ViT-B-32 --pretrained ckpt.bin --data pairs.csv --out runs/t
+    torchrun --nproc-per-node 8 -m pyclipq.cli train ternary --model hf:./clip --data 'wds:shards/{0000..0999}.tar' --out runs/t
+    pyclipq train p4q --model ViT-B-32 --pretrained ckpt.bin --data imagefolder:/data/train --format int4 --out runs/p
+
+Without --model/--data the recipes run on the shipped test bed (pyclipq.train.recipes).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shlex
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import pyclipq
+
+from ..configs import QuantConfig
+from ..embed import cpu_threads_per_process
+from ..eval import imagenet_templates
+from ..train import data as train_data
+from ..train import recipes
+from ..train.distributed import DistributedContext, barrier, init_distributed, shutdown_distributed
+from .loading import LoadedModel, load_model
+
+
+def wants_own_data(argv: list[str]) -> bool:
+    return any(a == "--data" or a.startswith("--data=") for a in argv)
+
+
+def _arguments(parser: argparse.ArgumentParser, recipe: str) -> None:
+    parser.add_argument("--model", required=True, help="open_clip name, hf:<id|dir>, openai:<file>, testbed")
+    parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint path")
+    if recipe == "ternary":
+        parser.add_argument("--data", required=True,
+                            help="image-caption pairs: csv:FILE (.csv/.tsv) or wds:SHARDS (a folder of .tar, a brace pattern)")
+        parser.add_argument("--image-column", default="image", help="CSV column of image paths (relative to the CSV)")
+        parser.add_argument("--caption-column", default="caption", help="CSV column of captions")
+        parser.add_argument("--shuffle-buffer", type=int, default=1000, help="webdataset sample shuffle buffer")
+    else:
+        parser.add_argument("--data", required=True, help="labelled images: imagefolder:DIR (one sub-folder per class)")
+        parser.add_argument("--classnames", type=Path, default=None,
+                            help="a text file, one class name a line in the folders' sorted order (default: the folder names)")
+        parser.add_argument("--templates", type=Path, default=None,
+                            help="a text file of prompt templates with {} (default: the ImageNet templates)")
+    parser.add_argument("--workers", type=int, default=4, help="DataLoader workers per process (decode + preprocess)")
+    parser.add_argument("--strict-images", action="store_true", help="stop at a bad image instead of skipping it")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: this rank's GPU when there is one, else the CPU")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="auto: bf16 autocast on a GPU, fp32 on the CPU")
+
+
+def _lines(path: Path, argument: str) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{argument}: {path} not found")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{argument}: {path} is empty")
+    return lines
+
+
+def _pairs(args, loaded: LoadedModel):
+    kind, path = train_data.parse_data_spec(args.data)
+    strict = args.strict_images
+    if kind == "csv":
+        dataset = train_data.CaptionPairs.from_csv(path, loaded.preprocess, image_column=args.image_column,
+                                                   caption_column=args.caption_column, strict=strict)
+        return train_data.train_loader(dataset, args.batch_size, train_data.PairCollate(loaded.tokenize),
+                                       workers=args.workers, seed=args.seed, pin_memory=torch.cuda.is_available())
+    if kind == "wds":
+        return train_data.webdataset_pairs(path, loaded.preprocess, loaded.tokenize, args.batch_size, workers=args.workers,
+                                           shuffle_buffer=args.shuffle_buffer, strict=strict)
+    raise ValueError(f"--data: the ternary recipe trains on image-caption pairs (csv: or wds:), got {kind}:{path}")
+
+
+def _run_ternary(args, loaded: LoadedModel, train, context: DistributedContext) -> dict:
+    data = _pairs(args, loaded)
+    result = recipes.ternary_clip(loaded.model, data, preset=args.preset, threshold_rule=args.threshold_rule, train=train,
+                                  loss=recipes.distillation_loss(args), exact=not args.fast_fake_quant, resume=args.resume,
+                                  distributed=context)
+    model_path = args.out / "model.safetensors"
+    if context.is_main:
+        pyclipq.save(result.quantized, model_path)
+    return {"recipe": f"ternary-{args.preset}", "model": str(model_path), "history": result.history,
+            "skipped_images": _total(result.trainer.skipped, context)}
+
+
+def _run_p4q(args, loaded: LoadedModel, train, context: DistributedContext) -> dict:
+    kind, path = train_data.parse_data_spec(args.data)
+    if kind not in ("imagefolder", "folder"):
+        raise ValueError(f"--data: P4Q trains on labelled images (imagefolder:DIR), got {kind}:{path}")
+    dataset = train_data.LabelledImages(path, loaded.preprocess, strict=args.strict_images)
+    classnames = _lines(args.classnames, "--classnames") if args.classnames else dataset.classnames
+    if len(classnames) != len(dataset.classnames):
+        raise ValueError(f"--classnames: {len(classnames)} names for {len(dataset.classnames)} class folders")
+    templates = _lines(args.templates, "--templates") if args.templates else imagenet_templates()
+    data = train_data.train_loader(dataset, args.batch_size, train_data.LabelledCollate(), workers=args.workers,
+                                   seed=args.seed, pin_memory=torch.cuda.is_available())
+    # OMSE calibration sees images with the prompt of their class, as a CLIP forward needs text too
+    calibration = [(images, loaded.tokenize([templates[0].format(classnames[int(c)]) for c in labels]))
+                   for images, labels, _ in itertools.islice(data, args.calibration_batches)]
+    config = QuantConfig(args.format, group_size=args.group_size)
+    ptq_model = recipes.build_ptq_model(loaded.model, config, args.calibration, calibration, loaded.model)
+    result = recipes.p4q(ptq_model, loaded.model, loaded.tokenize, classnames, data, templates=templates, n_ctx=args.n_ctx,
+                         position=args.position, ctx_init=args.ctx_init, alpha=args.alpha, reduction=args.reduction,
+                         adapter_layer=args.adapter_format, lam=args.lam, temperature=args.temperature,
+                         prompt_lr=args.prompt_lr, adapter_lr=args.lr, train=train, resume=args.resume, distributed=context)
+    if context.is_main:
+        pyclipq.save(result.exported.ptq_model, args.out / "ptq_model.safetensors")
+        recipes.save_p4q_head(result.exported, args.out / "p4q_head.safetensors")
+    return {"recipe": f"p4q-{args.format}", "model": str(args.out / "ptq_model.safetensors"),
+            "head": str(args.out / "p4q_head.safetensors"), "history": result.history}
+
+
+def _total(count: int, context: DistributedContext) -> int:
+    if not context.is_distributed:
+        return count
+    total = torch.tensor(count, device=context.device)
+    dist.all_reduce(total)
+    return int(total)
+
+
+def run_own_data(recipe: str, argv: list[str]) -> dict:
+    """`pyclipq train RECIPE --model ... --data ...` (see the module doc); rank 0 writes results.json."""
+    parser = argparse.ArgumentParser(prog=f"pyclipq train {recipe}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    if recipe == "ternary":
+        recipes.ternary_arguments(parser)
+        recipes.training_arguments(parser, steps=1000, lr=1e-4, batch=256)
+    else:
+        recipes.p4q_arguments(parser)
+        recipes.training_arguments(parser, steps=600, lr=3e-3, batch=128)  # --lr: the QAdapter's AdamW rate
+    _arguments(parser, recipe)
+    parser.set_defaults(threads=None)  # this machine's CPUs shared by its processes (the test bed's default is 1)
+    args = parser.parse_args(argv)
+    context = init_distributed(args.device)
+    try:
+        torch.set_num_threads(args.threads or cpu_threads_per_process(context.local_world_size))
+        torch.manual_seed(args.seed)
+        precision = args.precision if args.precision != "auto" else ("bf16" if context.device.type == "cuda" else "fp32")
+        args.device, args.precision = str(context.device), precision
+        train = recipes.train_config(args)
+        loaded = load_model(args.model, args.pretrained)
+        if loaded.preprocess is None:
+            raise ValueError(f"--model: {loaded.label} has no image preprocessing")
+        started = time.perf_counter()
+        run = _run_ternary if recipe == "ternary" else _run_p4q
+        results = run(args, loaded, train, context)
+        barrier()
+    finally:
+        shutdown_distributed()
+    history = results.pop("history")
+    results.update({
+        "model_spec": args.model, "pretrained": args.pretrained, "data": args.data, "world_size": context.world_size,
+        "loss_first": history[0]["loss"] if history else None, "loss_last": history[-1]["loss"] if history else None,
+        "seconds": round(time.perf_counter() - started, 1),
+        "train": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(train).items()},
+        "command": f"pyclipq train {recipe} " + shlex.join(argv),
+    })
+    if context.is_main:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results, indent=2), flush=True)
+    return results

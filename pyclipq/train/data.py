@@ -1,0 +1,330 @@
+"""Training data from the user's disk: image-caption pairs and labelled images, sharded over ranks.
+
+- pairs from a CSV/TSV (image path, caption): `CaptionPairs` + a DataLoader whose sampler is a
+  DistributedSampler (`train_loader`), so each rank reads its own slice of every epoch;
+- pairs from webdataset tar shards (``.jpg``/``.png``/``.webp`` + ``.txt`` per key, as img2dataset
+  writes them): `webdataset_pairs`, split by node and by DataLoader worker with webdataset's own
+  splitters;
+- labelled images from an ImageFolder (one sub-folder per class, for P4Q): `LabelledImages`.
+
+Images go through the model's own preprocessing, captions through its tokenizer, both in the
+DataLoader workers. A corrupt or missing image is skipped with a warning and counted (each
+batch carries ``skipped``, the number left out of it); with ``strict=True`` it raises
+`BadImageError` naming the file instead.
+
+Epoch order is a function of the torch seed the trainer sets before each epoch (the
+DistributedSampler's epoch, the base seed DataLoader workers get), so an interrupted run
+resumes with the same batches.
+"""
+from __future__ import annotations
+
+import io
+import random
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ..eval.datasets import image_folder, read_csv_columns
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+DATA_KINDS = ("csv", "wds", "imagefolder", "folder")
+
+
+class BadImageError(ValueError):
+    """An image that cannot be read, under strict=True (--strict-images)."""
+
+
+def read_image(source, transform: Callable, key: str, strict: bool) -> torch.Tensor | None:
+    """transform(RGB image) of a path or encoded bytes; None (with a warning) if it cannot be read, unless strict."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+        with Image.open(handle) as image:
+            return transform(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+        # OSError covers a missing file and a truncated one; PIL raises SyntaxError on some broken headers
+        if strict:
+            raise BadImageError(f"image {key}: cannot be read ({type(error).__name__}: {error}); "
+                                "drop --strict-images to skip bad images instead") from error
+        warnings.warn(f"skipping image {key}: {type(error).__name__}: {error}", stacklevel=2)
+        return None
+
+
+def parse_data_spec(spec: str, argument: str = "--data") -> tuple[str, str]:
+    """'csv:PATH' | 'wds:SHARDS' | 'imagefolder:DIR' | 'folder:DIR', or a bare path whose kind is guessed.
+
+    A bare .csv/.tsv is a CSV, a .tar (or a brace pattern of them) webdataset shards, a folder of
+    .tar files webdataset shards, a folder with sub-folders an ImageFolder, any other folder a
+    flat folder of images.
+    """
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in DATA_KINDS:
+        if kind != "wds" and not Path(rest).exists():
+            raise FileNotFoundError(f"{argument}: {rest} not found")
+        return kind, rest
+    path = Path(spec)
+    if path.suffix.lower() in (".csv", ".tsv"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{argument}: {spec} not found")
+        return "csv", spec
+    if spec.endswith(".tar") or ("{" in spec and ".tar" in spec):
+        return "wds", spec
+    if path.is_dir():
+        if any(path.glob("*.tar")):
+            return "wds", spec
+        if any(child.is_dir() for child in path.iterdir()):
+            return "imagefolder", spec
+        return "folder", spec
+    if not path.exists():
+        raise FileNotFoundError(f"{argument}: {spec} not found")
+    raise ValueError(f"{argument}: cannot tell what {spec} is; write csv:PATH, wds:SHARDS, imagefolder:DIR or folder:DIR")
+
+
+def shard_urls(spec: str, argument: str = "--data") -> list[str]:
+    """Local tar shards: a folder of .tar files, a brace pattern (shards-{0000..0099}.tar) or one file; sorted, checked."""
+    import webdataset as wds
+
+    path = Path(spec)
+    urls = sorted(str(p) for p in path.glob("*.tar")) if path.is_dir() else list(wds.shardlists.expand_urls(spec))
+    if not urls:
+        raise ValueError(f"{argument}: no .tar shards in {spec}")
+    missing = [url for url in urls if "://" not in url and not Path(url).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{argument}: {len(missing)} of {len(urls)} shards not found, e.g. {missing[0]}")
+    return urls
+
+
+# ---------------------------------------------------------------- batches
+
+
+class PairCollate:
+    """Items (image or None, caption[, skipped before it]) -> {"images", "tokens", "skipped"}."""
+
+    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor]):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items):
+        good = [item for item in items if item[0] is not None]
+        skipped = sum(1 for item in items if item[0] is None) + sum(int(item[2]) for item in items if len(item) > 2)
+        if not good:
+            raise BadImageError(f"a whole batch of {len(items)} images could not be read; check the data")
+        return {
+            "images": torch.stack([item[0] for item in good]),
+            "tokens": self.tokenizer([item[1] for item in good]),
+            "skipped": torch.tensor(skipped),
+        }
+
+
+class LabelledCollate:
+    """Items (image or None, class id) -> (images, labels, skipped) (P4Q's objective reads the first two)."""
+
+    def __call__(self, items):
+        good = [item for item in items if item[0] is not None]
+        if not good:
+            raise BadImageError(f"a whole batch of {len(items)} images could not be read; check the data")
+        images = torch.stack([item[0] for item in good])
+        labels = torch.tensor([int(item[1]) for item in good])
+        return images, labels, torch.tensor(len(items) - len(good))
+
+
+# ---------------------------------------------------------------- map-style datasets
+
+
+class CaptionPairs(Dataset):
+    """(image path, caption) rows; an item is (preprocessed image or None, caption)."""
+
+    def __init__(self, rows: Sequence[tuple[Path, str]], transform: Callable, strict: bool = False):
+        if not rows:
+            raise ValueError("data: no image-caption pairs")
+        self.rows = list(rows)
+        self.transform = transform
+        self.strict = strict
+
+    @classmethod
+    def from_csv(cls, csv_path, transform: Callable, *, image_column: str = "image", caption_column: str = "caption",
+                 root=None, strict: bool = False) -> "CaptionPairs":
+        """Relative image paths are read from root (default: the CSV's folder); a missing image is a bad image."""
+        csv_path = Path(csv_path)
+        root = Path(root) if root is not None else csv_path.parent
+        rows = read_csv_columns(csv_path, {"image_column": image_column, "caption_column": caption_column})
+        pairs = []
+        for line, (image, caption) in enumerate(rows, start=2):
+            if not image or caption is None or not caption.strip():
+                raise ValueError(f"csv_path: {csv_path.name} line {line} lacks an image path or a caption")
+            pairs.append((Path(image) if Path(image).is_absolute() else root / image, caption))
+        return cls(pairs, transform, strict)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        path, caption = self.rows[index]
+        return read_image(path, self.transform, str(path), self.strict), caption
+
+
+class LabelledImages(Dataset):
+    """An ImageFolder's (path, class id) samples; an item is (preprocessed image or None, class id)."""
+
+    def __init__(self, root, transform: Callable, strict: bool = False):
+        folder = image_folder(root, transform)  # torchvision's scan: classes, extensions, errors
+        self.samples = list(folder.dataset.samples)
+        self.classnames = folder.classnames
+        self.transform = transform
+        self.strict = strict
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        return read_image(path, self.transform, path, self.strict), label
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler that can start one epoch part-way (`start_at`), so a resumed run reads
+    no image it has already trained on in that epoch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._start = 0
+
+    def start_at(self, index: int) -> None:
+        """The next __iter__ begins at this rank's index-th sample (once; later epochs start at 0)."""
+        self._start = index
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self._start:]
+        self._start = 0
+        return iter(indices)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the initialized process group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def per_rank_batch(global_batch: int, argument: str = "--batch-size") -> int:
+    """A global batch split evenly over the ranks (the contrastive loss sees the global batch)."""
+    _, size = world()
+    if global_batch < 1 or global_batch % size:
+        raise ValueError(f"{argument}: the global batch ({global_batch}) must be a positive multiple of the "
+                         f"number of processes ({size})")
+    return global_batch // size
+
+
+def train_loader(dataset: Dataset, global_batch: int, collate: Callable, *, workers: int = 0, seed: int = 0,
+                 pin_memory: bool = False) -> DataLoader:
+    """Shuffled batches of this rank's slice of `dataset`; the last partial global batch of an epoch is dropped."""
+    rank, size = world()
+    local = per_rank_batch(global_batch)
+    if len(dataset) < global_batch:
+        raise ValueError(f"--batch-size: the dataset has {len(dataset)} examples, fewer than one global batch of {global_batch}")
+    sampler = ResumableDistributedSampler(dataset, num_replicas=size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    return DataLoader(dataset, batch_size=local, sampler=sampler, collate_fn=collate, num_workers=workers,
+                      drop_last=True, pin_memory=pin_memory, persistent_workers=False)
+
+
+# ---------------------------------------------------------------- webdataset
+
+
+def epoch_seed() -> int:
+    """The torch seed of this epoch, the same in the main process and in every DataLoader worker of a rank."""
+    info = torch.utils.data.get_worker_info()
+    return info.seed - info.id if info is not None else torch.initial_seed()
+
+
+def _shuffle_shards(shards):
+    # The same permutation on every rank and worker (it precedes split_by_node / split_by_worker),
+    # a new one each epoch: the trainer seeds torch per epoch.
+    shards = list(shards)
+    random.Random(epoch_seed()).shuffle(shards)
+    yield from shards
+
+
+class _ShuffleSamples:
+    def __init__(self, buffer: int):
+        self.buffer = buffer
+
+    def __call__(self, samples):
+        import webdataset as wds
+
+        rank, _ = world()
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(epoch_seed() * 7919 + rank * 131 + (info.id if info is not None else 0))
+        yield from wds.filters.shuffle(self.buffer, initial=min(self.buffer, 100), rng=rng)(samples)
+
+
+class _DecodePairs:
+    """webdataset samples -> (image, caption, bad samples skipped since the previous good one).
+
+    The last good sample is held back until the stream ends, so bad samples at the very end of
+    a worker's stream are counted on it rather than lost (unless it falls in the partial batch
+    that is dropped at the end of the stream).
+    """
+
+    def __init__(self, transform: Callable, strict: bool):
+        self.transform = transform
+        self.strict = strict
+
+    def __call__(self, samples):
+        skipped, held = 0, None
+        for sample in samples:
+            key = f"{Path(sample.get('__url__', '?')).name}/{sample.get('__key__')}"
+            encoded = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+            caption = sample.get("txt")
+            if encoded is None or caption is None:
+                if self.strict:
+                    raise BadImageError(f"sample {key}: needs an image ({'/'.join(IMAGE_EXTENSIONS)}) and a .txt caption")
+                warnings.warn(f"skipping sample {key}: it lacks an image or a .txt caption", stacklevel=2)
+                skipped += 1
+                continue
+            image = read_image(encoded, self.transform, key, self.strict)
+            if image is None:
+                skipped += 1
+                continue
+            if held is not None:
+                yield held
+            held = (image, caption.decode("utf-8") if isinstance(caption, bytes) else caption, skipped)
+            skipped = 0
+        if held is not None:
+            yield held[0], held[1], held[2] + skipped
+
+
+def webdataset_pairs(shards: str | Sequence[str], transform: Callable, tokenizer: Callable, global_batch: int, *,
+                     workers: int = 0, shuffle_buffer: int = 1000, strict: bool = False) -> DataLoader:
+    """Batches of image-caption pairs from tar shards, this rank's and this worker's shards only.
+
+    Shards are reshuffled every epoch, then split by node (rank) and by worker (webdataset's
+    splitters); samples are shuffled in a buffer. Every batch is full (a partial one at the end
+    of a worker's stream is dropped), so ranks always gather equal batches. One epoch is one
+    pass over this rank's shards: give at least (processes x workers) shards, ideally many more.
+    Needs webdataset (pip install 'pyclipq[data]').
+    """
+    import webdataset as wds
+
+    urls = shard_urls(shards) if isinstance(shards, str) else list(shards)
+    if not urls:
+        raise ValueError("--data: no webdataset shards")
+    _, size = world()
+    local = per_rank_batch(global_batch)
+    if len(urls) < size * max(1, workers):
+        raise ValueError(f"--data: {len(urls)} shards cannot feed {size} processes x {max(1, workers)} workers; "
+                         "write more (smaller) shards or use fewer --workers")
+    handler = wds.reraise_exception if strict else wds.warn_and_continue
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        _shuffle_shards,
+        wds.split_by_node,
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=handler),
+        _ShuffleSamples(shuffle_buffer),
+        _DecodePairs(transform, strict),
+        wds.batched(local, collation_fn=PairCollate(tokenizer), partial=False),
+    )
+    return DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=False)
