@@ -75,11 +75,15 @@ METHODS = {
         _m("rotate+gptq+clip_search", "int2", 64, rotation=R, gptq=True, clip_search=True),
         _m("rotate+gptq(act_order)+clip_search", "int2", 64, rotation=R, gptq=True, clip_search=True,
            gptq_act_order=True),
+        _m("rotate+smooth+gptq(act_order)+clip_search", "int2", 64, rotation=R, smooth=True, gptq=True,
+           clip_search=True, gptq_act_order=True),
     ],
     "ternary": [
         _m("rtn", "ternary"),
         _m("gptq+clip_search", "ternary", gptq=True, clip_search=True),
         _m("rotate+gptq+clip_search", "ternary", rotation=R, gptq=True, clip_search=True),
+        _m("rotate+smooth+gptq(act_order)+clip_search", "ternary", rotation=R, smooth=True, gptq=True,
+           clip_search=True, gptq_act_order=True),
     ],
 }
 # the methods whose calibration is timed on ViT-B/32 with --vitb32 (one of each kind)

@@ -28,6 +28,7 @@ __all__ = [
     "nearest_levels",
     "codes_from_levels",
     "quantize_weight_with_scales",
+    "fake_quantize_with_scales",
     "quantize_weight",
     "dequantize_levels",
     "dequantize_codes",
@@ -154,10 +155,8 @@ def codes_from_levels(levels: torch.Tensor, fmt, k_pad: int | None = None) -> to
     return codes
 
 
-def quantize_weight_with_scales(weight: torch.Tensor, fmt, scale: torch.Tensor, group_size: int = 0) -> torch.Tensor:
-    """Float weight [N, K] + scales ([N] or [N, G]) -> unpacked codes [N, K_pad]: each weight
-    times the reciprocal of its scale, rounded to the nearest level."""
-    fmt = _fmt(fmt)
+def _levels_with_scales(weight: torch.Tensor, fmt: WeightFormat, scale: torch.Tensor, group_size: int):
+    """(levels [N, K] float, K_pad): each weight times the reciprocal of its scale, rounded."""
     _check_weight(weight)
     n, k = weight.shape
     if not fmt.grouped and group_size != 0:
@@ -175,7 +174,25 @@ def quantize_weight_with_scales(weight: torch.Tensor, fmt, scale: torch.Tensor, 
         ratio = (w.view(n, g, k_pad // g) * inverse[:, :, None]).view(n, k_pad)
     else:
         ratio = w * inverse[:, None]
-    return codes_from_levels(nearest_levels(ratio[:, :k], fmt), fmt, k_pad)
+    return nearest_levels(ratio[:, :k], fmt), k_pad
+
+
+def quantize_weight_with_scales(weight: torch.Tensor, fmt, scale: torch.Tensor, group_size: int = 0) -> torch.Tensor:
+    """Float weight [N, K] + scales ([N] or [N, G]) -> unpacked codes [N, K_pad]: each weight
+    times the reciprocal of its scale, rounded to the nearest level."""
+    fmt = _fmt(fmt)
+    levels, k_pad = _levels_with_scales(weight, fmt, scale, group_size)
+    return codes_from_levels(levels, fmt, k_pad)
+
+
+def fake_quantize_with_scales(weight: torch.Tensor, fmt, scale: torch.Tensor, group_size: int = 0) -> torch.Tensor:
+    """The float32 weight [N, K] that `quantize_weight_with_scales` codes dequantize to, without
+    forming the codes (a scale search tries many scales)."""
+    fmt = _fmt(fmt)
+    levels, k_pad = _levels_with_scales(weight, fmt, scale, group_size)
+    k = weight.shape[1]
+    padded = torch.nn.functional.pad(levels, (0, k_pad - k))
+    return dequantize_levels(padded, scale.to(torch.float32), k)
 
 
 def quantize_weight(

@@ -59,6 +59,15 @@ def test_smoothing_scales_follow_the_smoothquant_formula():
         primitives.hadamard(12)
 
 
+@pytest.mark.parametrize("fmt, group_size", [("int8", 0), ("int4", 32), ("int4", 0), ("int2", 64), ("ternary", 0)])
+def test_fake_quantize_with_scales_is_the_dequantized_codes(fmt, group_size):
+    w = torch.randn(20, 100)
+    scale = primitives.quantize_weight(w, fmt, group_size)[1] * 0.8
+    codes = primitives.quantize_weight_with_scales(w, fmt, scale, group_size)
+    assert torch.equal(primitives.fake_quantize_with_scales(w, fmt, scale, group_size),
+                       primitives.dequantize_codes(codes, scale, fmt, 100))
+
+
 # ---------------------------------------------------------------- configs and QuantLinear
 
 

@@ -29,7 +29,7 @@ from ..nn.packed import PackedWeight, pack_codes
 from ..primitives import (
     _check_weight,
     codes_from_levels,
-    dequantize_codes,
+    fake_quantize_with_scales,
     format_scales,
     nearest_levels,
     quantize_weight,
@@ -146,7 +146,7 @@ def output_aware_scales(
     best_error = torch.full(base.shape, float("inf"))
     for ratio in ratios:
         scale = base * ratio
-        delta = w - dequantize_codes(quantize_weight_with_scales(w, fmt, scale, group_size), scale, fmt, k)
+        delta = w - fake_quantize_with_scales(w, fmt, scale, group_size)
         error = _group_output_error(delta, h, group_size).reshape(base.shape)
         better = error < best_error
         best = torch.where(better, scale, best)
