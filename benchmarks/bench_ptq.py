@@ -18,8 +18,8 @@ The method names the observer of both the activations and the weight scales:
   omse+gptq   A: OMSE,        W: OMSE-clipped scales, GPTQ rounding
   rtn         A: OMSE,        W: the format's rule (absmax / qmax; ternary absmean), round to nearest
   gptq        A: OMSE,        W: the format's rule, GPTQ rounding
-  smooth+omse             SmoothQuant (alpha searched per layer; folded into pre-LN norms) + omse activations
-  rotate+omse             online block-Hadamard rotation (block 64) of every linear's input + omse
+  smooth+rtn              SmoothQuant (alpha searched per layer; folded into pre-LN norms), then as rtn
+  rotate+rtn              online block-Hadamard rotation (block 64) of every linear's input, then as rtn
   clip_search             A: OMSE, W: scales with the least output error on the calibration inputs, RTN
   gptq+clip_search        the same scales search inside GPTQ
   rotate+gptq+clip_search rotation + GPTQ + output-aware scales
@@ -65,8 +65,8 @@ METHODS = {
 }
 # Outlier and output-aware methods (issue 15): extra QuantConfig fields / calibrate arguments.
 EXTRA = {
-    "smooth+omse": ("omse", None, False, {"smooth": True}),
-    "rotate+omse": ("omse", None, False, {"rotation": 64}),
+    "smooth+rtn": ("omse", None, False, {"smooth": True}),
+    "rotate+rtn": ("omse", None, False, {"rotation": 64}),
     "clip_search": ("omse", None, False, {"clip_search": True}),
     "gptq+clip_search": ("omse", None, True, {"clip_search": True}),
     "rotate+gptq+clip_search": ("omse", None, True, {"rotation": 64, "clip_search": True}),

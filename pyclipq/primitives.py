@@ -239,6 +239,12 @@ def hadamard(size: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """The orthonormal, symmetric Sylvester-Hadamard matrix of a power-of-2 `size` (H H = I)."""
     if not isinstance(size, int) or size < 1 or size & (size - 1):
         raise ValueError(f"size must be a power of 2, got {size!r}")
+    return _hadamard_on(size, torch.device(device) if device is not None else torch.device("cpu"), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _hadamard_on(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # one copy per (device, dtype): a layer's forward must not upload it on every call
     return _hadamard_cpu(size).to(device=device, dtype=dtype)
 
 

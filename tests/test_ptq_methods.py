@@ -136,6 +136,8 @@ def test_fake_quant_twin_refuses_transformed_layers():
     module = QuantLinear.from_float(nn.Linear(64, 8), LayerConfig("int8", rotation=64))
     with pytest.raises(ValueError, match="input transform"):
         FakeQuantLinear.from_quant_linear(module)
+    with pytest.raises(ValueError, match="QAT does not support input transforms"):
+        pyclipq.prepare_qat(nn.Sequential(nn.Linear(64, 8)), QuantConfig("int8", rotation=64))
 
 
 # ---------------------------------------------------------------- clip search and GPTQ

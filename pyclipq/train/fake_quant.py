@@ -46,6 +46,12 @@ _FP32_EXACT_INT = 2**24
 def _check_layer(layer) -> LayerConfig:
     if not isinstance(layer, LayerConfig):
         raise ValueError(f"layer must be a pyclipq.configs.LayerConfig, got {type(layer).__name__}")
+    if layer.has_input_transform:
+        # The fake-quant math has no smoothing or rotation: training would not match the export.
+        raise ValueError(
+            f"layer: QAT does not support input transforms (smoothing={layer.smoothing!r}, rotation={layer.rotation}); "
+            "train without them (QuantConfig rotation=0) or use them in post-training calibration"
+        )
     return layer
 
 
