@@ -55,6 +55,7 @@ METHODS = {
         _m("smooth+omse", "int8", activation="static", observer="omse", smooth=True),
         _m("rotate+omse", "int8", activation="static", rotation=R, observer="omse"),
         _m("rotate+smooth+omse", "int8", activation="static", rotation=R, observer="omse", smooth=True),
+        _m("rotate(32)+omse", "int8", activation="static", rotation=32, observer="omse"),
     ],
     "int8 dynamic": [
         _m("rtn", "int8"),
@@ -68,6 +69,7 @@ METHODS = {
         _m("rotate+gptq+clip_search", "int4", 128, rotation=R, gptq=True, clip_search=True),
         _m("rotate+gptq(act_order)+clip_search", "int4", 128, rotation=R, gptq=True, clip_search=True,
            gptq_act_order=True),
+        _m("rotate(32)+gptq+clip_search", "int4", 128, rotation=32, gptq=True, clip_search=True),
     ],
     "int2 g64": [
         _m("rtn", "int2", 64),
@@ -177,6 +179,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few methods, 60 pairs")
     parser.add_argument("--vitb32", action="store_true", help="also time each calibration on ViT-B/32 (32 images + texts)")
     parser.add_argument("--out", default=None, help="directory for results.json")
+    parser.add_argument("--only", nargs="+", default=None, metavar="METHOD",
+                        help="run only these method names (every case that has them)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
     torch.manual_seed(0)
@@ -194,6 +198,8 @@ def main(argv=None) -> int:
         for method in methods:
             if args.quick and method.name not in QUICK.get(case, ()):
                 continue
+            if args.only and method.name not in args.only:
+                continue
             row = {"case": case, "method": method.name, **bench.run(method)}
             if args.vitb32 and (case, method.name) in VITB32:
                 row["vitb32_calibrate_s"] = vitb32_calibration_seconds(method)
@@ -203,7 +209,8 @@ def main(argv=None) -> int:
                   flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
+        name = "results.json" if not args.only else "results_only.json"
+        with open(os.path.join(args.out, name), "w") as f:
             json.dump({"reference_r1": bench.reference_r1, "pairs": bench.pairs, "rows": rows}, f, indent=1)
     return 0
 
