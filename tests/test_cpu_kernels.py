@@ -209,10 +209,25 @@ def check_rows_do_not_depend_on_the_batch():
             assert torch.equal(linear(fmt, x[rows], packed, scale, group, None), whole[rows]), f"{fmt} g{group} {rows}"
 
 
+def check_hadamard_matches_reference():
+    """Every block size, both the in-register (b >= 16 on AVX-512) and the in-memory stages, 1 and 2 threads."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 1024, generator=gen) * torch.logspace(-3, 3, 1024)
+    for block in (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024):
+        want = reference.hadamard_rotate(x.double(), block)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got = torch.ops.pyclipq.hadamard_rotate(x, block)
+            bound = 1e-6 * block.bit_length() * x.abs().reshape(37, -1, block).amax(-1, keepdim=True)
+            err = (got.double() - want).abs().reshape(37, -1, block)
+            assert bool((err <= bound).all()), f"block {block}, {threads} threads: {float(err.max())}"
+
+
 CHECKS = {f.__name__: f for f in (check_gemm_bit_exact, check_gemm_uses_the_given_sums, check_worst_case_accumulation,
                                   check_worst_case_fused_linear, check_quantize_bit_exact,
                                   check_quantize_rounding_and_clipping, check_fused_linear_matches_reference,
-                                  check_threads_do_not_change_results, check_rows_do_not_depend_on_the_batch)}
+                                  check_threads_do_not_change_results, check_rows_do_not_depend_on_the_batch,
+                                  check_hadamard_matches_reference)}
 
 
 def run_all_checks() -> dict:

@@ -250,6 +250,7 @@ def opcheck_samples():
     yield "unpack_codes", (ops.pack_codes(codes, 2), 2)
     yield "pack_trits", (codes, 70)
     yield "unpack_trits", (ops.pack_trits(codes, 70), 70)
+    yield "hadamard_rotate", (torch.randn(3, 128), 64)
 
 
 @pytest.mark.parametrize("name,args", list(opcheck_samples()), ids=lambda v: v if isinstance(v, str) else "")

@@ -34,6 +34,29 @@ def test_hadamard_is_orthonormal_and_its_own_inverse(size):
     torch.testing.assert_close(primitives.rotate_blocks(primitives.rotate_blocks(x, size), size), x, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("block", [1, 2, 4, 8, 16, 32, 64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hadamard_rotate_op_matches_the_reference(block, dtype):
+    g = torch.Generator().manual_seed(block)
+    x = (torch.randn(3, 5, 512, generator=g) * torch.logspace(-2, 2, 512)).to(dtype)
+    got = pyclipq.ops.hadamard_rotate(x, block)
+    want = reference.hadamard_rotate(x, block)
+    assert got.dtype == dtype and got.shape == x.shape
+    # float32: log2(b) butterfly stages, each rounding once (relative to the block's magnitude)
+    tol = 1e-6 * max(1, block.bit_length()) if dtype == torch.float32 else 1e-2
+    scale = x.float().reshape(15, -1, block).abs().amax(-1, keepdim=True).expand(-1, -1, block).reshape(x.shape)
+    assert float(((got.float() - want.float()).abs() / scale).max()) <= tol
+
+
+def test_hadamard_rotate_op_errors():
+    with pytest.raises(RuntimeError, match="block must be a power of 2"):
+        pyclipq.ops.hadamard_rotate(torch.randn(2, 96), 48)
+    with pytest.raises(RuntimeError, match="must be a multiple of block"):
+        pyclipq.ops.hadamard_rotate(torch.randn(2, 96), 64)
+    with pytest.raises(RuntimeError, match="floating-point"):
+        pyclipq.ops.hadamard_rotate(torch.ones(2, 64, dtype=torch.int32), 64)
+
+
 def test_rotation_spreads_an_outlier_channel():
     x = torch.randn(4, 128, generator=torch.Generator().manual_seed(0))
     x[:, 7] = 100.0
@@ -99,7 +122,7 @@ def test_transformed_layer_equals_the_reference_on_transformed_operands(fmt, gro
     assert module.rotation_block == 32  # the largest power of 2 <= 64 dividing 96
     x = torch.randn(7, 96)
     xt = x / s if smoothing == "online" else x
-    xt = primitives.rotate_blocks(xt, 32)
+    xt = pyclipq.ops.hadamard_rotate(xt, 32)
     wt = linear.weight.detach() * (s if smoothing == "online" else 1)
     codes, scale = primitives.quantize_weight(primitives.rotate_blocks(wt, 32), fmt, group_size)
     packed = pack_codes(codes, fmt)

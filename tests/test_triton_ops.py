@@ -230,6 +230,17 @@ def test_pack_unpack_trits(n, k):
     assert torch.equal(T.unpack_trits(packed, k).cpu(), codes)
 
 
+@pytest.mark.parametrize("block", [4, 16, 64, 128])
+def test_hadamard_rotate_matches_the_reference(block):
+    x = torch.randn(21, 256) * torch.logspace(-2, 2, 256)
+    got = T.hadamard_rotate(dev(x), block).cpu()
+    want = reference.hadamard_rotate(x, block)
+    scale = x.abs().reshape(21, -1, block).amax(-1, keepdim=True).expand(-1, -1, block).reshape(x.shape)
+    assert float(((got - want).abs() / scale).max()) < 1e-5
+    with pytest.raises(RuntimeError, match="multiple of block"):
+        T.hadamard_rotate(dev(torch.randn(2, 96)), 64)
+
+
 def test_packing_rejects_bad_codes():
     with pytest.raises(RuntimeError, match="codes must be <= 3"):
         T.pack_codes(dev(torch.full((1, 128), 4, dtype=torch.uint8)), 2)
@@ -273,6 +284,7 @@ def opcheck_samples():
     yield "triton_unpack_codes", (formats.pack_codes_reference(codes, 2), 2)
     yield "triton_pack_trits", (codes, 70)
     yield "triton_unpack_trits", (formats.pack_trits_reference(codes, 70), 70)
+    yield "triton_hadamard_rotate", (torch.randn(3, 128), 64)
 
 
 @pytest.mark.parametrize("name,args", list(opcheck_samples()), ids=lambda v: v if isinstance(v, str) else "")

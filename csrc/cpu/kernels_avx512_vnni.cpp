@@ -734,10 +734,61 @@ void vnni_linear(const GemmProblem& p, const LinearEpilogue& e, int64_t m0, int6
   run(p, &e, nullptr, m0, m1, n0, n1, next);
 }
 
+// ---------------------------------------------------------------- Hadamard rotation
+
+// The butterflies of distance h = 1, 2, 4, 8 inside one vector of 16 floats: lane j's partner is
+// lane j ^ h (a permute within 128-bit lanes for h = 1, 2, across them for h = 4, 8); the lanes
+// with bit h set take partner - self, the others self + partner. Three instructions a stage.
+inline __m512 hadamard16(__m512 v) {
+  __m512 s = _mm512_permute_ps(v, 0xB1);  // [1, 0, 3, 2] in each 128-bit lane
+  v = _mm512_mask_sub_ps(_mm512_add_ps(v, s), 0xAAAA, s, v);
+  s = _mm512_permute_ps(v, 0x4E);  // [2, 3, 0, 1]
+  v = _mm512_mask_sub_ps(_mm512_add_ps(v, s), 0xCCCC, s, v);
+  s = _mm512_shuffle_f32x4(v, v, 0xB1);  // 128-bit lanes [1, 0, 3, 2]
+  v = _mm512_mask_sub_ps(_mm512_add_ps(v, s), 0xF0F0, s, v);
+  s = _mm512_shuffle_f32x4(v, v, 0x4E);  // 256-bit halves swapped
+  return _mm512_mask_sub_ps(_mm512_add_ps(v, s), 0xFF00, s, v);
+}
+
+// HadamardFn: stages h < 16 in registers (hadamard16), h >= 16 between vectors, in L1.
+void vnni_hadamard(const float* x, float* y, int64_t rows, int64_t k, int64_t block) {
+  if (block < 16) {
+    portable_hadamard(x, y, rows, k, block);
+    return;
+  }
+  const __m512 norm = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(block)));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b0 = 0; b0 < k; b0 += block) {
+      const float* xb = x + r * k + b0;
+      float* yb = y + r * k + b0;
+      if (block == 16) {
+        _mm512_storeu_ps(yb, _mm512_mul_ps(hadamard16(_mm512_loadu_ps(xb)), norm));
+        continue;
+      }
+      for (int64_t c = 0; c < block; c += 16) _mm512_storeu_ps(yb + c, hadamard16(_mm512_loadu_ps(xb + c)));
+      for (int64_t h = 16; h < block; h *= 2) {
+        const bool last = 2 * h == block;  // the last stage also scales
+        for (int64_t i = 0; i < block; i += 2 * h)
+          for (int64_t j = i; j < i + h; j += 16) {
+            const __m512 a = _mm512_loadu_ps(yb + j), c = _mm512_loadu_ps(yb + j + h);
+            __m512 lo = _mm512_add_ps(a, c), hi = _mm512_sub_ps(a, c);
+            if (last) {
+              lo = _mm512_mul_ps(lo, norm);
+              hi = _mm512_mul_ps(hi, norm);
+            }
+            _mm512_storeu_ps(yb + j, lo);
+            _mm512_storeu_ps(yb + j + h, hi);
+          }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 const KernelTable& avx512_vnni_kernels() {
-  static const KernelTable table{"avx512_vnni", vnni_quantize_rows, vnni_gemm, vnni_linear, {kTileRows * 64, 16 * kTilePanels, 48 * 1024}};
+  static const KernelTable table{"avx512_vnni", vnni_quantize_rows, vnni_gemm, vnni_linear, {kTileRows * 64, 16 * kTilePanels, 48 * 1024},
+                                 vnni_hadamard};
   return table;
 }
 

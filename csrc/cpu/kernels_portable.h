@@ -205,5 +205,25 @@ void portable_linear(const GemmProblem& p, const LinearEpilogue& e, int64_t m0, 
   }
 }
 
+// HadamardFn, portable: the butterflies in memory (stages of h >= the vector width vectorise).
+void portable_hadamard(const float* x, float* y, int64_t rows, int64_t k, int64_t block) {
+  const float norm = 1.0f / std::sqrt(static_cast<float>(block));
+  for (int64_t r = 0; r < rows; ++r) {
+    float* yr = y + r * k;
+    if (yr != x + r * k) std::memcpy(yr, x + r * k, static_cast<size_t>(k) * sizeof(float));
+    for (int64_t b0 = 0; b0 < k; b0 += block) {
+      float* v = yr + b0;
+      for (int64_t h = 1; h < block; h *= 2)
+        for (int64_t i = 0; i < block; i += 2 * h)
+          for (int64_t j = i; j < i + h; ++j) {
+            const float a = v[j], c = v[j + h];
+            v[j] = a + c;
+            v[j + h] = a - c;
+          }
+      for (int64_t j = 0; j < block; ++j) v[j] *= norm;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace pyclipq::cpu

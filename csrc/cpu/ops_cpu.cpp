@@ -187,6 +187,28 @@ at::Tensor fused_linear(WeightKind kind, const at::Tensor& x, const at::Tensor& 
   return y.view(out_shape);
 }
 
+// ---------------------------------------------------------------- input rotation
+
+at::Tensor hadamard_rotate(const at::Tensor& x, int64_t block) {
+  const char* op = "pyclipq.hadamard_rotate";
+  TORCH_CHECK(x.is_floating_point(), op, ": x must be a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, op, ": x must have a non-empty last dimension, got shape ", x.sizes());
+  TORCH_CHECK(block >= 1 && (block & (block - 1)) == 0, op, ": block must be a power of 2 >= 1, got ", block);
+  TORCH_CHECK(x.size(-1) % block == 0, op, ": x's last dimension (", x.size(-1), ") must be a multiple of block (",
+              block, ")");
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty_like(xf);
+  const int64_t k = xf.size(-1), rows = xf.numel() / k;
+  const KernelTable& kt = active_kernels();
+  const float* src = xf.data_ptr<float>();
+  float* dst = y.data_ptr<float>();
+  // memory-bound: tasks of at least 64 KiB of rows
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / k), [&](int64_t r0, int64_t r1) {
+    kt.hadamard(src + r0 * k, dst + r0 * k, r1 - r0, k, block);
+  });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
 // ---------------------------------------------------------------- packing
 
 at::Tensor pack_codes(const at::Tensor& codes_in, int64_t bits) {
@@ -287,6 +309,7 @@ TORCH_LIBRARY_IMPL(pyclipq, CPU, m) {
   m.impl("unpack_codes", &unpack_codes);
   m.impl("pack_trits", &pack_trits);
   m.impl("unpack_trits", &unpack_trits);
+  m.impl("hadamard_rotate", &hadamard_rotate);
 }
 
 }  // namespace pyclipq::cpu

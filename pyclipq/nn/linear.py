@@ -68,7 +68,8 @@ class QuantLinear(PackedWeight):
         """What the stored weight multiplies: x smoothed (online) and rotated, as the layer runs it."""
         if self.layer.smoothing == "online":
             x = x / self.smooth_scale.to(x.dtype)
-        return primitives.rotate_blocks(x, self.rotation_block)
+        # the op: a fast Walsh-Hadamard kernel on the CPU (the same product as rotate_blocks)
+        return ops.hadamard_rotate(x, self.rotation_block) if self.rotation_block > 1 else x
 
     def transform_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The stored (to be quantized) weight for an original float weight [out, in]."""

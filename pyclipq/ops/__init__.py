@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from .. import primitives
 from . import library  # noqa: F401  (defines the schemas and fakes)
 from . import reference  # noqa: F401
 
@@ -156,3 +157,14 @@ def pack_trits(codes: torch.Tensor, k: int, *, backend: str | None = None) -> to
 
 def unpack_trits(packed: torch.Tensor, k: int, *, backend: str | None = None) -> torch.Tensor:
     return _route("unpack_trits", packed, _lead(packed), backend)(packed, k)
+
+
+def hadamard_rotate(x: torch.Tensor, block: int, *, backend: str | None = None) -> torch.Tensor:
+    """x [..., K] times diag(H_b, ..., H_b), H_b the orthonormal Hadamard matrix of `block` (a power
+    of 2 dividing K): the input rotation of QuantLinear (LayerConfig.rotation). CPU: a fast
+    Walsh-Hadamard kernel; GPU: Triton (there is no CUDA C++ kernel for it)."""
+    if x.is_cuda and backend in (None, "auto", "cuda"):
+        backend = "triton" if _triton_ops() is not None else None
+        if backend is None:  # no triton: the same product through torch
+            return primitives.rotate_blocks(x, block)
+    return _route("hadamard_rotate", x, _rows(x), backend)(x, block)

@@ -31,6 +31,8 @@ SCHEMAS = {
     "unpack_codes": "unpack_codes(Tensor packed, int bits) -> Tensor",
     "pack_trits": "pack_trits(Tensor codes, int k) -> Tensor",
     "unpack_trits": "unpack_trits(Tensor packed, int k) -> Tensor",
+    # input rotation (QuantLinear's LayerConfig.rotation): x times diag(H_b, ..., H_b), H_b orthonormal
+    "hadamard_rotate": "hadamard_rotate(Tensor x, int block) -> Tensor",
 }
 
 for _schema in SCHEMAS.values():
@@ -112,6 +114,11 @@ def _(codes, k):
 @torch.library.register_fake(f"{NAMESPACE}::unpack_trits")
 def _(packed, k):
     return packed.new_empty((packed.shape[0], formats.padded_k(k)), dtype=torch.uint8)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::hadamard_rotate")
+def _(x, block):
+    return torch.empty_like(x)
 
 
 def _not_differentiable(name):

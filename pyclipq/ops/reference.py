@@ -10,7 +10,7 @@ import torch
 from .. import formats
 from ..formats import INT2, INT4, INT8, TERNARY
 # the activation format's math is pyclipq.primitives' (device-agnostic): the reference op is it
-from ..primitives import quantize_per_token
+from ..primitives import quantize_per_token, rotate_blocks
 
 
 def _grouped_dot(x_q: torch.Tensor, levels: torch.Tensor, groups: int) -> torch.Tensor:
@@ -93,3 +93,8 @@ pack_codes = formats.pack_codes_reference
 unpack_codes = formats.unpack_codes_reference
 pack_trits = formats.pack_trits_reference
 unpack_trits = formats.unpack_trits_reference
+
+
+def hadamard_rotate(x, block):
+    """x times diag(H_b, ..., H_b) (orthonormal Sylvester-Hadamard), computed in float64, in x's dtype."""
+    return rotate_blocks(x.double(), block).to(x.dtype)

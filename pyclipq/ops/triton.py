@@ -26,10 +26,10 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
-from .. import formats
+from .. import formats, primitives
 # The kernels are a sibling top-level package (installed beside pyclipq by the wheel, and
 # beside it in a source checkout), importable without pyclipq.
-from pyclipq_triton import autotune, gemm_int8, gemm_lowbit, gemv_weight_only, pack, quantize, unpack
+from pyclipq_triton import autotune, gemm_int8, gemm_lowbit, gemv_weight_only, hadamard, pack, quantize, unpack
 
 Tensor = torch.Tensor
 
@@ -429,6 +429,27 @@ def unpack_trits(packed: Tensor, k: int) -> Tensor:
 
 # ---------------------------------------------------------------- registrations
 
+def hadamard_rotate(x: Tensor, block: int) -> Tensor:
+    op = "pyclipq.triton_hadamard_rotate"
+    _check(x.is_floating_point(), op, f"x must be a floating-point tensor, got {x.dtype}")
+    _check(x.dim() >= 1 and x.shape[-1] > 0, op, f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    _check(isinstance(block, int) and block >= 1 and block & (block - 1) == 0, op,
+           f"block must be a power of 2 >= 1, got {block}")
+    k = x.shape[-1]
+    _check(k % block == 0, op, f"x's last dimension ({k}) must be a multiple of block ({block})")
+    if block < 16:  # below tl.dot's smallest tile: the same product through torch
+        return primitives.rotate_blocks(x.float(), block).to(x.dtype)
+    xf = x.float().contiguous().view(-1, k)
+    y = torch.empty_like(xf)
+    rows = xf.shape[0]
+    if rows and _launches(xf):
+        h = primitives.hadamard(block, xf.device, torch.float32)
+        with _device_guard(xf):
+            wrap_triton(hadamard.hadamard_kernel)[(triton.cdiv(rows, 16), k // block)](
+                xf, h, y, rows, k, BLOCK=block, BLOCK_M=16)
+    return y.view(x.shape).to(x.dtype)
+
+
 @triton_op("pyclipq::triton_quantize_per_token", mutates_args=())
 def _quantize_op(x: Tensor, group_size: int, act_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     return quantize_per_token(x, group_size, act_scale)
@@ -516,11 +537,16 @@ def _unpack_trits_op(packed: Tensor, k: int) -> Tensor:
     return unpack_trits(packed, k)
 
 
+@triton_op("pyclipq::triton_hadamard_rotate", mutates_args=())
+def _hadamard_rotate_op(x: Tensor, block: int) -> Tensor:
+    return hadamard_rotate(x, block)
+
+
 # The registered op of each pyclipq op, for pyclipq.ops' backend choice.
 OPS = {name: getattr(torch.ops.pyclipq, f"triton_{name}") for name in (
     "quantize_per_token", "int8_gemm", "int4_gemm", "int2_gemm", "ternary_gemm",
     "int8_linear", "int4_linear", "int2_linear", "ternary_linear",
-    "pack_codes", "unpack_codes", "pack_trits", "unpack_trits")}
+    "pack_codes", "unpack_codes", "pack_trits", "unpack_trits", "hadamard_rotate")}
 WEIGHT_ONLY_OPS = {name: getattr(torch.ops.pyclipq, f"triton_{name}_weight_only_linear")
                    for name in ("int4", "int2", "ternary")}
 

@@ -66,12 +66,18 @@ struct TaskShape {
   int64_t min_gemv_task_bytes;
 };
 
+// y[r] = x[r] times diag(H_b, ..., H_b) for `rows` rows of k floats (row stride k; y may be x):
+// the orthonormal Sylvester-Hadamard rotation of each block of `block` (a power of 2 dividing k)
+// channels, as a fast Walsh-Hadamard transform (log2(block) butterfly stages, then 1/sqrt(block)).
+using HadamardFn = void (*)(const float* x, float* y, int64_t rows, int64_t k, int64_t block);
+
 struct KernelTable {
   const char* isa;
   QuantizeRowsFn quantize_rows;
   GemmFn gemm;
   LinearFn linear;
   TaskShape tasks;
+  HadamardFn hadamard;
 };
 
 const KernelTable& scalar_kernels();
