@@ -3,7 +3,6 @@ activation mode, output-aware clip search, SmoothQuant folds, and a slice of the
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import sys
 
