@@ -259,3 +259,62 @@ def test_linear_inventory_counts_every_contender_on_the_same_maps():
     assert linear_inventory(pyclipq.convert(copy.deepcopy(model), "ternary-qffn")) == (48, 146)
     # embeddings are lookups / a convolution, not linears, however they are stored
     assert linear_inventory(pyclipq.convert(copy.deepcopy(model), "ternary-qall-embeddings")) == (146, 146)
+
+
+# ---------------------------------------------------------------- convert --calibrate
+
+
+@pytest.fixture
+def calibration_files(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):
+        pixels = (torch.rand(48, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red circle\na blue square\n\na green triangle on the left\n")
+    return folder, captions
+
+
+def test_convert_calibrates_static_int8_on_the_users_images_and_captions(capsys, tmp_path, calibration_files):
+    import pyclipq
+    from pyclipq.nn import QuantLinear
+
+    folder, captions = calibration_files
+    out = tmp_path / "tb-static.safetensors"
+    code, text, _ = run(capsys, "convert", "testbed", "--format", "int8", "--activation", "static", "--rotation", "64",
+                        "--calibrate", str(folder), "--calibrate", str(captions), "--calibrate-batch-size", "3",
+                        "--smooth", "0.5", "-o", str(out), "--json")
+    payload = json.loads(text)
+    assert code == 0 and "static activation scales fixed" in payload["calibration"]
+    model = pyclipq.load(str(out), load_model("testbed").model)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and not m.layer.is_float]
+    assert layers and all(m.layer.rotation == 64 and float(m.act_scale) > 0 for m in layers)
+    assert any(m.layer.smoothing != "none" for m in layers)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--gptq"], "need calibration inputs: --calibrate PATH"),
+    (["--calibrate", "/no/such/dir"], "--calibrate: /no/such/dir does not exist"),
+    (["--calibrate", "EMPTY"], "holds no images"),
+    (["--calibrate", "BADFILE"], "must be a folder of images or a .txt file"),
+    (["--calibrate", "BLANK"], "has no non-empty line"),
+    (["--calibrate", "BROKEN"], "cannot read image"),
+    (["--calibrate", "CAPTIONS", "--smooth", "strong"], "--smooth takes an alpha in [0, 1] or 'search'"),
+])
+def test_convert_calibration_set_errors(capsys, tmp_path, calibration_files, extra, needle):
+    _, captions = calibration_files
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "data.json").write_text("{}")
+    (tmp_path / "blank.txt").write_text("\n\n")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.jpg").write_bytes(b"not a jpeg")
+    names = {"EMPTY": tmp_path / "empty", "BADFILE": tmp_path / "data.json", "BLANK": tmp_path / "blank.txt",
+             "BROKEN": tmp_path / "broken", "CAPTIONS": captions}
+    extra = [str(names.get(a, a)) for a in extra]
+    code, _, err = run(capsys, "convert", "testbed", "--format", "int8", "--activation", "static",
+                       "-o", str(tmp_path / "x.safetensors"), *extra)
+    assert code == 2 and needle in err and "Traceback" not in err
