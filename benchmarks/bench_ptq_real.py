@@ -79,6 +79,8 @@ METHODS = {
            gptq_act_order=True),
         _m("rotate+smooth+gptq(act_order)+clip_search", "int2", 64, rotation=R, smooth=True, gptq=True,
            clip_search=True, gptq_act_order=True),
+        _m("rotate+smooth+gptq(damp 0.1)+clip_search", "int2", 64, rotation=R, smooth=True, gptq=True,
+           clip_search=True, gptq_damp=0.1),
     ],
     "ternary": [
         _m("rtn", "ternary"),
@@ -86,6 +88,8 @@ METHODS = {
         _m("rotate+gptq+clip_search", "ternary", rotation=R, gptq=True, clip_search=True),
         _m("rotate+smooth+gptq(act_order)+clip_search", "ternary", rotation=R, smooth=True, gptq=True,
            clip_search=True, gptq_act_order=True),
+        _m("rotate+smooth+gptq(damp 0.1)+clip_search", "ternary", rotation=R, smooth=True, gptq=True,
+           clip_search=True, gptq_damp=0.1),
     ],
 }
 # the methods whose calibration is timed on ViT-B/32 with --vitb32 (one of each kind)
