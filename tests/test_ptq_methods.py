@@ -158,7 +158,7 @@ def test_fake_quant_twin_refuses_transformed_layers():
     module = QuantLinear.from_float(nn.Linear(64, 8), LayerConfig("int8", rotation=64))
     with pytest.raises(ValueError, match="input transform"):
         FakeQuantLinear.from_quant_linear(module)
-    with pytest.raises(ValueError, match="QAT does not support input transforms"):
+    with pytest.raises(ValueError, match="fake-quant modules .* do not support input transforms"):
         pyclipq.prepare_qat(nn.Sequential(nn.Linear(64, 8)), QuantConfig("int8", rotation=64))
 
 
@@ -229,9 +229,11 @@ def test_calibrate_argument_errors():
         calibrate(q, data, smooth=[0.5, 2.0], float_model=model, progress=False)
     with pytest.raises(ValueError, match="dynamic_fallback .* needs smooth"):
         calibrate(q, data, dynamic_fallback=2.0, gptq=True, float_model=model, progress=False)
+    with pytest.raises(ValueError, match="dynamic_fallback must be None or a number >= 1"):
+        calibrate(q, data, smooth=True, dynamic_fallback=0.5, float_model=model, progress=False)
     with pytest.raises(ValueError, match="clip_search must be True or False"):
         calibrate(q, data, clip_search="yes", float_model=model, progress=False)
-    with pytest.raises(ValueError, match="NaN or Inf"):
+    with pytest.raises(ValueError, match="activations entering 0 contain NaN or Inf"):
         calibrate(q, [torch.full((8, 64), float("nan"))], smooth=True, float_model=model, progress=False)
     with pytest.raises(ValueError, match="empty iterable"):
         calibrate(q, [], smooth=True, float_model=model, progress=False)

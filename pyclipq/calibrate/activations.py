@@ -14,6 +14,13 @@ from .observers import Grid, make_observer
 ACTIVATION_EXACT_VALUES = 1 << 16
 
 
+def set_absmax_scale(module, x: torch.Tensor) -> None:
+    """A static layer's per-tensor scale from `x` (its input as the quantizer sees it): absmax / 127,
+    the provisional scale that lets a forward run before the observers fix the final one."""
+    absmax = float(x.detach().abs().max()) if x.numel() else 0.0
+    module.set_act_scale(absmax / formats.ACT_QMAX if absmax > 0 else 1.0)
+
+
 def calibrate_activations(model, linears, source, run, observer, observer_kwargs, progress, report, description):
     """Observe every static layer's input over all batches, then fix its scale.
 
@@ -44,8 +51,7 @@ def calibrate_activations(model, linears, source, run, observer, observer_kwargs
                     "static scales need finite activations - check the inputs and the float model"
                 )
             obs.observe(x)
-            absmax = float(x.detach().abs().max()) if x.numel() else 0.0
-            mod.set_act_scale(absmax / formats.ACT_QMAX if absmax > 0 else 1.0)
+            set_absmax_scale(mod, x)
             return None
 
         return hook

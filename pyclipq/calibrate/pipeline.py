@@ -12,24 +12,7 @@ from .inputs import batch_passes, check_model, default_forward
 from .observers import make_observer
 from .report import CalibrationReport, LayerCalibration
 from .requantize import apply_weight_observer
-from .smooth import ALPHAS, smooth_model
-
-
-def _smooth_alphas(smooth):
-    """The alpha grid the `smooth` argument asks for, or None for no smoothing."""
-    if smooth is None or smooth is False:
-        return None
-    if smooth is True or smooth == "search":
-        return ALPHAS
-    if isinstance(smooth, (int, float)) and not isinstance(smooth, bool):
-        alphas = (float(smooth),)
-    elif isinstance(smooth, (list, tuple)):
-        alphas = tuple(smooth)
-    else:
-        raise ValueError(f"smooth must be None, True, 'search', an alpha in [0, 1] or a sequence of them, got {smooth!r}")
-    if not alphas or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1 for a in alphas):
-        raise ValueError(f"smooth alphas must be numbers in [0, 1], got {smooth!r}")
-    return alphas
+from .smooth import alpha_grid, smooth_model
 
 
 def calibrate(
@@ -85,7 +68,7 @@ def calibrate(
     a model without static activations and no weight-side method, or layers no batch reached.
     """
     started = time.perf_counter()
-    alphas = _smooth_alphas(smooth)
+    alphas = alpha_grid(smooth)
     if not isinstance(clip_search, bool):
         raise ValueError(f"clip_search must be True or False, got {clip_search!r}")
     if dynamic_fallback is not None and alphas is None:

@@ -30,10 +30,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import formats, primitives
+from .. import primitives
 from ..configs import LayerConfig
 from ..models import detect_adapter
 from ..nn import QuantLinear
+from .activations import set_absmax_scale
 from .inputs import quant_linears
 from .requantize import float_weight
 
@@ -56,7 +57,8 @@ class SmoothingChoice:
 class _InputStats:
     """Per-channel absmax and a row sample of one layer's inputs over the calibration batches."""
 
-    def __init__(self, rows_per_batch: int, generator: torch.Generator):
+    def __init__(self, name: str, rows_per_batch: int, generator: torch.Generator):
+        self.name = name
         self.absmax = None
         self.rows: list[torch.Tensor] = []
         self.rows_per_batch = rows_per_batch
@@ -65,7 +67,8 @@ class _InputStats:
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
         if not bool(torch.isfinite(x).all()):
-            raise ValueError("batches: activations contain NaN or Inf; smoothing needs finite calibration inputs")
+            raise ValueError(f"batches: the activations entering {self.name} contain NaN or Inf; smoothing needs "
+                             "finite calibration inputs")
         amax = x.abs().amax(dim=0)
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
         take = min(self.rows_per_batch, x.shape[0])
@@ -74,6 +77,24 @@ class _InputStats:
 
     def sample(self) -> torch.Tensor:
         return torch.cat(self.rows)
+
+
+def alpha_grid(smooth):
+    """The alpha grid a `smooth` argument asks for (True / "search": `ALPHAS`; a number; a sequence
+    of numbers), or None for no smoothing. A ValueError names what was wrong."""
+    if smooth is None or smooth is False:
+        return None
+    if smooth is True or smooth == "search":
+        return ALPHAS
+    if isinstance(smooth, (int, float)) and not isinstance(smooth, bool):
+        alphas = (float(smooth),)
+    elif isinstance(smooth, (list, tuple)):
+        alphas = tuple(smooth)
+    else:
+        raise ValueError(f"smooth must be None, True, 'search', an alpha in [0, 1] or a sequence of them, got {smooth!r}")
+    if not alphas or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1 for a in alphas):
+        raise ValueError(f"smooth alphas must be numbers in [0, 1], got {smooth!r}")
+    return alphas
 
 
 def _units(model: nn.Module, candidates: dict[str, QuantLinear]):
@@ -99,10 +120,10 @@ def _trial_layer(module: QuantLinear, weight, smoothing: str, scale, activation:
     return trial
 
 
-def _relative_error(trial: QuantLinear, x: torch.Tensor, reference: torch.Tensor) -> float:
+def _squared_errors(trial: QuantLinear, x: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """(||trial(x) - reference||^2, ||reference||^2), a static trial with the sample's absmax scale."""
     if trial.layer.activation == "static":
-        absmax = float(trial.transform_input(x).abs().max())
-        trial.set_act_scale(absmax / formats.ACT_QMAX if absmax > 0 else 1.0)
+        set_absmax_scale(trial, trial.transform_input(x))
     y = trial(x)
     return float((y - reference).pow(2).sum()), float(reference.pow(2).sum())
 
@@ -113,7 +134,7 @@ def _unit_error(modules, weights, samples, scale, smoothing, activation) -> floa
         x = samples[name] if smoothing != "folded" else samples[name] / scale
         trial = _trial_layer(module, weights[name], smoothing, scale, activation)
         reference = samples[name] @ weights[name].t() + (module.bias.detach().float().cpu() if module.bias is not None else 0)
-        n, d = _relative_error(trial, x, reference)
+        n, d = _squared_errors(trial, x, reference)
         num, den = num + n, den + d
     return num / max(den, 1e-30)
 
@@ -127,9 +148,7 @@ def smooth_model(model: nn.Module, float_model: nn.Module, source, run, *, alpha
     (and activation "dynamic" where `dynamic_fallback` decides so), their weights
     re-quantized from `float_model`; folded norms get ``gamma / s``, ``beta / s``.
     """
-    alphas = tuple(alphas)
-    if not alphas or any(not isinstance(a, (int, float)) or isinstance(a, bool) or not 0 <= a <= 1 for a in alphas):
-        raise ValueError(f"smooth alphas must be numbers in [0, 1], got {alphas!r}")
+    alphas = alpha_grid(tuple(alphas))
     if dynamic_fallback is not None and (isinstance(dynamic_fallback, bool) or not isinstance(dynamic_fallback, (int, float))
                                          or not dynamic_fallback >= 1):
         raise ValueError(f"dynamic_fallback must be None or a number >= 1 (an error ratio), got {dynamic_fallback!r}")
@@ -140,14 +159,13 @@ def smooth_model(model: nn.Module, float_model: nn.Module, source, run, *, alpha
     batches = list(source())
     per_batch = max(1, sample_rows // max(1, len(batches)))
     generator = torch.Generator().manual_seed(0)
-    stats = {n: _InputStats(per_batch, generator) for n in candidates}
+    stats = {n: _InputStats(n, per_batch, generator) for n in candidates}
 
     def hook_for(name):
         def hook(mod, args):
             stats[name].add(args[0])
             if mod.layer.activation == "static":  # a provisional scale so that the forward runs
-                absmax = float(mod.transform_input(args[0]).abs().max())
-                mod.set_act_scale(absmax / formats.ACT_QMAX if absmax > 0 else 1.0)
+                set_absmax_scale(mod, mod.transform_input(args[0]))
 
         return hook
 
@@ -170,8 +188,7 @@ def smooth_model(model: nn.Module, float_model: nn.Module, source, run, *, alpha
         act_absmax = torch.stack([stats[n].absmax for n in names]).amax(dim=0)
         weight_absmax = torch.stack([w.abs().amax(dim=0) for w in weights.values()]).amax(dim=0)
         mode = "folded" if norm is not None else "online"
-        static = {n: m.layer.activation for n, m in modules.items()}
-        activation = "static" if "static" in static.values() else "dynamic"
+        activation = "static" if any(m.layer.activation == "static" for m in modules.values()) else "dynamic"
         unsmoothed = _unit_error(modules, weights, samples, None, "none", activation)
         best_alpha, best_error, best_scale = None, unsmoothed, None
         for alpha in alphas:

@@ -128,7 +128,7 @@ class QuantMultiheadAttention(nn.Module):
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         given = (in_proj is not None, out_proj is not None)
         layers = (in_proj_layer is not None, out_proj_layer is not None)
-        if given != (True, True) and layers != (True, True) or any(given) and any(layers):
+        if (given != (True, True) and layers != (True, True)) or (any(given) and any(layers)):
             raise ValueError("QuantMultiheadAttention takes either in_proj_layer and out_proj_layer (packed "
                              "QuantLinear projections are built) or in_proj and out_proj modules, not a mix")
         self.embed_dim = embed_dim

@@ -49,8 +49,9 @@ def _check_layer(layer) -> LayerConfig:
     if layer.has_input_transform:
         # The fake-quant math has no smoothing or rotation: training would not match the export.
         raise ValueError(
-            f"layer: QAT does not support input transforms (smoothing={layer.smoothing!r}, rotation={layer.rotation}); "
-            "train without them (QuantConfig rotation=0) or use them in post-training calibration"
+            f"layer: fake-quant modules (QAT, differentiable twins) do not support input transforms "
+            f"(smoothing={layer.smoothing!r}, rotation={layer.rotation}); train without them (QuantConfig "
+            "rotation=0) or use them in post-training calibration only"
         )
     return layer
 
@@ -356,11 +357,7 @@ class FakeQuantLinear(nn.Linear):
         if not isinstance(qlinear, QuantLinear):
             raise ValueError(f"qlinear must be a pyclipq QuantLinear, got {type(qlinear).__name__}")
         layer = qlinear.layer
-        if layer.has_input_transform:
-            raise ValueError(
-                f"qlinear {qlinear.layer_name or '(unnamed)'} has an input transform (smoothing={layer.smoothing!r}, "
-                f"rotation={layer.rotation}); fake-quant twins of smoothed or rotated layers are not supported"
-            )
+        _check_layer(layer)  # before dequantizing: a transformed layer has no fake-quant twin
         weight = qlinear.dequantize_weight(torch.float32)
         bias = qlinear.bias.detach().clone() if qlinear.bias is not None else None
         module = cls.from_parameters(nn.Parameter(weight, requires_grad=False), None if bias is None else nn.Parameter(bias, requires_grad=False), layer, exact)
