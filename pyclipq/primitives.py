@@ -229,6 +229,11 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, fmt: str | Weight
 
 @functools.lru_cache(maxsize=None)
 def _hadamard_cpu(size: int) -> torch.Tensor:
+    with torch.inference_mode(False):
+        return _sylvester(size)
+
+
+def _sylvester(size: int) -> torch.Tensor:
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < size:  # Sylvester: H_2n = [[H, H], [H, -H]]
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
@@ -244,8 +249,10 @@ def hadamard(size: int, device=None, dtype=torch.float32) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _hadamard_on(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    # one copy per (device, dtype): a layer's forward must not upload it on every call
-    return _hadamard_cpu(size).to(device=device, dtype=dtype)
+    # one copy per (device, dtype): a layer's forward must not upload it on every call. Never an
+    # inference tensor (a first call under inference_mode), which autograd could not save later.
+    with torch.inference_mode(False):
+        return _hadamard_cpu(size).to(device=device, dtype=dtype)
 
 
 def rotation_block(in_features: int, requested: int) -> int:

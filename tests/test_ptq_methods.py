@@ -56,6 +56,16 @@ def test_hadamard_rotate_op_errors():
         pyclipq.ops.hadamard_rotate(torch.ones(2, 64, dtype=torch.int32), 64)
 
 
+def test_rotation_first_built_under_inference_mode_still_trains():
+    """The cached Hadamard matrix is never an inference tensor: autograd can save it later."""
+    primitives._hadamard_on.cache_clear()
+    with torch.inference_mode():
+        primitives.rotate_blocks(torch.randn(2, 64), 64)
+    x = torch.randn(2, 64, requires_grad=True)
+    primitives.rotate_blocks(x, 64).sum().backward()
+    torch.testing.assert_close(x.grad, primitives.hadamard(64).sum(dim=1).expand(2, 64))
+
+
 def test_rotation_spreads_an_outlier_channel():
     x = torch.randn(4, 128, generator=torch.Generator().manual_seed(0))
     x[:, 7] = 100.0
@@ -231,6 +241,8 @@ def test_calibrate_argument_errors():
         calibrate(q, data, dynamic_fallback=2.0, gptq=True, float_model=model, progress=False)
     with pytest.raises(ValueError, match="dynamic_fallback must be None or a number >= 1"):
         calibrate(q, data, smooth=True, dynamic_fallback=0.5, float_model=model, progress=False)
+    with pytest.raises(ValueError, match="weight_observer and clip_search both choose"):
+        calibrate(q, data, clip_search=True, weight_observer="omse", float_model=model, progress=False)
     with pytest.raises(ValueError, match="clip_search must be True or False"):
         calibrate(q, data, clip_search="yes", float_model=model, progress=False)
     with pytest.raises(ValueError, match="activations entering 0 contain NaN or Inf"):

@@ -71,6 +71,8 @@ def calibrate(
     alphas = alpha_grid(smooth)
     if not isinstance(clip_search, bool):
         raise ValueError(f"clip_search must be True or False, got {clip_search!r}")
+    if clip_search and weight_observer is not None:
+        raise ValueError("weight_observer and clip_search both choose the weight scales: pass one of them")
     if dynamic_fallback is not None and alphas is None:
         raise ValueError("dynamic_fallback chooses between smoothed static and dynamic activations: it needs smooth")
     weight_side = gptq or clip_search or weight_observer is not None or alphas is not None
