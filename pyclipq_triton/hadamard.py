@@ -1,7 +1,7 @@
 """The block-Hadamard input rotation: y = x times diag(H_b, ..., H_b), H_b orthonormal.
 
 One program takes BLOCK_M rows of one block of b channels and multiplies them by H_b with one
-tl.dot in IEEE fp32 (b >= 16; the host wrapper handles smaller blocks).
+tl.dot in IEEE fp32 (16 <= b <= 128; the host wrapper computes other blocks through torch).
 """
 import triton
 import triton.language as tl

@@ -230,7 +230,7 @@ def test_pack_unpack_trits(n, k):
     assert torch.equal(T.unpack_trits(packed, k).cpu(), codes)
 
 
-@pytest.mark.parametrize("block", [4, 16, 64, 128])
+@pytest.mark.parametrize("block", [4, 16, 64, 128, 256])
 def test_hadamard_rotate_matches_the_reference(block):
     x = torch.randn(21, 256) * torch.logspace(-2, 2, 256)
     got = T.hadamard_rotate(dev(x), block).cpu()

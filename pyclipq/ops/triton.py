@@ -437,7 +437,9 @@ def hadamard_rotate(x: Tensor, block: int) -> Tensor:
            f"block must be a power of 2 >= 1, got {block}")
     k = x.shape[-1]
     _check(k % block == 0, op, f"x's last dimension ({k}) must be a multiple of block ({block})")
-    if block < 16:  # below tl.dot's smallest tile: the same product through torch
+    if not 16 <= block <= 128:
+        # below tl.dot's smallest tile, or an H_b tile too large for one program's registers:
+        # the same product through torch
         return primitives.rotate_blocks(x.float(), block).to(x.dtype)
     xf = x.float().contiguous().view(-1, k)
     y = torch.empty_like(xf)
