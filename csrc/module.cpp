@@ -66,6 +66,7 @@ PYBIND11_MODULE(_C, m) {
     d["cpu_isa"] = std::string(pyclipq::cpu::active_kernels().isa);
     d["cpu_isa_supported"] = pyclipq::cpu::supported_isas();
     d["cpu_isa_reason"] = std::string(pyclipq::cpu::cpu_isa_reason());
+    d["cpu_tile_layout"] = pyclipq::cpu::active_kernels().reads_tile_layout;
     d["cpu_threads"] = pyclipq::cpu::parallel_width();
 #ifdef PYCLIPQ_WITH_CUDA
     d["cuda"] = true;

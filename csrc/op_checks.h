@@ -124,11 +124,32 @@ inline GemmShape check_integer_gemm_args(c10::DeviceType type, WeightKind kind, 
   return s;
 }
 
+// tile_weight: the weight in the tile layout (docs/FORMATS.md), a CPU layout. Its bytes are not
+// compared with the weight's (that would cost a pass over both per call): the layer that builds
+// it from the weight (QuantLinear) keeps the two in step.
+inline void check_tile_weight(c10::DeviceType type, WeightKind kind, const std::optional<at::Tensor>& tile_weight,
+                              const at::Tensor& x, int64_t n, int64_t k_pad, const char* op) {
+  if (!tile_weight.has_value()) return;
+  TORCH_CHECK(type == c10::DeviceType::CPU, op,
+              ": tile_weight is a CPU layout (docs/FORMATS.md, tile layout); pass None for tensors on ", x.device());
+  check_beside(x, *tile_weight, type, "tile_weight", op);
+  const auto want = kind == WeightKind::Int8 ? at::kChar : at::kByte;
+  TORCH_CHECK(tile_weight->scalar_type() == want, op, ": tile_weight must be ", want == at::kChar ? "int8" : "uint8",
+              " for format ", traits(kind).name, ", got ", tile_weight->scalar_type());
+  const int64_t tile_bytes = kTileCodes / codes_per_byte(kind);
+  TORCH_CHECK(tile_weight->dim() == 3 && tile_weight->size(0) == tile_panels(n) && tile_weight->size(1) == k_pad / kTileK &&
+                  tile_weight->size(2) == tile_bytes,
+              op, ": tile_weight must have shape [", tile_panels(n), ", ", k_pad / kTileK, ", ", tile_bytes,
+              "] (the tile layout of the weight: pyclipq.formats.tile_layout), got ", tile_weight->sizes());
+  TORCH_CHECK(tile_weight->is_contiguous(), op, ": tile_weight must be contiguous");
+}
+
 // The fused linear's weight-side arguments (the activation side is check_quantize_args).
 // Returns the shape with m = 0: M is known once x is flattened.
 inline GemmShape check_fused_linear_args(c10::DeviceType type, WeightKind kind, const at::Tensor& x,
                                          const at::Tensor& weight, const at::Tensor& weight_scale, int64_t group_size,
-                                         const std::optional<at::Tensor>& bias, const char* op) {
+                                         const std::optional<at::Tensor>& bias,
+                                         const std::optional<at::Tensor>& tile_weight, const char* op) {
   check_float_input(x, op);
   check_device_type(x, type, "x", op);
   check_group_size(group_size, op);
@@ -140,6 +161,7 @@ inline GemmShape check_fused_linear_args(c10::DeviceType type, WeightKind kind, 
   check_weight_scale(weight_scale, s.n, s.groups, op);
   check_bias(bias, s.n, op);
   if (bias.has_value()) check_beside(x, *bias, type, "bias", op);
+  check_tile_weight(type, kind, tile_weight, x, s.n, k_pad, op);
   return s;
 }
 

@@ -1,7 +1,7 @@
 // The per-format entry points of the pyclipq ops (schemas: pyclipq/ops/library.py), shared
 // by every backend. A backend supplies its two generic implementations,
 //   IntegerGemm(kind, x_q, x_sums, weight, group_size, grouped_output, op_name)
-//   FusedLinear(kind, x, weight, weight_scale, group_size, bias, act_scale, op_name)
+//   FusedLinear(kind, x, weight, weight_scale, group_size, bias, act_scale, tile_weight, op_name)
 // and register_format_ops binds the eight schema signatures to them.
 #pragma once
 #include <ATen/ATen.h>
@@ -33,20 +33,20 @@ struct FormatEntryPoints {
   }
 
   static at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws,
-                                const OptTensor& bias, const OptTensor& act_scale) {
-    return FusedLinear(WeightKind::Int8, x, w, ws, 0, bias, act_scale, "pyclipq.int8_linear");
+                                const OptTensor& bias, const OptTensor& act_scale, const OptTensor& tile_weight) {
+    return FusedLinear(WeightKind::Int8, x, w, ws, 0, bias, act_scale, tile_weight, "pyclipq.int8_linear");
   }
   static at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws, int64_t group_size,
-                                const OptTensor& bias, const OptTensor& act_scale) {
-    return FusedLinear(WeightKind::Int4, x, w, ws, group_size, bias, act_scale, "pyclipq.int4_linear");
+                                const OptTensor& bias, const OptTensor& act_scale, const OptTensor& tile_weight) {
+    return FusedLinear(WeightKind::Int4, x, w, ws, group_size, bias, act_scale, tile_weight, "pyclipq.int4_linear");
   }
   static at::Tensor int2_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws, int64_t group_size,
-                                const OptTensor& bias, const OptTensor& act_scale) {
-    return FusedLinear(WeightKind::Int2, x, w, ws, group_size, bias, act_scale, "pyclipq.int2_linear");
+                                const OptTensor& bias, const OptTensor& act_scale, const OptTensor& tile_weight) {
+    return FusedLinear(WeightKind::Int2, x, w, ws, group_size, bias, act_scale, tile_weight, "pyclipq.int2_linear");
   }
   static at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws,
-                                   const OptTensor& bias, const OptTensor& act_scale) {
-    return FusedLinear(WeightKind::Ternary, x, w, ws, 0, bias, act_scale, "pyclipq.ternary_linear");
+                                   const OptTensor& bias, const OptTensor& act_scale, const OptTensor& tile_weight) {
+    return FusedLinear(WeightKind::Ternary, x, w, ws, 0, bias, act_scale, tile_weight, "pyclipq.ternary_linear");
   }
 };
 

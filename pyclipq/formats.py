@@ -169,3 +169,35 @@ def unpack_trits_reference(packed: torch.Tensor, k: int) -> torch.Tensor:
     codes = torch.full((n, padded_k(k)), TERNARY.pad_code, dtype=torch.uint8)
     codes[:, :k] = trits.view(n, -1)[:, :k].to(torch.uint8)
     return codes
+
+
+# ---------------------------------------------------------------- tile layout (a backend layout)
+
+TILE_COLUMNS = 16  # columns of one tile: formats.h kTileColumns
+TILE_K = 64  # K of one tile: formats.h kTileK
+
+
+def tile_layout_shape(spec: WeightFormat, n: int, k_pad: int) -> tuple[int, int, int]:
+    """Shape of the tile layout of an [n, k_pad] weight: [panels, K tiles, bytes per tile]."""
+    return -(-n // TILE_COLUMNS), k_pad // TILE_K, TILE_COLUMNS * TILE_K // spec.codes_per_byte
+
+
+def tile_layout(packed: torch.Tensor, spec: WeightFormat) -> torch.Tensor:
+    """The compute layout (int8 [N, K_pad] or block-planar codes) -> the tile layout (docs/FORMATS.md).
+
+    Tile (p, t) holds columns 16 p .. 16 p + 15 and K = 64 t .. 64 t + 63 as 1024 codes in VNNI-4
+    order, position 64 r + 4 j + e = (n = 16 p + j, k = 64 t + 4 r + e). With c codes to a byte,
+    byte i of a tile holds the codes at positions i + q * 1024 / c in bits [q * bits, (q + 1) * bits).
+    Columns past N hold the pad code.
+    """
+    codes = unpack_codes_reference(packed, spec.bits) if spec.bit_packed else packed
+    n, k_pad = codes.shape
+    panels, k_tiles, tile_bytes = tile_layout_shape(spec, n, k_pad)
+    pad = torch.full((panels * TILE_COLUMNS - n, k_pad), spec.pad_code, dtype=codes.dtype, device=codes.device)
+    codes = torch.cat([codes, pad]) if pad.shape[0] else codes
+    tiles = codes.view(panels, TILE_COLUMNS, k_tiles, TILE_K // 4, 4).permute(0, 2, 3, 1, 4)
+    tiles = tiles.reshape(panels, k_tiles, spec.codes_per_byte, tile_bytes)
+    if not spec.bit_packed:
+        return tiles.reshape(panels, k_tiles, tile_bytes).contiguous()
+    shifts = (torch.arange(spec.codes_per_byte, dtype=torch.int32, device=codes.device) * spec.bits).view(1, 1, -1, 1)
+    return (tiles.to(torch.int32) << shifts).sum(dim=2).to(torch.uint8)

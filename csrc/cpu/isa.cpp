@@ -1,5 +1,6 @@
-// Run-time choice of the CPU kernel table from CPUID and XGETBV, overridable for tests and
-// benchmarks with PYCLIPQ_CPU_ISA=scalar|avx2|avx512_vnni (read once, at first use).
+// Run-time choice of the CPU kernel table from CPUID and XGETBV (and, for AMX, the kernel's
+// permission to use tile data), overridable for tests and benchmarks with
+// PYCLIPQ_CPU_ISA=scalar|avx2|avx512_vnni|amx (read once, at first use).
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -8,6 +9,12 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
+#endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
 #endif
 
 #include "pyclipq/cpu_kernels.h"
@@ -42,7 +49,8 @@ uint64_t read_xcr0() {
 
 struct X86Features {
   bool avx2 = false, fma = false, avx512f = false, avx512bw = false, avx512vl = false, avx512vnni = false;
-  bool os_ymm = false, os_zmm = false;
+  bool amx_tile = false, amx_int8 = false;
+  bool os_ymm = false, os_zmm = false, os_tiles = false;
 };
 
 X86Features read_features() {
@@ -55,11 +63,36 @@ X86Features read_features() {
     f.avx512bw = ebx & bit_AVX512BW;
     f.avx512vl = ebx & bit_AVX512VL;
     f.avx512vnni = ecx & bit_AVX512VNNI;
+    f.amx_tile = edx & (1u << 24);
+    f.amx_int8 = edx & (1u << 25);
   }
   const uint64_t xcr0 = read_xcr0();
   f.os_ymm = (xcr0 & 0x6) == 0x6;
   f.os_zmm = (xcr0 & 0xe6) == 0xe6;
+  f.os_tiles = (xcr0 & 0x60000) == 0x60000;  // XTILECFG (bit 17) and XTILEDATA (bit 18)
   return f;
+}
+
+// Linux enables the 8 KiB of tile data per process only on request (Documentation/arch/x86/
+// xstate.rst): until then the first tile instruction raises SIGILL. Returns "" once this process
+// may use tiles, else why not. PYCLIPQ_TEST_DENY_AMX_PERMISSION=1 takes the refusal path without
+// asking, so that tests can check the fallback on a machine that would grant it.
+std::string request_tile_permission() {
+#if defined(__linux__) && defined(__x86_64__)
+  constexpr long kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  const char* deny = std::getenv("PYCLIPQ_TEST_DENY_AMX_PERMISSION");
+  if (deny != nullptr && std::strcmp(deny, "1") == 0)
+    return "the kernel's tile-data permission (refused: PYCLIPQ_TEST_DENY_AMX_PERMISSION=1)";
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0)
+    return std::string("the kernel's tile-data permission (arch_prctl(ARCH_REQ_XCOMP_PERM) failed: ") +
+           std::strerror(errno) + ")";
+  unsigned long granted = 0;
+  if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &granted) != 0 || !(granted & (1ul << kXfeatureXtiledata)))
+    return "the kernel's tile-data permission (ARCH_GET_XCOMP_PERM does not list XTILEDATA)";
+  return "";
+#else
+  return "Linux's tile-data permission (arch_prctl): this build targets another OS";
+#endif
 }
 
 std::string missing_of(std::initializer_list<std::pair<bool, const char*>> needs) {
@@ -74,7 +107,14 @@ std::vector<Candidate> candidates() {
   std::vector<Candidate> c;
 #if defined(__x86_64__) || defined(_M_X64)
   const X86Features f = read_features();
-  std::string miss = missing_of({{f.avx512f, "avx512f"},
+  std::string miss = missing_of({{f.amx_tile, "amx_tile"},
+                                 {f.amx_int8, "amx_int8"},
+                                 {f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni, "avx512 f/bw/vl/vnni"},
+                                 {f.os_zmm, "OS-saved zmm state (XCR0)"},
+                                 {f.os_tiles, "OS-saved tile state (XCR0)"}});
+  if (miss.empty()) miss = request_tile_permission();  // asked only of a CPU and OS that have tiles
+  c.push_back({"amx", [] { return &amx_kernels(); }, miss.empty(), miss});
+  miss = missing_of({{f.avx512f, "avx512f"},
                                  {f.avx512bw, "avx512bw"},
                                  {f.avx512vl, "avx512vl"},
                                  {f.avx512vnni, "avx512_vnni"},

@@ -35,6 +35,7 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels_avx512_common.h"
 #include "kernels_portable.h"
 
 // GCC 12's avx512fintrin.h builds the reductions and masked converts on _mm512_undefined_*
@@ -46,15 +47,10 @@
 namespace pyclipq::cpu {
 namespace {
 
-#define PQ_INLINE inline __attribute__((always_inline))
-
-
 // acc += u8 x s8 dot products. GCC 12 compiles _mm512_dpbusd_epi32 in unrolled loops with a
 // register copy and a stack store per accumulator per call (measured: 0.5x the speed); the
 // asm form keeps each accumulator in its register.
 PQ_INLINE void dpbusd(__m512i& acc, __m512i u8, __m512i s8) { asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8)); }
-
-PQ_INLINE __mmask16 first_lanes16(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
 
 // ------------------------------------------------------------------ activation quantization
 
@@ -122,63 +118,6 @@ int64_t vnni_quantize_rows(const void* x, FloatType x_type, int64_t ldx, int64_t
   });
 }
 
-// ------------------------------------------------------------------ weight operands
-
-// O of the header: what the u8 operand adds to a level.
-constexpr int operand_offset(WeightKind kind) { return kind == WeightKind::Int8 ? 128 : traits(kind).level_offset; }
-
-// u8 operands of the 64 weights [128 s + 64 H, 128 s + 64 H + 64) of one canonical row: chunk
-// 2s + H of the row's 64-element chunks.
-template <WeightKind KIND, int H>
-PQ_INLINE __m512i operands64(const uint8_t* row, int64_t s) {
-  if constexpr (KIND == WeightKind::Int8) {
-    return _mm512_xor_si512(_mm512_loadu_si512(row + 128 * s + 64 * H), _mm512_set1_epi8(static_cast<char>(0x80)));
-  } else {
-    constexpr int BITS = traits(KIND).bits;
-    constexpr int PAIRS = (8 / BITS) / 2;  // plane pairs per 32-byte unit: int4 1, int2/ternary 2
-    constexpr int PAIR = (H % PAIRS);
-    // the unit holding chunk 2s + H, broadcast to both halves; planes 2 PAIR and 2 PAIR + 1 are
-    // 64 consecutive elements, shifted down in the low and high 256 bits respectively
-    const uint8_t* unit = PAIRS == 2 ? row + 32 * s : row + 64 * s + 32 * H;  // (2 s + H) / PAIRS units in
-    const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit)));
-    const __m512i shift =
-        _mm512_inserti64x4(_mm512_set1_epi16(2 * PAIR * BITS), _mm256_set1_epi16((2 * PAIR + 1) * BITS), 1);
-    const __m512i code = _mm512_and_si512(_mm512_srlv_epi16(v, shift), _mm512_set1_epi8((1 << BITS) - 1));
-    if constexpr (traits(KIND).level_mul == 2) return _mm512_add_epi8(code, code);
-    else return code;
-  }
-}
-
-// v[r] holds 16 dwords of row r; afterwards v[d] holds dword d of rows 0..15.
-PQ_INLINE void transpose16x16_epi32(__m512i (&v)[16]) {
-  __m512i t[16];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
-  }
-  // u[4 i + e], 128-bit lane L: dword 4 L + e of rows 4 i .. 4 i + 3
-  __m512i u[16];
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  // a 4 x 4 transpose of 128-bit lanes across u[e], u[4 + e], u[8 + e], u[12 + e]
-#pragma GCC unroll 4
-  for (int e = 0; e < 4; ++e) {
-    const __m512i s0 = _mm512_shuffle_i32x4(u[e], u[4 + e], _MM_SHUFFLE(1, 0, 1, 0));
-    const __m512i s1 = _mm512_shuffle_i32x4(u[e], u[4 + e], _MM_SHUFFLE(3, 2, 3, 2));
-    const __m512i s2 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], _MM_SHUFFLE(1, 0, 1, 0));
-    const __m512i s3 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], _MM_SHUFFLE(3, 2, 3, 2));
-    v[e] = _mm512_shuffle_i32x4(s0, s2, _MM_SHUFFLE(2, 0, 2, 0));
-    v[4 + e] = _mm512_shuffle_i32x4(s0, s2, _MM_SHUFFLE(3, 1, 3, 1));
-    v[8 + e] = _mm512_shuffle_i32x4(s1, s3, _MM_SHUFFLE(2, 0, 2, 0));
-    v[12 + e] = _mm512_shuffle_i32x4(s1, s3, _MM_SHUFFLE(3, 1, 3, 1));
-  }
-}
 
 // Lane j of the result = the sum of the 16 int32 lanes of a[j].
 PQ_INLINE __m512i sum_lanes16(const __m512i (&a)[16]) {
@@ -199,22 +138,6 @@ PQ_INLINE __m512i sum_lanes16(const __m512i (&a)[16]) {
 
 
 // ------------------------------------------------------------------ epilogues
-
-// Float outputs, 16 columns at a time, written with the same rounding rules as store_float.
-PQ_INLINE void store16(void* y, FloatType t, int64_t i, __m512 v, __mmask16 m) {
-  if (t == FloatType::F32) {
-    _mm512_mask_storeu_ps(static_cast<float*>(y) + i, m, v);
-  } else if (t == FloatType::BF16) {  // round half to even, quiet NaN: float_to_bf16
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + i, m, _mm512_cvtepi32_epi16(r));
-  } else {  // vcvtps2ph rounds half to even and overflows to infinity, like float_to_half
-    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + i, m,
-                             _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
-}
 
 // What both tiles share about the rows and the column block they work on.
 struct TileSpan {
@@ -427,42 +350,6 @@ __attribute__((noinline)) void accumulate_groups(const int8_t* x, int64_t k_pad,
     for (int c = 0; c < C; ++c) _mm512_store_ps(reinterpret_cast<float*>(out + r * C + c), facc[r][c]);
 }
 
-// Repacks the columns [b0, b1) into u8 operands [panel][K / 4][16 columns][4] (the last panel's
-// missing columns repeat the last column; they are never stored).
-template <WeightKind KIND, int H>
-PQ_INLINE void repack_chunk(const uint8_t* const (&rows)[16], int64_t s, uint8_t* dst) {
-  __m512i v[16];
-#pragma GCC unroll 16
-  for (int j = 0; j < 16; ++j) v[j] = operands64<KIND, H>(rows[j], s);
-  transpose16x16_epi32(v);
-#pragma GCC unroll 16
-  for (int d = 0; d < 16; ++d) _mm512_store_si512(dst + 64 * d, v[d]);
-}
-
-// Panels of weight rows prefetched ahead of the one being repacked. A panel's 16 rows are one
-// contiguous run of memory, but the repack reads them as 16 interleaved short streams that the
-// hardware prefetchers do not follow: cold (from DRAM), the repack waited on every line.
-constexpr int64_t kRepackPrefetchPanels = 3;
-
-template <WeightKind KIND>
-void repack_block(const uint8_t* w, int64_t ldw, int64_t b0, int64_t b1, int64_t k_pad, uint8_t* out) {
-  const char* bytes = reinterpret_cast<const char*>(w);
-  const int64_t end = b1 * ldw;  // prefetch no further than the block
-  auto prefetch_panel = [&](int64_t n) {
-    for (int64_t off = n * ldw; off < std::min(end, (n + 16) * ldw); off += 64) _mm_prefetch(bytes + off, _MM_HINT_T0);
-  };
-  for (int64_t i = 0; i < kRepackPrefetchPanels; ++i) prefetch_panel(b0 + 16 * i);
-  for (int64_t n = b0; n < b1; n += 16) {
-    prefetch_panel(n + 16 * kRepackPrefetchPanels);
-    const uint8_t* rows[16];
-    for (int j = 0; j < 16; ++j) rows[j] = w + std::min(n + j, b1 - 1) * ldw;
-    uint8_t* dst = out + (n - b0) * k_pad;  // a panel is 16 * K bytes
-    for (int64_t s = 0; s < k_pad / 128; ++s) {  // chunk c = 2 s + H holds K-quads 16 c .. 16 c + 15
-      repack_chunk<KIND, 0>(rows, s, dst + (2 * s) * 1024);
-      repack_chunk<KIND, 1>(rows, s, dst + (2 * s + 1) * 1024);
-    }
-  }
-}
 
 // ------------------------------------------------------------------ dot tile
 

@@ -164,8 +164,9 @@ at::Tensor integer_gemm(WeightKind kind, const at::Tensor& x_q, const at::Tensor
 
 at::Tensor fused_linear(WeightKind kind, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
                         int64_t group_size, const std::optional<at::Tensor>& bias,
-                        const std::optional<at::Tensor>& act_scale, const char* op) {
-  const GemmShape shape = check_fused_linear_args(kCPU, kind, x, weight, weight_scale, group_size, bias, op);
+                        const std::optional<at::Tensor>& act_scale, const std::optional<at::Tensor>& tile_weight,
+                        const char* op) {
+  const GemmShape shape = check_fused_linear_args(kCPU, kind, x, weight, weight_scale, group_size, bias, tile_weight, op);
   const int64_t n = shape.n, k_pad = shape.k_pad;
   QuantizedActivation a = quantize(x, group_size, act_scale, op);
   const int64_t m = a.q.size(0);
@@ -173,8 +174,15 @@ at::Tensor fused_linear(WeightKind kind, const at::Tensor& x, const at::Tensor& 
   // written in x's dtype by the kernel itself: no fp32 intermediate for bf16/fp16 inputs
   at::Tensor y = at::empty({m, n}, x.options());
   const KernelTable& kt = active_kernels();
-  const GemmProblem p{kind, m, n, k_pad, group_size, a.q.data_ptr<int8_t>(), a.sums.data_ptr<int32_t>(),
-                      weight.data_ptr()};
+  const GemmProblem p{kind,
+                      m,
+                      n,
+                      k_pad,
+                      group_size,
+                      a.q.data_ptr<int8_t>(),
+                      a.sums.data_ptr<int32_t>(),
+                      weight.data_ptr(),
+                      tile_weight.has_value() && kt.reads_tile_layout ? tile_weight->data_ptr() : nullptr};
   const LinearEpilogue e{a.scale.data_ptr<float>(), weight_scale.data_ptr<float>(),
                          bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr, y.data_ptr(),
                          float_type(y.scalar_type())};

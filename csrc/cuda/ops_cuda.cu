@@ -102,8 +102,9 @@ at::Tensor integer_gemm(WeightKind kind, const at::Tensor& x_q, const at::Tensor
 // Quantize (one kernel), then the GEMV kernel for M <= 16 or the tiled GEMM: two launches.
 at::Tensor fused_linear(WeightKind kind, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
                         int64_t group_size, const std::optional<at::Tensor>& bias,
-                        const std::optional<at::Tensor>& act_scale, const char* op) {
-  const int64_t n = check_fused_linear_args(kCUDA, kind, x, weight, weight_scale, group_size, bias, op).n;
+                        const std::optional<at::Tensor>& act_scale, const std::optional<at::Tensor>& tile_weight,
+                        const char* op) {
+  const int64_t n = check_fused_linear_args(kCUDA, kind, x, weight, weight_scale, group_size, bias, tile_weight, op).n;
   at::Tensor bias_t;
   if (bias.has_value()) {
     bias_t = bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16 ||

@@ -20,11 +20,16 @@ def static_act_scale(layer: LayerConfig, scale) -> torch.Tensor:
     return scale.reshape(())
 
 
-def _fused_linear(fmt: str, x, packed, scale, group_size, bias, act_scale):
+def _version_of(t: torch.Tensor) -> int:
+    """t's in-place write counter; inference tensors keep none (and take no writes outside inference mode)."""
+    return -2 if t.is_inference() else t._version
+
+
+def _fused_linear(fmt: str, x, packed, scale, group_size, bias, act_scale, tile_weight):
     linear = getattr(ops, f"{fmt}_linear")  # the op family: <format>_linear, with group_size where grouped
     if formats.get_format(fmt).grouped:
-        return linear(x, packed, scale, group_size, bias, act_scale)
-    return linear(x, packed, scale, bias, act_scale)
+        return linear(x, packed, scale, group_size, bias, act_scale, tile_weight)
+    return linear(x, packed, scale, bias, act_scale, tile_weight)
 
 
 class QuantLinear(PackedWeight):
@@ -37,6 +42,12 @@ class QuantLinear(PackedWeight):
     - activation "none" (weight-only): the weight is dequantized and F.linear runs.
     - format "float" (pass-through): the float weight, F.linear; the module swap
       is exact.
+
+    Tile layout: when this process's CPU kernel table reads it (AMX, ``ops.cpu_reads_tile_layout``),
+    a CPU layer keeps its weight a second time in the tile layout (``tile_weight``, a non-persistent
+    buffer: checkpoints hold the compute layout) and passes it to the fused op, which then skips its
+    per-call repack. It is built when the weight is set, loaded or moved to the CPU, and rebuilt
+    (eager mode) when ``packed_weight`` was written in place since.
 
     Input transforms (``layer.smoothing``, ``layer.rotation``): the layer computes
     ``transform_input(x) @ W'^T`` with ``W' = transform_weight(W)`` stored, which equals
@@ -63,6 +74,34 @@ class QuantLinear(PackedWeight):
         else:
             self.register_buffer("smooth_scale", None)
         self.rotation_block = primitives.rotation_block(in_features, layer.rotation) if layer.rotation else 1
+        self.register_buffer("tile_weight", None, persistent=False)
+        self._tile_source_version = -1  # packed_weight._version that tile_weight was built from
+
+    @torch.no_grad()
+    def refresh_tile_weight(self) -> None:
+        """(Re)build ``tile_weight`` from ``packed_weight`` where the fused op reads it, else drop it."""
+        wanted = (not self.layer.is_float and self.layer.activation != "none"
+                  and self.packed_weight.device.type == "cpu" and ops.cpu_reads_tile_layout())
+        if not wanted:
+            self.tile_weight = None
+            return
+        with torch.inference_mode(False):  # a normal tensor even when first built under inference_mode
+            self.tile_weight = formats.tile_layout(self.packed_weight, formats.get_format(self.layer.format))
+        self._tile_source_version = _version_of(self.packed_weight)
+
+    def _tile_weight_for(self, rows: slice):
+        """tile_weight for output rows `rows` (whole panels of 16, else None: the op repacks itself)."""
+        if not torch.compiler.is_compiling() and self.packed_weight.device.type == "cpu" and (
+            (self.tile_weight is None) == ops.cpu_reads_tile_layout()
+            or self._tile_source_version != _version_of(self.packed_weight)
+        ):
+            self.refresh_tile_weight()
+        if self.tile_weight is None:
+            return None
+        start, stop, _ = rows.indices(self.out_features)
+        if start % formats.TILE_COLUMNS or (stop % formats.TILE_COLUMNS and stop != self.out_features):
+            return None
+        return self.tile_weight[start // formats.TILE_COLUMNS: -(-stop // formats.TILE_COLUMNS)]
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the stored weight multiplies: x smoothed (online) and rotated, as the layer runs it."""
@@ -83,6 +122,8 @@ class QuantLinear(PackedWeight):
         if self.layer.has_input_transform and tuple(weight.shape) == (self.out_features, self.in_features):
             weight = self.transform_weight(weight.to(torch.float32))
         super().load_float_weight(weight)
+        if not self.layer.is_float:
+            self.refresh_tile_weight()
 
     @classmethod
     def from_float(cls, linear: nn.Linear, layer: LayerConfig) -> "QuantLinear":
@@ -116,6 +157,8 @@ class QuantLinear(PackedWeight):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if not self.layer.is_float:
+            self.refresh_tile_weight()
         if self.act_scale is not None and prefix + "act_scale" in state_dict:
             self._act_scale_ready = bool(self.act_scale > 0)
 
@@ -148,7 +191,14 @@ class QuantLinear(PackedWeight):
             weight = dequantize_packed(packed, scale, self.layer.format, self.in_features, x.dtype)
             return F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
         act_scale = self._static_act_scale() if self.layer.activation == "static" else None
-        return _fused_linear(self.layer.format, x, packed, scale, self.layer.group_size, bias, act_scale)
+        tile_weight = self._tile_weight_for(rows) if x.device.type == "cpu" else None
+        return _fused_linear(self.layer.format, x, packed, scale, self.layer.group_size, bias, act_scale, tile_weight)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if not self.layer.is_float:
+            self.refresh_tile_weight()  # the layout is the CPU's: rebuilt there, dropped elsewhere
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x, slice(None))

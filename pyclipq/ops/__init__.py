@@ -21,11 +21,13 @@ device sync); a row holding one gets scale NaN, so that row's outputs are NaN.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
 from .. import primitives
+from .._build import load_extension
 from . import library  # noqa: F401  (defines the schemas and fakes)
 from . import reference  # noqa: F401
 
@@ -125,22 +127,42 @@ def ternary_gemm(x_q, x_sums, weight, *, backend: str | None = None) -> torch.Te
     return _route("ternary_gemm", x_q, _lead(x_q), backend)(x_q, x_sums, weight)
 
 
-def int8_linear(x, weight, weight_scale, bias=None, act_scale=None, *, backend: str | None = None) -> torch.Tensor:
-    return _route("int8_linear", x, _rows(x), backend)(x, weight, weight_scale, bias, act_scale)
+@functools.cache
+def cpu_reads_tile_layout() -> bool:
+    """Whether this process's CPU kernel table (AMX) reads a fused linear's ``tile_weight``: layers
+    that keep their weight across calls then build it once (formats.tile_layout)."""
+    return bool(load_extension().build_info()["cpu_tile_layout"])
 
 
-def int4_linear(x, weight, weight_scale, group_size: int, bias=None, act_scale=None, *,
+def _linear(op: str, x, args: tuple, tile_weight, backend):
+    """The fused linear `op`; tile_weight (a CPU layout) reaches only the CPU kernel."""
+    impl = _route(op, x, _rows(x), backend)
+    if tile_weight is None:
+        return impl(x, *args)
+    if x.is_cuda or backend == "triton":
+        raise ValueError(f"pyclipq.ops.{op}: tile_weight is a CPU layout; pass None for {x.device} tensors "
+                         f"(backend {backend!r})")
+    return impl(x, *args, tile_weight)
+
+
+def int8_linear(x, weight, weight_scale, bias=None, act_scale=None, tile_weight=None, *,
                 backend: str | None = None) -> torch.Tensor:
-    return _route("int4_linear", x, _rows(x), backend)(x, weight, weight_scale, group_size, bias, act_scale)
+    return _linear("int8_linear", x, (weight, weight_scale, bias, act_scale), tile_weight, backend)
 
 
-def int2_linear(x, weight, weight_scale, group_size: int, bias=None, act_scale=None, *,
+def int4_linear(x, weight, weight_scale, group_size: int, bias=None, act_scale=None, tile_weight=None, *,
                 backend: str | None = None) -> torch.Tensor:
-    return _route("int2_linear", x, _rows(x), backend)(x, weight, weight_scale, group_size, bias, act_scale)
+    return _linear("int4_linear", x, (weight, weight_scale, group_size, bias, act_scale), tile_weight, backend)
 
 
-def ternary_linear(x, weight, weight_scale, bias=None, act_scale=None, *, backend: str | None = None) -> torch.Tensor:
-    return _route("ternary_linear", x, _rows(x), backend)(x, weight, weight_scale, bias, act_scale)
+def int2_linear(x, weight, weight_scale, group_size: int, bias=None, act_scale=None, tile_weight=None, *,
+                backend: str | None = None) -> torch.Tensor:
+    return _linear("int2_linear", x, (weight, weight_scale, group_size, bias, act_scale), tile_weight, backend)
+
+
+def ternary_linear(x, weight, weight_scale, bias=None, act_scale=None, tile_weight=None, *,
+                   backend: str | None = None) -> torch.Tensor:
+    return _linear("ternary_linear", x, (weight, weight_scale, bias, act_scale), tile_weight, backend)
 
 
 def pack_codes(codes: torch.Tensor, bits: int, *, backend: str | None = None) -> torch.Tensor:

@@ -21,11 +21,13 @@ SCHEMAS = {
     "int4_gemm": "int4_gemm(Tensor x_q, Tensor x_sums, Tensor weight, int group_size) -> Tensor",
     "int2_gemm": "int2_gemm(Tensor x_q, Tensor x_sums, Tensor weight, int group_size) -> Tensor",
     "ternary_gemm": "ternary_gemm(Tensor x_q, Tensor x_sums, Tensor weight) -> Tensor",
-    # fused linears: float in -> quantize -> integer GEMM -> dequantize -> + bias -> float out
-    "int8_linear": "int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias=None, Tensor? act_scale=None) -> Tensor",
-    "int4_linear": "int4_linear(Tensor x, Tensor weight, Tensor weight_scale, int group_size, Tensor? bias=None, Tensor? act_scale=None) -> Tensor",
-    "int2_linear": "int2_linear(Tensor x, Tensor weight, Tensor weight_scale, int group_size, Tensor? bias=None, Tensor? act_scale=None) -> Tensor",
-    "ternary_linear": "ternary_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias=None, Tensor? act_scale=None) -> Tensor",
+    # fused linears: float in -> quantize -> integer GEMM -> dequantize -> + bias -> float out.
+    # tile_weight (CPU): the same weight in the tile layout (formats.tile_layout), which the AMX
+    # table reads instead of repacking per call; the other tables and devices take None.
+    "int8_linear": "int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias=None, Tensor? act_scale=None, Tensor? tile_weight=None) -> Tensor",
+    "int4_linear": "int4_linear(Tensor x, Tensor weight, Tensor weight_scale, int group_size, Tensor? bias=None, Tensor? act_scale=None, Tensor? tile_weight=None) -> Tensor",
+    "int2_linear": "int2_linear(Tensor x, Tensor weight, Tensor weight_scale, int group_size, Tensor? bias=None, Tensor? act_scale=None, Tensor? tile_weight=None) -> Tensor",
+    "ternary_linear": "ternary_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias=None, Tensor? act_scale=None, Tensor? tile_weight=None) -> Tensor",
     # packing (block-planar codes; base-3 trits)
     "pack_codes": "pack_codes(Tensor codes, int bits) -> Tensor",
     "unpack_codes": "unpack_codes(Tensor packed, int bits) -> Tensor",

@@ -62,22 +62,24 @@ def _epilogue(x, acc, x_scale, weight_scale, bias, n):
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-def int8_linear(x, weight, weight_scale, bias=None, act_scale=None):
+# The fused linears' tile_weight is the same weight in another layout (formats.tile_layout): the
+# result is defined by `weight` alone.
+def int8_linear(x, weight, weight_scale, bias=None, act_scale=None, tile_weight=None):
     x_q, s, _ = quantize_per_token(x, 0, act_scale)
     return _epilogue(x, int8_gemm(x_q, weight), s, weight_scale, bias, weight.shape[0])
 
 
-def int4_linear(x, weight, weight_scale, group_size, bias=None, act_scale=None):
+def int4_linear(x, weight, weight_scale, group_size, bias=None, act_scale=None, tile_weight=None):
     x_q, s, sums = quantize_per_token(x, group_size, act_scale)
     return _epilogue(x, int4_gemm(x_q, sums, weight, group_size), s, weight_scale, bias, weight.shape[0])
 
 
-def int2_linear(x, weight, weight_scale, group_size, bias=None, act_scale=None):
+def int2_linear(x, weight, weight_scale, group_size, bias=None, act_scale=None, tile_weight=None):
     x_q, s, sums = quantize_per_token(x, group_size, act_scale)
     return _epilogue(x, int2_gemm(x_q, sums, weight, group_size), s, weight_scale, bias, weight.shape[0])
 
 
-def ternary_linear(x, weight, weight_scale, bias=None, act_scale=None):
+def ternary_linear(x, weight, weight_scale, bias=None, act_scale=None, tile_weight=None):
     x_q, s, sums = quantize_per_token(x, 0, act_scale)
     return _epilogue(x, ternary_gemm(x_q, sums, weight), s, weight_scale, bias, weight.shape[0])
 

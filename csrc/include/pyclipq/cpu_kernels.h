@@ -28,6 +28,10 @@ struct GemmProblem {
   const int8_t* x_q;      // [M, k_pad]
   const int32_t* x_sums;  // [M, G] group sums of x_q (may be nullptr for int8)
   const void* weight;     // int8 [N, k_pad] or block-planar packed uint8 [N, k_pad / codes_per_byte]
+  // The same weights in the AMX tile layout (docs/FORMATS.md, "Tile layout"), or nullptr. Only
+  // tables with KernelTable::reads_tile_layout read it; the others (and tasks a table runs on the
+  // canonical layout, e.g. too few rows for tiles) read `weight`.
+  const void* tile_weight = nullptr;
 };
 
 // The columns the calling thread will work on next (its next task), or nullptr: a table may
@@ -78,15 +82,20 @@ struct KernelTable {
   LinearFn linear;
   TaskShape tasks;
   HadamardFn hadamard;
+  // Whether GemmProblem::tile_weight saves this table work: callers that keep weights for many
+  // calls (QuantLinear) prepack them into the tile layout once when it does.
+  bool reads_tile_layout = false;
 };
 
 const KernelTable& scalar_kernels();
 #if defined(__x86_64__) || defined(_M_X64)
 const KernelTable& avx2_kernels();
 const KernelTable& avx512_vnni_kernels();
+const KernelTable& amx_kernels();
 #endif
 
-// The table chosen at run time (CPUID + XGETBV, overridable with PYCLIPQ_CPU_ISA=scalar|avx2|avx512_vnni).
+// The table chosen at run time (CPUID + XGETBV, and for AMX the kernel's permission to use tile
+// state; overridable with PYCLIPQ_CPU_ISA=scalar|avx2|avx512_vnni|amx).
 const KernelTable& active_kernels();
 const char* cpu_isa_reason();
 // The tables this CPU and OS can run, best first (what PYCLIPQ_CPU_ISA may force).

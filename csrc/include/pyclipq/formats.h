@@ -12,6 +12,12 @@ inline constexpr int kActQmax = 127;          // symmetric int8 activations in [
 inline constexpr int kTritsPerByte = 5;       // ternary storage layout: base 3
 inline constexpr int kMaxTritByte = 242;      // 3^kTritsPerByte - 1, the largest byte of that layout
 
+// Tile layout (a backend compute layout, never in checkpoints): weights in VNNI-4 tiles of
+// kTileK K x kTileColumns columns, the B operand of one AMX tdpbssd.
+inline constexpr int64_t kTileColumns = 16;
+inline constexpr int64_t kTileK = 64;
+inline constexpr int64_t kTileCodes = kTileColumns * kTileK;
+
 enum class WeightKind : int { Int8 = 0, Int4 = 1, Int2 = 2, Ternary = 3 };
 
 struct FormatTraits {
@@ -35,6 +41,7 @@ constexpr int codes_per_byte(WeightKind kind) { return 8 / traits(kind).bits; }
 constexpr int64_t padded_k(int64_t k) { return (k + kKBlock - 1) / kKBlock * kKBlock; }
 // group_size 0 = one group per output channel (over the padded row)
 constexpr int64_t num_groups(int64_t k_pad, int64_t group_size) { return group_size == 0 ? 1 : k_pad / group_size; }
+constexpr int64_t tile_panels(int64_t n) { return (n + kTileColumns - 1) / kTileColumns; }
 constexpr bool valid_group_size(int64_t g) { return g == 0 || g == 32 || g == 64 || g == 128; }
 
 }  // namespace pyclipq

@@ -1,0 +1,390 @@
+// The AMX kernel table ("amx"). Compiled with -mamx-tile -mamx-int8 and the AVX-512 flags of the
+// VNNI table (see CMakeLists.txt); selected only when CPUID reports AMX-TILE and AMX-INT8, XCR0
+// says the OS saves tile state, and the kernel granted this process tile data (isa.cpp).
+//
+// One tdpbssd multiplies a 16 x 64 int8 activation tile by a 64 x 16 int8 weight tile (VNNI-4
+// order: 16 K-quads of 16 columns x 4) into a 16 x 16 int32 tile: 16384 multiply-adds, signed x
+// signed. int8 weights enter as they are; a low-bit weight enters as its operand
+// u = level_mul * code <= 15, and the group sums remove level_offset afterwards, as in the VNNI
+// table (sum level * x = sum u * x - level_offset * sum x), so the integer GEMM ops keep their
+// contract of using the x_sums they are given.
+//
+// int32 bound: tdpbssd adds exact products into int32 lanes, wrapping modulo 2^32; the correction
+// is exact modulo 2^32 too, and the true total |sum level * x| <= 127 * 127 * K fits int32 for
+// K < 133000, the limit of every table.
+//
+// A block is up to 32 rows x 32 columns: 2 x 2 accumulator tiles (tmm0-3) held over all of K (or
+// over one scale group), 2 activation tiles (tmm4-5, straight from x_q: rows are already K-major)
+// and 2 weight tiles (tmm6-7). A task runs its column range 32 columns at a time, and for each such
+// panel pair every 32-row block of its rows, so the panels' weights stay in L1/L2 for all rows.
+// Row tails (50 = 32 + 18 = 16 + 16 + 16 + 2) shrink the tiles' row count in the tile
+// configuration; they run the same loop.
+//
+// Weights come either from the tile layout (GemmProblem::tile_weight, prepacked once by the layer:
+// int8 tiles are read in place, low-bit tiles are decoded with a shift and a mask per 64 codes)
+// or from the canonical layout, repacked per task with the VNNI table's 16 x 16 transpose.
+//
+// The epilogue (C tiles -> float outputs, or per-group float accumulation) runs in AVX-512 on a
+// copy of the C tiles, spread over the next block's (or group's) K steps, so that it executes
+// while the tile unit multiplies: per block the epilogue costs about as many cycles as 3 K steps.
+//
+// Tile state is per thread and shared with other libraries in the process (oneDNN sets its own
+// configuration): every task loads its configuration when it starts and releases the tiles when it
+// ends; nothing is latched across tasks.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "kernels_avx512_common.h"
+#include "kernels_portable.h"
+
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace pyclipq::cpu {
+namespace {
+
+// Tasks with fewer rows run on the VNNI table (canonical layout): a tile instruction costs the
+// same for 1 row as for 16. Measured on the AMX Xeon (2 threads): see docs/ARCHITECTURE.md.
+constexpr int64_t kMinTileRows = 4;
+
+// tmm registers of a block. Macros, not constants: GCC's tile intrinsics paste the register
+// number into their asm text.
+#define kAcc00 0
+#define kAcc01 1
+#define kAcc10 2
+#define kAcc11 3
+#define kAct0 4
+#define kAct1 5
+#define kWgt0 6
+#define kWgt1 7
+constexpr int kBlockRows = 32, kBlockCols = 32;
+
+// GCC's tileloadd and ldtilecfg asm statements have no memory clobber: without this, stores that
+// fill a buffer (decoded weights, the tile configuration) could be scheduled after the tile
+// instruction that reads it.
+PQ_INLINE void compiler_memory_barrier() { asm volatile("" ::: "memory"); }
+
+// The 64-byte operand of ldtilecfg (palette 1).
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// The tile shapes of the current block: loaded when they change, released when the task ends.
+class TileShapes {
+ public:
+  TileShapes() = default;
+  TileShapes(const TileShapes&) = delete;
+  TileShapes& operator=(const TileShapes&) = delete;
+  ~TileShapes() {
+    if (loaded_) _tile_release();
+  }
+  // rows0, rows1: rows of the first and second activation tile (rows1 = 0: one row tile);
+  // kbytes: the K of one step (64, or 32 for scale groups of 32).
+  void set(int rows0, int rows1, int kbytes) {
+    if (loaded_ && rows0 == rows0_ && rows1 == rows1_ && kbytes == kbytes_) return;
+    TileConfig cfg;
+    std::memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    auto shape = [&](int tmm, int rows, int colsb) {
+      cfg.rows[tmm] = static_cast<uint8_t>(rows);
+      cfg.colsb[tmm] = static_cast<uint16_t>(rows == 0 ? 0 : colsb);
+    };
+    shape(kAcc00, rows0, 64);
+    shape(kAcc01, rows0, 64);
+    shape(kAcc10, rows1, 64);
+    shape(kAcc11, rows1, 64);
+    shape(kAct0, rows0, kbytes);
+    shape(kAct1, rows1, kbytes);
+    shape(kWgt0, kbytes / 4, 64);
+    shape(kWgt1, kbytes / 4, 64);
+    compiler_memory_barrier();  // GCC's ldtilecfg asm declares only 8 of the 64 bytes it reads
+    _tile_loadconfig(&cfg);
+    loaded_ = true;
+    rows0_ = rows0;
+    rows1_ = rows1;
+    kbytes_ = kbytes;
+  }
+
+ private:
+  bool loaded_ = false;
+  int rows0_ = 0, rows1_ = 0, kbytes_ = 0;
+};
+
+// ------------------------------------------------------------------ epilogues
+
+// A block's (or one scale group's) int32 totals, stored from the C tiles, and what they become.
+// The rows are processed in slices between the next K steps (advance), or all at once (finish).
+struct PendingTotals {
+  const int32_t* totals = nullptr;  // [4 tiles][16][16]: tile 2 (r / 16) + c holds rows r, panel c
+  int64_t m0 = 0, n0 = 0;
+  int rows = 0, panels = 0, valid = 0;  // valid: columns of the block that exist
+  int64_t g = 0;
+  const float* ws = nullptr;  // the column block's scales [G][kBlockCols] at this block's first column
+  float* facc = nullptr;      // grouped linear: the block's float accumulators [kBlockRows][kBlockCols]
+  int done = 0;               // units (row, panel) processed
+
+  int units() const { return rows * panels; }
+};
+
+struct TaskContext {
+  const GemmProblem& p;
+  const LinearEpilogue* e;  // nullptr: the integer GEMM
+  int32_t* out;             // the integer GEMM's [M, N, G]
+  int64_t groups;
+  int offset;  // O of the operands: 0 for int8, level_offset for the low-bit formats
+};
+
+PQ_INLINE __mmask16 panel_mask(const PendingTotals& t, int c) { return first_lanes16(std::max(0, t.valid - 16 * c)); }
+
+// One unit: row r of the block, panel c. The float steps are the VNNI table's (LinearSink), so both
+// tables give bit-identical outputs: facc = fma(f, ws_g, facc) from 0 over the groups, then
+// y = fma(facc, x_scale, bias); with one group fma(fma(f, ws, 0), x_scale, bias).
+PQ_INLINE void finish_unit(const TaskContext& cx, const PendingTotals& t, int r, int c) {
+  const __mmask16 mask = panel_mask(t, c);
+  const int64_t m = t.m0 + r, n = t.n0 + 16 * c;
+  __m512i acc = _mm512_load_si512(t.totals + ((r / 16) * 2 + c) * 256 + (r % 16) * 16);
+  if (cx.offset != 0)
+    acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(cx.offset * cx.p.x_sums[m * cx.groups + t.g]));
+  if (cx.e == nullptr) {
+    int32_t* dst = cx.out + (m * cx.p.N + n) * cx.groups + t.g;
+    if (cx.groups == 1) {
+      _mm512_mask_storeu_epi32(dst, mask, acc);
+    } else {
+      const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(static_cast<int32_t>(cx.groups)));
+      _mm512_mask_i32scatter_epi32(dst, mask, idx, acc, 4);
+    }
+    return;
+  }
+  const LinearEpilogue& e = *cx.e;
+  const __m512 ws = _mm512_load_ps(t.ws + t.g * kBlockCols + 16 * c);
+  float* fa = t.facc + r * kBlockCols + 16 * c;
+  const __m512 prior = t.g == 0 ? _mm512_setzero_ps() : _mm512_load_ps(fa);
+  const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), ws, prior);
+  if (t.g + 1 < cx.groups) {
+    _mm512_store_ps(fa, sum);
+    return;
+  }
+  const __m512 bias = e.bias ? _mm512_maskz_loadu_ps(mask, e.bias + n) : _mm512_setzero_ps();
+  store16(e.y, e.y_type, m * cx.p.N + n, _mm512_fmadd_ps(sum, _mm512_set1_ps(e.x_scale[m]), bias), mask);
+}
+
+PQ_INLINE void advance(const TaskContext& cx, PendingTotals& t, int units) {
+  const int end = std::min(t.units(), t.done + units);
+  for (int u = t.done; u < end; ++u) finish_unit(cx, t, u / t.panels, u % t.panels);
+  t.done = end;
+}
+
+// ------------------------------------------------------------------ the block
+
+// The K steps [s0, s1) of one block into the accumulator tiles (which the caller zeroed), with a
+// slice of the pending epilogue after each step's multiplies are issued: the AVX-512 work then
+// overlaps the tile unit's. a: the block's first activation row at the steps' K origin; b0, b1: its
+// two weight panels at the same K ([K / 4][64] bytes each).
+template <int MT, int NT>
+void tile_steps(const TaskContext& cx, const int8_t* a, int64_t lda, const int8_t* b0, const int8_t* b1, int64_t s0,
+                int64_t s1, int kbytes, PendingTotals& pending) {
+  const int per_step = static_cast<int>((pending.units() - pending.done + (s1 - s0) - 1) / std::max<int64_t>(1, s1 - s0));
+  for (int64_t s = s0; s < s1; ++s) {
+    const int64_t ka = s * kbytes, kb = s * kbytes * 16;
+    _tile_loadd(kWgt0, b0 + kb, 64);
+    _tile_loadd(kAct0, a + ka, lda);
+    if constexpr (NT == 2) _tile_loadd(kWgt1, b1 + kb, 64);
+    _tile_dpbssd(kAcc00, kAct0, kWgt0);
+    if constexpr (NT == 2) _tile_dpbssd(kAcc01, kAct0, kWgt1);
+    if constexpr (MT == 2) {
+      _tile_loadd(kAct1, a + 16 * lda + ka, lda);
+      _tile_dpbssd(kAcc10, kAct1, kWgt0);
+      if constexpr (NT == 2) _tile_dpbssd(kAcc11, kAct1, kWgt1);
+    }
+    if (pending.done < pending.units()) advance(cx, pending, per_step);
+  }
+}
+
+template <int MT, int NT>
+void zero_accumulators() {
+  _tile_zero(kAcc00);
+  if constexpr (NT == 2) _tile_zero(kAcc01);
+  if constexpr (MT == 2) {
+    _tile_zero(kAcc10);
+    if constexpr (NT == 2) _tile_zero(kAcc11);
+  }
+}
+
+template <int MT, int NT>
+void store_accumulators(int32_t* totals) {
+  _tile_stored(kAcc00, totals, 64);
+  if constexpr (NT == 2) _tile_stored(kAcc01, totals + 256, 64);
+  if constexpr (MT == 2) {
+    _tile_stored(kAcc10, totals + 512, 64);
+    if constexpr (NT == 2) _tile_stored(kAcc11, totals + 768, 64);
+  }
+}
+
+// ------------------------------------------------------------------ weights
+
+// Low-bit tile layout -> operands u = level_mul * code, [K tiles][1024] for one panel: each 64-byte
+// load holds CPB tile rows (docs/FORMATS.md), one shift and one mask each.
+template <WeightKind KIND>
+void decode_tile_panel(const uint8_t* src, int64_t k_tiles, int8_t* dst) {
+  constexpr int BITS = traits(KIND).bits, CPB = 8 / BITS, LOADS = kTileCodes / CPB / 64;
+  const __m512i mask = _mm512_set1_epi8((1 << BITS) - 1);
+  for (int64_t t = 0; t < k_tiles; ++t) {
+#pragma GCC unroll 4
+    for (int v = 0; v < LOADS; ++v) {
+      const __m512i packed = _mm512_loadu_si512(src + (t * LOADS + v) * 64);
+#pragma GCC unroll 4
+      for (int q = 0; q < CPB; ++q) {
+        __m512i code = _mm512_and_si512(_mm512_srli_epi16(packed, q * BITS), mask);
+        if constexpr (traits(KIND).level_mul == 2) code = _mm512_add_epi8(code, code);
+        _mm512_store_si512(dst + t * kTileCodes + (v + q * LOADS) * 64, code);
+      }
+    }
+  }
+}
+
+struct Scratch {
+  std::vector<int8_t> panels;   // the column block's operands, 2 panels of [K / 4][64] (+ alignment)
+  std::vector<float> scales[2]; // a column block's w_scale as [G][kBlockCols], double-buffered
+  alignas(64) int32_t totals[2][4 * 256];             // C tiles, double-buffered
+  alignas(64) float facc[2][kBlockRows * kBlockCols];  // grouped float accumulators, double-buffered
+};
+Scratch& scratch() {
+  thread_local Scratch s;
+  return s;
+}
+
+PQ_INLINE int8_t* aligned64(std::vector<int8_t>& v, size_t bytes) {
+  v.resize(bytes + 64);
+  return reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
+}
+
+// ------------------------------------------------------------------ tasks
+
+template <WeightKind KIND>
+void run_tiles(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int64_t m0, int64_t m1, int64_t n0,
+               int64_t n1) {
+  const int64_t G = num_groups(p.k_pad, p.group_size), glen = p.k_pad / G;
+  const int kbytes = static_cast<int>(std::min<int64_t>(64, glen));
+  const int64_t steps_per_group = glen / kbytes, k_tiles = p.k_pad / kTileK;
+  const int64_t ldw = p.k_pad / codes_per_byte(KIND);
+  const int64_t panel_bytes = kTileColumns * p.k_pad;  // one panel's int8 operands
+  const TaskContext cx{p, e, out, G, operand_offset<Operand::S8>(KIND)};
+  Scratch& sc = scratch();
+  TileShapes shapes;
+  PendingTotals pending;
+  int totals_buf = 0, facc_buf = 0, scales_buf = 0;
+  for (int64_t nb = n0; nb < n1; nb += kBlockCols) {
+    const int64_t nb1 = std::min(n1, nb + kBlockCols);
+    const int panels = nb1 - nb > kTileColumns ? 2 : 1;
+    // the block's weight panels, as [K / 4][64] operands
+    const int8_t* b[2];
+    if (p.tile_weight != nullptr && KIND == WeightKind::Int8) {
+      const int8_t* tw = static_cast<const int8_t*>(p.tile_weight);
+      for (int c = 0; c < 2; ++c) b[c] = tw + (nb / kTileColumns + std::min(c, panels - 1)) * panel_bytes;
+    } else {
+      int8_t* ops = aligned64(sc.panels, 2 * panel_bytes);
+      if (p.tile_weight != nullptr) {
+        const uint8_t* tw = static_cast<const uint8_t*>(p.tile_weight);
+        const int64_t tile_bytes = kTileCodes / codes_per_byte(KIND);
+        for (int c = 0; c < panels; ++c)
+          decode_tile_panel<KIND>(tw + (nb / kTileColumns + c) * k_tiles * tile_bytes, k_tiles, ops + c * panel_bytes);
+      } else {
+        repack_block<KIND, Operand::S8>(static_cast<const uint8_t*>(p.weight), ldw, nb, nb1, p.k_pad,
+                                        reinterpret_cast<uint8_t*>(ops));
+      }
+      b[0] = ops;
+      b[1] = ops + (panels - 1) * panel_bytes;
+      compiler_memory_barrier();
+    }
+    // the block's scales as [G][kBlockCols] (the pending epilogue may still read the other buffer)
+    float* ws = nullptr;
+    if (e != nullptr) {
+      scales_buf ^= 1;
+      std::vector<float>& s = sc.scales[scales_buf];
+      s.assign(G * kBlockCols + 16, 0.0f);
+      ws = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(s.data()) + 63) & ~uintptr_t(63));
+      for (int64_t n = nb; n < nb1; ++n)
+        for (int64_t g = 0; g < G; ++g) ws[g * kBlockCols + n - nb] = e->w_scale[n * G + g];
+    }
+    for (int64_t m = m0; m < m1; m += kBlockRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kBlockRows, m1 - m));
+      const int rows0 = std::min(16, rows), rows1 = rows - rows0;
+      shapes.set(rows0, rows1, kbytes);
+      facc_buf ^= 1;
+      const int8_t* a = p.x_q + m * p.k_pad;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t s0 = g * steps_per_group, s1 = s0 + steps_per_group;
+        auto run = [&]<int MT, int NT>() {
+          zero_accumulators<MT, NT>();
+          tile_steps<MT, NT>(cx, a, p.k_pad, b[0], b[1], s0, s1, kbytes, pending);
+          advance(cx, pending, pending.units());
+          store_accumulators<MT, NT>(sc.totals[totals_buf]);
+        };
+        if (rows1 > 0) {
+          if (panels == 2) run.template operator()<2, 2>();
+          else run.template operator()<2, 1>();
+        } else {
+          if (panels == 2) run.template operator()<1, 2>();
+          else run.template operator()<1, 1>();
+        }
+        pending = PendingTotals{sc.totals[totals_buf], m, nb, rows, panels, static_cast<int>(nb1 - nb), g, ws,
+                                sc.facc[facc_buf], 0};
+        totals_buf ^= 1;
+      }
+    }
+  }
+  advance(cx, pending, pending.units());
+}
+
+void run(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int64_t m0, int64_t m1, int64_t n0,
+         int64_t n1) {
+  if (m0 >= m1 || n0 >= n1) return;
+  switch (p.kind) {
+    case WeightKind::Int8:
+      return run_tiles<WeightKind::Int8>(p, e, out, m0, m1, n0, n1);
+    case WeightKind::Int4:
+      return run_tiles<WeightKind::Int4>(p, e, out, m0, m1, n0, n1);
+    case WeightKind::Int2:
+      return run_tiles<WeightKind::Int2>(p, e, out, m0, m1, n0, n1);
+    case WeightKind::Ternary:
+      return run_tiles<WeightKind::Ternary>(p, e, out, m0, m1, n0, n1);
+  }
+}
+
+void amx_gemm(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* out,
+              const NextColumns* next) {
+  if (m1 - m0 < kMinTileRows) return avx512_vnni_kernels().gemm(p, m0, m1, n0, n1, out, next);
+  run(p, nullptr, out, m0, m1, n0, n1);
+}
+
+void amx_linear(const GemmProblem& p, const LinearEpilogue& e, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                const NextColumns* next) {
+  if (m1 - m0 < kMinTileRows) return avx512_vnni_kernels().linear(p, e, m0, m1, n0, n1, next);
+  run(p, &e, nullptr, m0, m1, n0, n1);
+}
+
+}  // namespace
+
+const KernelTable& amx_kernels() {
+  // Activation quantization and the Hadamard rotation are the VNNI table's (AVX-512, memory-bound).
+  // Tasks take up to 256 rows (weights stay in L2 while 8 blocks of rows pass) and split N in
+  // multiples of a block's 32 columns; GEMV-like tasks are the VNNI table's.
+  static const KernelTable table{"amx",
+                                 avx512_vnni_kernels().quantize_rows,
+                                 amx_gemm,
+                                 amx_linear,
+                                 {256, kBlockCols, avx512_vnni_kernels().tasks.min_gemv_task_bytes},
+                                 avx512_vnni_kernels().hadamard,
+                                 true};
+  return table;
+}
+
+}  // namespace pyclipq::cpu
