@@ -62,10 +62,11 @@ def gemm(fmt, x_q, sums, packed, group, mod=ops):
     return getattr(mod, f"{fmt}_gemm")(x_q, sums, packed, group)
 
 
-def linear(fmt, x, packed, scale, group, bias, mod=ops):
+def linear(fmt, x, packed, scale, group, bias, mod=ops, tile_weight=None):
+    extra = () if tile_weight is None else (None, tile_weight)  # act_scale, tile_weight
     if fmt in ("int4", "int2"):
-        return getattr(mod, f"{fmt}_linear")(x, packed, scale, group, bias)
-    return getattr(mod, f"{fmt}_linear")(x, packed, scale, bias)
+        return getattr(mod, f"{fmt}_linear")(x, packed, scale, group, bias, *extra)
+    return getattr(mod, f"{fmt}_linear")(x, packed, scale, bias, *extra)
 
 
 def worst_case(fmt, group, m, n, k):
@@ -137,6 +138,31 @@ def check_worst_case_fused_linear():
         acc, s = reference_accumulators(fmt, x, packed, group)
         tol = linear_tolerance(x, acc, s, scale, None, 5)
         assert ((y.double() - ref.double()).abs() <= tol).all(), f"{fmt} g{group}"
+
+
+def check_tile_weight_gives_the_same_outputs():
+    """The fused linears with tile_weight (QuantLinear's path) equal them without it, bit for bit:
+    the AMX table reads the tile layout (int8 in place, low-bit codes decoded), the others ignore it.
+    Ragged shapes, every format and group, bf16 out, and the K = 16384 worst case."""
+    gen = torch.Generator().manual_seed(6)
+    for fmt, group in FORMAT_GROUPS:
+        spec = formats.get_format(fmt)
+        for m, n, k in RAGGED + [(50, 70, 384), (77, 48, 1000)]:
+            packed, scale = random_layer(fmt, n, k, group, gen)
+            tile = formats.tile_layout(packed, spec)
+            bias = torch.randn(n, generator=gen)
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(m, k, generator=gen).to(dtype)
+                plain = linear(fmt, x, packed, scale, group, bias)
+                tiled = linear(fmt, x, packed, scale, group, bias, tile_weight=tile)
+                assert torch.equal(plain, tiled), f"{fmt} g{group} M={m} N={n} K={k} {dtype}"
+        x_q, _, packed, _ = worst_case(fmt, group, 40, 17, 16384)
+        x = x_q.to(torch.float32)
+        g = formats.num_groups(16384, group)
+        scale = torch.full((17, g) if spec.grouped else (17,), 1e-3)
+        tile = formats.tile_layout(packed, spec)
+        assert torch.equal(linear(fmt, x, packed, scale, group, None, tile_weight=tile),
+                           linear(fmt, x, packed, scale, group, None)), f"{fmt} g{group} worst case"
 
 
 def check_quantize_bit_exact():
@@ -224,7 +250,8 @@ def check_hadamard_matches_reference():
 
 
 CHECKS = {f.__name__: f for f in (check_gemm_bit_exact, check_gemm_uses_the_given_sums, check_worst_case_accumulation,
-                                  check_worst_case_fused_linear, check_quantize_bit_exact,
+                                  check_worst_case_fused_linear, check_tile_weight_gives_the_same_outputs,
+                                  check_quantize_bit_exact,
                                   check_quantize_rounding_and_clipping, check_fused_linear_matches_reference,
                                   check_threads_do_not_change_results, check_rows_do_not_depend_on_the_batch,
                                   check_hadamard_matches_reference)}
@@ -255,7 +282,8 @@ def cpu_flags() -> set[str]:
 
 
 # what each x86 table needs, as /proc/cpuinfo spells it (isa.cpp reads CPUID and XGETBV itself)
-ISA_FLAGS = {"avx512_vnni": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}, "avx2": {"avx2", "fma"}}
+ISA_FLAGS = {"amx": {"amx_tile", "amx_int8", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
+             "avx512_vnni": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}, "avx2": {"avx2", "fma"}}
 
 
 def skip_reason(isa):
@@ -285,7 +313,7 @@ def child_results():
 
 
 @pytest.mark.parametrize("check", list(CHECKS))
-@pytest.mark.parametrize("isa", ["avx512_vnni", "avx2", "scalar"])
+@pytest.mark.parametrize("isa", ["amx", "avx512_vnni", "avx2", "scalar"])
 def test_cpu_kernels(isa, check, child_results):
     reason = skip_reason(isa)
     if reason:
@@ -315,7 +343,7 @@ def test_dispatch_picks_the_best_table_the_cpu_supports():
     flags = cpu_flags()
     if not flags:
         pytest.skip("no /proc/cpuinfo to check CPUID against")
-    want = next((isa for isa in ("avx512_vnni", "avx2") if isa in available_isas() and ISA_FLAGS[isa] <= flags),
+    want = next((isa for isa in ("amx", "avx512_vnni", "avx2") if isa in available_isas() and ISA_FLAGS[isa] <= flags),
                 "scalar")
     env = {k: v for k, v in os.environ.items() if k != "PYCLIPQ_CPU_ISA"}
     code = "import json, pyclipq; print(json.dumps(pyclipq.build_info()))"
@@ -323,6 +351,24 @@ def test_dispatch_picks_the_best_table_the_cpu_supports():
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["cpu_isa"] == want and info["cpu_isa_supported"][0] == want, info
     assert info["cpu_isa_reason"].startswith("CPUID"), info
+
+
+def test_refused_tile_permission_falls_back_with_the_reason():
+    """Without the kernel's tile-data permission (arch_prctl) the first tile instruction would be
+    SIGILL: the AMX table must not be chosen, and build_info says why."""
+    if "amx" not in available_isas() or not ISA_FLAGS["amx"] <= cpu_flags():
+        pytest.skip("this CPU has no AMX (or this build no amx table): there is no permission to refuse")
+    env = {k: v for k, v in os.environ.items() if k != "PYCLIPQ_CPU_ISA"}
+    env["PYCLIPQ_TEST_DENY_AMX_PERMISSION"] = "1"
+    code = "import json, pyclipq; print(json.dumps(pyclipq.build_info()))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd="/")
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info["cpu_isa"] == "avx512_vnni" and "amx" not in info["cpu_isa_supported"], info
+    assert "amx needs the kernel's tile-data permission (refused" in info["cpu_isa_reason"], info
+    assert info["cpu_tile_layout"] is False
+    forced = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/",
+                            env={**env, "PYCLIPQ_CPU_ISA": "amx"})
+    assert forced.returncode != 0 and "PYCLIPQ_CPU_ISA=amx but this CPU/OS lacks the kernel's tile-data" in forced.stderr
 
 
 def test_forcing_a_table_the_cpu_lacks_is_a_clear_error():

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pyclipq import formats, primitives
+from pyclipq import formats, ops, primitives
 from pyclipq.configs import FLOAT_LAYER, LayerConfig
 from pyclipq.nn import PackedParameter, PatchConv2d, QuantEmbedding, QuantLinear, QuantMultiheadAttention
 from pyclipq.nn.parameter import quantize_parameter_
@@ -84,6 +84,58 @@ def test_weight_only_layer_is_f_linear_with_the_dequantized_weight(fmt, group_si
     x = torch.randn(4, 200)
     assert torch.equal(layer(x), F.linear(x, weight, linear.bias))
     assert torch.equal(layer.dequantize_weight(), weight)
+
+
+TILE_READER = ops.cpu_reads_tile_layout()
+
+
+@pytest.mark.parametrize("fmt,group_size", [("int8", 0), ("ternary", 0), ("int4", 128), ("int2", 64)])
+def test_quant_linear_keeps_the_tile_layout_in_step(fmt, group_size, tmp_path):
+    """Where the CPU table reads the tile layout (AMX) the layer builds it once from its weight,
+    rebuilds it when the weight is written in place, loaded or moved, and never saves it; outputs
+    equal the op on the compute layout alone. Elsewhere it keeps none."""
+    torch.manual_seed(0)
+    w, b = torch.randn(40, 200), torch.randn(40)
+    layer = QuantLinear.from_weight(w, b, LayerConfig(fmt, group_size))
+    spec = formats.get_format(fmt)
+    x = torch.randn(33, 200)
+
+    def expected(module):
+        args = (module.packed_weight, module.weight_scale) + ((group_size,) if spec.grouped else ())
+        return getattr(ops, f"{fmt}_linear")(x, *args, module.bias)
+
+    if not TILE_READER:
+        assert layer.tile_weight is None and torch.equal(layer(x), expected(layer))
+        return
+    assert torch.equal(layer.tile_weight, formats.tile_layout(layer.packed_weight, spec))
+    assert torch.equal(layer(x), expected(layer))
+    assert "tile_weight" not in layer.state_dict()
+    # an in-place write to the weight (calibration does this) is seen at the next call
+    other = QuantLinear.from_weight(torch.randn(40, 200), b, LayerConfig(fmt, group_size))
+    with torch.no_grad():
+        layer.packed_weight.copy_(other.packed_weight)
+        layer.weight_scale.copy_(other.weight_scale)
+    assert torch.equal(layer(x), expected(other))
+    assert torch.equal(layer.tile_weight, other.tile_weight)
+    # load_state_dict, deepcopy and a round trip through another device type keep it right
+    fresh = QuantLinear.from_weight(torch.randn(40, 200), b, LayerConfig(fmt, group_size))
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh.tile_weight, layer.tile_weight) and torch.equal(fresh(x), layer(x))
+    assert torch.equal(copy.deepcopy(layer)(x), layer(x))
+    on_meta = copy.deepcopy(layer).to("meta")
+    assert on_meta.tile_weight is None
+    # q, k, v rows of a packed in_proj: whole panels of 16 use the tile layout's rows
+    assert torch.equal(layer.forward_rows(x, 16, 32), expected(layer)[:, 16:32])
+    assert torch.equal(layer.forward_rows(x, 8, 24), expected(layer)[:, 8:24])
+
+
+@pytest.mark.skipif(not TILE_READER, reason="this CPU's kernel table reads no tile layout (only the AMX table does)")
+def test_quant_linear_tile_layout_under_torch_compile():
+    torch.manual_seed(1)
+    layer = QuantLinear.from_weight(torch.randn(48, 128), torch.randn(48), LayerConfig("int8"))
+    x = torch.randn(20, 128)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), layer(x))
 
 
 def test_passthrough_layer_equals_the_float_linear():

@@ -210,6 +210,24 @@ def test_bad_inputs_name_the_argument():
         ops.unpack_trits(torch.full((1, 1), 250, dtype=torch.uint8), 5)
 
 
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_bad_tile_weight_names_the_argument(fmt):
+    group = 32 if fmt in ("int4", "int2") else 0
+    packed, scale = make_layer(fmt, 20, 200, group)
+    tile = formats.tile_layout(packed, formats.get_format(fmt))
+    x = torch.randn(5, 200)
+    linear = getattr(ops, f"{fmt}_linear")
+    args = linear_args(fmt, packed, scale, group)
+    with pytest.raises(RuntimeError, match=r"tile_weight must have shape \[2, 4, "):
+        linear(x, *args, tile[:1])
+    with pytest.raises(RuntimeError, match="tile_weight must be (u)?int8"):
+        linear(x, *args, tile.to(torch.int32))
+    with pytest.raises(RuntimeError, match="tile_weight must be contiguous"):
+        linear(x, *args, torch.cat([tile, tile], 2)[:, :, ::2])
+    with pytest.raises(ValueError, match="tile_weight is a CPU layout"):
+        linear(x, *args, tile, backend="triton")
+
+
 def test_wrong_device_is_rejected():
     packed, scale = make_layer("int8", 8, 64)
     with pytest.raises(RuntimeError, match="device|meta|Meta"):
@@ -236,6 +254,8 @@ def opcheck_samples():
         group = 32 if fmt in ("int4", "int2") else 0
         packed, scale = make_layer(fmt, 12, 70, group)
         yield f"{fmt}_linear", (x, *linear_args(fmt, packed, scale, group, bias))
+        tile_weight = formats.tile_layout(packed, formats.get_format(fmt))
+        yield f"{fmt}_linear", (torch.randn(20, 70), *linear_args(fmt, packed, scale, group, bias), tile_weight)
         x_q, _, sums = reference.quantize_per_token(x, group)
         if fmt == "int8":
             yield "int8_gemm", (x_q, packed)
