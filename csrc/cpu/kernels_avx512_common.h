@@ -89,10 +89,11 @@ PQ_INLINE void transpose16x16_epi32(__m512i (&v)[16]) {
 // ------------------------------------------------------------------ float outputs
 
 // Float outputs, 16 columns at a time, written with the same rounding rules as store_float.
-PQ_INLINE void store16(void* y, FloatType t, int64_t i, __m512 v, __mmask16 m) {
-  if (t == FloatType::F32) {
+template <FloatType T>
+PQ_INLINE void store16_as(void* y, int64_t i, __m512 v, __mmask16 m) {
+  if constexpr (T == FloatType::F32) {
     _mm512_mask_storeu_ps(static_cast<float*>(y) + i, m, v);
-  } else if (t == FloatType::BF16) {  // round half to even, quiet NaN: float_to_bf16
+  } else if constexpr (T == FloatType::BF16) {  // round half to even, quiet NaN: float_to_bf16
     const __m512i u = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
@@ -102,6 +103,12 @@ PQ_INLINE void store16(void* y, FloatType t, int64_t i, __m512 v, __mmask16 m) {
     _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + i, m,
                              _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
+}
+
+PQ_INLINE void store16(void* y, FloatType t, int64_t i, __m512 v, __mmask16 m) {
+  if (t == FloatType::F32) store16_as<FloatType::F32>(y, i, v, m);
+  else if (t == FloatType::BF16) store16_as<FloatType::BF16>(y, i, v, m);
+  else store16_as<FloatType::F16>(y, i, v, m);
 }
 
 // ------------------------------------------------------------------ canonical layout -> VNNI-4 panels
