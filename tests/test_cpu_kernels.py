@@ -12,7 +12,11 @@ not a multiple of 128:
 * AVX-512 VNNI: the dot tile (tasks of fewer than 8 rows for int8, 5 for ternary and
   per-channel int4/int2, 3 for grouped ones: M = 1, 2 and more) and the broadcast tile with 1 to
   6 rows (M = 13 = 6 + 6 + 1, 8 = 6 + 2, 10 = 6 + 4, 11 = 6 + 5, 15 = 6 + 6 + 3, and M = 3, 4, 5
-  where the format's crossover allows) x 1 to 4 panels of 16 columns.
+  where the format's crossover allows) x 1 to 4 panels of 16 columns;
+* AMX: tasks of >= 4 rows with per-channel scales or groups of 128 (M = 4, 5, 8, 10, 11, 13, 15:
+  one row tile with 4 to 15 rows; 50, 77: two row tiles and a ragged tail) x 1 or 2 panels (N = 9,
+  17, 19, 20, 33, 65, 70), the weights repacked per task or read from the tile layout; fewer rows
+  and smaller groups are the VNNI table's, so the checks also cover the handover.
 """
 from __future__ import annotations
 

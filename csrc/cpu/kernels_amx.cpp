@@ -46,9 +46,21 @@
 namespace pyclipq::cpu {
 namespace {
 
-// Tasks with fewer rows run on the VNNI table (canonical layout): a tile instruction costs the
-// same for 1 row as for 16. Measured on the AMX Xeon (2 threads): see docs/ARCHITECTURE.md.
+// Which tasks the tiles take; the others run on the VNNI table (canonical layout, bit-identical
+// results). Measured on the AMX Xeon, 2 threads, throughput against bf16 F.linear in the same run
+// (3072 x 768 and 768 x 3072, benchmarks/README.md):
+// * rows: int8 at M = 4 is 2.9-3.2x bf16 on tiles against 2.0-2.1x on VNNI; at M = 1-3 a tile
+//   instruction costs as much as for 16 rows, and VNNI's dot tile reads the weights once.
+// * scale groups: each group ends in 4 tile stores and a float pass over the block's totals. With
+//   groups of 64 (one K step per group) the tiles reached 0.36-0.89x bf16 where VNNI reached
+//   0.45-1.20x; of 32, 0.19-0.50x against 0.49-1.03x. Groups of 128 and per-channel scales stay on
+//   the tiles (g128: 0.63-1.28x against 0.56-1.11x).
 constexpr int64_t kMinTileRows = 4;
+constexpr int64_t kMinTileGroupLength = 128;
+
+bool runs_on_tiles(const GemmProblem& p, int64_t rows) {
+  return rows >= kMinTileRows && p.k_pad / num_groups(p.k_pad, p.group_size) >= kMinTileGroupLength;
+}
 
 // tmm registers of a block. Macros, not constants: GCC's tile intrinsics paste the register
 // number into their asm text.
@@ -85,10 +97,9 @@ class TileShapes {
   ~TileShapes() {
     if (loaded_) _tile_release();
   }
-  // rows0, rows1: rows of the first and second activation tile (rows1 = 0: one row tile);
-  // kbytes: the K of one step (64, or 32 for scale groups of 32).
-  void set(int rows0, int rows1, int kbytes) {
-    if (loaded_ && rows0 == rows0_ && rows1 == rows1_ && kbytes == kbytes_) return;
+  // rows0, rows1: rows of the first and second activation tile (rows1 = 0: one row tile).
+  void set(int rows0, int rows1) {
+    if (loaded_ && rows0 == rows0_ && rows1 == rows1_) return;
     TileConfig cfg;
     std::memset(&cfg, 0, sizeof cfg);
     cfg.palette_id = 1;
@@ -100,21 +111,20 @@ class TileShapes {
     shape(kAcc01, rows0, 64);
     shape(kAcc10, rows1, 64);
     shape(kAcc11, rows1, 64);
-    shape(kAct0, rows0, kbytes);
-    shape(kAct1, rows1, kbytes);
-    shape(kWgt0, kbytes / 4, 64);
-    shape(kWgt1, kbytes / 4, 64);
+    shape(kAct0, rows0, kTileK);
+    shape(kAct1, rows1, kTileK);
+    shape(kWgt0, kTileK / 4, 64);
+    shape(kWgt1, kTileK / 4, 64);
     compiler_memory_barrier();  // GCC's ldtilecfg asm declares only 8 of the 64 bytes it reads
     _tile_loadconfig(&cfg);
     loaded_ = true;
     rows0_ = rows0;
     rows1_ = rows1;
-    kbytes_ = kbytes;
   }
 
  private:
   bool loaded_ = false;
-  int rows0_ = 0, rows1_ = 0, kbytes_ = 0;
+  int rows0_ = 0, rows1_ = 0;
 };
 
 // ------------------------------------------------------------------ epilogues
@@ -214,10 +224,10 @@ PQ_INLINE void advance(const TaskContext& cx, PendingTotals& t, int units) {
 // two weight panels at the same K ([K / 4][64] bytes each).
 template <int MT, int NT>
 void tile_steps(const TaskContext& cx, const int8_t* a, int64_t lda, const int8_t* b0, const int8_t* b1, int64_t s0,
-                int64_t s1, int kbytes, PendingTotals& pending) {
+                int64_t s1, PendingTotals& pending) {
   const int per_step = static_cast<int>((pending.units() - pending.done + (s1 - s0) - 1) / std::max<int64_t>(1, s1 - s0));
   for (int64_t s = s0; s < s1; ++s) {
-    const int64_t ka = s * kbytes, kb = s * kbytes * 16;
+    const int64_t ka = s * kTileK, kb = s * kTileK * 16;
     _tile_loadd(kWgt0, b0 + kb, 64);
     _tile_loadd(kAct0, a + ka, lda);
     if constexpr (NT == 2) _tile_loadd(kWgt1, b1 + kb, 64);
@@ -296,8 +306,7 @@ template <WeightKind KIND>
 void run_tiles(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int64_t m0, int64_t m1, int64_t n0,
                int64_t n1) {
   const int64_t G = num_groups(p.k_pad, p.group_size), glen = p.k_pad / G;
-  const int kbytes = static_cast<int>(std::min<int64_t>(64, glen));
-  const int64_t steps_per_group = glen / kbytes, k_tiles = p.k_pad / kTileK;
+  const int64_t steps_per_group = glen / kTileK, k_tiles = p.k_pad / kTileK;  // glen >= 128: runs_on_tiles
   const int64_t ldw = p.k_pad / codes_per_byte(KIND);
   const int64_t panel_bytes = kTileColumns * p.k_pad;  // one panel's int8 operands
   constexpr int kOffset = operand_offset<Operand::S8>(KIND);
@@ -342,14 +351,14 @@ void run_tiles(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int6
     for (int64_t m = m0; m < m1; m += kBlockRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kBlockRows, m1 - m));
       const int rows0 = std::min(16, rows), rows1 = rows - rows0;
-      shapes.set(rows0, rows1, kbytes);
+      shapes.set(rows0, rows1);
       facc_buf ^= 1;
       const int8_t* a = p.x_q + m * p.k_pad;
       for (int64_t g = 0; g < G; ++g) {
         const int64_t s0 = g * steps_per_group, s1 = s0 + steps_per_group;
         auto run = [&]<int MT, int NT>() {
           zero_accumulators<MT, NT>();
-          tile_steps<MT, NT>(cx, a, p.k_pad, b[0], b[1], s0, s1, kbytes, pending);
+          tile_steps<MT, NT>(cx, a, p.k_pad, b[0], b[1], s0, s1, pending);
           advance(cx, pending, pending.units());
           store_accumulators<MT, NT>(sc.totals[totals_buf]);
         };
@@ -386,13 +395,13 @@ void run(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int64_t m0
 
 void amx_gemm(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* out,
               const NextColumns* next) {
-  if (m1 - m0 < kMinTileRows) return avx512_vnni_kernels().gemm(p, m0, m1, n0, n1, out, next);
+  if (!runs_on_tiles(p, m1 - m0)) return avx512_vnni_kernels().gemm(p, m0, m1, n0, n1, out, next);
   run(p, nullptr, out, m0, m1, n0, n1);
 }
 
 void amx_linear(const GemmProblem& p, const LinearEpilogue& e, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                 const NextColumns* next) {
-  if (m1 - m0 < kMinTileRows) return avx512_vnni_kernels().linear(p, e, m0, m1, n0, n1, next);
+  if (!runs_on_tiles(p, m1 - m0)) return avx512_vnni_kernels().linear(p, e, m0, m1, n0, n1, next);
   run(p, &e, nullptr, m0, m1, n0, n1);
 }
 
