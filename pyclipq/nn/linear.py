@@ -80,24 +80,26 @@ class QuantLinear(PackedWeight):
     @torch.no_grad()
     def refresh_tile_weight(self) -> None:
         """(Re)build ``tile_weight`` from ``packed_weight`` where the fused op reads it, else drop it."""
-        wanted = (not self.layer.is_float and self.layer.activation != "none"
-                  and self.packed_weight.device.type == "cpu" and ops.cpu_reads_tile_layout())
-        if not wanted:
+        self._tile_source_version = _version_of(self.packed_weight)
+        if not self._reads_tile_layout():
             self.tile_weight = None
             return
         with torch.inference_mode(False):  # a normal tensor even when first built under inference_mode
             self.tile_weight = formats.tile_layout(self.packed_weight, formats.get_format(self.layer.format))
-        self._tile_source_version = _version_of(self.packed_weight)
 
-    def _tile_weight_for(self, rows: slice):
-        """tile_weight for output rows `rows` (whole panels of 16, else None: the op repacks itself)."""
-        if not torch.compiler.is_compiling() and self.packed_weight.device.type == "cpu" and (
-            (self.tile_weight is None) == ops.cpu_reads_tile_layout()
-            or self._tile_source_version != _version_of(self.packed_weight)
-        ):
-            self.refresh_tile_weight()
-        if self.tile_weight is None:
+    def _reads_tile_layout(self) -> bool:
+        return (self.layer.activation != "none" and self.packed_weight.device.type == "cpu"
+                and ops.cpu_reads_tile_layout())
+
+    def _tile_weight_for(self, rows: slice | None):
+        """tile_weight for output rows `rows` (None: all; else whole panels of 16, or None: the op
+        then repacks the rows itself)."""
+        if not ops.cpu_reads_tile_layout():
             return None
+        if not torch.compiler.is_compiling() and self._tile_source_version != _version_of(self.packed_weight):
+            self.refresh_tile_weight()  # packed_weight was written in place since the tile layout was built
+        if self.tile_weight is None or rows is None:
+            return self.tile_weight
         start, stop, _ = rows.indices(self.out_features)
         if start % formats.TILE_COLUMNS or (stop % formats.TILE_COLUMNS and stop != self.out_features):
             return None
@@ -174,25 +176,31 @@ class QuantLinear(PackedWeight):
             self._act_scale_ready = True
         return self.act_scale
 
-    def _linear(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, rows: slice | None) -> torch.Tensor:
+        """y for output rows `rows` (None: all of them, without slicing views: ~1 us each at M = 1)."""
         # The fused ops see only K rounded up to the K block: 700 features would pass for 768.
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"QuantLinear {self.layer_name or '(unnamed)'}: x must have in_features = {self.in_features} "
                 f"features in its last dimension, got shape {list(x.shape)}"
             )
-        bias = self.bias[rows] if self.bias is not None else None
-        if self.layer.has_input_transform:
+        layer = self.layer
+
+        def part(t):
+            return t if rows is None or t is None else t[rows]
+
+        bias = part(self.bias)
+        if layer.has_input_transform:
             x = self.transform_input(x)
-        if self.layer.is_float:
-            return F.linear(x, self.weight[rows], bias)
-        packed, scale = self.packed_weight[rows], self.weight_scale[rows]
-        if self.layer.activation == "none":
-            weight = dequantize_packed(packed, scale, self.layer.format, self.in_features, x.dtype)
+        if layer.is_float:
+            return F.linear(x, part(self.weight), bias)
+        packed, scale = part(self.packed_weight), part(self.weight_scale)
+        if layer.activation == "none":
+            weight = dequantize_packed(packed, scale, layer.format, self.in_features, x.dtype)
             return F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
-        act_scale = self._static_act_scale() if self.layer.activation == "static" else None
+        act_scale = self._static_act_scale() if layer.activation == "static" else None
         tile_weight = self._tile_weight_for(rows) if x.device.type == "cpu" else None
-        return _fused_linear(self.layer.format, x, packed, scale, self.layer.group_size, bias, act_scale, tile_weight)
+        return _fused_linear(layer.format, x, packed, scale, layer.group_size, bias, act_scale, tile_weight)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -201,7 +209,7 @@ class QuantLinear(PackedWeight):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._linear(x, slice(None))
+        return self._linear(x, None)
 
     def forward_rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Only output features [start, stop): one of q, k, v of a packed attention in_proj."""

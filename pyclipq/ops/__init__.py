@@ -128,21 +128,25 @@ def ternary_gemm(x_q, x_sums, weight, *, backend: str | None = None) -> torch.Te
 
 
 @functools.cache
+def _cpu_table_reads_tile_layout() -> bool:
+    return bool(load_extension().build_info()["cpu_tile_layout"])
+
+
+@torch.compiler.assume_constant_result
 def cpu_reads_tile_layout() -> bool:
     """Whether this process's CPU kernel table (AMX) reads a fused linear's ``tile_weight``: layers
     that keep their weight across calls then build it once (formats.tile_layout)."""
-    return bool(load_extension().build_info()["cpu_tile_layout"])
+    return _cpu_table_reads_tile_layout()
 
 
 def _linear(op: str, x, args: tuple, tile_weight, backend):
     """The fused linear `op`; tile_weight (a CPU layout) reaches only the CPU kernel."""
-    impl = _route(op, x, _rows(x), backend)
     if tile_weight is None:
-        return impl(x, *args)
+        return _route(op, x, _rows(x), backend)(x, *args)
     if x.is_cuda or backend == "triton":
         raise ValueError(f"pyclipq.ops.{op}: tile_weight is a CPU layout; pass None for {x.device} tensors "
                          f"(backend {backend!r})")
-    return impl(x, *args, tile_weight)
+    return _route(op, x, _rows(x), backend)(x, *args, tile_weight)
 
 
 def int8_linear(x, weight, weight_scale, bias=None, act_scale=None, tile_weight=None, *,
