@@ -54,18 +54,22 @@ def test_bench_json_and_plot(capsys, tmp_path):
                         "--reps", "1", "--warmup", "0", "--peers", "none", "--out", str(tmp_path), "--json")
     report = json.loads(text)
     assert code == 0
-    names = [r["name"] for r in report["results"]]
-    assert names == ["fp32", "quantize_dynamic", "int8", "ternary"]
-    for r in report["results"][2:]:
+    results = {r["name"]: r for r in report["results"]}
+    assert list(results) == ["fp32", "torch-bf16", "quantize_dynamic", "int8", "ternary"]
+    fp32 = results["fp32"]
+    for r in (results["int8"], results["ternary"]):
         assert r["linears_quantized"] == r["linears_total"]
-        assert r["size_bytes"] < report["results"][0]["size_bytes"]
+        assert r["size_bytes"] < fp32["size_bytes"]
         assert set(r["latency_ms"]) == {"image@1", "image@2", "text@1", "text@2"}
     # ternary's smallest checkpoint (embeddings too) is sized beside it
-    ternary = report["results"][3]
     (smallest,) = report["size_only"]
-    assert smallest["name"] == "ternary-qall-embeddings" and smallest["size_bytes"] < ternary["size_bytes"]
-    assert smallest["size_ratio_vs_fp32"] == report["results"][0]["size_bytes"] / smallest["size_bytes"]
-    assert report["results"][2]["fidelity"]["image_cos_mean"] > 0.99
+    assert smallest["name"] == "ternary-qall-embeddings" and smallest["size_bytes"] < results["ternary"]["size_bytes"]
+    assert smallest["size_ratio_vs_fp32"] == fp32["size_bytes"] / smallest["size_bytes"]
+    assert results["int8"]["fidelity"]["image_cos_mean"] > 0.99
+    # the fp32 model in bf16, fed bf16 images: half the bytes, nearly the same embeddings
+    bf16 = results["torch-bf16"]
+    assert 1.8 < bf16["size_ratio_vs_fp32"] < 2.2 and bf16["linears_quantized"] == 0
+    assert bf16["fidelity"]["image_cos_mean"] > 0.99 and bf16["fidelity"]["text_cos_mean"] > 0.99
     assert os.path.getsize(tmp_path / "bench.png") > 0 and (tmp_path / "bench.json").is_file()
     assert report["machine"]["threads"] == 2 and report["machine"]["cpu_isa"]
 
@@ -75,7 +79,7 @@ def test_bench_compile_times_each_format_compiled_too(capsys, tmp_path):
     code, text, _ = run(capsys, *TINY_BENCH, "--peers", "none", "--compile", "--out", str(tmp_path), "--json")
     report = json.loads(text)
     results = {r["name"]: r for r in report["results"]}
-    assert code == 0 and list(results) == ["fp32", "quantize_dynamic", "int8", "int8+compile"]
+    assert code == 0 and list(results) == ["fp32", "torch-bf16", "quantize_dynamic", "int8", "int8+compile"]
     eager, compiled = results["int8"], results["int8+compile"]
     assert compiled["latency_ms"].keys() == eager["latency_ms"].keys() and min(compiled["latency_ms"].values()) > 0
     assert compiled["size_bytes"] == eager["size_bytes"] and compiled["linears_quantized"] == eager["linears_quantized"]
@@ -112,14 +116,15 @@ def test_bench_skips_absent_runtime_peers_with_one_line(capsys, tmp_path, monkey
 
     fake_missing_packages(monkeypatch, {"onnxruntime"})
     chosen, notice = select_runtime_peers(["auto"])
-    assert chosen == ("openvino_fp32", "openvino_int8")
+    assert chosen == ("openvino_fp32", "openvino_int8", "openvino")
     assert notice == ("skipping the runtime peers ort_fp32, ort_int8 (onnxruntime not installed); "
                       "pip install 'pyclipq[peers]' to time them")
     assert select_runtime_peers(["none"]) == ((), None)
 
     fake_missing_packages(monkeypatch, {"onnxruntime", "openvino"})
     code, text, err = run(capsys, *TINY_BENCH, "--out", str(tmp_path), "--json")
-    assert code == 0 and [r["name"] for r in json.loads(text)["results"]] == ["fp32", "quantize_dynamic", "int8"]
+    assert code == 0 and [r["name"] for r in json.loads(text)["results"]] == [
+        "fp32", "torch-bf16", "quantize_dynamic", "int8"]
     assert err.count("\n") == 1 and "skipping the runtime peers ort_fp32, ort_int8, openvino_fp32" in err
     # a peer asked for by name is an error before any work
     code, _, err = run(capsys, *TINY_BENCH, "--peers", "ort_int8", "--out", str(tmp_path))
@@ -137,7 +142,7 @@ def test_bench_times_onnxruntime_in_its_own_process(capsys, tmp_path, monkeypatc
     report = json.loads(text)
     assert code == 0 and err == ""
     results = {r["name"]: r for r in report["results"]}
-    assert list(results) == ["fp32", "quantize_dynamic", "int8", "ort_fp32", "ort_int8"]
+    assert list(results) == ["fp32", "torch-bf16", "quantize_dynamic", "int8", "ort_fp32", "ort_int8"]
     ort_fp32, ort_int8 = results["ort_fp32"], results["ort_int8"]
     # the same fp32 graph in another runtime: equal up to float reassociation
     assert ort_fp32["fidelity"]["image_cos_min"] > 0.99999 and ort_fp32["fidelity"]["text_cos_min"] > 0.99999
@@ -153,20 +158,59 @@ def test_bench_times_onnxruntime_in_its_own_process(capsys, tmp_path, monkeypatc
 
 
 def test_bench_times_openvino_in_its_own_process(capsys, tmp_path):
+    from pyclipq.cli import bench as benchmark
+
     pytest.importorskip("openvino", reason="the peers extra is not installed: pip install 'pyclipq[peers]'")
     pytest.importorskip("nncf", reason="openvino_int8 needs nncf (the peers extra)")
     pytest.importorskip("onnxscript", reason="torch.onnx.export needs onnxscript (the peers extra)")
-    code, text, err = run(capsys, *TINY_BENCH, "--peers", "openvino_fp32", "openvino_int8", "--out", str(tmp_path),
-                          "--json")
+    code, text, err = run(capsys, *TINY_BENCH, "--peers", "openvino_fp32", "openvino_int8", "openvino",
+                          "--out", str(tmp_path), "--json")
     report = json.loads(text)
     assert code == 0 and err == "" and report["runtime_peers_failed"] == []
     results = {r["name"]: r for r in report["results"]}
-    fp32, int8 = results["openvino_fp32"], results["openvino_int8"]
+    fp32, int8, default = results["openvino_fp32"], results["openvino_int8"], results["openvino"]
     assert fp32["fidelity"]["image_cos_min"] > 0.99999 and fp32["fidelity"]["text_cos_min"] > 0.99999
     # static int8 calibrated on 16 random inputs: close, though less than dynamic int8
     assert int8["fidelity"]["image_cos_min"] > 0.98 and int8["fidelity"]["text_cos_min"] > 0.98
     assert set(int8["latency_ms"]) == {"image@1", "text@1"} and int8["size_bytes"] < 0.5 * fp32["size_bytes"]
     assert "openvino" in report["machine"]["runtime_versions"]
+    # OpenVINO's own choice of precision (bf16 where the CPU has it) is reported, a forced one is not
+    assert default["precision"] in ("bf16", "f16", "f32") and fp32["precision"] is None
+    assert default["fidelity"]["image_cos_min"] > 0.99 and default["size_bytes"] == fp32["size_bytes"]
+    assert f"openvino ({default['precision']})" in benchmark.format_table(report)
+
+
+def test_bench_isa_names_the_tables_this_cpu_runs(capsys, monkeypatch):
+    import pyclipq
+
+    runnable = pyclipq.build_info()["cpu_isa_supported"]
+    code, _, err = run(capsys, *TINY_BENCH, "--peers", "none", "--isa", "scalar,sse9")
+    assert code == 2 and err.count("\n") == 1
+    assert f"--isa: unknown CPU kernel table 'sse9'; choose from {runnable}" in err
+    # a table this build has but this CPU lacks says so
+    info = pyclipq.build_info()
+    monkeypatch.setattr(pyclipq, "build_info", lambda: {**info, "cpu_isa_variants": [*runnable, "avx1024"]})
+    code, _, err = run(capsys, *TINY_BENCH, "--peers", "none", "--isa", "avx1024")
+    assert code == 2 and f"--isa: this CPU cannot run the 'avx1024' table; choose from {runnable}" in err
+
+
+def test_bench_isa_times_the_formats_on_a_forced_table_in_its_own_process(capsys, tmp_path):
+    """--isa scalar: the formats again in a child process with PYCLIPQ_CPU_ISA=scalar, rows 'int8 [scalar]'."""
+    from pyclipq.cli import bench as benchmark
+
+    code, text, err = run(capsys, *TINY_BENCH, "--peers", "none", "--isa", "scalar", "--out", str(tmp_path), "--json")
+    report = json.loads(text)
+    # a child that ran another table than the forced one would be listed as failed
+    assert code == 0 and err == "" and report["runtime_peers_failed"] == []
+    results = {r["name"]: r for r in report["results"]}
+    assert list(results) == ["fp32", "torch-bf16", "quantize_dynamic", "int8", "int8 [scalar]"]
+    forced, default = results["int8 [scalar]"], results["int8"]
+    assert forced["latency_ms"].keys() == default["latency_ms"].keys() and min(forced["latency_ms"].values()) > 0
+    assert forced["size_bytes"] == default["size_bytes"] and forced["linears_quantized"] == default["linears_quantized"]
+    # the same model and inputs (the child gets the parent's): every table computes the same int8 embeddings
+    for key in ("image_cos_mean", "text_cos_mean"):
+        assert forced["fidelity"][key] == pytest.approx(default["fidelity"][key], abs=1e-4)
+    assert "int8 [scalar]" in benchmark.format_table(report) and "--isa" in report["method"]
 
 
 def test_runtime_peer_failure_names_the_peer_and_the_error(tmp_path, monkeypatch):

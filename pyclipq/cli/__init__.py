@@ -28,6 +28,7 @@ EXAMPLES = """examples:
   pyclipq bench                                   # ViT-B-32, random weights, every format
   pyclipq bench --formats int8 ternary --batches 1 8 --json
   pyclipq bench --peers ort_int8 openvino_int8    # only these runtime peers (needs pyclipq[peers])
+  pyclipq bench --isa avx2,scalar                 # the formats also on these CPU kernel tables (forced)
   pyclipq convert ViT-B-32 --format ternary -o vitb32-ternary.safetensors
   pyclipq convert ViT-B-32 --pretrained ./open_clip_model.bin --format int4 -o out.safetensors
   pyclipq eval testbed --format ternary           # zero-shot + fidelity on the shipped test bed
@@ -65,6 +66,7 @@ def _notice(command: str, text: str) -> None:
 def cmd_bench(args) -> int:
     # Optional packages are checked before minutes of work, not when their turn comes.
     runtime_peers, skipped = benchmark.select_runtime_peers(args.peers)
+    isas = benchmark.check_isas(args.isa, argument="--isa")
     if skipped:
         _notice("bench", skipped)
     plot = benchmark.plot_available()
@@ -73,7 +75,7 @@ def cmd_bench(args) -> int:
     report = benchmark.run_benchmark(model=args.model, pretrained=args.pretrained, formats=tuple(args.formats),
                                      batches=tuple(args.batches), threads=args.threads, reps=args.reps,
                                      warmup=args.warmup, progress=not args.json and not args.no_progress,
-                                     runtime_peers=runtime_peers, compiled=args.compile)
+                                     runtime_peers=runtime_peers, compiled=args.compile, isas=isas)
     paths = benchmark.write_report(report, args.out, plot=plot)
     report["files"] = paths
     for failure in report["runtime_peers_failed"]:
@@ -188,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "auto: every installed one (default)")
     sp.add_argument("--compile", action="store_true",
                     help="also time each format with its towers through torch.compile ('<format>+compile')")
+    sp.add_argument("--isa", action="append", default=[], metavar="NAME",
+                    help="also time the formats on this CPU kernel table ('<format> [NAME]', PYCLIPQ_CPU_ISA=NAME "
+                         "in a process of its own); repeat or comma-separate; `pyclipq info` lists the tables")
     sp.add_argument("--out", default="results", help="directory for bench.json and bench.png")
     sp.add_argument("--no-progress", action="store_true")
     common(sp)

@@ -1,5 +1,5 @@
-"""End-to-end benchmark of whole CLIP towers: fp32, torch quantize_dynamic, every pyclipq format,
-and ONNX Runtime / OpenVINO where they are installed.
+"""End-to-end benchmark of whole CLIP towers: fp32, bf16, torch quantize_dynamic, every pyclipq format
+(also on forced CPU kernel tables), and ONNX Runtime / OpenVINO where they are installed.
 
 `run_benchmark` measures image and text tower latency at several batch sizes, size on disk,
 how many Linear layers run quantized, and fidelity vs the fp32 model. It is what
@@ -33,6 +33,7 @@ from ..convert import linear_inventory
 from ..eval.encode import as_clip_like
 from ..io import save
 from .loading import LoadedModel, encode, load_model, random_inputs
+from .peers.forced_isa import ForcedIsaWorkspace, check_isas, isa_label
 from .peers.runtimes import (
     INSTALL_HINT,
     RUNTIME_PEERS,
@@ -43,20 +44,28 @@ from .peers.runtimes import (
 )
 
 PYCLIPQ_FORMATS = ("int8", "int4", "int2", "ternary")
-TORCH_PEERS = ("fp32", "quantize_dynamic")
+TORCH_PEERS = ("fp32", "torch-bf16", "quantize_dynamic")
+# The float dtype a contender's images are fed in, cast once before timing: a user who runs
+# a bf16 model feeds it bf16 (token ids stay integers).
+INPUT_DTYPES = {"torch-bf16": torch.bfloat16}
 # `--compile`: each pyclipq format also runs as "<format>+compile", its towers through torch.compile.
 COMPILED_SUFFIX = "+compile"
 # NNCF's static PTQ calibrates openvino_int8 on this many random inputs: enough to time it.
 CALIBRATION_SAMPLES = 16
 METHOD = (
-    "The torch contenders (fp32, quantize_dynamic, pyclipq formats) share torch's thread pool in one process "
-    "and take turns call by call, so that a slow spell of the machine hits all of them alike. Each ONNX Runtime "
+    "The torch contenders (fp32, torch-bf16, quantize_dynamic, pyclipq formats) share torch's thread pool in "
+    "one process and take turns call by call, so that a slow spell of the machine hits all of them alike; "
+    "torch-bf16 is the fp32 model cast to bf16, fed images cast to bf16 before timing. Each ONNX Runtime "
     "and OpenVINO contender is timed alone, in its own process that loads only its runtime, while the torch "
     "process waits: torch's idle OpenMP threads would otherwise take cores from it. Every latency is the "
     f"median of the timed calls after the warm-up calls. openvino_int8 is calibrated on {CALIBRATION_SAMPLES} "
-    "random inputs: its speed is real, its fidelity is no measure of its accuracy on real data. A "
-    f"'<format>{COMPILED_SUFFIX}' contender (--compile) is that format's model with its towers through "
-    "torch.compile, compiled for every timed shape before timing."
+    "random inputs: its speed is real, its fidelity is no measure of its accuracy on real data. openvino "
+    "computes at OpenVINO's default precision (bf16 on CPUs with AVX512_BF16 or AMX), openvino_fp32 and "
+    f"openvino_int8 in f32 where not int8. A '<format>{COMPILED_SUFFIX}' contender (--compile) is that "
+    "format's model with its towers through torch.compile, compiled for every timed shape before timing. A "
+    "'<format> [<table>]' contender (--isa) is that format on a forced CPU kernel table (PYCLIPQ_CPU_ISA, "
+    "read once per process): the pyclipq formats of one table take turns as above in a process of their own, "
+    "while the torch process waits."
 )
 # The smallest checkpoint of a format: its size is reported beside the timed contender.
 # Ternary Q-ALL leaves the token and patch embeddings in fp32, a quarter of ViT-B/32's bytes.
@@ -89,6 +98,7 @@ class ContenderResult:
     linears_total: int | None = 0
     fidelity: dict = field(default_factory=dict)
     convert_s: float = 0.0
+    precision: str | None = None  # what a runtime peer computed in, where the runtime chose it
 
 
 def _interleaved_median_ms(calls, reps: int, warmup: int) -> list[float]:
@@ -113,7 +123,7 @@ def _size_on_disk(name: str, model: nn.Module) -> int:
         return buf.getbuffer().nbytes
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.safetensors")
-        if name == "fp32":
+        if name in ("fp32", "torch-bf16"):  # plain torch models: their state dict
             state = {k: v.contiguous() for k, v in model.state_dict().items()}
             seen, unique = set(), {}
             for k, v in state.items():  # tied tensors are stored once
@@ -200,6 +210,8 @@ def build_contender(name: str, fp32: nn.Module):
         return CompiledTowers(pyclipq_convert(copy.deepcopy(fp32), name[: -len(COMPILED_SUFFIX)]))
     if name == "fp32":
         return fp32
+    if name == "torch-bf16":
+        return copy.deepcopy(fp32).to(torch.bfloat16)
     if name == "quantize_dynamic":
         torch.backends.quantized.engine = "x86"
         with warnings.catch_warnings():
@@ -244,20 +256,82 @@ def _time_runtime_peers(loaded: LoadedModel, peers, towers: dict[str, TowerInput
                     results.append(ContenderResult(peer, latency_ms=run.latency_ms, size_bytes=run.size_bytes,
                                                    linears_quantized=None, linears_total=None,
                                                    fidelity=_fidelity(run.features, reference),
-                                                   convert_s=run.prepare_s))
+                                                   convert_s=run.prepare_s, precision=run.precision))
                 bar.update()
     except RuntimePeerError as e:  # the export, which every peer needs
         failed = [{"name": peer, "error": str(e)} for peer in peers]
     return results, failed, versions
 
 
+def _time_forced_isas(model: nn.Module, isas, settings: dict, inputs: dict, reference: dict,
+                      bar) -> tuple[list[ContenderResult], list[dict]]:
+    """The formats' results on each forced CPU table (one process each), and {"name", "error"} of failed tables."""
+    results, failed = [], []
+    if not isas:
+        return results, failed
+    with ForcedIsaWorkspace(model, inputs, reference, settings) as workspace:
+        for isa in isas:
+            bar.set_postfix_str(f"pyclipq [{isa}]")
+            try:
+                results += [ContenderResult(**r) for r in workspace.run(isa)]
+            except RuntimePeerError as e:
+                failed.append({"name": isa_label("pyclipq", isa), "error": str(e)})
+            bar.update()
+    return results, failed
+
+
+def time_torch_contenders(fp32: nn.Module, names, inputs: dict, batches, towers, fidelity_batch: int,
+                          reference: dict, reps: int, warmup: int, bar=None) -> list[ContenderResult]:
+    """Build each named torch contender from `fp32` (build_contender), measure its size and fidelity,
+    then time its towers, the contenders taking turns call by call. `inputs`: {batch: (images, tokens)}."""
+    bar = bar if bar is not None else tqdm(disable=True)
+    results, clips, feeds = [], [], []
+    for name in names:
+        bar.set_postfix_str(name)
+        t0 = time.perf_counter()
+        candidate = build_contender(name, fp32)
+        r = ContenderResult(name, convert_s=time.perf_counter() - t0)
+        module = candidate.module if isinstance(candidate, CompiledTowers) else candidate
+        r.linears_quantized, r.linears_total = linear_inventory(module)
+        r.size_bytes = _size_on_disk(name, module)
+        bar.update()
+        clip = as_clip_like(candidate)
+        dtype = INPUT_DTYPES.get(name, torch.float32)
+        feed = {b: (images.to(dtype), tokens) for b, (images, tokens) in inputs.items()}
+        with torch.inference_mode():
+            if isinstance(candidate, CompiledTowers):  # compile every timed shape before any timing
+                for b in batches:
+                    clip.encode_image(feed[b][0])
+                    clip.encode_text(feed[b][1])
+            features = {"image": clip.encode_image(feed[fidelity_batch][0]),
+                        "text": clip.encode_text(feed[fidelity_batch][1])}
+        r.fidelity = _fidelity(features, reference)
+        bar.update()
+        results.append(r)
+        clips.append(clip)
+        feeds.append(feed)
+    # Contenders take turns call by call, so that a slow spell of this (shared) machine hits
+    # all of them alike instead of whichever one was being timed.
+    for tower in towers:
+        for b in batches:
+            bar.set_postfix_str(f"{tower}@{b}")
+            calls = [(lambda c=c, x=feed[b][0]: c.encode_image(x)) if tower == "image" else
+                     (lambda c=c, x=feed[b][1]: c.encode_text(x)) for c, feed in zip(clips, feeds)]
+            for r, ms in zip(results, _interleaved_median_ms(calls, reps, warmup)):
+                r.latency_ms[f"{tower}@{b}"] = ms
+            bar.update()
+    return results
+
+
 def run_benchmark(model: str = "ViT-B-32", pretrained: str | None = None, formats=PYCLIPQ_FORMATS,
                   batches=(1, 8, 32), threads: int = 2, reps: int = 5, warmup: int = 2, towers=("image", "text"),
-                  fidelity_batch: int = 8, progress: bool = True, runtime_peers=(), compiled: bool = False) -> dict:
+                  fidelity_batch: int = 8, progress: bool = True, runtime_peers=(), compiled: bool = False,
+                  isas=()) -> dict:
     """Every contender's latency, size and fidelity; `runtime_peers` from select_runtime_peers;
-    `compiled`: each format also through torch.compile (CompiledTowers).
+    `compiled`: each format also through torch.compile (CompiledTowers); `isas`: CPU kernel tables
+    (check_isas) on which the formats are also timed, each in a process of its own.
 
-    A runtime peer that fails is listed in the report's "runtime_peers_failed", not raised.
+    A runtime peer or forced table that fails is listed in the report's "runtime_peers_failed", not raised.
     """
     if reps < 1 or warmup < 0 or threads < 1:
         raise ValueError(f"reps and threads must be >= 1 and warmup >= 0, got reps={reps}, threads={threads}, "
@@ -267,6 +341,7 @@ def run_benchmark(model: str = "ViT-B-32", pretrained: str | None = None, format
     unknown = [p for p in runtime_peers if p not in RUNTIME_PEERS]
     if unknown:
         raise ValueError(f"runtime_peers: unknown {unknown}; choose from {list(RUNTIME_PEERS)}")
+    isas = check_isas(isas)
     torch.set_num_threads(threads)
     loaded: LoadedModel = load_model(model, pretrained)
     contenders = [*TORCH_PEERS, *formats, *(f + COMPILED_SUFFIX for f in formats if compiled)]
@@ -274,42 +349,13 @@ def run_benchmark(model: str = "ViT-B-32", pretrained: str | None = None, format
     with torch.inference_mode():
         reference = {"image": encode(loaded, images=inputs[fidelity_batch][0]),
                      "text": encode(loaded, tokens=inputs[fidelity_batch][1])}
-    results, views = [], []
-    steps = len(contenders) * 2 + len(batches) * len(towers) + len(runtime_peers)
+    steps = len(contenders) * 2 + len(batches) * len(towers) + len(isas) + len(runtime_peers)
     bar = tqdm(total=steps, desc="bench", disable=not progress, unit="step")
-    for name in contenders:
-        bar.set_postfix_str(name)
-        t0 = time.perf_counter()
-        candidate = build_contender(name, loaded.model)
-        r = ContenderResult(name, convert_s=time.perf_counter() - t0)
-        view = LoadedModel(**{**asdict_shallow(loaded), "model": candidate})
-        module = candidate.module if isinstance(candidate, CompiledTowers) else candidate
-        r.linears_quantized, r.linears_total = linear_inventory(module)
-        r.size_bytes = _size_on_disk(name, module)
-        bar.update()
-        with torch.inference_mode():
-            if isinstance(candidate, CompiledTowers):  # compile every timed shape before any timing
-                for b in batches:
-                    encode(view, images=inputs[b][0])
-                    encode(view, tokens=inputs[b][1])
-            features = {"image": encode(view, images=inputs[fidelity_batch][0]),
-                        "text": encode(view, tokens=inputs[fidelity_batch][1])}
-        r.fidelity = _fidelity(features, reference)
-        bar.update()
-        results.append(r)
-        views.append(view)
-    # Contenders take turns call by call, so that a slow spell of this (shared) machine hits
-    # all of them alike instead of whichever one was being timed.
-    for tower in towers:
-        for b in batches:
-            bar.set_postfix_str(f"{tower}@{b}")
-            images, tokens = inputs[b]
-            calls = [(lambda v=v: encode(v, images=images)) if tower == "image" else
-                     (lambda v=v: encode(v, tokens=tokens)) for v in views]
-            for r, ms in zip(results, _interleaved_median_ms(calls, reps, warmup)):
-                r.latency_ms[f"{tower}@{b}"] = ms
-            bar.update()
-    del views
+    results = time_torch_contenders(loaded.model, contenders, inputs, batches, towers, fidelity_batch, reference,
+                                    reps, warmup, bar)
+    settings = {"formats": list(formats), "batches": list(batches), "towers": list(towers),
+                "fidelity_batch": fidelity_batch, "threads": threads, "reps": reps, "warmup": warmup}
+    isa_results, isas_failed = _time_forced_isas(loaded.model, isas, settings, inputs, reference, bar)
     peer_results, peers_failed, runtime_versions = _time_runtime_peers(
         loaded, runtime_peers, _tower_inputs(loaded, inputs, towers, batches, fidelity_batch), reference,
         threads, reps, warmup, bar)
@@ -326,17 +372,13 @@ def run_benchmark(model: str = "ViT-B-32", pretrained: str | None = None, format
     machine = {**machine_info(threads), "runtime_versions": runtime_versions}
     report = {"model": loaded.label, "machine": machine, "batches": list(batches), "towers": list(towers),
               "reps": reps, "warmup": warmup, "method": METHOD,
-              "results": [asdict(r) for r in results + peer_results], "size_only": size_only,
-              "runtime_peers_failed": peers_failed}
+              "results": [asdict(r) for r in results + isa_results + peer_results], "size_only": size_only,
+              "runtime_peers_failed": isas_failed + peers_failed}
     for r in report["results"] + size_only:
         r["size_ratio_vs_fp32"] = fp32.size_bytes / r["size_bytes"]
     for r in report["results"]:
         r["speedup_vs_fp32"] = {k: fp32.latency_ms[k] / v for k, v in r["latency_ms"].items()}
     return report
-
-
-def asdict_shallow(loaded: LoadedModel) -> dict:
-    return {f: getattr(loaded, f) for f in loaded.__dataclass_fields__}
 
 
 def format_table(report: dict) -> str:
@@ -349,7 +391,8 @@ def format_table(report: dict) -> str:
         linears = "-" if r["linears_total"] is None else f"{r['linears_quantized']}/{r['linears_total']}"
         cosines = [f"{r['fidelity'][f'{t}_cos_mean']:.4f}" if f"{t}_cos_mean" in r["fidelity"] else "-"
                    for t in ("image", "text")]
-        rows.append([r["name"], *[f"{r['latency_ms'][k]:.1f}" for k in keys],
+        name = f"{r['name']} ({r['precision']})" if r["precision"] else r["name"]  # e.g. "openvino (bf16)"
+        rows.append([name, *[f"{r['latency_ms'][k]:.1f}" for k in keys],
                      f"{r['speedup_vs_fp32'][first]:.2f}", f"{r['size_bytes'] / 1e6:.1f}",
                      f"{r['size_ratio_vs_fp32']:.1f}x", linears, *cosines])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]

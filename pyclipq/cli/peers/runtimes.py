@@ -26,7 +26,8 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 
 
 class RuntimePeerError(RuntimeError):
-    """A runtime peer could not be exported, built or timed."""
+    """A contender timed in a process of its own (a runtime peer, a forced CPU table) could not be
+    exported, built or timed."""
 
 
 @dataclass
@@ -44,6 +45,18 @@ class RuntimePeerRun:
     features: dict[str, torch.Tensor]  # tower -> features on the fidelity batch
     runtime: str  # "onnxruntime" | "openvino"
     runtime_version: str
+    precision: str | None  # what the runtime computed in where it chose ("bf16"); None where it was set
+
+
+def run_child(label: str, argv: list[str], cwd: str, env: dict | None = None) -> None:
+    """Run a benchmark's child process; a RuntimePeerError with its last stderr line if it fails.
+
+    Its output (a runtime's warnings, NNCF's progress) is shown only on failure.
+    """
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, env=env)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()] or [f"exit code {proc.returncode}"]
+        raise RuntimePeerError(f"{label} failed: {lines[-1][:200]}")
 
 
 def packages_needed(peer: str) -> tuple[str, ...]:
@@ -117,14 +130,9 @@ class RuntimePeerWorkspace:
         return path
 
     def _worker(self, peer: str, command: str, spec_path: str) -> dict:
-        # The worker's output (its runtime's warnings, NNCF's progress) is shown only on failure.
         # It runs in the contender's fresh directory: onnx checks that the external data file it
         # is about to write does not exist yet relative to the working directory, not to the model.
-        proc = subprocess.run([sys.executable, WORKER, command, spec_path], capture_output=True, text=True,
-                              cwd=os.path.dirname(spec_path))
-        if proc.returncode != 0:
-            lines = [line for line in proc.stderr.splitlines() if line.strip()] or [f"exit code {proc.returncode}"]
-            raise RuntimePeerError(f"{peer} {command} failed: {lines[-1][:200]}")
+        run_child(f"{peer} {command}", [sys.executable, WORKER, command, spec_path], cwd=os.path.dirname(spec_path))
         with open(os.path.join(os.path.dirname(spec_path), f"{command}.json")) as f:
             return json.load(f)
 
@@ -141,4 +149,5 @@ class RuntimePeerWorkspace:
         return RuntimePeerRun(latency_ms=timed["latency_ms"], size_bytes=built["size_bytes"],
                               prepare_s=self.export_s + built["seconds"] + timed["load_s"],
                               features={t: torch.from_numpy(np.load(p)) for t, p in timed["features"].items()},
-                              runtime=CONTENDERS[peer].runtime, runtime_version=timed["runtime_version"])
+                              runtime=CONTENDERS[peer].runtime, runtime_version=timed["runtime_version"],
+                              precision=timed["precision"] if CONTENDERS[peer].precision is None else None)

@@ -12,7 +12,8 @@ SPEC.json (written by pyclipq.cli.peers.runtimes):
      "towers": {"image": {"onnx": PATH, "calibration": NPY, "fidelity": NPY,
                           "timed": {"image@1": NPY, ...}}, ...}}
 `build` writes the contender's models into DIR and DIR/build.json; `time` writes
-DIR/time.json (median ms per "tower@batch") and each tower's features on the fidelity batch.
+DIR/time.json (median ms per "tower@batch", the precision OpenVINO computed in) and each
+tower's features on the fidelity batch.
 """
 from __future__ import annotations
 
@@ -61,19 +62,25 @@ class Contender(NamedTuple):
     runtime: str  # a key of LOADERS
     make_model: Callable[[dict, str], str]  # (spec, tower) -> the model file `time` loads
     packages: tuple[str, ...]  # what building and timing it import
+    # OpenVINO's INFERENCE_PRECISION_HINT; None leaves it to OpenVINO: bf16 on CPUs with
+    # AVX512_BF16 or AMX, f32 elsewhere
+    precision: str | None = None
 
 
 CONTENDERS = {
     "ort_fp32": Contender("onnxruntime", _existing_onnx, ("onnxruntime",)),
     "ort_int8": Contender("onnxruntime", _ort_int8, ("onnxruntime", "onnx")),
+    # f32: on CPUs with bf16 OpenVINO would otherwise compute in bf16
     "openvino_fp32": Contender("openvino", lambda spec, tower: _openvino_ir(spec, tower, quantize=False),
-                               ("openvino",)),
+                               ("openvino",), precision="f32"),
     "openvino_int8": Contender("openvino", lambda spec, tower: _openvino_ir(spec, tower, quantize=True),
-                               ("openvino", "nncf")),
+                               ("openvino", "nncf"), precision="f32"),
+    # the same fp32 IR at OpenVINO's default precision: what a user who just loads the model gets
+    "openvino": Contender("openvino", lambda spec, tower: _openvino_ir(spec, tower, quantize=False), ("openvino",)),
 }
 
 
-def _onnxruntime_session(path: str, threads: int):
+def _onnxruntime_session(path: str, threads: int, precision: str | None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -81,16 +88,19 @@ def _onnxruntime_session(path: str, threads: int):
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
-    return (lambda x: session.run(None, {input_name: x})[0]), ort.__version__
+    # ONNX Runtime computes a float graph in its own dtype: there is no precision to report
+    return (lambda x: session.run(None, {input_name: x})[0]), ort.__version__, None
 
 
-def _openvino_compiled(path: str, threads: int):
+def _openvino_compiled(path: str, threads: int, precision: str | None):
     import openvino as ov
 
-    # f32: on CPUs with bf16 (AVX512_BF16, AMX) OpenVINO would otherwise compute in bf16
-    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
     compiled = ov.Core().compile_model(path, "CPU", config)
-    return (lambda x: compiled(x)[0]), ov.__version__.split("-")[0]  # "2026.4.1-22982-<commit>-releases/..."
+    chosen = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # what it computes in: "bf16", "f32"
+    return (lambda x: compiled(x)[0]), ov.__version__.split("-")[0], chosen  # "2026.4.1-22982-<commit>-releases/..."
 
 
 LOADERS = {"onnxruntime": _onnxruntime_session, "openvino": _openvino_compiled}
@@ -124,11 +134,12 @@ def _median_ms(run, x: np.ndarray, reps: int, warmup: int) -> float:
 def time_contender(spec: dict) -> dict:
     with open(os.path.join(spec["dir"], "build.json")) as f:
         models = json.load(f)["models"]
-    runtime = CONTENDERS[spec["contender"]].runtime
+    contender = CONTENDERS[spec["contender"]]
     result = {"latency_ms": {}, "features": {}, "load_s": 0.0}
     for tower, inputs in spec["towers"].items():
         t0 = time.perf_counter()
-        run, result["runtime_version"] = LOADERS[runtime](models[tower], spec["threads"])
+        run, result["runtime_version"], result["precision"] = LOADERS[contender.runtime](
+            models[tower], spec["threads"], contender.precision)
         result["load_s"] += time.perf_counter() - t0
         features = os.path.join(spec["dir"], f"{tower}_features.npy")
         np.save(features, run(np.load(inputs["fidelity"])))
