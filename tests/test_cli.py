@@ -189,7 +189,9 @@ def test_bench_isa_names_the_tables_this_cpu_runs(capsys, monkeypatch):
     assert f"--isa: unknown CPU kernel table 'sse9'; choose from {runnable}" in err
     # a table this build has but this CPU lacks says so
     info = pyclipq.build_info()
-    monkeypatch.setattr(pyclipq, "build_info", lambda: {**info, "cpu_isa_variants": [*runnable, "avx1024"]})
+    from pyclipq.cli.peers import forced_isa
+
+    monkeypatch.setattr(forced_isa, "build_info", lambda: {**info, "cpu_isa_variants": [*runnable, "avx1024"]})
     code, _, err = run(capsys, *TINY_BENCH, "--peers", "none", "--isa", "avx1024")
     assert code == 2 and f"--isa: this CPU cannot run the 'avx1024' table; choose from {runnable}" in err
 

@@ -447,3 +447,20 @@ def write_report(report: dict, out_dir: str, plot: bool = True) -> dict:
         paths["png"] = os.path.join(out_dir, "bench.png")
         save_plot(report, paths["png"])
     return paths
+
+
+def run_forced_isa_child(argv: list[str]) -> int:
+    """A `--isa` child (peers.forced_isa.CHILD), with PYCLIPQ_CPU_ISA set: times the spec's formats
+    on the parent's pickled model with this module's contender loop; writes the spec's "out"."""
+    (spec_path,) = argv
+    with open(spec_path) as f:
+        spec = json.load(f)
+    torch.set_num_threads(spec["threads"])
+    # the parent's own file, written a moment ago: the model it times, pickled
+    payload = torch.load(spec["payload"], weights_only=False)
+    results = time_torch_contenders(payload["model"], spec["formats"], payload["inputs"], spec["batches"],
+                                    spec["towers"], spec["fidelity_batch"], payload["reference"], spec["reps"],
+                                    spec["warmup"])
+    with open(spec["out"], "w") as f:
+        json.dump({"cpu_isa": pyclipq.build_info()["cpu_isa"], "results": [asdict(r) for r in results]}, f)
+    return 0

@@ -5,7 +5,8 @@ timed in a fresh process of its own while the benchmark's process waits, as the 
 are (an idle torch process's OpenMP threads keep spinning and take cores from another). The
 child gets the benchmark's fp32 model, pickled (open_clip draws random weights unseeded: a
 reload would time other weights), its timed inputs and its fp32 features, and runs the
-benchmark's own torch-contender loop on them (`bench.time_torch_contenders`).
+benchmark's own torch-contender loop on them (`bench.run_forced_isa_child`, which lives in bench
+beside that loop: bench imports this module).
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ import tempfile
 
 import torch
 
+from ..._build import build_info
 from .runtimes import RuntimePeerError, run_child
 
 ISA_ENV = "PYCLIPQ_CPU_ISA"
 # Run with -c from the workspace: a pyclipq source tree in the caller's working directory
 # (which has no built extension) must not shadow the installed package.
-CHILD = "import sys; from pyclipq.cli.peers.forced_isa import main; sys.exit(main(sys.argv[1:]))"
+CHILD = "import sys; from pyclipq.cli.bench import run_forced_isa_child; sys.exit(run_forced_isa_child(sys.argv[1:]))"
 
 
 def isa_label(fmt: str, isa: str) -> str:
@@ -32,9 +34,7 @@ def isa_label(fmt: str, isa: str) -> str:
 
 def check_isas(requested, argument: str = "isa") -> tuple[str, ...]:
     """The CPU kernel tables in `requested` (names or comma lists), each one this build runs on this CPU."""
-    import pyclipq
-
-    info = pyclipq.build_info()
+    info = build_info()
     runnable = info["cpu_isa_supported"]
     names = [name.strip() for value in requested for name in value.split(",")]
     for name in names:
@@ -80,25 +80,3 @@ class ForcedIsaWorkspace:
         if out["cpu_isa"] != isa:
             raise RuntimePeerError(f"pyclipq on the {isa} table failed: the child ran the {out['cpu_isa']} table")
         return [{**r, "name": isa_label(r["name"], isa)} for r in out["results"]]
-
-
-def main(argv: list[str]) -> int:
-    """The child: `python -c CHILD SPEC.json` with PYCLIPQ_CPU_ISA set; writes the spec's "out"."""
-    from dataclasses import asdict
-
-    import pyclipq
-
-    from .. import bench  # here, not at the top: bench imports this module
-
-    (spec_path,) = argv
-    with open(spec_path) as f:
-        spec = json.load(f)
-    torch.set_num_threads(spec["threads"])
-    # the parent's own file, written a moment ago: the model it times, pickled
-    payload = torch.load(spec["payload"], weights_only=False)
-    results = bench.time_torch_contenders(payload["model"], spec["formats"], payload["inputs"], spec["batches"],
-                                          spec["towers"], spec["fidelity_batch"], payload["reference"], spec["reps"],
-                                          spec["warmup"])
-    with open(spec["out"], "w") as f:
-        json.dump({"cpu_isa": pyclipq.build_info()["cpu_isa"], "results": [asdict(r) for r in results]}, f)
-    return 0
