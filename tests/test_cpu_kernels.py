@@ -357,21 +357,45 @@ def test_dispatch_picks_the_best_table_the_cpu_supports():
     assert info["cpu_isa_reason"].startswith("CPUID"), info
 
 
+# A child that makes the kernel refuse tile data before it imports pyclipq: a seccomp filter that
+# fails arch_prctl(ARCH_REQ_XCOMP_PERM) with EPERM and allows every other system call.
+REFUSE_TILE_PERMISSION = """
+import ctypes, json, sys
+class Insn(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
+LOAD, JEQ, RET = 0x20, 0x15, 0x06
+insns = (Insn * 6)(Insn(LOAD, 0, 0, 0),          # the system call number
+                   Insn(JEQ, 0, 3, 158),          # arch_prctl?
+                   Insn(LOAD, 0, 0, 16),          # its first argument (low 32 bits)
+                   Insn(JEQ, 0, 1, 0x1023),       # ARCH_REQ_XCOMP_PERM?
+                   Insn(RET, 0, 0, 0x00050001),   # SECCOMP_RET_ERRNO | EPERM
+                   Insn(RET, 0, 0, 0x7FFF0000))   # SECCOMP_RET_ALLOW
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.byref(Prog(6, insns)), 0, 0) == 0, ctypes.get_errno()  # seccomp filter
+import pyclipq
+print(json.dumps(pyclipq.build_info()))
+"""
+
+
 def test_refused_tile_permission_falls_back_with_the_reason():
     """Without the kernel's tile-data permission (arch_prctl) the first tile instruction would be
     SIGILL: the AMX table must not be chosen, and build_info says why."""
     if "amx" not in available_isas() or not ISA_FLAGS["amx"] <= cpu_flags():
         pytest.skip("this CPU has no AMX (or this build no amx table): there is no permission to refuse")
     env = {k: v for k, v in os.environ.items() if k != "PYCLIPQ_CPU_ISA"}
-    env["PYCLIPQ_TEST_DENY_AMX_PERMISSION"] = "1"
-    code = "import json, pyclipq; print(json.dumps(pyclipq.build_info()))"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd="/")
+    r = subprocess.run([sys.executable, "-c", REFUSE_TILE_PERMISSION], capture_output=True, text=True, env=env,
+                       timeout=300, cwd="/")
+    assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["cpu_isa"] == "avx512_vnni" and "amx" not in info["cpu_isa_supported"], info
-    assert "amx needs the kernel's tile-data permission (refused" in info["cpu_isa_reason"], info
+    assert "amx needs the kernel's tile-data permission (arch_prctl(ARCH_REQ_XCOMP_PERM) failed: Operation not permitted)" \
+        in info["cpu_isa_reason"], info
     assert info["cpu_tile_layout"] is False
-    forced = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/",
-                            env={**env, "PYCLIPQ_CPU_ISA": "amx"})
+    forced = subprocess.run([sys.executable, "-c", REFUSE_TILE_PERMISSION], capture_output=True, text=True,
+                            timeout=300, cwd="/", env={**env, "PYCLIPQ_CPU_ISA": "amx"})
     assert forced.returncode != 0 and "PYCLIPQ_CPU_ISA=amx but this CPU/OS lacks the kernel's tile-data" in forced.stderr
 
 

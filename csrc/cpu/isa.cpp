@@ -75,14 +75,10 @@ X86Features read_features() {
 
 // Linux enables the 8 KiB of tile data per process only on request (Documentation/arch/x86/
 // xstate.rst): until then the first tile instruction raises SIGILL. Returns "" once this process
-// may use tiles, else why not. PYCLIPQ_TEST_DENY_AMX_PERMISSION=1 takes the refusal path without
-// asking, so that tests can check the fallback on a machine that would grant it.
+// may use tiles, else why not (tests/test_cpu_kernels.py makes the kernel refuse with seccomp).
 std::string request_tile_permission() {
 #if defined(__linux__) && defined(__x86_64__)
   constexpr long kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  const char* deny = std::getenv("PYCLIPQ_TEST_DENY_AMX_PERMISSION");
-  if (deny != nullptr && std::strcmp(deny, "1") == 0)
-    return "the kernel's tile-data permission (refused: PYCLIPQ_TEST_DENY_AMX_PERMISSION=1)";
   if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0)
     return std::string("the kernel's tile-data permission (arch_prctl(ARCH_REQ_XCOMP_PERM) failed: ") +
            std::strerror(errno) + ")";
