@@ -6,7 +6,6 @@ quantizes to these formats is pyclipq.primitives.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +86,11 @@ def get_format(name: str) -> WeightFormat:
     return FORMATS[name]
 
 
+def as_format(fmt: "str | WeightFormat") -> WeightFormat:
+    """A format given by name or as its WeightFormat -> the WeightFormat (the one normalizer)."""
+    return fmt if isinstance(fmt, WeightFormat) else get_format(fmt)
+
+
 def padded_k(k: int) -> int:
     if k < 1:
         raise ValueError(f"in_features (K) must be >= 1, got {k}")
@@ -101,21 +105,6 @@ def check_group_size(group_size: int) -> None:
 def num_groups(k_pad: int, group_size: int) -> int:
     check_group_size(group_size)
     return 1 if group_size == 0 else k_pad // group_size
-
-
-# The quantization math that used to live here is pyclipq.primitives (device-agnostic, one copy).
-_MOVED_TO_PRIMITIVES = ("quantize_weight", "dequantize_codes")
-
-
-def __getattr__(name: str):
-    """Deprecated aliases: formats.quantize_weight / dequantize_codes are pyclipq.primitives'."""
-    if name in _MOVED_TO_PRIMITIVES:
-        # imported here, not at the top: primitives builds on this module (a deprecated alias only)
-        from . import primitives
-
-        warnings.warn(f"pyclipq.formats.{name} moved to pyclipq.primitives.{name}", DeprecationWarning, stacklevel=2)
-        return getattr(primitives, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------- packing (reference)

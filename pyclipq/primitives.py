@@ -39,9 +39,6 @@ __all__ = [
 ]
 
 
-def _fmt(fmt: str | WeightFormat) -> WeightFormat:
-    return formats.get_format(fmt) if isinstance(fmt, str) else fmt
-
 
 def safe_inverse(scale: torch.Tensor) -> torch.Tensor:
     """1 / scale, and 0 where scale is 0 (an all-zero row or group quantizes to its zero code)."""
@@ -112,7 +109,7 @@ def format_scales(weight: torch.Tensor, fmt, group_size: int = 0, threshold_rule
     """The format's own scale rule: absmax / qmax per output channel or K group (over the padded
     row: padding is 0), or for a threshold-rule format (ternary) mean|w| over the true K, times 2
     for ``twice_mean``."""
-    fmt = _fmt(fmt)
+    fmt = formats.as_format(fmt)
     _check_weight(weight)
     if fmt.threshold_rule:
         if threshold_rule not in formats.THRESHOLD_RULES:
@@ -134,7 +131,7 @@ def nearest_levels(ratio: torch.Tensor, fmt) -> torch.Tensor:
     Unit-step formats (int8, int4, ternary): ``clamp(round(r), -qmax, qmax)``. int2 (odd
     levels, LEVEL_MUL = 2): the nearest odd level, ``2 * clamp(round((r + 3) / 2), 0, 3) - 3``.
     """
-    fmt = _fmt(fmt)
+    fmt = formats.as_format(fmt)
     if fmt.level_mul == 1:
         return torch.clamp(torch.round(ratio), -fmt.qmax, fmt.qmax)
     codes = torch.clamp(torch.round((ratio + fmt.level_offset) / fmt.level_mul), 0, fmt.max_code)
@@ -144,7 +141,7 @@ def nearest_levels(ratio: torch.Tensor, fmt) -> torch.Tensor:
 def codes_from_levels(levels: torch.Tensor, fmt, k_pad: int | None = None) -> torch.Tensor:
     """Integer levels [N, K] -> unpacked codes [N, K_pad] in the format's code dtype, padding
     columns holding its pad code. The inverse of ``WeightFormat.level``."""
-    fmt = _fmt(fmt)
+    fmt = formats.as_format(fmt)
     n, k = levels.shape
     k_pad = formats.padded_k(k) if k_pad is None else k_pad
     lv = torch.round(levels).to(torch.int32)
@@ -180,7 +177,7 @@ def _levels_with_scales(weight: torch.Tensor, fmt: WeightFormat, scale: torch.Te
 def quantize_weight_with_scales(weight: torch.Tensor, fmt, scale: torch.Tensor, group_size: int = 0) -> torch.Tensor:
     """Float weight [N, K] + scales ([N] or [N, G]) -> unpacked codes [N, K_pad]: each weight
     times the reciprocal of its scale, rounded to the nearest level."""
-    fmt = _fmt(fmt)
+    fmt = formats.as_format(fmt)
     levels, k_pad = _levels_with_scales(weight, fmt, scale, group_size)
     return codes_from_levels(levels, fmt, k_pad)
 
@@ -188,7 +185,7 @@ def quantize_weight_with_scales(weight: torch.Tensor, fmt, scale: torch.Tensor, 
 def fake_quantize_with_scales(weight: torch.Tensor, fmt, scale: torch.Tensor, group_size: int = 0) -> torch.Tensor:
     """The float32 weight [N, K] that `quantize_weight_with_scales` codes dequantize to, without
     forming the codes (a scale search tries many scales)."""
-    fmt = _fmt(fmt)
+    fmt = formats.as_format(fmt)
     levels, k_pad = _levels_with_scales(weight, fmt, scale, group_size)
     k = weight.shape[1]
     padded = torch.nn.functional.pad(levels, (0, k_pad - k))
@@ -206,7 +203,7 @@ def quantize_weight(
     Scales are [N] for per-channel formats and [N, G] for grouped ones (int4, int2); the
     tensors stay on the weight's device.
     """
-    fmt = _fmt(fmt)
+    fmt = formats.as_format(fmt)
     group_size = group_size if fmt.grouped else 0
     scale = format_scales(weight, fmt, group_size, threshold_rule)
     return quantize_weight_with_scales(weight, fmt, scale, group_size).contiguous(), scale
@@ -222,7 +219,7 @@ def dequantize_levels(levels: torch.Tensor, scale: torch.Tensor, k: int) -> torc
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, fmt: str | WeightFormat, k: int) -> torch.Tensor:
     """Unpacked codes [N, K_pad] + scales -> float32 weight [N, K] (what the kernels multiply by)."""
-    return dequantize_levels(_fmt(fmt).level(codes).to(torch.float32), scale, k)
+    return dequantize_levels(formats.as_format(fmt).level(codes).to(torch.float32), scale, k)
 
 
 # ---------------------------------------------------------------- input transforms (smoothing, rotation)

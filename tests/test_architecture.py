@@ -22,14 +22,11 @@ LAYERS = {
     "nn": 5,
     "models": 6, "convert": 6, "io": 6,
     "eval": 7, "testbed": 7,
-    "calibrate": 8, "train": 8, "qat": 8, "embed": 8,
+    "calibrate": 8, "train": 8, "embed": 8,
     "cli": 9,
 }
 # Imports that point up on purpose, each with its reason.
 ALLOWED_UPWARD = {
-    # formats.quantize_weight / dequantize_codes: deprecated aliases of the functions that moved
-    # to primitives, resolved only when the old name is used
-    ("formats", "primitives"),
 }
 
 
@@ -98,7 +95,6 @@ OPTIONAL_DEPENDENCIES = {"triton", "open_clip", "transformers", "clip", "torchvi
                          "onnxruntime", "openvino", "nncf", "webdataset"}
 # Function-local pyclipq imports kept on purpose, each with its reason.
 ALLOWED_LOCAL = {
-    ("formats.py", "primitives"),  # the deprecated alias above: primitives is a layer higher
     ("ops/__init__.py", "triton"),  # pyclipq.ops.triton needs the optional triton
 }
 

@@ -171,13 +171,10 @@ def test_a_format_answers_what_code_asks_of_it(name):
     assert (f.default_group_size in formats.GROUP_SIZES) and (f.default_group_size > 0) == f.grouped
 
 
-def test_the_math_moved_to_primitives_keeps_deprecated_aliases():
-    with pytest.warns(DeprecationWarning, match="moved to pyclipq.primitives.quantize_weight"):
-        assert formats.quantize_weight is primitives.quantize_weight
-    with pytest.warns(DeprecationWarning, match="moved to pyclipq.primitives.dequantize_codes"):
-        assert formats.dequantize_codes is primitives.dequantize_codes
-    with pytest.raises(AttributeError):
-        formats.no_such_name
+def test_the_math_lives_in_primitives_only():
+    """The deprecated aliases formats.quantize_weight / dequantize_codes are gone (0.1.0 had no release)."""
+    for name in ("quantize_weight", "dequantize_codes"):
+        assert not hasattr(formats, name) and callable(getattr(primitives, name))
 
 
 @pytest.mark.parametrize("name", list(formats.FORMATS))

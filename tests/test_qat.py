@@ -250,11 +250,13 @@ def test_one_attention_class_for_packed_and_fake_projections():
         QuantMultiheadAttention(32, 4, in_proj=fake.out_proj, out_proj=fake.out_proj)
 
 
-def test_fake_quant_multihead_attention_name_is_a_deprecated_alias():
-    from pyclipq.train import FakeQuantMultiheadAttention
+def test_fake_quant_multihead_attention_name_is_gone():
+    """QAT's attention is QuantMultiheadAttention with fake-quant projections; the old class name is retired."""
+    import pyclipq.train as train
+    from pyclipq.train import fake_quant
 
-    with pytest.warns(DeprecationWarning, match="QuantMultiheadAttention with FakeQuantLinear projections"):
-        fake = FakeQuantMultiheadAttention.from_float(nn.MultiheadAttention(16, 2), LayerConfig("int8"), LayerConfig("int8"))
+    assert not hasattr(train, "FakeQuantMultiheadAttention") and not hasattr(fake_quant, "FakeQuantMultiheadAttention")
+    fake = fake_quant.fake_quant_multihead_attention(nn.MultiheadAttention(16, 2), LayerConfig("int8"), LayerConfig("int8"))
     assert type(fake) is QuantMultiheadAttention
 
 
@@ -362,18 +364,17 @@ def test_fake_quant_attention_takes_masks_as_the_packed_one_does():
     assert torch.equal(got, bool_vs_float)
 
 
-def test_qat_entry_points_have_one_public_name_and_deprecated_aliases():
-    """pyclipq.prepare_qat / convert_qat, apart from pyclipq.convert; the old names warn for a release."""
+def test_qat_entry_points_have_one_public_name():
+    """pyclipq.prepare_qat / convert_qat, apart from pyclipq.convert; the old names are retired."""
+    import importlib
+
     import pyclipq
-    import pyclipq.qat as old
 
     assert pyclipq.prepare_qat is qat.prepare_qat and pyclipq.convert_qat is qat.convert_qat
     assert pyclipq.convert is not pyclipq.convert_qat
-    for module in (old, qat):
-        with pytest.warns(DeprecationWarning, match="is now pyclipq.prepare_qat"):
-            assert module.prepare is qat.prepare_qat
-        with pytest.warns(DeprecationWarning, match="is now pyclipq.convert_qat"):
-            assert module.convert is qat.convert_qat
+    assert not hasattr(qat, "prepare") and not hasattr(qat, "convert")
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("pyclipq.qat")
 
 
 @pytest.mark.parametrize("block", [dict(block_type="custom"), dict(qk_norm=True, scale_heads=True, scale_attn=True)])

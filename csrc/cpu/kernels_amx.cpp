@@ -25,8 +25,9 @@
 // or from the canonical layout, repacked per task with the VNNI table's 16 x 16 transpose.
 //
 // The epilogue (C tiles -> float outputs, or per-group float accumulation) runs in AVX-512 on a
-// copy of the C tiles, spread over the next block's (or group's) K steps, so that it executes
-// while the tile unit multiplies: per block the epilogue costs about as many cycles as 3 K steps.
+// copy of the C tiles, spread over the next block's (or group's) K steps, so that it can execute
+// while the tile unit multiplies. Measured (3072 x 768, M = 400, 2 threads): ~10% faster than
+// running it after each block, and still a third of the op's time (the output stores most of it).
 //
 // Tile state is per thread and shared with other libraries in the process (oneDNN sets its own
 // configuration): every task loads its configuration when it starts and releases the tiles when it
@@ -158,7 +159,7 @@ struct TaskContext {
 
 // Units [u0, u1): unit u is row u / panels of the block, panel u % panels. Specialized per output
 // (the integer GEMM's int32, or the fused linear's float type) and offset, so that a unit is ~12
-// instructions with no branch but the group's: the epilogue is a third of a block's time at K = 768.
+// instructions with no branch but the group's.
 // The float steps are the VNNI table's (LinearSink), so both tables give bit-identical outputs:
 // facc = fma(f, ws_g, facc) from 0 over the groups, then y = fma(facc, x_scale, bias); with one
 // group y = fma(fma(f, ws, 0), x_scale, bias).

@@ -97,7 +97,7 @@ def _check_inputs(weight, hessian, fmt, group_size):
         raise ValueError(f"hessian must be a [K, K] = [{k}, {k}] tensor, got {getattr(hessian, 'shape', type(hessian).__name__)}")
     if not bool(torch.isfinite(hessian).all()):
         raise ValueError("hessian contains NaN or Inf")
-    fmt = formats.get_format(fmt) if isinstance(fmt, str) else fmt
+    fmt = formats.as_format(fmt)
     if fmt.grouped:
         formats.check_group_size(group_size)
     elif group_size != 0:
@@ -260,7 +260,7 @@ def _group_scale(group: torch.Tensor, fmt, observer, grid: Grid) -> torch.Tensor
 
 def rtn_quantize(weight: torch.Tensor, fmt, group_size: int = 0, *, observer=None, threshold_rule: str = "absmean"):
     """Round-to-nearest with the same scale choices as `gptq_quantize` (the baseline it must beat)."""
-    fmt = formats.get_format(fmt) if isinstance(fmt, str) else fmt
+    fmt = formats.as_format(fmt)
     if observer is None:
         codes, scale = primitives.quantize_weight(weight, fmt, group_size if fmt.grouped else 0, threshold_rule)
     else:

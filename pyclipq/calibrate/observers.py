@@ -86,7 +86,7 @@ class Grid:
 
         int8 -127..127, int4 -7..7, int2 the odd levels -3..3 (LEVEL_MUL = 2), ternary -1..1.
         """
-        fmt = formats.get_format(fmt) if isinstance(fmt, str) else fmt
+        fmt = formats.as_format(fmt)
         return cls(-fmt.qmax, fmt.qmax, fmt.level_mul)
 
     @classmethod

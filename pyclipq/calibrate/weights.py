@@ -52,9 +52,6 @@ __all__ = [
 CLIP_RATIOS = tuple(round(0.30 + 0.05 * i, 2) for i in range(25))  # 0.30 ... 1.50
 
 
-def _fmt(fmt) -> WeightFormat:
-    return formats.get_format(fmt) if isinstance(fmt, str) else fmt
-
 
 def observed_weight_scales(
     weight: torch.Tensor,
@@ -70,7 +67,7 @@ def observed_weight_scales(
     so their error never matters and must not pull OMSE's clip. MinMax reproduces the
     format rule of int8 / int4 / int2 (absmax / qmax) exactly.
     """
-    fmt = _fmt(fmt)
+    fmt = formats.as_format(fmt)
     _check_weight(weight)
     if observer is None:
         return quantize_weight(weight, fmt, group_size if fmt.grouped else 0, threshold_rule)[1]
@@ -133,7 +130,7 @@ def output_aware_scales(
     MSE-clip search on the output, where a plain MSE clip would weigh every input channel
     alike and miss the outlier channels that matter.
     """
-    fmt = _fmt(fmt)
+    fmt = formats.as_format(fmt)
     _check_weight(weight)
     w = weight.detach().to(torch.float32).cpu()
     n, k = w.shape
@@ -158,7 +155,7 @@ def quantize_weight_observed(
     weight: torch.Tensor, fmt, group_size: int = 0, observer="omse", threshold_rule: str = "absmean"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes [N, K_pad], scales): `primitives.quantize_weight` with observer-chosen scales."""
-    fmt = _fmt(fmt)
+    fmt = formats.as_format(fmt)
     group_size = group_size if fmt.grouped else 0
     scale = observed_weight_scales(weight, fmt, group_size, observer, threshold_rule)
     return quantize_weight_with_scales(weight, fmt, scale, group_size), scale

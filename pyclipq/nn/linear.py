@@ -25,13 +25,6 @@ def _version_of(t: torch.Tensor) -> int:
     return -2 if t.is_inference() else t._version
 
 
-def _fused_linear(fmt: str, x, packed, scale, group_size, bias, act_scale, tile_weight):
-    linear = getattr(ops, f"{fmt}_linear")  # the op family: <format>_linear, with group_size where grouped
-    if formats.get_format(fmt).grouped:
-        return linear(x, packed, scale, group_size, bias, act_scale, tile_weight)
-    return linear(x, packed, scale, bias, act_scale, tile_weight)
-
-
 class QuantLinear(PackedWeight):
     """y = x W^T + b with W packed in `layer.format`.
 
@@ -200,7 +193,7 @@ class QuantLinear(PackedWeight):
             return F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
         act_scale = self._static_act_scale() if layer.activation == "static" else None
         tile_weight = self._tile_weight_for(rows) if x.device.type == "cpu" else None
-        return _fused_linear(layer.format, x, packed, scale, layer.group_size, bias, act_scale, tile_weight)
+        return ops.fused_linear(layer.format, x, packed, scale, layer.group_size, bias, act_scale, tile_weight)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

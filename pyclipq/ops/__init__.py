@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from .. import primitives
+from .. import formats, primitives
 from .._build import load_extension
 from . import library  # noqa: F401  (defines the schemas and fakes)
 from . import reference  # noqa: F401
@@ -167,6 +167,19 @@ def int2_linear(x, weight, weight_scale, group_size: int, bias=None, act_scale=N
 def ternary_linear(x, weight, weight_scale, bias=None, act_scale=None, tile_weight=None, *,
                    backend: str | None = None) -> torch.Tensor:
     return _linear("ternary_linear", x, (weight, weight_scale, bias, act_scale), tile_weight, backend)
+
+
+# The fused linear of each format (the op family <format>_linear), keyed by its WeightFormat.
+FUSED_LINEARS = {formats.INT8: int8_linear, formats.INT4: int4_linear, formats.INT2: int2_linear,
+                 formats.TERNARY: ternary_linear}
+
+
+def fused_linear(fmt: formats.WeightFormat | str, x, weight, weight_scale, group_size: int = 0, bias=None,
+                 act_scale=None, tile_weight=None, *, backend: str | None = None) -> torch.Tensor:
+    """The fused linear of format `fmt`, with the group size where the format has groups."""
+    fmt = formats.as_format(fmt)
+    args = (weight, weight_scale, group_size) if fmt.grouped else (weight, weight_scale)
+    return FUSED_LINEARS[fmt](x, *args, bias, act_scale, tile_weight, backend=backend)
 
 
 def pack_codes(codes: torch.Tensor, bits: int, *, backend: str | None = None) -> torch.Tensor:

@@ -40,9 +40,6 @@ SCHEMAS = {
 for _schema in SCHEMAS.values():
     lib.define(_schema)
 
-LOWBIT_BITS = {"int4": 4, "int2": 2, "ternary": 2}
-
-
 def _check_same_device(op, x, **tensors):
     # A meta/fake tensor among real ones dispatches here: fail as the kernels would.
     for name, t in tensors.items():

@@ -1,7 +1,7 @@
 """Training: QAT with straight-through estimators, distillation, and the TernaryCLIP and P4Q recipes.
 
 - fake_quant: FakeQuantLinear / FakeQuantParameter (the kernels' math, STE); attention is pyclipq.nn's with
-  fake-quant projections (FakeQuantMultiheadAttention is a deprecated name for that)
+  fake-quant projections (fake_quant_multihead_attention)
 - qat: prepare_qat(model, config) -> fake-quant model; convert_qat(model) -> packed model; compare_layers
 - distill: contrastive, tau-scaled KL(teacher || student), feature losses; DistillationLoss
 - trainer: Trainer + TrainConfig (AdamW, warm-up + cosine, clipping, bf16, checkpoint/resume, JSONL log)
@@ -12,7 +12,7 @@
 - recipes: ternary_clip(...) and p4q(...) one-call recipes, and their command line
 """
 from .distill import DistillationLoss
-from .fake_quant import FakeQuantLinear, FakeQuantMultiheadAttention, FakeQuantParameter
+from .fake_quant import FakeQuantLinear, FakeQuantParameter
 from .qat import compare_layers, convert_qat, differentiable_twin, prepare_qat, strip
 from .distributed import DistributedTrainer, init_distributed
 from .trainer import CLIPDistillation, TrainConfig, Trainer
@@ -22,7 +22,6 @@ __all__ = [
     "DistillationLoss",
     "DistributedTrainer",
     "FakeQuantLinear",
-    "FakeQuantMultiheadAttention",
     "FakeQuantParameter",
     "TrainConfig",
     "Trainer",

@@ -24,7 +24,6 @@ activations and weight):
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -468,28 +467,3 @@ def fake_quant_multihead_attention(mha: nn.MultiheadAttention, in_layer: LayerCo
     in_proj = FakeQuantLinear.from_parameters(mha.in_proj_weight, mha.in_proj_bias, in_layer, exact)
     out_proj = FakeQuantLinear.from_parameters(mha.out_proj.weight, mha.out_proj.bias, out_layer, exact)
     return QuantMultiheadAttention.with_projections(mha, in_proj, out_proj)
-
-
-class FakeQuantMultiheadAttention:
-    """Deprecated: QAT's attention is ``pyclipq.nn.QuantMultiheadAttention`` with fake-quant projections.
-
-    Constructing this, or calling ``from_float``, warns and returns that module.
-    """
-
-    def __new__(cls, embed_dim: int, num_heads: int, in_proj: FakeQuantLinear, out_proj: FakeQuantLinear,
-                dropout: float = 0.0, batch_first: bool = False):
-        _warn_deprecated_attention()
-        return QuantMultiheadAttention(embed_dim, num_heads, in_proj=in_proj, out_proj=out_proj, dropout=dropout,
-                                       batch_first=batch_first)
-
-    @staticmethod
-    def from_float(mha: nn.MultiheadAttention, in_layer: LayerConfig, out_layer: LayerConfig,
-                   exact: bool = True) -> QuantMultiheadAttention:
-        _warn_deprecated_attention()
-        return fake_quant_multihead_attention(mha, in_layer, out_layer, exact)
-
-
-def _warn_deprecated_attention() -> None:
-    warnings.warn("FakeQuantMultiheadAttention is deprecated: QAT builds pyclipq.nn.QuantMultiheadAttention with "
-                  "FakeQuantLinear projections (pyclipq.train.fake_quant.fake_quant_multihead_attention)",
-                  DeprecationWarning, stacklevel=3)

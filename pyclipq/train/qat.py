@@ -22,7 +22,6 @@ layer against it).
 from __future__ import annotations
 
 import copy
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -330,14 +329,3 @@ def differentiable_twin(quantized: nn.Module) -> nn.Module:
     for p in twin.parameters():
         p.requires_grad_(False)
     return twin
-
-
-# Deprecated names (one release): `convert` read as pyclipq.convert's twin, which it is not.
-_RENAMED = {"prepare": "prepare_qat", "convert": "convert_qat"}
-
-
-def __getattr__(name: str):
-    if name in _RENAMED:
-        warnings.warn(f"pyclipq.train.qat.{name} is now pyclipq.{_RENAMED[name]}", DeprecationWarning, stacklevel=2)
-        return globals()[_RENAMED[name]]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
