@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 import torch
 
 from ..._build import build_info
-from .runtimes import RuntimePeerError, run_child
+from .runtimes import ChildWorkspace, RuntimePeerError, run_child
 
 ISA_ENV = "PYCLIPQ_CPU_ISA"
 # Run with -c from the workspace: a pyclipq source tree in the caller's working directory
@@ -45,7 +43,7 @@ def check_isas(requested, argument: str = "isa") -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-class ForcedIsaWorkspace:
+class ForcedIsaWorkspace(ChildWorkspace):
     """A temporary directory with what every forced-table child reads; `run(isa)` times one table.
     Use it as a context manager."""
 
@@ -53,18 +51,11 @@ class ForcedIsaWorkspace:
         self.payload = {"model": model, "inputs": inputs, "reference": reference}
         self.settings = settings  # formats, batches, towers, fidelity_batch, threads, reps, warmup
 
-    def __enter__(self) -> ForcedIsaWorkspace:
-        self.dir = tempfile.mkdtemp(prefix="pyclipq-isa-")
-        self.payload_path = os.path.join(self.dir, "payload.pt")
-        try:
-            torch.save(self.payload, self.payload_path)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
+    prefix = "pyclipq-isa-"
 
-    def __exit__(self, *exc) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def _fill(self) -> None:
+        self.payload_path = os.path.join(self.dir, "payload.pt")
+        torch.save(self.payload, self.payload_path)
 
     def run(self, isa: str) -> list[dict]:
         """The formats' results (ContenderResult fields) on table `isa`, named by isa_label."""

@@ -85,18 +85,16 @@ def _export(model: nn.Module, tower: str, example: torch.Tensor, path: str) -> N
                       verbose=False)
 
 
-class RuntimePeerWorkspace:
-    """A temporary directory with the exported towers and their inputs as .npy files, from which
-    `run(peer)` builds and times one contender. Use it as a context manager."""
+class ChildWorkspace:
+    """A temporary directory that child processes read, filled by `_fill` on entry and removed on
+    exit (also when filling fails). Use it as a context manager."""
 
-    def __init__(self, model: nn.Module, towers: dict[str, TowerInputs], threads: int, reps: int, warmup: int):
-        self.model, self.towers = model, towers
-        self.settings = {"threads": threads, "reps": reps, "warmup": warmup}
+    prefix = "pyclipq-"
 
-    def __enter__(self) -> RuntimePeerWorkspace:
-        self.dir = tempfile.mkdtemp(prefix="pyclipq-peers-")
+    def __enter__(self):
+        self.dir = tempfile.mkdtemp(prefix=self.prefix)
         try:
-            self.tower_files = self._write_towers()
+            self._fill()
         except BaseException:
             self.__exit__()
             raise
@@ -104,6 +102,23 @@ class RuntimePeerWorkspace:
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _fill(self) -> None:
+        raise NotImplementedError
+
+
+class RuntimePeerWorkspace(ChildWorkspace):
+    """A temporary directory with the exported towers and their inputs as .npy files, from which
+    `run(peer)` builds and times one contender. Use it as a context manager."""
+
+    prefix = "pyclipq-peers-"
+
+    def __init__(self, model: nn.Module, towers: dict[str, TowerInputs], threads: int, reps: int, warmup: int):
+        self.model, self.towers = model, towers
+        self.settings = {"threads": threads, "reps": reps, "warmup": warmup}
+
+    def _fill(self) -> None:
+        self.tower_files = self._write_towers()
 
     def _write_towers(self) -> dict[str, dict]:
         os.makedirs(os.path.join(self.dir, "export"))
