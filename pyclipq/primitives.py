@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -36,6 +37,11 @@ __all__ = [
     "rotation_block",
     "rotate_blocks",
     "smoothing_scales",
+    "Grid",
+    "QParams",
+    "fake_quantize",
+    "quantization_error",
+    "range_to_qparams",
 ]
 
 
@@ -290,3 +296,119 @@ def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alph
     s = a.clamp(min=1e-12).pow(alpha) / w.clamp(min=1e-12).pow(1.0 - alpha)
     s = torch.where(live, s, torch.ones_like(s))
     return s.clamp(min=1e-5, max=1e5)
+
+
+# ---------------------------------------------------------------- grids (the generic quantizer)
+# A level grid, its scale / zero point and the quantize-dequantize round trip, for any tensor:
+# what calibration's observers choose ranges for (in the style of torchao's choose_qparams_affine
+# / quantize_affine). pyclipq.calibrate re-exports Grid, QParams, fake_quantize, quantization_error.
+
+@dataclass(frozen=True)
+class Grid:
+    """Integer levels ``qmin, qmin + step, ..., qmax``.
+
+    A symmetric grid (``qmin == -qmax``) means ``real = scale * level``; an asymmetric
+    use of a unit-step grid means ``real = scale * (q - zero_point)``.
+    """
+
+    qmin: int
+    qmax: int
+    step: int = 1
+
+    def __post_init__(self):
+        for name in ("qmin", "qmax", "step"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        if self.step < 1:
+            raise ValueError(f"step must be >= 1, got {self.step}")
+        if self.qmax <= self.qmin or (self.qmax - self.qmin) % self.step:
+            raise ValueError(
+                f"qmax must exceed qmin by a positive multiple of step, got qmin={self.qmin}, qmax={self.qmax}, step={self.step}"
+            )
+
+    @classmethod
+    def for_format(cls, fmt: "str | formats.WeightFormat") -> "Grid":
+        """The level grid of a weight format, from its definition in pyclipq.formats.
+
+        int8 -127..127, int4 -7..7, int2 the odd levels -3..3 (LEVEL_MUL = 2), ternary -1..1.
+        """
+        fmt = formats.as_format(fmt)
+        return cls(-fmt.qmax, fmt.qmax, fmt.level_mul)
+
+    @classmethod
+    def activations(cls) -> "Grid":
+        """Symmetric int8 activations in [-ACT_QMAX, ACT_QMAX] (docs/FORMATS.md, "Activations")."""
+        return cls(-formats.ACT_QMAX, formats.ACT_QMAX)
+
+    @classmethod
+    def unsigned(cls, bits: int) -> "Grid":
+        """P4Q Eq. 2, unsigned: {0, ..., 2^b - 1} (use with symmetric=False)."""
+        _check_bits(bits)
+        return cls(0, 2**bits - 1)
+
+    @classmethod
+    def signed(cls, bits: int) -> "Grid":
+        """P4Q Eq. 2, signed: {-2^(b-1), ..., 2^(b-1) - 1} (use with symmetric=False)."""
+        _check_bits(bits)
+        return cls(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.qmin == -self.qmax
+
+    @property
+    def num_levels(self) -> int:
+        return (self.qmax - self.qmin) // self.step + 1
+
+    def levels(self) -> torch.Tensor:
+        return torch.arange(self.qmin, self.qmax + 1, self.step, dtype=torch.float32)
+
+
+def _check_bits(bits) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 16:
+        raise ValueError(f"bits must be an int in [1, 16], got {bits!r}")
+
+
+@dataclass
+class QParams:
+    """scale (float32) and zero_point (int32, zeros when symmetric), shape () or [C]."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+
+def fake_quantize(x: torch.Tensor, scale, zero_point, grid: Grid) -> torch.Tensor:
+    """The value ``x`` takes after quantization to `grid` and back (P4Q Eq. 3 then Eq. 6).
+
+    ``scale`` / ``zero_point`` broadcast against ``x``. A scale of 0 maps everything to
+    0, as in docs/FORMATS.md. The nearest level is chosen (rounding to the grid's
+    step), which is what every pyclipq format does.
+    """
+    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+    zero_point = torch.as_tensor(zero_point, dtype=x.dtype, device=x.device)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    span = (grid.qmax - grid.qmin) // grid.step
+    index = torch.clamp(torch.round((x / safe + zero_point - grid.qmin) / grid.step), 0, span)
+    q = grid.qmin + grid.step * index
+    return torch.where(scale > 0, (q - zero_point) * safe, torch.zeros_like(x))
+
+
+def quantization_error(x: torch.Tensor, scale, zero_point, grid: Grid) -> torch.Tensor:
+    """Sum of squared quantization errors over all of ``x`` (the quantity OMSE minimises)."""
+    return ((x - fake_quantize(x, scale, zero_point, grid)) ** 2).sum()
+
+
+def range_to_qparams(lo: torch.Tensor, hi: torch.Tensor, grid: Grid, symmetric: bool):
+    lo = lo.to(torch.float32)
+    hi = hi.to(torch.float32)
+    if symmetric:
+        scale = torch.maximum(lo.abs(), hi.abs()) / grid.qmax
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+    # 0 must be exactly representable (zero padding, ReLU zeros): widen the range to hold it.
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    scale = (hi - lo) / (grid.qmax - grid.qmin)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero_point = torch.clamp(grid.qmin - torch.round(lo / safe), grid.qmin, grid.qmax)
+    return scale, zero_point.to(torch.int32)

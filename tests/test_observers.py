@@ -7,6 +7,7 @@ import torch
 from calibration_fixtures import one_intra_op_thread  # noqa: F401  (autouse)
 
 from pyclipq import formats, primitives
+from pyclipq.calibrate import distribution
 from pyclipq.calibrate import observers as obs
 from pyclipq.calibrate.observers import (
     EMAObserver,
@@ -254,8 +255,8 @@ def test_omse_histogram_error_model_matches_exact_error():
     # Values spread evenly inside every bin: the histogram's "uniform within a bin" model is exact
     # up to discretisation, so its error estimate must match the exact sum.
     x = torch.linspace(-1.0, 1.0, 200_001)
-    exact = obs._Distribution(max_exact_values=10**7, bins=256)
-    hist = obs._Distribution(max_exact_values=0, bins=256)
+    exact = distribution._Distribution(max_exact_values=10**7, bins=256)
+    hist = distribution._Distribution(max_exact_values=0, bins=256)
     exact.add(x[None])
     hist.add(x[None])
     assert not hist.is_exact
@@ -296,8 +297,8 @@ def test_omse_asymmetric_beats_minmax_asymmetric():
     assert grid.qmin <= int(qo.zero_point) <= grid.qmax
     # A fine brute-force search over (lo, hi) ranges finds nothing clearly better.
     lo, hi = torch.meshgrid(torch.linspace(-0.1, 0.0, 21), torch.linspace(0.5, 9.0, 171), indexing="ij")
-    scale, zero_point = obs.range_to_qparams(lo.reshape(1, -1), hi.reshape(1, -1), grid, symmetric=False)
-    brute = float(obs._direct_squared_error(x[None], scale, zero_point.float(), grid).min())
+    scale, zero_point = primitives.range_to_qparams(lo.reshape(1, -1), hi.reshape(1, -1), grid, symmetric=False)
+    brute = float(distribution._direct_squared_error(x[None], scale, zero_point.float(), grid).min())
     assert e_omse <= 1.02 * brute
 
 

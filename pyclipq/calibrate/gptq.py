@@ -234,7 +234,7 @@ def _round_columns(w, upper, scale, levels, fmt, group_size, dynamic_groups, per
             else:
                 s = scale
             column = block[:, i]
-            inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+            inv = primitives.safe_inverse(s)
             lv = nearest_levels(column * inv, fmt)
             levels[:, col] = lv
             err = (column - lv * s) / u_block[i, i]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 
 from .. import formats
-from ..formats import WeightFormat
 from ..nn.packed import PackedWeight, pack_codes
 
 # the rounding and code math is pyclipq.primitives'; re-exported here, where calibration asks for it
