@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -99,6 +100,12 @@ class LayerConfig:
         _check_rotation(self.rotation)
         if self.format == FLOAT_FORMAT and (self.smoothing != "none" or self.rotation):
             raise ValueError(f"smoothing and rotation need a quantized format, not {FLOAT_FORMAT!r} (pass-through)")
+
+    @functools.cached_property
+    def spec(self) -> formats.WeightFormat | None:
+        """The WeightFormat of `format`, resolved once (None for the float pass-through). `format`
+        stays the string that checkpoints and reports carry."""
+        return formats.FORMATS.get(self.format)
 
     @property
     def has_input_transform(self) -> bool:

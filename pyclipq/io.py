@@ -70,8 +70,7 @@ def _ternary_keys(model: nn.Module) -> dict[str, int]:
     """State-dict key of every ternary packed weight -> its in_features (true K)."""
     keys = {}
     for name, module in model.named_modules():
-        if (isinstance(module, PackedWeight) and module.layer.format in formats.FORMATS
-                and formats.get_format(module.layer.format).trit_storage):
+        if isinstance(module, PackedWeight) and module.layer.spec is not None and module.layer.spec.trit_storage:
             keys[f"{name}.packed_weight" if name else "packed_weight"] = module.in_features
     return keys
 

@@ -7,7 +7,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .. import formats, primitives
+from .. import primitives
 from .gptq import HessianAccumulator, gptq_quantize, rtn_quantize
 from .inputs import StopForward
 from .requantize import proxy_error, stored_float_weight
@@ -81,7 +81,7 @@ def apply_gptq(model, linears, float_model, source, run, order, weight_observer,
             layer = module.layer
             w = stored_float_weight(float_model, name, module)
             hessian = accumulators.pop(name).hessian
-            group_size = layer.group_size if formats.get_format(layer.format).grouped else 0
+            group_size = layer.group_size if layer.spec.grouped else 0
             rounding_started = time.perf_counter()
             if gptq:
                 result = gptq_quantize(

@@ -169,7 +169,7 @@ def load_quantized_weight(module, codes: torch.Tensor, scale: torch.Tensor) -> N
     """
     if not isinstance(module, PackedWeight) or module.layer.is_float:
         raise ValueError(f"module must be a quantized pyclipq PackedWeight, got {type(module).__name__}")
-    fmt = formats.get_format(module.layer.format)
+    fmt = module.layer.spec
     n, k = module.out_features, module.in_features
     expected_codes = (n, formats.padded_k(k))
     if tuple(codes.shape) != expected_codes:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import pyclipq
 
+from .. import formats
 from ..convert import linear_inventory
 from ..eval.encode import as_clip_like
 from ..io import save
@@ -43,7 +44,7 @@ from .peers.runtimes import (
     packages_needed,
 )
 
-PYCLIPQ_FORMATS = ("int8", "int4", "int2", "ternary")
+PYCLIPQ_FORMATS = tuple(formats.FORMATS)  # every weight format, in the table's order
 TORCH_PEERS = ("fp32", "torch-bf16", "quantize_dynamic")
 # The float dtype a contender's images are fed in, cast once before timing: a user who runs
 # a bf16 model feeds it bf16 (token ids stay integers).

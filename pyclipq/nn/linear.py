@@ -78,7 +78,7 @@ class QuantLinear(PackedWeight):
             self.tile_weight = None
             return
         with torch.inference_mode(False):  # a normal tensor even when first built under inference_mode
-            self.tile_weight = formats.tile_layout(self.packed_weight, formats.get_format(self.layer.format))
+            self.tile_weight = formats.tile_layout(self.packed_weight, self.layer.spec)
 
     def _reads_tile_layout(self) -> bool:
         return (self.layer.activation != "none" and self.packed_weight.device.type == "cpu"

@@ -65,14 +65,14 @@ class PackedWeight(nn.Module):
         if layer.is_float:
             self.register_buffer("weight", torch.empty(out_features, in_features, dtype=self.float_dtype, device=device))
             return
-        code_dtype = formats.get_format(layer.format).code_dtype
+        code_dtype = layer.spec.code_dtype
         self.register_buffer(
             "packed_weight", torch.empty(packed_shape(layer.format, out_features, in_features), dtype=code_dtype, device=device)
         )
         self.register_buffer(
             "weight_scale",
             torch.empty(
-                formats.get_format(layer.format).scale_shape(out_features, in_features, layer.group_size),
+                layer.spec.scale_shape(out_features, in_features, layer.group_size),
                 dtype=torch.float32, device=device,
             ),
         )
@@ -129,8 +129,8 @@ class PackedWeight(nn.Module):
 
     def _layer_repr(self) -> str:
         text = f"format={self.layer.format}"
-        if formats.FORMATS.get(self.layer.format) is not None and formats.get_format(self.layer.format).grouped:
+        if self.layer.spec is not None and self.layer.spec.grouped:
             text += f", group_size={self.layer.group_size}"
-        if formats.FORMATS.get(self.layer.format) is not None and formats.get_format(self.layer.format).threshold_rule:
+        if self.layer.spec is not None and self.layer.spec.threshold_rule:
             text += f", threshold_rule={self.layer.threshold_rule}"
         return text

@@ -122,7 +122,7 @@ class QuantizedWeight:
 
 def quantize_weight_codes(weight: torch.Tensor, layer: LayerConfig) -> QuantizedWeight:
     """primitives.quantize_weight of `weight` (no gradient), as integer levels, on the weight's device."""
-    fmt = formats.get_format(layer.format)
+    fmt = layer.spec
     codes, scale = quantize_weight(weight.detach(), fmt, layer.group_size, layer.threshold_rule)
     return codes_to_quantized(codes, scale, layer.format, weight.shape[1], weight.device)
 
@@ -417,9 +417,9 @@ class FakeQuantLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         text = f"{super().extra_repr()}, format={self.layer.format}"
-        if self.layer.format in formats.FORMATS and formats.get_format(self.layer.format).grouped:
+        if self.layer.spec is not None and self.layer.spec.grouped:
             text += f", group_size={self.layer.group_size}"
-        if self.layer.format in formats.FORMATS and formats.get_format(self.layer.format).threshold_rule:
+        if self.layer.spec is not None and self.layer.spec.threshold_rule:
             text += f", threshold_rule={self.layer.threshold_rule}"
         text += f", activation={self.layer.activation}, exact={self.exact}"
         return text + (", frozen" if self.frozen else "")

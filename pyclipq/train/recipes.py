@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import formats
 from .. import io as pyclipq_io
 from ..calibrate import calibrate
 from ..configs import LayerConfig, QuantConfig
@@ -386,7 +387,7 @@ def p4q_main(argv: list[str] | None = None, prog: str = "pyclipq train p4q") -> 
 
 def p4q_arguments(parser: argparse.ArgumentParser) -> None:
     """P4Q's options: the PTQ format and calibration, the prompt and the QAdapter."""
-    parser.add_argument("--format", choices=("int8", "int4", "int2", "ternary"), default="int4")
+    parser.add_argument("--format", choices=tuple(formats.FORMATS), default="int4")
     parser.add_argument("--group-size", type=int, default=None, help="int4/int2 group (0 = per channel); default: the format's")
     parser.add_argument("--calibration", choices=("none", "omse"), default="omse",
                         help="none: absmax weights, dynamic activations; omse: OMSE weights + static activations (P4Q's baseline)")
@@ -396,7 +397,7 @@ def p4q_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctx-init", default=None, help="initial context phrase with exactly --n-ctx tokens (default: random)")
     parser.add_argument("--alpha", type=float, default=0.2)
     parser.add_argument("--reduction", type=int, default=4)
-    parser.add_argument("--adapter-format", choices=("int8", "int4", "int2", "ternary"), default="int8")
+    parser.add_argument("--adapter-format", choices=tuple(formats.FORMATS), default="int8")
     parser.add_argument("--lam", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--prompt-lr", type=float, default=1e-2, help="SGD (momentum 0.9) learning rate of the prompt")
