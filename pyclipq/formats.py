@@ -171,7 +171,7 @@ def tile_layout_shape(spec: WeightFormat, n: int, k_pad: int) -> tuple[int, int,
     return -(-n // TILE_COLUMNS), k_pad // TILE_K, TILE_COLUMNS * TILE_K // spec.codes_per_byte
 
 
-def tile_layout(packed: torch.Tensor, spec: WeightFormat) -> torch.Tensor:
+def tile_layout(packed: torch.Tensor, spec: "WeightFormat | str") -> torch.Tensor:
     """The compute layout (int8 [N, K_pad] or block-planar codes) -> the tile layout (docs/FORMATS.md).
 
     Tile (p, t) holds columns 16 p .. 16 p + 15 and K = 64 t .. 64 t + 63 as 1024 codes in VNNI-4
@@ -179,6 +179,10 @@ def tile_layout(packed: torch.Tensor, spec: WeightFormat) -> torch.Tensor:
     byte i of a tile holds the codes at positions i + q * 1024 / c in bits [q * bits, (q + 1) * bits).
     Columns past N hold the pad code.
     """
+    spec = as_format(spec)
+    if packed.dim() != 2 or packed.dtype != spec.code_dtype:
+        raise ValueError(f"packed must be the 2-D {spec.code_dtype} compute layout of format {spec.name!r}, "
+                         f"got {packed.dtype} of shape {list(packed.shape)}")
     codes = unpack_codes_reference(packed, spec.bits) if spec.bit_packed else packed
     n, k_pad = codes.shape
     panels, k_tiles, tile_bytes = tile_layout_shape(spec, n, k_pad)

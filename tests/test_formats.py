@@ -188,3 +188,28 @@ def test_primitives_take_any_float_dtype_and_keep_the_device(name):
         codes, scale = primitives.quantize_weight(w.to(dtype), name, group)
         assert torch.equal(codes, want[0]) and torch.equal(scale, want[1])
         assert codes.device == w.device and codes.dtype == formats.get_format(name).code_dtype
+
+
+@pytest.mark.parametrize("name", list(formats.FORMATS))
+def test_tile_layout_places_every_code(name):
+    """formats.tile_layout against its definition (docs/FORMATS.md): tile (p, t), position 64 r + 4 j + e
+    holds the code of column 16 p + j at k = 64 t + 4 r + e, bit-sliced c to a byte; padding rows."""
+    spec = formats.get_format(name)
+    gen = torch.Generator().manual_seed(7)
+    n, k_pad = 21, 256
+    codes = torch.randint(spec.min_code, spec.max_code + 1, (n, k_pad), generator=gen).to(spec.code_dtype)
+    packed = formats.pack_codes_reference(codes, spec.bits) if spec.bit_packed else codes
+    tiles = formats.tile_layout(packed, name)
+    assert tuple(tiles.shape) == formats.tile_layout_shape(spec, n, k_pad) == (2, 4, 1024 // spec.codes_per_byte)
+    per_byte, tile_bytes = spec.codes_per_byte, tiles.shape[2]
+    for _ in range(200):
+        col, k = int(torch.randint(0, 32, (1,), generator=gen)), int(torch.randint(0, k_pad, (1,), generator=gen))
+        p, j, t, r, e = col // 16, col % 16, k // 64, (k % 64) // 4, k % 4
+        pos = 64 * r + 4 * j + e
+        byte = int(tiles[p, t, pos % tile_bytes].to(torch.int32)) & 0xFF
+        code = (byte >> (spec.bits * (pos // tile_bytes))) & ((1 << spec.bits) - 1) if spec.bit_packed else \
+            int(tiles[p, t, pos])
+        want = int(codes[col, k]) if col < n else spec.pad_code
+        assert code == want, (name, col, k)
+    with pytest.raises(ValueError, match="packed must be the 2-D"):
+        formats.tile_layout(packed.to(torch.int32), name)
