@@ -193,7 +193,7 @@ class QuantLinear(PackedWeight):
             return F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
         act_scale = self._static_act_scale() if layer.activation == "static" else None
         tile_weight = self._tile_weight_for(rows) if x.device.type == "cpu" else None
-        return ops.fused_linear(layer.format, x, packed, scale, layer.group_size, bias, act_scale, tile_weight)
+        return ops.fused_linear(layer.spec, x, packed, scale, layer.group_size, bias, act_scale, tile_weight)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
