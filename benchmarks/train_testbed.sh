@@ -3,7 +3,7 @@
 #
 #   OUT=runs bash benchmarks/train_testbed.sh "ternary --preset qall ..." "p4q --format int4 ..."
 #
-# Each argument is one `python -m pyclipq.train.recipes` command line; its --out is added
+# Each argument is one `python -m pyclipq.cli.testbed_recipes` command line; its --out is added
 # ($WORK/run<i>) and its log, which ends with the results JSON, is copied to $OUT/run<i>.log. Wheels in .whl/ (open_clip_torch and its pure-Python needs, or a prebuilt
 # pyclipq) are installed first for machines that cannot download them; pyclipq is built
 # against the local torch when it does not import (CPU kernels only: PYCLIPQ_CUDA=OFF, the
@@ -45,7 +45,7 @@ for command in "$@"; do
   i=$((i + 1))
   echo "=== run$i: $command"
   # shellcheck disable=SC2086  # each argument is a whole command line
-  python3 -m pyclipq.train.recipes $command "${testbed_args[@]}" --out "$WORK/run$i" --no-progress 2>&1 \
+  python3 -m pyclipq.cli.testbed_recipes $command "${testbed_args[@]}" --out "$WORK/run$i" --no-progress 2>&1 \
     | grep -v -e Warning -e warn | tee "$OUT/run$i.log" | grep -E "top-1|top1|seconds|Error|error" || true
 done
 echo "total $((SECONDS - started)) s"

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pyclipq.convert import convert as pyclipq_convert
+from pyclipq.cli import testbed_recipes
 from pyclipq.train import qat, recipes
 from pyclipq.train.p4q import FeatureBatches, P4QModel, P4QObjective, QAdapter
 from pyclipq.train.prompt import PromptLearner, encode_text_embeddings
@@ -172,10 +173,10 @@ def test_ternary_one_call_returns_a_packed_model(tmp_path):
 
 
 def test_cli_rejects_bad_commands():
-    with pytest.raises(SystemExit, match="usage: python -m pyclipq.train.recipes"):
-        recipes.main(["quantize"])
+    with pytest.raises(SystemExit, match="usage: python -m pyclipq.cli.testbed_recipes"):
+        testbed_recipes.main(["quantize"])
     with pytest.raises(SystemExit):
-        recipes.ternary_main(["--preset", "qall"])  # --out is required
+        testbed_recipes.ternary_main(["--preset", "qall"])  # --out is required
 
 
 # ---------------------------------------------------------------- the shipped test bed (CI's shortened run)

@@ -15,7 +15,7 @@ import pyclipq
 
 from ..configs import QuantConfig, resolve_config
 from ..convert import linear_inventory
-from ..train import recipes
+from . import testbed_recipes
 from . import bench as benchmark
 from . import embed_command, train_command
 from .bench import PYCLIPQ_FORMATS, RUNTIME_PEERS
@@ -153,7 +153,7 @@ def cmd_train(args) -> int:
     if train_command.wants_own_data(args.recipe_args):
         train_command.run_own_data(args.recipe, args.recipe_args)
     else:
-        recipes.COMMANDS[args.recipe](args.recipe_args)
+        testbed_recipes.COMMANDS[args.recipe](args.recipe_args)
     return 0
 
 

@@ -5,7 +5,7 @@ in one process or under torchrun (pyclipq.train.distributed), ending with the pa
     torchrun --nproc-per-node 8 -m pyclipq.cli train ternary --model hf:./clip --data 'wds:shards/{0000..0999}.tar' --out runs/t
     pyclipq train p4q --model ViT-B-32 --pretrained ckpt.bin --data imagefolder:/data/train --format int4 --out runs/p
 
-Without --model/--data the recipes run on the shipped test bed (pyclipq.train.recipes).
+Without --model/--data the recipes run on the shipped test bed (testbed_recipes).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from ..eval import imagenet_templates
 from ..train import data as train_data
 from ..train import recipes
 from ..train.distributed import DistributedContext, barrier, init_distributed, shutdown_distributed
+from . import testbed_recipes
 from .loading import LoadedModel, load_model
 
 
@@ -84,7 +85,7 @@ def _pairs(args, loaded: LoadedModel):
 def _run_ternary(args, loaded: LoadedModel, train, context: DistributedContext) -> dict:
     data = _pairs(args, loaded)
     result = recipes.ternary_clip(loaded.model, data, preset=args.preset, threshold_rule=args.threshold_rule, train=train,
-                                  loss=recipes.distillation_loss(args), exact=not args.fast_fake_quant, resume=args.resume,
+                                  loss=testbed_recipes.distillation_loss(args), exact=not args.fast_fake_quant, resume=args.resume,
                                   distributed=context)
     model_path = args.out / "model.safetensors"
     if context.is_main:
@@ -133,11 +134,11 @@ def run_own_data(recipe: str, argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(prog=f"pyclipq train {recipe}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     if recipe == "ternary":
-        recipes.ternary_arguments(parser)
-        recipes.training_arguments(parser, steps=1000, lr=1e-4, batch=256)
+        testbed_recipes.ternary_arguments(parser)
+        testbed_recipes.training_arguments(parser, steps=1000, lr=1e-4, batch=256)
     else:
-        recipes.p4q_arguments(parser)
-        recipes.training_arguments(parser, steps=600, lr=3e-3, batch=128)  # --lr: the QAdapter's AdamW rate
+        testbed_recipes.p4q_arguments(parser)
+        testbed_recipes.training_arguments(parser, steps=600, lr=3e-3, batch=128)  # --lr: the QAdapter's AdamW rate
     _arguments(parser, recipe)
     parser.set_defaults(threads=None)  # this machine's CPUs shared by its processes (the test bed's default is 1)
     args = parser.parse_args(argv)
@@ -147,7 +148,7 @@ def run_own_data(recipe: str, argv: list[str]) -> dict:
         torch.manual_seed(args.seed)
         precision = args.precision if args.precision != "auto" else ("bf16" if context.device.type == "cuda" else "fp32")
         args.device, args.precision = str(context.device), precision
-        train = recipes.train_config(args)
+        train = testbed_recipes.train_config(args)
         loaded = load_model(args.model, args.pretrained)
         if loaded.preprocess is None:
             raise ValueError(f"--model: {loaded.label} has no image preprocessing")
