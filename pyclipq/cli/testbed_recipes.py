@@ -79,12 +79,16 @@ def train_config(args) -> TrainConfig:
     )
 
 
-def _setup(args):
+def _start(argv, prog: str, description: str, recipe_arguments, steps: int, lr: float, batch: int):
+    """A test-bed command's start: (argv, its options, TrainConfig, the test bed, the test loader)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    recipe_arguments(parser)
+    _common_arguments(parser, steps=steps, lr=lr, batch=batch)
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    testbed = load_testbed(args.testbed)
-    test = make_split("test", args.eval_scenes).loader(512)
-    return testbed, test
+    return argv, args, train_config(args), load_testbed(args.testbed), make_split("test", args.eval_scenes).loader(512)
 
 
 def _write_results(args, command: str, argv, results: dict) -> dict:
@@ -97,13 +101,8 @@ def _write_results(args, command: str, argv, results: dict) -> dict:
 
 def ternary_main(argv: list[str] | None = None, prog: str = "pyclipq train ternary") -> dict:
     """`ternary` command: TernaryCLIP QAT + KD on the test bed."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog=prog, description=ternary_main.__doc__)
-    ternary_arguments(parser)
-    _common_arguments(parser, steps=600, lr=5e-4, batch=128)
-    args = parser.parse_args(argv)
-    train = train_config(args)
-    testbed, test = _setup(args)
+    argv, args, train, testbed, test = _start(argv, prog, ternary_main.__doc__, ternary_arguments, steps=600, lr=5e-4,
+                                              batch=128)
     tok, names, templates = testbed.tokenizer, testbed.classnames, testbed.templates
     config = ternary_config(args.preset, args.threshold_rule)
     started = time.perf_counter()
@@ -148,14 +147,8 @@ def distillation_loss(args) -> DistillationLoss:
 
 def p4q_main(argv: list[str] | None = None, prog: str = "pyclipq train p4q") -> dict:
     """`p4q` command: P4Q (prompt + QAdapter + KD) on a low-bit PTQ test bed."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog=prog, description=p4q_main.__doc__)
-    p4q_arguments(parser)
     # --lr is the adapter's AdamW rate. The defaults were tuned on the test bed (benchmarks/train_results.md).
-    _common_arguments(parser, steps=600, lr=3e-3, batch=128)
-    args = parser.parse_args(argv)
-    train = train_config(args)
-    testbed, test = _setup(args)
+    argv, args, train, testbed, test = _start(argv, prog, p4q_main.__doc__, p4q_arguments, steps=600, lr=3e-3, batch=128)
     tok, names, templates = testbed.tokenizer, testbed.classnames, testbed.templates
     config = QuantConfig(args.format, group_size=args.group_size)
     started = time.perf_counter()
