@@ -48,6 +48,8 @@ PYBIND11_MODULE(_C, m) {
     constants["act_qmax"] = pyclipq::kActQmax;
     constants["trits_per_byte"] = pyclipq::kTritsPerByte;
     constants["max_trit_byte"] = pyclipq::kMaxTritByte;
+    constants["tile_columns"] = pyclipq::kTileColumns;
+    constants["tile_k"] = pyclipq::kTileK;
     py::dict out;
     out["formats"] = formats;
     out["constants"] = constants;

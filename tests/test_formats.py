@@ -156,7 +156,8 @@ def test_cpp_format_traits_agree_with_formats_py():
                           "pad_code": f.pad_code, "max_code": f.max_code}, name
     assert cpp["constants"] == {"format_version": formats.FORMAT_VERSION, "k_block": formats.K_BLOCK,
                                 "vector_bytes": formats.VECTOR_BYTES, "act_qmax": formats.ACT_QMAX,
-                                "trits_per_byte": formats.TRITS_PER_BYTE, "max_trit_byte": formats.MAX_TRIT_BYTE}
+                                "trits_per_byte": formats.TRITS_PER_BYTE, "max_trit_byte": formats.MAX_TRIT_BYTE,
+                                "tile_columns": formats.TILE_COLUMNS, "tile_k": formats.TILE_K}
 
 
 @pytest.mark.parametrize("name", list(formats.FORMATS))
