@@ -246,7 +246,7 @@ class TextTransformerEval:
 
 
 def format_table(rows: list[dict], reference: dict, text_reference: bool) -> str:
-    head = f"| method | W-A bits | top-1 | top-5 | image cos | text cos |" + (" HF text cos |" if text_reference else "")
+    head = "| method | W-A bits | top-1 | top-5 | image cos | text cos |" + (" HF text cos |" if text_reference else "")
     sep = "|---|---|---:|---:|---:|---:|" + ("---:|" if text_reference else "")
     lines = [head, sep]
     fp = f"| fp32 | 32-32 | {reference['top1']:.2f} | {reference['top5']:.2f} | 1.0000 | 1.0000 |" + (" 1.0000 |" if text_reference else "")

@@ -35,7 +35,7 @@ if ! python3 -c "from pyclipq.testbed import load_testbed; load_testbed()" 2>/de
     testbed_args=(--testbed "$repo/.testbed")
   else
     device=$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
-    python3 -m pyclipq.testbed.train --steps 800 --vision-layers 6 --text-layers 2 --device "$device" --out "$WORK/testbed" | tail -3
+    python3 -m pyclipq.cli.testbed_train --steps 800 --vision-layers 6 --text-layers 2 --device "$device" --out "$WORK/testbed" | tail -3
     cp "$WORK"/testbed/testbed.* "$OUT"/
     testbed_args=(--testbed "$WORK/testbed")
   fi

@@ -16,10 +16,21 @@ import torch
 from torch import nn
 
 from .configs import QuantConfig, resolve_config
-from .models import Adapter, Target, apply_target, detect_adapter
-from .models.base import NOT_LINEAR_KINDS, attention_target, existing_module, existing_tensor, patch_embeddings_as_matmul_
+from .models import Adapter, detect_adapter
+from .models.base import patch_embeddings_as_matmul_
 from .nn import PackedParameter, PackedWeight
 from .nn.parameter import packed_parameters
+from .transform import (
+    BUILDERS,
+    NOT_LINEAR_KINDS,
+    Target,
+    apply_target,
+    existing_module,
+    existing_tensor,
+    float_weights,
+    packed_weights,
+    subtarget,
+)
 
 
 @dataclass(frozen=True)
@@ -114,13 +125,14 @@ def fp32_nbytes(model: nn.Module) -> int:
 
 def float_linears(module: nn.Module, adapter: Adapter) -> int:
     """How many float linear maps `module` itself computes (not its children)."""
-    if isinstance(module, nn.MultiheadAttention):
-        return 3  # q, k, v in the bare in_proj_weight; out_proj is its own nn.Linear child
+    kind = adapter.attention_kind(module)
+    if kind is not None:
+        return BUILDERS[kind].linears["in_proj"]  # q, k, v in the bare in_proj_weight; out_proj is a child
     if isinstance(module, nn.Linear):
         return 1
     if isinstance(module, PackedWeight) and module.layer.is_float and not isinstance(module, PackedParameter):
         return 3 if module.layer_name.endswith(".in_proj") else 1
-    return adapter.custom_float_linears(module)
+    return 0
 
 
 def count_linears(model: nn.Module, adapter: Adapter | None = None) -> int:
@@ -140,14 +152,15 @@ def _selected_linear(name: str, config: QuantConfig, adapter: Adapter) -> Target
     return Target(name, "linear", {"": config.layer}, {"": kind})
 
 
-def _attention_target(name: str, module: nn.Module, config: QuantConfig, adapter: Adapter):
-    """(is an attention, its Target or None)."""
-    custom = adapter.custom_float_linears(module)
-    if custom:
-        return True, adapter.custom_attention(name, module, config)
-    if isinstance(module, nn.MultiheadAttention):
-        return True, attention_target(name, config, "multihead_attention")
-    return False, None
+ATTENTION_KINDS = {"in_proj": "attn_qkv", "out_proj": "attn_out"}  # report kinds of an attention's sub-layers
+
+
+def _attention_target(name: str, kind: str, config: QuantConfig) -> Target | None:
+    """The Target of an attention whose projections are swapped together, or None when neither is selected."""
+    selected = {sub: config.layer for sub in BUILDERS[kind].sub_layers if config.selects(f"{name}.{sub}")}
+    if not selected:
+        return None
+    return subtarget(name, kind, selected, dict(ATTENTION_KINDS))
 
 
 def _tensor_targets(model: nn.Module, config: QuantConfig, adapter: Adapter):
@@ -188,10 +201,11 @@ def plan(model: nn.Module, config: QuantConfig, adapter: Adapter) -> tuple[list[
             if sum(float_linears(m, adapter) for m in module.modules()):
                 skipped.append((name, reason))
             continue
-        is_attention, target = _attention_target(name, module, config, adapter)
-        if is_attention:
+        attention_kind = adapter.attention_kind(module)
+        if attention_kind is not None:
             # Its projections are converted together or not at all; its out_proj is no standalone Linear.
             closed.append(name)
+            target = _attention_target(name, attention_kind, config)
             if target is not None:
                 targets.append(target)
             continue
@@ -203,33 +217,10 @@ def plan(model: nn.Module, config: QuantConfig, adapter: Adapter) -> tuple[list[
     return targets + tensor_targets, skipped + tensor_skipped
 
 
-def _sub_weights(model: nn.Module, target: Target) -> dict[str, PackedWeight]:
-    """The PackedWeight module of each sub-layer of an applied Target."""
-    if target.target == "parameter":
-        owner_name, _, attr = target.name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        return {"": next(p for p in owner.parametrizations[attr] if isinstance(p, PackedParameter))}
-    module = model.get_submodule(target.name)
-    if set(target.layers) == {""}:
-        return {"": module}
-    return {sub: module.get_submodule(sub) for sub in target.layers}
-
-
 def _float_sizes(model: nn.Module, target: Target) -> dict[str, int]:
     """Bytes of each sub-layer's float weight (+ bias) before the swap."""
-    def nbytes(*tensors):
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-    if target.target == "parameter":
-        return {"": nbytes(existing_tensor(model, target.name))}
-    module = model.get_submodule(target.name)
-    if set(target.layers) == {""}:
-        return {"": nbytes(module.weight, getattr(module, "bias", None))}
-    in_weight = module.in_proj_weight
-    return {
-        "in_proj": nbytes(in_weight, module.in_proj_bias),
-        "out_proj": nbytes(module.out_proj.weight, module.out_proj.bias),
-    }
+    return {sub: sum(t.numel() * t.element_size() for t in tensors if t is not None)
+            for sub, tensors in float_weights(model, target).items()}
 
 
 def _check_not_converted(model: nn.Module) -> None:
@@ -266,7 +257,7 @@ def convert(model: nn.Module, config: "str | QuantConfig" = "int8") -> nn.Module
         for target in targets:
             float_sizes = _float_sizes(model, target)
             apply_target(model, target, quantize=True)
-            for sub, weight in _sub_weights(model, target).items():
+            for sub, weight in packed_weights(model, target).items():
                 quant_bytes = sum(t.numel() * t.element_size() for t in weight._buffers.values() if t is not None)
                 report.layers.append(LayerRecord(
                     target.sub_name(sub), target.kinds[sub], weight.layer.format, weight.layer.activation,

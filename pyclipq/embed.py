@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from ._version import __version__
 from .eval.datasets import read_csv_columns
 from .eval.encode import as_clip_like
-from .train.data import IMAGE_EXTENSIONS, parse_data_spec, read_image, shard_urls
-from .train.distributed import barrier, init_distributed
+from .data import IMAGE_EXTENSIONS, parse_data_spec, read_image, shard_urls
+from .distributed import barrier, init_distributed
 
 MODALITIES = ("image", "text")
 OUTPUT_FORMATS = ("npy", "safetensors")

@@ -135,6 +135,20 @@ def unpack_codes_reference(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.to(torch.uint8).view(n, nbytes * per_byte)
 
 
+def random_packed_weight(fmt: "str | WeightFormat", n: int, k: int, group_size: int = 0, *,
+                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed weight, scales) of an [n, k] layer whose codes are drawn uniformly over the format's
+    whole code range, with positive scales: kernel tests and benchmarks then reach every level,
+    which a quantized Gaussian weight rarely does at the extremes."""
+    spec = as_format(fmt)
+    k_pad = padded_k(k)
+    codes = torch.randint(spec.min_code, spec.max_code + 1, (n, k_pad), generator=generator).to(spec.code_dtype)
+    packed = pack_codes_reference(codes, spec.bits) if spec.bit_packed else codes
+    groups = num_groups(k_pad, group_size)
+    scale = torch.rand((n, groups) if spec.grouped else (n,), generator=generator) + 0.01
+    return packed, scale
+
+
 def pack_trits_reference(codes: torch.Tensor, k: int) -> torch.Tensor:
     """Ternary codes {0,1,2} [N, >=K] -> base-3 storage layout uint8 [N, ceil(K/5)]."""
     n = codes.shape[0]

@@ -29,9 +29,10 @@ from torch import nn
 from . import formats, ops
 from ._version import __version__
 from .configs import CONFIG_VERSION
-from .models import Target, apply_target, detect_adapter
-from .models.base import BUILDERS, TargetError, class_path, patch_embeddings_as_matmul_, targets_in_model
+from .models import detect_adapter
+from .models.base import class_path, patch_embeddings_as_matmul_
 from .nn import PackedWeight
+from .transform import BUILDERS, Target, TargetError, apply_target, targets_in_model
 
 CHECKPOINT_VERSION = 1
 METADATA_KEY = "pyclipq"

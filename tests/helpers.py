@@ -48,6 +48,32 @@ def make_layer(fmt, n, k, group_size=0, seed=0, dtype=torch.float32):
     return packed, scale
 
 
+def opcheck_samples(prefix: str = ""):
+    """(op name, args) for every op schema, each name with `prefix` (``triton_`` for the Triton ops):
+    one sample per format of the fused linear and the GEMM, then quantize, pack / unpack and rotate."""
+    x = torch.randn(3, 70)
+    bias = torch.randn(12)
+    for fmt in ("int8", "int4", "int2", "ternary"):
+        group = 32 if fmt in ("int4", "int2") else 0
+        packed, scale = make_layer(fmt, 12, 70, group)
+        yield f"{prefix}{fmt}_linear", (x, *linear_args(fmt, packed, scale, group, bias))
+        x_q, _, sums = reference.quantize_per_token(x, group)
+        if fmt == "int8":
+            yield f"{prefix}int8_gemm", (x_q, packed)
+        elif fmt == "ternary":
+            yield f"{prefix}ternary_gemm", (x_q, sums, packed)
+        else:
+            yield f"{prefix}{fmt}_gemm", (x_q, sums, packed, group)
+    yield f"{prefix}quantize_per_token", (x, 32, None)
+    yield f"{prefix}quantize_per_token", (x, 0, torch.tensor([0.05]))
+    codes = torch.randint(0, 3, (4, 128), dtype=torch.uint8)
+    yield f"{prefix}pack_codes", (codes, 2)
+    yield f"{prefix}unpack_codes", (formats.pack_codes_reference(codes, 2), 2)
+    yield f"{prefix}pack_trits", (codes, 70)
+    yield f"{prefix}unpack_trits", (formats.pack_trits_reference(codes, 70), 70)
+    yield f"{prefix}hadamard_rotate", (torch.randn(3, 128), 64)
+
+
 def linear_args(fmt, packed, scale, group_size, bias=None, act_scale=None):
     if fmt in ("int4", "int2"):
         return (packed, scale, group_size, bias, act_scale)

@@ -25,10 +25,11 @@ LAYERS = {
     "ops": 3,
     "configs": 4,
     "nn": 5,
-    "models": 6, "convert": 6, "io": 6,
-    "eval": 7, "testbed": 7,
-    "calibrate": 8, "train": 8, "embed": 8,
-    "cli": 9,
+    "transform": 6,
+    "models": 7, "convert": 7, "io": 7,
+    "eval": 8, "testbed": 8,
+    "data": 9, "distributed": 9, "calibrate": 9, "train": 9, "embed": 9,
+    "cli": 10,
 }
 # Imports that point up on purpose, each with its reason.
 ALLOWED_UPWARD = {
@@ -129,6 +130,48 @@ def test_eval_imports_nothing_else_of_pyclipq():
     assert not outside, outside
 
 
+# The planner: the one module that asks a config what it selects.
+PLANNER = "convert.py"
+
+
+def _config_reads() -> tuple[list[str], list[str]]:
+    """(calls of `.selects(...)` outside the planner and configs, functions in models/ that take a config)."""
+    selects, adapters = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "selects"
+                    and rel not in (PLANNER, "configs.py")):
+                selects.append(f"{rel}:{node.lineno}")
+            if rel.startswith("models/") and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                for arg in args:
+                    annotation = ast.unparse(arg.annotation) if arg.annotation is not None else ""
+                    if "config" in arg.arg.lower() or "Config" in annotation:
+                        adapters.append(f"{rel}:{node.lineno} {node.name}({arg.arg})")
+    return selects, adapters
+
+
+def test_a_config_goes_down_without_climbing_back():
+    """Only the planner asks `config.selects`; adapters (models/) return kinds and names, never see a config."""
+    selects, adapters = _config_reads()
+    assert not selects, f"config.selects called outside {PLANNER}: {selects}"
+    assert not adapters, f"functions in models/ that take a config: {adapters}"
+
+
+@pytest.mark.parametrize("files,reported", [
+    ({"calibrate/bad.py": "def f(config, name):\n    return config.selects(name)\n"},
+     "config.selects called outside convert.py: ['calibrate/bad.py:2']"),
+    ({"models/bad.py": "def custom_attention(name, module, config):\n    return None\n"},
+     "functions in models/ that take a config: ['models/bad.py:1 custom_attention(config)']"),
+    ({"models/bad.py": "def target(name, layer: LayerConfig):\n    return None\n"},
+     "functions in models/ that take a config: ['models/bad.py:1 target(layer)']"),
+])
+def test_the_config_route_check_sees_a_violation(tmp_path, monkeypatch, files, reported):
+    _fake_package(tmp_path, monkeypatch, files)
+    assert reported in _failure(test_a_config_goes_down_without_climbing_back)
+
+
 def _fake_package(tmp_path, monkeypatch, files: dict[str, str]) -> Path:
     """A package tree of the given files (path -> source) that the checks read instead of pyclipq's."""
     fake = tmp_path / "pyclipq"
@@ -148,12 +191,12 @@ def _failure(check) -> str:
 
 
 @pytest.mark.parametrize("source,reported", [
-    ("from ..train import qat\n", "nn/bad.py:1 imports train (layer 8 above nn"),
+    ("from ..train import qat\n", "nn/bad.py:1 imports train (layer 9 above nn"),
     # every name of a multi-name import, not only the first
-    ("from .. import formats, train\n", "nn/bad.py:1 imports train (layer 8 above nn"),
+    ("from .. import formats, train\n", "nn/bad.py:1 imports train (layer 9 above nn"),
     # absolute imports
-    ("from pyclipq import train\n", "nn/bad.py:1 imports train (layer 8 above nn"),
-    ("import pyclipq.train.qat\n", "nn/bad.py:1 imports train.qat (layer 8 above nn"),
+    ("from pyclipq import train\n", "nn/bad.py:1 imports train (layer 9 above nn"),
+    ("import pyclipq.train.qat\n", "nn/bad.py:1 imports train.qat (layer 9 above nn"),
     # the facade imports every layer
     ("import pyclipq\n", "nn/bad.py:1 imports the facade pyclipq"),
     ("from pyclipq import convert\n", "nn/bad.py:1 imports the facade pyclipq"),
@@ -168,7 +211,7 @@ def test_the_room_check_sees_a_cycle_within_a_layer(tmp_path, monkeypatch):
     _fake_package(tmp_path, monkeypatch, {"io.py": "from .models import base\n", "models/__init__.py": "",
                                           "models/base.py": "from .. import io\n"})
     message = _failure(test_rooms_of_one_layer_import_each_other_one_way)
-    assert "rooms of layer 6 import each other in a cycle: io -> models -> io (io.py:1, models/base.py:1)" in message
+    assert "rooms of layer 7 import each other in a cycle: io -> models -> io (io.py:1, models/base.py:1)" in message
 
 
 # Packages that pyclipq's core install does not bring (extras), imported where first needed so

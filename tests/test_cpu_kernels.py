@@ -45,17 +45,7 @@ RAGGED = [(1, 1, 1), (2, 3, 129), (3, 17, 200), (5, 9, 300), (15, 19, 640), (8, 
 
 
 def random_layer(fmt, n, k, group, gen):
-    """Packed weight and scales with codes spread over the format's whole range."""
-    f = formats.get_format(fmt)
-    k_pad = formats.padded_k(k)
-    if fmt == "int8":
-        packed = torch.randint(-127, 128, (n, k_pad), dtype=torch.int8, generator=gen)
-    else:
-        codes = torch.randint(0, f.max_code + 1, (n, k_pad), dtype=torch.uint8, generator=gen)
-        packed = formats.pack_codes_reference(codes, f.bits)
-    g = formats.num_groups(k_pad, group)
-    scale = torch.rand((n, g) if formats.get_format(fmt).grouped else (n,), generator=gen) + 0.01
-    return packed, scale
+    return formats.random_packed_weight(fmt, n, k, group, generator=gen)
 
 
 def gemm(fmt, x_q, sums, packed, group, mod=ops):

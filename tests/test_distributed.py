@@ -7,9 +7,10 @@ import torchvision.transforms as T
 from PIL import Image
 
 from pyclipq.train import TrainConfig, qat
-from pyclipq.train.data import CaptionPairs, PairCollate, train_loader
+from pyclipq.data import CaptionPairs, PairCollate, train_loader
 from pyclipq.train.distill import DistillationLoss
-from pyclipq.train.distributed import DistributedContext, DistributedTrainer, init_distributed, shutdown_distributed
+from pyclipq.distributed import DistributedContext, init_distributed, shutdown_distributed
+from pyclipq.train.distributed import DistributedTrainer
 from pyclipq.train.trainer import CLIPDistillation
 from train_helpers import CLASSNAMES, tiny_clip, tiny_tokenizer
 

@@ -13,8 +13,8 @@ from PIL import Image
 import pyclipq
 from pyclipq import cli
 from pyclipq import embed as embedding
-from pyclipq.train.data import BadImageError
-from pyclipq.train.distributed import shutdown_distributed
+from pyclipq.data import BadImageError
+from pyclipq.distributed import shutdown_distributed
 from train_helpers import CLASSNAMES, single_thread, tiny_clip, tiny_tokenizer
 
 _threads = pytest.fixture(autouse=True)(single_thread)
@@ -118,7 +118,7 @@ def write_shards(folder, n_shards: int = 3, per_shard: int = 4):
 
 @pytest.mark.filterwarnings("ignore:skipping image")  # the broken sample, on purpose
 def test_webdataset_round_trip_for_embedding_and_training(tmp_path):
-    from pyclipq.train.data import webdataset_pairs
+    from pyclipq.data import webdataset_pairs
 
     written = write_shards(tmp_path / "shards")
     spec = f"wds:{tmp_path}/shards/shard-{{0000..0002}}.tar"

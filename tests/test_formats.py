@@ -202,7 +202,7 @@ def test_tile_layout_places_every_code(name):
     packed = formats.pack_codes_reference(codes, spec.bits) if spec.bit_packed else codes
     tiles = formats.tile_layout(packed, name)
     assert tuple(tiles.shape) == formats.tile_layout_shape(spec, n, k_pad) == (2, 4, 1024 // spec.codes_per_byte)
-    per_byte, tile_bytes = spec.codes_per_byte, tiles.shape[2]
+    tile_bytes = tiles.shape[2]
     for _ in range(200):
         col, k = int(torch.randint(0, 32, (1,), generator=gen)), int(torch.randint(0, k_pad, (1,), generator=gen))
         p, j, t, r, e = col // 16, col % 16, k // 64, (k % 64) // 4, k % 4

@@ -15,9 +15,36 @@ import pyclipq
 from pyclipq import formats, ops, primitives
 from pyclipq.ops import reference
 
+import helpers
 from helpers import linear_args, linear_tolerance, make_layer, reference_accumulators
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _triton_runs() -> str | None:
+    """Why the Triton backend cannot run here, or None (it runs on CUDA, or on CPU tensors interpreted)."""
+    try:
+        from pyclipq_triton import autotune
+    except ImportError as e:
+        return f"triton is not installed ({e})"
+    if autotune.interpreting() or torch.cuda.is_available():
+        return None
+    return "Triton needs TRITON_INTERPRET=1 or a CUDA device"
+
+
+def _cuda_runs() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA device"
+    return None if pyclipq.build_info()["cuda"] else "pyclipq was built without its CUDA kernels"
+
+
+# (device, backend argument): every backend an op can take, each skipped with the reason where it cannot run
+BACKENDS = [
+    pytest.param("cpu", None, id="cpu"),
+    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.skipif(_cuda_runs() is not None, reason=str(_cuda_runs()))),
+    pytest.param("cuda" if torch.cuda.is_available() else "cpu", "triton", id="triton",
+                 marks=pytest.mark.skipif(_triton_runs() is not None, reason=str(_triton_runs()))),
+]
 LOWBIT = ["int4", "int2", "ternary"]
 ALL_FORMATS = ["int8", *LOWBIT]
 GROUPS = {"int8": [0], "ternary": [0], "int4": [0, 32, 64, 128], "int2": [0, 32, 64, 128]}
@@ -60,6 +87,22 @@ def test_quantize_per_token_matches_reference(device, m, k, group, dtype, static
         x[1] = 0  # an all-zero row: scale 0, codes 0
     act_scale = torch.tensor([0.02]) if static else None
     q, s, sums = ops.quantize_per_token(x.to(device), group, None if act_scale is None else act_scale.to(device))
+    rq, rs, rsums = reference.quantize_per_token(x, group, act_scale)
+    assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs) and torch.equal(sums.cpu(), rsums)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("m,k", [(0, 5), (1, 1), (3, 77), (9, 300), (16, 768), (33, 128)])
+@pytest.mark.parametrize("group", [0, 32, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("static", [False, True])
+def test_quantize_per_token_bit_exact_on_every_backend(device, backend, m, k, group, dtype, static):
+    x = (torch.randn(m, k) * torch.rand(m, 1) * 10).to(dtype)
+    if m > 1:
+        x[1] = 0  # an all-zero row: scale 0, codes 0
+    act_scale = torch.tensor([0.02]) if static else None
+    q, s, sums = ops.quantize_per_token(x.to(device), group, None if act_scale is None else act_scale.to(device),
+                                        backend=backend)
     rq, rs, rsums = reference.quantize_per_token(x, group, act_scale)
     assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs) and torch.equal(sums.cpu(), rsums)
 
@@ -248,29 +291,13 @@ def test_non_finite_activations_raise(fmt, bad):
 # ---------------------------------------------------------------- opcheck, compile, build
 
 def opcheck_samples():
-    x = torch.randn(3, 70)
-    bias = torch.randn(12)
+    yield from helpers.opcheck_samples()
+    # the tile-layout weight of the CPU's AMX table, given to the fused linears
     for fmt in ALL_FORMATS:
         group = 32 if fmt in ("int4", "int2") else 0
         packed, scale = make_layer(fmt, 12, 70, group)
-        yield f"{fmt}_linear", (x, *linear_args(fmt, packed, scale, group, bias))
         tile_weight = formats.tile_layout(packed, formats.get_format(fmt))
-        yield f"{fmt}_linear", (torch.randn(20, 70), *linear_args(fmt, packed, scale, group, bias), tile_weight)
-        x_q, _, sums = reference.quantize_per_token(x, group)
-        if fmt == "int8":
-            yield "int8_gemm", (x_q, packed)
-        elif fmt == "ternary":
-            yield "ternary_gemm", (x_q, sums, packed)
-        else:
-            yield f"{fmt}_gemm", (x_q, sums, packed, group)
-    yield "quantize_per_token", (x, 32, None)
-    yield "quantize_per_token", (x, 0, torch.tensor([0.05]))
-    codes = torch.randint(0, 3, (4, 128), dtype=torch.uint8)
-    yield "pack_codes", (codes, 2)
-    yield "unpack_codes", (ops.pack_codes(codes, 2), 2)
-    yield "pack_trits", (codes, 70)
-    yield "unpack_trits", (ops.pack_trits(codes, 70), 70)
-    yield "hadamard_rotate", (torch.randn(3, 128), 64)
+        yield f"{fmt}_linear", (torch.randn(20, 70), *linear_args(fmt, packed, scale, group, torch.randn(12)), tile_weight)
 
 
 @pytest.mark.parametrize("name,args", list(opcheck_samples()), ids=lambda v: v if isinstance(v, str) else "")

@@ -382,7 +382,7 @@ def test_qat_covers_open_clip_custom_attention_as_convert_does(block):
     """open_clip's own Attention class: prepare_qat swaps it (the module convert builds, fake-quant
     projections sharing the Parameters), strip puts the original back, convert_qat packs it."""
     from clip_builders import sample_inputs, small_open_clip
-    from pyclipq.models.open_clip import QuantOpenClipAttention
+    from pyclipq.nn import QuantOpenClipAttention
 
     model = small_open_clip(**block)
     images, tokens = sample_inputs()

@@ -21,7 +21,7 @@ from pyclipq.testbed import (
 from pyclipq.testbed import scenes
 from pyclipq.testbed.captions import caption_vocabulary, position_phrase
 from pyclipq.testbed.splits import SPLIT_CODES, chunk_seed, iterate_batches
-from pyclipq.testbed.train import contrastive_loss, main as train_main
+from pyclipq.cli.testbed_train import contrastive_loss, main as train_main
 from pyclipq.eval import zero_shot_accuracy, zero_shot_classifier
 
 
@@ -189,7 +189,7 @@ def test_model_keeps_multihead_attention():
 def test_shipped_weights_reach_their_recorded_accuracy(testbed):
     recorded = testbed.metadata["zero_shot_test_fp32"]
     assert recorded["top1"] >= 0.85 and recorded["scenes"] >= 10000
-    assert testbed.metadata["reproduce"].startswith("python -m pyclipq.testbed.train")
+    assert testbed.metadata["reproduce"].startswith("python -m pyclipq.cli.testbed_train")
     # A 2048-scene prefix of the same test split: its top-1 has a standard error of ~0.7 points.
     data = make_split("test", 2048)
     classifier = zero_shot_classifier(testbed.model, testbed.tokenizer, testbed.classnames, testbed.templates, progress=False)
@@ -214,7 +214,7 @@ def test_testbed_report_of_the_reference_against_itself(testbed):
 
 
 def test_load_testbed_reports_a_missing_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="pyclipq.testbed.train"):
+    with pytest.raises(FileNotFoundError, match="pyclipq.cli.testbed_train"):
         load_testbed(tmp_path)
 
 
@@ -226,7 +226,7 @@ def test_training_script_writes_a_loadable_testbed(tmp_path):
     ]  # fmt: skip
     train_main(arguments)
     metadata = json.loads((tmp_path / "testbed.json").read_text())
-    assert metadata["reproduce"] == "python -m pyclipq.testbed.train " + " ".join(arguments)
+    assert metadata["reproduce"] == "python -m pyclipq.cli.testbed_train " + " ".join(arguments)
     loaded = load_testbed(tmp_path)
     assert loaded.config.vision_width == 32 and loaded.config.vocabulary == caption_vocabulary()
     assert 0.0 <= metadata["zero_shot_test_fp32"]["top1"] <= 1.0

@@ -11,7 +11,7 @@ from PIL import Image
 import pyclipq
 from pyclipq import cli
 from pyclipq.nn import QuantLinear
-from pyclipq.train.data import (BadImageError, CaptionPairs, LabelledCollate, LabelledImages, PairCollate,
+from pyclipq.data import (BadImageError, CaptionPairs, LabelledCollate, LabelledImages, PairCollate,
                                 parse_data_spec, train_loader)
 from test_distributed import write_pairs
 from train_helpers import tiny_tokenizer

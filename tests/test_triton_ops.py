@@ -17,6 +17,7 @@ import torch
 from pyclipq import formats, primitives
 from pyclipq.ops import reference
 
+import helpers
 from helpers import BF16_ULP, alternating_extremes, linear_tolerance, make_layer, reference_accumulators
 
 triton = pytest.importorskip("triton")
@@ -53,20 +54,6 @@ def lowbit_reference(fmt, x_q, sums, packed, group):
 
 
 # ---------------------------------------------------------------- activation quantization
-
-@pytest.mark.parametrize("m,k", [(0, 5), (1, 1), (3, 77), (9, 300), (33, 128)])
-@pytest.mark.parametrize("group", [0, 32, 128])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("static", [False, True])
-def test_quantize_per_token_bit_exact(m, k, group, dtype, static):
-    x = (torch.randn(m, k) * torch.rand(m, 1) * 10).to(dtype)
-    if m > 1:
-        x[1] = 0  # all-zero row: scale 0, codes 0
-    act_scale = torch.tensor([0.02]) if static else None
-    q, s, sums = T.quantize_per_token(dev(x), group, dev(act_scale))
-    rq, rs, rsums = reference.quantize_per_token(x, group, act_scale)
-    assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs) and torch.equal(sums.cpu(), rsums)
-
 
 def test_quantize_rounds_half_to_even():
     # inv = 127 / 127 = 1 exactly, so x * inv lands on the .5 ties themselves
@@ -264,27 +251,12 @@ def test_registered_ops_equal_host_functions():
 
 
 def opcheck_samples():
+    yield from helpers.opcheck_samples("triton_")
     x = torch.randn(3, 70)
-    for fmt, group in [("int8", 0), ("int4", 32), ("int2", 0), ("ternary", 0)]:
+    for fmt, group in [("int4", 32), ("int2", 0), ("ternary", 0)]:  # the weight-only linears, Triton's own
         packed, scale = make_layer(fmt, 12, 70, group)
-        args = (packed, scale, group) if fmt in ("int4", "int2") else (packed, scale)
-        yield f"triton_{fmt}_linear", (x, *args, torch.randn(12), None)
-        x_q, _, sums = reference.quantize_per_token(x, group)
-        if fmt == "int8":
-            yield "triton_int8_gemm", (x_q, packed)
-        elif fmt == "ternary":
-            yield "triton_ternary_gemm", (x_q, sums, packed)
-            yield "triton_ternary_weight_only_linear", (x, packed, scale, None)
-        else:
-            yield f"triton_{fmt}_gemm", (x_q, sums, packed, group)
-            yield f"triton_{fmt}_weight_only_linear", (x, packed, scale, group, None)
-    yield "triton_quantize_per_token", (x, 32, None)
-    codes = torch.randint(0, 3, (4, 128), dtype=torch.uint8)
-    yield "triton_pack_codes", (codes, 2)
-    yield "triton_unpack_codes", (formats.pack_codes_reference(codes, 2), 2)
-    yield "triton_pack_trits", (codes, 70)
-    yield "triton_unpack_trits", (formats.pack_trits_reference(codes, 70), 70)
-    yield "triton_hadamard_rotate", (torch.randn(3, 128), 64)
+        args = (packed, scale, group) if fmt != "ternary" else (packed, scale)
+        yield f"triton_{fmt}_weight_only_linear", (x, *args, None)
 
 
 @pytest.mark.parametrize("name,args", list(opcheck_samples()), ids=lambda v: v if isinstance(v, str) else "")

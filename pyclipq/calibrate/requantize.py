@@ -6,31 +6,16 @@ import torch
 from torch import nn
 
 from ..nn.parameter import packed_parameters, to_rows
+from ..transform import float_weight_of_layer
 from .inputs import quant_linears
 from .weights import load_quantized_weight, quantize_weight_observed
 
 
 def float_weight(float_model: nn.Module, name: str, shape) -> torch.Tensor:
-    """The float weight of converted layer `name` in the unconverted model.
-
-    A swapped nn.Linear keeps its path (``<name>.weight``); an attention's packed in_proj
-    (``<attn>.in_proj``) is ``<attn>.in_proj_weight`` in nn.MultiheadAttention and open_clip.
-    """
-    shape = tuple(shape)
-    try:
-        module = float_model.get_submodule(name)
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and tuple(weight.shape) == shape:
-            return weight.detach()
-    except AttributeError:
-        pass
-    owner_name, _, attr = name.rpartition(".")
-    try:
-        owner = float_model.get_submodule(owner_name)
-    except AttributeError:
-        owner = None
-    weight = getattr(owner, f"{attr}_weight", None) if owner is not None else None
-    if isinstance(weight, torch.Tensor) and tuple(weight.shape) == shape:
+    """The float weight of converted layer `name` in the unconverted model (the swap registry knows
+    where each kind keeps it: ``<name>.weight`` of an nn.Linear, an attention's ``in_proj_weight``)."""
+    weight = float_weight_of_layer(float_model, name)
+    if isinstance(weight, torch.Tensor) and tuple(weight.shape) == tuple(shape):
         return weight.detach()
     raise ValueError(
         f"float_model has no float weight of shape {list(shape)} for layer {name!r}: pass the same model "

@@ -9,7 +9,7 @@ import os
 import torch
 
 from .. import embed as embedding
-from ..train.distributed import DistributedContext, init_distributed, shutdown_distributed
+from ..distributed import DistributedContext, init_distributed, shutdown_distributed
 from .eval_command import quantized_model
 from .loading import load_model
 

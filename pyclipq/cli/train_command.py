@@ -25,9 +25,9 @@ import pyclipq
 from ..configs import QuantConfig
 from ..embed import cpu_threads_per_process
 from ..eval import imagenet_templates
-from ..train import data as train_data
+from .. import data as train_data
 from ..train import recipes
-from ..train.distributed import DistributedContext, barrier, init_distributed, shutdown_distributed
+from ..distributed import DistributedContext, barrier, init_distributed, shutdown_distributed
 from . import testbed_recipes
 from .loading import LoadedModel, load_model
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Adapter, Target, apply_target
+from ..nn.open_clip_attention import QuantOpenClipAttention
+from .base import Adapter
 from .hf import HuggingFaceClipAdapter
-from .open_clip import OpenClipAdapter, QuantOpenClipAttention
+from .open_clip import OpenClipAdapter
 from .openai import OpenAIClipAdapter
 
 ADAPTERS: dict[str, Adapter] = {
@@ -27,4 +28,4 @@ def get_adapter(name: str) -> Adapter:
     return ADAPTERS[name]
 
 
-__all__ = ["ADAPTERS", "Adapter", "QuantOpenClipAttention", "Target", "apply_target", "detect_adapter", "get_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "QuantOpenClipAttention", "detect_adapter", "get_adapter"]

@@ -2,8 +2,10 @@
 from .attention import QuantMultiheadAttention
 from .embedding import QuantEmbedding
 from .linear import QuantLinear
+from .open_clip_attention import QuantOpenClipAttention
 from .packed import PackedWeight
 from .parameter import PackedParameter
 from .patch import PatchConv2d
 
-__all__ = ["PackedParameter", "PackedWeight", "PatchConv2d", "QuantEmbedding", "QuantLinear", "QuantMultiheadAttention"]
+__all__ = ["PackedParameter", "PackedWeight", "PatchConv2d", "QuantEmbedding", "QuantLinear", "QuantMultiheadAttention",
+           "QuantOpenClipAttention"]

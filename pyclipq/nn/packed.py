@@ -19,19 +19,19 @@ from ..configs import LayerConfig
 FP32_BUFFERS = ("weight_scale", "act_scale")
 
 
-def packed_shape(fmt: str, out_features: int, in_features: int) -> tuple[int, int]:
+def packed_shape(fmt: "str | formats.WeightFormat", out_features: int, in_features: int) -> tuple[int, int]:
     k_pad = formats.padded_k(in_features)
-    return out_features, k_pad // formats.get_format(fmt).codes_per_byte
+    return out_features, k_pad // formats.as_format(fmt).codes_per_byte
 
 
-def pack_codes(codes: torch.Tensor, fmt: str) -> torch.Tensor:
+def pack_codes(codes: torch.Tensor, fmt: "str | formats.WeightFormat") -> torch.Tensor:
     """Unpacked codes [N, K_pad] (primitives.quantize_weight) -> the compute layout kernels read."""
-    spec = formats.get_format(fmt)
+    spec = formats.as_format(fmt)
     return ops.pack_codes(codes, spec.bits) if spec.bit_packed else codes
 
 
-def unpack_codes(packed: torch.Tensor, fmt: str) -> torch.Tensor:
-    spec = formats.get_format(fmt)
+def unpack_codes(packed: torch.Tensor, fmt: "str | formats.WeightFormat") -> torch.Tensor:
+    spec = formats.as_format(fmt)
     return ops.unpack_codes(packed, spec.bits) if spec.bit_packed else packed
 
 

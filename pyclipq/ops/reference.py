@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import formats
-from ..formats import INT2, INT4, INT8, TERNARY
+from ..formats import INT2, INT4, TERNARY
 # the activation format's math is pyclipq.primitives' (device-agnostic): the reference op is it
 from ..primitives import quantize_per_token, rotate_blocks
 

@@ -253,7 +253,7 @@ def int8_gemm(x_q: Tensor, weight: Tensor, config: Optional[dict] = None) -> Ten
 def lowbit_gemm(fmt_name: str, x_q: Tensor, x_sums: Tensor, weight: Tensor, group_size: int,
                 config: Optional[dict] = None) -> Tensor:
     """int32 [M, N, G]: per group, LEVEL_MUL * sum(c * x_q) - LEVEL_OFFSET * x_sums (exact)."""
-    fmt = formats.get_format(fmt_name)
+    fmt = formats.as_format(fmt_name)
     op = f"pyclipq.triton_{fmt.name}_gemm"
     k_pad = _check_quantized_activation(x_q, op)
     _check_weight(fmt, weight, k_pad, op)
@@ -273,7 +273,7 @@ def linear(fmt_name: str, x: Tensor, weight: Tensor, weight_scale: Tensor, group
            bias: Optional[Tensor] = None, act_scale: Optional[Tensor] = None,
            config: Optional[dict] = None) -> Tensor:
     """The fused linear of docs/FORMATS.md: quantize x per token, integer GEMM, scales, bias."""
-    fmt = formats.get_format(fmt_name)
+    fmt = formats.as_format(fmt_name)
     op = f"pyclipq.triton_{fmt.name}_linear"
     _check_float_input(x, op)
     _check_group_size(group_size, op)
@@ -300,7 +300,7 @@ def linear(fmt_name: str, x: Tensor, weight: Tensor, weight_scale: Tensor, group
 def weight_only_linear(fmt_name: str, x: Tensor, weight: Tensor, weight_scale: Tensor, group_size: int = 0,
                        bias: Optional[Tensor] = None, config: Optional[dict] = None) -> Tensor:
     """y = x @ dequantized(weight).T + bias with float activations (meant for M <= 16)."""
-    fmt = formats.get_format(fmt_name)
+    fmt = formats.as_format(fmt_name)
     op = f"pyclipq.triton_{fmt.name}_weight_only_linear"
     _check(fmt.bit_packed, op, "the weight-only path is for the packed low-bit formats")
     _check_float_input(x, op)

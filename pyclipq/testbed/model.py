@@ -94,18 +94,18 @@ def save_testbed(model: open_clip.model.CLIP, config: TestbedConfig, metadata: d
 
 
 def load_testbed(directory: str | Path | None = None, device: str | torch.device = "cpu") -> Testbed:
-    """Load the shipped test-bed CLIP (or one saved by `python -m pyclipq.testbed.train`) in eval mode."""
+    """Load the shipped test-bed CLIP (or one saved by `python -m pyclipq.cli.testbed_train`) in eval mode."""
     directory = Path(directory) if directory is not None else WEIGHTS_DIR
     weights_path, metadata_path = directory / WEIGHTS_FILE, directory / METADATA_FILE
     for path in (weights_path, metadata_path):
         if not path.is_file():
             raise FileNotFoundError(
                 f"directory: {path} not found. Pass the folder holding {WEIGHTS_FILE} and {METADATA_FILE}, "
-                "or recreate the shipped weights with `python -m pyclipq.testbed.train`."
+                "or recreate the shipped weights with `python -m pyclipq.cli.testbed_train`."
             )
     metadata = json.loads(metadata_path.read_text())
     if "config" not in metadata:
-        raise ValueError(f"directory: {metadata_path} has no 'config' entry; it was not written by pyclipq.testbed.train")
+        raise ValueError(f"directory: {metadata_path} has no 'config' entry; it was not written by pyclipq.cli.testbed_train")
     config = TestbedConfig(**metadata.pop("config"))
     model = build_model(config)
     model.load_state_dict(load_file(str(weights_path)))

@@ -14,7 +14,8 @@
 from .distill import DistillationLoss
 from .fake_quant import FakeQuantLinear, FakeQuantParameter
 from .qat import compare_layers, convert_qat, differentiable_twin, prepare_qat, strip
-from .distributed import DistributedTrainer, init_distributed
+from ..distributed import init_distributed
+from .distributed import DistributedTrainer
 from .trainer import CLIPDistillation, TrainConfig, Trainer
 
 __all__ = [

@@ -1,9 +1,6 @@
 """Training on several processes with torch.distributed: torchrun on one or many machines, GPUs or CPUs.
 
-- `init_distributed` joins the process group that torchrun describes in the environment
-  (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT: ``env://``), or one given by an
-  ``init_method`` (``file://`` in the tests). NCCL on GPUs, gloo on the CPU. Without
-  either it returns a one-process context and creates no group.
+- `pyclipq.distributed` joins the process group (`init_distributed`), shared with batch embedding.
 - `GlobalBatch` gathers features from every rank with gradients
   (torch.distributed.nn.functional.all_gather, whose backward sums each rank's gradient
   back to its owner), so the contrastive loss of every rank is the loss of the *global*
@@ -20,9 +17,7 @@ the gradient of one process that sees the whole global batch.
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -30,71 +25,9 @@ import torch.distributed.nn.functional as dist_nn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .data import ResumableDistributedSampler
+from ..data import ResumableDistributedSampler
+from ..distributed import DistributedContext, barrier
 from .trainer import CLIPDistillation, Trainer, _Position
-
-
-@dataclass(frozen=True)
-class DistributedContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1 and dist.is_initialized()
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else default
-
-
-def init_distributed(device: str = "auto", *, init_method: str | None = None, rank: int | None = None,
-                     world_size: int | None = None, backend: str | None = None) -> DistributedContext:
-    """Join (or create) the process group; returns this process's rank, world size and device.
-
-    device: "auto" = this process's GPU (cuda:LOCAL_RANK) when CUDA is available, else the CPU;
-    "cpu" or "cuda" force one. backend: None = NCCL on GPUs, gloo on the CPU.
-    """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda under torch.distributed, got {device!r}")
-    joined = dist.is_available() and dist.is_initialized()  # by the caller, or an earlier call
-    if joined:
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-    rank = _env_int("RANK", 0) if rank is None else rank
-    world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
-    # without torchrun's variables (spawned test processes) every rank is taken to be on this machine
-    local_rank = _env_int("LOCAL_RANK", rank if (init_method or joined) else 0)
-    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size if (init_method or joined) else 1)
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available on this machine")
-    if use_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        target = torch.device("cuda", torch.cuda.current_device())
-    else:
-        target = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), init_method=init_method or "env://",
-                                rank=rank, world_size=world_size, device_id=target if use_cuda else None)
-    return DistributedContext(rank, world_size, local_rank, local_world_size, target)
-
-
-def shutdown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 class GlobalBatch:
@@ -148,7 +81,7 @@ class _ObjectiveModule(nn.Module):
 class DistributedTrainer(Trainer):
     """Trainer on every rank of a process group (see the module doc); a plain Trainer on one process.
 
-    data: this rank's batches (pyclipq.train.data.train_loader / webdataset_pairs); a
+    data: this rank's batches (pyclipq.data.train_loader / webdataset_pairs); a
     CLIPDistillation objective is made to gather the global batch. find_unused_parameters:
     pass True when some trainable parameters get no gradient in a step.
     """

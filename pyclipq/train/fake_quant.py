@@ -129,7 +129,7 @@ def quantize_weight_codes(weight: torch.Tensor, layer: LayerConfig) -> Quantized
 
 def codes_to_quantized(codes: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int, device=None) -> QuantizedWeight:
     """Unpacked codes [N, K_pad] (primitives.quantize_weight's layout) + scales -> QuantizedWeight."""
-    f = formats.get_format(fmt)
+    f = formats.as_format(fmt)
     device = device if device is not None else codes.device
     levels = f.level(codes.to(device)).to(torch.float32)
     return QuantizedWeight(levels, scale.to(device=device, dtype=torch.float32), fmt, in_features)
@@ -161,7 +161,7 @@ def fake_quantize_weight(weight: torch.Tensor, layer: LayerConfig) -> torch.Tens
 @functools.lru_cache(maxsize=None)
 def _chunk_limit(fmt: str) -> int:
     """Largest K chunk (a multiple of the K block) whose int accumulator stays exact in float32."""
-    f = formats.get_format(fmt)
+    f = formats.as_format(fmt)
     limit = _FP32_EXACT_INT // (formats.ACT_QMAX * f.max_abs_level)
     return max(formats.K_BLOCK, limit // formats.K_BLOCK * formats.K_BLOCK)
 

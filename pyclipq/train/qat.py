@@ -5,10 +5,10 @@ Both are also ``pyclipq.prepare_qat`` / ``pyclipq.convert_qat``: named apart fro
 
 ``prepare_qat(model, config)`` plans exactly what ``pyclipq.convert(model, config)``
 would quantize (the same ``pyclipq.convert.plan``, the same adapters) and swaps in
-the fake-quant twin of each target: FakeQuantLinear for nn.Linear, the attention
-modules convert builds with FakeQuantLinear projections for nn.MultiheadAttention
-and open_clip's attention, a weight-only
-FakeQuantParameter parametrization for projection Parameters, embedding tables and
+the fake-quant twin of each target: every kind that computes with projections (nn.Linear,
+nn.MultiheadAttention, open_clip's attention) is built by the same `pyclipq.transform`
+builder as convert's, with FakeQuantLinear projections (`FakeQuantProjections`); a weight-only
+FakeQuantParameter parametrization covers projection Parameters, embedding tables and
 the patch convolution. The latent float weights stay the model's Parameters.
 
 ``convert_qat(model)`` puts the latent float modules back and runs ``pyclipq.convert``
@@ -31,17 +31,11 @@ from torch.nn.utils import parametrize
 from ..configs import QuantConfig, resolve_config
 from ..convert import _check_not_converted, plan
 from ..convert import convert as pyclipq_convert
-from ..models import Target, detect_adapter
-from ..models.base import BUILDERS, QAT_HANDLERS, QATHandlers, register_qat_handlers
-from ..models.open_clip import QuantOpenClipAttention
+from ..models import detect_adapter
 from ..nn import QuantLinear
 from ..nn.parameter import packed_parameters
-from .fake_quant import (
-    FakeQuantLinear,
-    FakeQuantParameter,
-    fake_quant_multihead_attention,
-    linear_match_tolerance,
-)
+from ..transform import BUILDERS, QAT_HANDLERS, QATHandlers, Target, apply_target, register_qat_handlers
+from .fake_quant import FakeQuantLinear, FakeQuantParameter, linear_match_tolerance
 
 # The prepared model remembers its config here, so `convert` can replay it.
 CONFIG_ATTR = "pyclipq_qat_config"
@@ -100,41 +94,21 @@ def prepare_qat(model: nn.Module, config: "str | QuantConfig" = "ternary-qall", 
     return model
 
 
-def _fake_linear(owner, attr, linear, target, exact) -> None:
-    setattr(owner, attr, FakeQuantLinear.from_linear(linear, target.layers[""], exact).train(linear.training))
+@dataclass(frozen=True)
+class FakeQuantProjections:
+    """QAT's projections (`pyclipq.transform.Projections`): FakeQuantLinears sharing the float
+    Parameters, so the same builders that convert uses make the fake-quant twin of every kind that
+    computes with projections; the twin keeps the float module it replaced, for `strip`."""
+
+    exact: bool = True
+    quantize = False
+    keeps_float = True
+
+    def __call__(self, weight, bias, layer) -> FakeQuantLinear:
+        return FakeQuantLinear.from_parameters(weight, bias, layer, self.exact)
 
 
-def _strip_linear(owner, attr, target) -> None:
-    fake = getattr(owner, attr)
-    linear = nn.Linear(fake.in_features, fake.out_features, fake.bias is not None, device="meta")
-    linear.weight, linear.bias = fake.weight, fake.bias
-    setattr(owner, attr, linear.train(fake.training))
-
-
-def _twin_linear(owner, attr, qlinear) -> None:
-    setattr(owner, attr, FakeQuantLinear.from_quant_linear(qlinear))
-
-
-def _fake_multihead_attention(owner, attr, mha, target, exact) -> None:
-    fake = fake_quant_multihead_attention(mha, target.layers["in_proj"], target.layers["out_proj"], exact)
-    setattr(owner, attr, fake.train(mha.training))
-
-
-def _strip_attention(owner, attr, target) -> None:
-    # both attention kinds keep the module they replaced, whose Parameters the fake projections share
-    fake = getattr(owner, attr)
-    setattr(owner, attr, fake.float_module.train(fake.training))
-
-
-def _fake_open_clip_attention(owner, attr, attention, target, exact) -> None:
-    # open_clip's own attention class, through the same module convert builds, fake-quant projections
-    in_proj = FakeQuantLinear.from_parameters(attention.in_proj_weight, attention.in_proj_bias, target.layers["in_proj"],
-                                              exact)
-    out_proj = FakeQuantLinear.from_linear(attention.out_proj, target.layers["out_proj"], exact)
-    setattr(owner, attr, QuantOpenClipAttention.with_projections(attention, in_proj, out_proj).train(attention.training))
-
-
-def _fake_parameter(owner, attr, parameter, target, exact) -> None:
+def _fake_parameter(owner, attr, parameter, target) -> None:
     parametrize.register_parametrization(owner, attr, FakeQuantParameter(target.layout, target.layers[""]))
 
 
@@ -142,7 +116,7 @@ def _strip_parameter(owner, attr, target) -> None:
     parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
 
 
-def _fake_embedding(owner, attr, embedding, target, exact) -> None:
+def _fake_embedding(owner, attr, embedding, target) -> None:
     # QuantEmbedding packs the table row by row: the same rows as an "out_rows" parameter.
     parametrize.register_parametrization(embedding, "weight", FakeQuantParameter("out_rows", target.layers[""]))
 
@@ -151,19 +125,15 @@ def _strip_embedding(owner, attr, target) -> None:
     parametrize.remove_parametrizations(getattr(owner, attr), "weight", leave_parametrized=False)
 
 
-for _kind, _handlers in {
-    "linear": QATHandlers(_fake_linear, _strip_linear, _twin_linear),
-    # An attention module computes with any projection: a converted one's QuantLinear projections
-    # get the linear twin, so the attention kinds need no twin of their own.
-    "multihead_attention": QATHandlers(_fake_multihead_attention, _strip_attention),
-    "open_clip_attention": QATHandlers(_fake_open_clip_attention, _strip_attention),
-    "parameter": QATHandlers(_fake_parameter, _strip_parameter),
-    "embedding": QATHandlers(_fake_embedding, _strip_embedding),
-}.items():
-    register_qat_handlers(_kind, _handlers)
+register_qat_handlers("parameter", QATHandlers(_fake_parameter, _strip_parameter))
+register_qat_handlers("embedding", QATHandlers(_fake_embedding, _strip_embedding))
 
 
-def _swap_in(model: nn.Module, target, exact: bool) -> None:
+def _swap_in(model: nn.Module, target: Target, exact: bool) -> None:
+    builder = BUILDERS.get(target.target)
+    if builder is not None and builder.takes_projections:
+        apply_target(model, target, projections=FakeQuantProjections(exact))
+        return
     handlers = QAT_HANDLERS.get(target.target)
     if handlers is None:
         raise ValueError(
@@ -171,8 +141,16 @@ def _swap_in(model: nn.Module, target, exact: bool) -> None:
             "exclude it from the config (QuantConfig.exclude) or convert it after training"
         )
     owner, attr = _owner(model, target.name)
-    # New modules keep the train/eval mode of the ones they replace.
-    handlers.fake_quantize(owner, attr, getattr(owner, attr), target, exact)
+    handlers.fake_quantize(owner, attr, getattr(owner, attr), target)
+
+
+def _strip_target(model: nn.Module, target: Target) -> None:
+    owner, attr = _owner(model, target.name)
+    if BUILDERS[target.target].takes_projections:
+        fake = getattr(owner, attr)
+        setattr(owner, attr, fake.float_module.train(fake.training))
+    else:
+        QAT_HANDLERS[target.target].strip(owner, attr, target)
 
 
 def _targets(model: nn.Module):
@@ -187,8 +165,7 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = deepcopy_model(model)
     for target in _targets(model):
-        owner, attr = _owner(model, target.name)
-        QAT_HANDLERS[target.target].strip(owner, attr, target)
+        _strip_target(model, target)
     delattr(model, CONFIG_ATTR)
     delattr(model, TARGETS_ATTR)
     return model
@@ -308,21 +285,12 @@ def differentiable_twin(quantized: nn.Module) -> nn.Module:
     """
     _check_model(quantized)
     twin = deepcopy_model(quantized)
-    # the registry's twin handlers, by the class each target kind's builder produces
-    twin_of = {BUILDERS[kind].produces: h.twin for kind, h in QAT_HANDLERS.items()
-               if h.twin is not None and BUILDERS[kind].produces is not None}
+    # Every kind that computes with projections computes with any: only the QuantLinears change.
     found = False
-    for name, _ in list(twin.named_modules()):
-        if not name:
-            continue
-        try:  # a parent's twin may have replaced it, or its parent (attention projections)
+    for name, module in list(twin.named_modules()):
+        if name and type(module) is QuantLinear:
             owner, attr = _owner(twin, name)
-        except AttributeError:
-            continue
-        current = getattr(owner, attr, None)
-        make = twin_of.get(type(current))
-        if make is not None:
-            make(owner, attr, current)
+            setattr(owner, attr, FakeQuantLinear.from_quant_linear(module))
             found = True
     if not found:
         raise ValueError("quantized: the model holds no pyclipq QuantLinear / QuantMultiheadAttention (convert it first)")

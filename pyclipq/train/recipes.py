@@ -22,9 +22,9 @@ from ..nn import QuantLinear
 from ..testbed import make_split
 from ..testbed.scenes import SceneAttributes
 from ..testbed.splits import TestbedSplit
-from ..testbed.train import describes
 from .distill import DistillationLoss
-from .distributed import DistributedContext, DistributedTrainer
+from ..distributed import DistributedContext
+from .distributed import DistributedTrainer
 from .p4q import ExportedP4Q, FeatureBatches, P4QModel, P4QObjective, QAdapter, p4q_optimizers
 from .prompt import PromptLearner
 from .qat import convert_qat, deepcopy_model, prepare_qat
@@ -163,7 +163,7 @@ def p4q(
 class TestbedPairs:
     """Re-iterable, shuffled (images, token ids, positives) batches over the first n train scenes.
 
-    positives marks every caption that truly describes an image (pyclipq.testbed.train.describes):
+    positives marks every caption that truly describes an image (TestbedSplit.caption_matches):
     test-bed captions often leave out size and position, so one caption fits several scenes.
     """
 
@@ -199,7 +199,7 @@ class TestbedPairs:
                 mentions_size=d.mentions_size[idx], mentions_position=d.mentions_position[idx],
                 attributes=SceneAttributes(**{k: v[idx] for k, v in vars(d.attributes).items()}),
             )
-            yield d.images[idx], self.tokens[idx], describes(part)
+            yield d.images[idx], self.tokens[idx], part.caption_matches()
 
 
 @torch.no_grad()

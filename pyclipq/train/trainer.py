@@ -412,7 +412,7 @@ class Trainer:
             "lr": lr,
             "grad_norm": grad_norm,
         }
-        if isinstance(batch, dict) and "skipped" in batch:  # bad images left out (pyclipq.train.data)
+        if isinstance(batch, dict) and "skipped" in batch:  # bad images left out (pyclipq.data)
             self.skipped += int(batch["skipped"])
             record["skipped"] = self.skipped
         return record

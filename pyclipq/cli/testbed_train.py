@@ -1,6 +1,6 @@
 """Train the test-bed CLIP contrastively and write the weights shipped in pyclipq/testbed/weights.
 
-    nice -n 19 python -m pyclipq.testbed.train
+    nice -n 19 python -m pyclipq.cli.testbed_train
 
 The defaults are the recipe of the shipped weights; the exact command line is recorded in the
 metadata JSON next to them, with the measured fp32 zero-shot accuracy on the test split.
@@ -18,12 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pyclipq.eval.zero_shot import zero_shot_accuracy, zero_shot_classifier
-
-from .model import WEIGHTS_DIR, TestbedConfig, build_model, save_testbed
-from .scenes import class_names
-from .captions import ZERO_SHOT_TEMPLATES
-from .splits import TestbedSplit, iterate_batches, make_split
+from ..eval.zero_shot import zero_shot_accuracy, zero_shot_classifier
+from ..testbed.captions import ZERO_SHOT_TEMPLATES
+from ..testbed.model import WEIGHTS_DIR, TestbedConfig, build_model, save_testbed
+from ..testbed.scenes import class_names
+from ..testbed.splits import TestbedSplit, iterate_batches, make_split
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,12 +47,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-scenes", type=int, default=10240)
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     return parser.parse_args(argv)
-
-
-def describes(data: TestbedSplit) -> torch.Tensor:
-    """(n, n) bool: caption j is a true description of image i; see TestbedSplit.caption_matches."""
-    # Kept because pyclipq.train's test-bed batches import it by this name.
-    return data.caption_matches()
 
 
 def contrastive_loss(image_features, text_features, logit_scale, matches: torch.Tensor) -> torch.Tensor:
@@ -135,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         image_features, text_features, logit_scale = model(
             data.images.to(args.device), tokenizer(data.captions).to(args.device)
         )
-        loss = contrastive_loss(image_features, text_features, logit_scale, describes(data).to(args.device))
+        loss = contrastive_loss(image_features, text_features, logit_scale, data.caption_matches().to(args.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -158,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     test = evaluate_zero_shot(model, tokenizer, make_split("test", args.test_scenes), args.device)
     print(f"test zero-shot top1 {test['top1']:.4f}  top5 {test['top5']:.4f}  ({test['n']} scenes)", flush=True)
     metadata = {
-        "reproduce": "python -m pyclipq.testbed.train " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "reproduce": "python -m pyclipq.cli.testbed_train " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "training": {
             "arguments": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
             "seconds": round(training_seconds, 1),

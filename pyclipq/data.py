@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..eval.datasets import image_folder, read_csv_columns
+from .distributed import world
+from .eval.datasets import image_folder, read_csv_columns
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 DATA_KINDS = ("csv", "wds", "imagefolder", "folder")
@@ -200,13 +201,6 @@ class ResumableDistributedSampler(DistributedSampler):
         indices = list(super().__iter__())[self._start:]
         self._start = 0
         return iter(indices)
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the initialized process group, (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def per_rank_batch(global_batch: int, argument: str = "--batch-size") -> int:
