@@ -44,6 +44,7 @@ class LayerRecord:
     linears: int
     float_bytes: int
     quant_bytes: int
+    is_float: bool = False  # left float (a sub-layer the config does not select)
 
 
 @dataclass
@@ -60,7 +61,7 @@ class ConversionReport:
         """Converted linears per kind under `prefix` (q, k and v of a packed in_proj count as 3)."""
         counts: dict[str, int] = {}
         for r in self.layers:
-            if r.linears and r.name.startswith(prefix) and not (quantized_only and r.format == "float"):
+            if r.linears and r.name.startswith(prefix) and not (quantized_only and r.is_float):
                 counts[r.kind] = counts.get(r.kind, 0) + r.linears
         return counts
 
@@ -261,7 +262,7 @@ def convert(model: nn.Module, config: "str | QuantConfig" = "int8") -> nn.Module
                 quant_bytes = sum(t.numel() * t.element_size() for t in weight._buffers.values() if t is not None)
                 report.layers.append(LayerRecord(
                     target.sub_name(sub), target.kinds[sub], weight.layer.format, weight.layer.activation,
-                    target.linear_count(sub), float_sizes[sub], quant_bytes,
+                    target.linear_count(sub), float_sizes[sub], quant_bytes, weight.layer.is_float,
                 ))
     report.bytes_after = state_nbytes(model)
     report.float_linears_left = [

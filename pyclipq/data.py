@@ -5,7 +5,11 @@
 - pairs from webdataset tar shards (``.jpg``/``.png``/``.webp`` + ``.txt`` per key, as img2dataset
   writes them): `webdataset_pairs`, split by node and by DataLoader worker with webdataset's own
   splitters;
-- labelled images from an ImageFolder (one sub-folder per class, for P4Q): `LabelledImages`.
+- labelled images from an ImageFolder (one sub-folder per class, for P4Q): `LabelledImages`;
+- unlabelled texts (a ``.txt`` file, one text a line, or a CSV column) and unlabelled images (a
+  folder, searched recursively, a CSV column, or webdataset shards), for label-free
+  distillation: `Texts`, `Images`, `webdataset_images`, and `unlabelled_batches`, which reads
+  every ``--data`` source given and zips their batches into one {"images", "tokens"} batch.
 
 Images go through the model's own preprocessing, captions through its tokenizer, both in the
 DataLoader workers. A corrupt or missing image is skipped with a warning and counted (each
@@ -31,7 +35,7 @@ from .distributed import world
 from .eval.datasets import image_folder, read_csv_columns
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-DATA_KINDS = ("csv", "wds", "imagefolder", "folder")
+DATA_KINDS = ("csv", "wds", "imagefolder", "folder", "txt")
 
 
 class BadImageError(ValueError):
@@ -56,11 +60,11 @@ def read_image(source, transform: Callable, key: str, strict: bool) -> torch.Ten
 
 
 def parse_data_spec(spec: str, argument: str = "--data") -> tuple[str, str]:
-    """'csv:PATH' | 'wds:SHARDS' | 'imagefolder:DIR' | 'folder:DIR', or a bare path whose kind is guessed.
+    """'csv:PATH' | 'wds:SHARDS' | 'imagefolder:DIR' | 'folder:DIR' | 'txt:FILE', or a bare path whose kind is guessed.
 
-    A bare .csv/.tsv is a CSV, a .tar (or a brace pattern of them) webdataset shards, a folder of
-    .tar files webdataset shards, a folder with sub-folders an ImageFolder, any other folder a
-    flat folder of images.
+    A bare .csv/.tsv is a CSV, a .txt a text file (one text a line), a .tar (or a brace pattern
+    of them) webdataset shards, a folder of .tar files webdataset shards, a folder with
+    sub-folders an ImageFolder, any other folder a flat folder of images.
     """
     kind, sep, rest = spec.partition(":")
     if sep and kind in DATA_KINDS:
@@ -68,10 +72,10 @@ def parse_data_spec(spec: str, argument: str = "--data") -> tuple[str, str]:
             raise FileNotFoundError(f"{argument}: {rest} not found")
         return kind, rest
     path = Path(spec)
-    if path.suffix.lower() in (".csv", ".tsv"):
+    if path.suffix.lower() in (".csv", ".tsv", ".txt"):
         if not path.is_file():
             raise FileNotFoundError(f"{argument}: {spec} not found")
-        return "csv", spec
+        return ("txt" if path.suffix.lower() == ".txt" else "csv"), spec
     if spec.endswith(".tar") or ("{" in spec and ".tar" in spec):
         return "wds", spec
     if path.is_dir():
@@ -82,7 +86,8 @@ def parse_data_spec(spec: str, argument: str = "--data") -> tuple[str, str]:
         return "folder", spec
     if not path.exists():
         raise FileNotFoundError(f"{argument}: {spec} not found")
-    raise ValueError(f"{argument}: cannot tell what {spec} is; write csv:PATH, wds:SHARDS, imagefolder:DIR or folder:DIR")
+    raise ValueError(f"{argument}: cannot tell what {spec} is; write csv:PATH, txt:PATH, wds:SHARDS, imagefolder:DIR "
+                     "or folder:DIR")
 
 
 def shard_urls(spec: str, argument: str = "--data") -> list[str]:
@@ -118,6 +123,28 @@ class PairCollate:
             "tokens": self.tokenizer([item[1] for item in good]),
             "skipped": torch.tensor(skipped),
         }
+
+
+class TextCollate:
+    """Texts -> {"tokens"}."""
+
+    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor]):
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts):
+        return {"tokens": self.tokenizer(list(texts))}
+
+
+class ImageCollate:
+    """Items (image or None[, skipped before it]) -> {"images", "skipped"}."""
+
+    def __call__(self, items):
+        items = [item if isinstance(item, tuple) else (item, 0) for item in items]
+        good = [image for image, _ in items if image is not None]
+        if not good:
+            raise BadImageError(f"a whole batch of {len(items)} images could not be read; check the data")
+        skipped = sum(1 for image, _ in items if image is None) + sum(int(n) for _, n in items)
+        return {"images": torch.stack(good), "skipped": torch.tensor(skipped)}
 
 
 class LabelledCollate:
@@ -183,6 +210,70 @@ class LabelledImages(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         return read_image(path, self.transform, path, self.strict), label
+
+
+class Texts(Dataset):
+    """Unlabelled texts; an item is one text."""
+
+    def __init__(self, texts: Sequence[str], source: str = "data"):
+        texts = [t.strip() for t in texts if t is not None and t.strip()]
+        if not texts:
+            raise ValueError(f"--data: {source} holds no text")
+        self.texts = texts
+
+    @classmethod
+    def from_file(cls, path) -> "Texts":
+        """A text file, one text a line (blank lines skipped)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"--data: {path} not found")
+        return cls(path.read_text(encoding="utf-8").splitlines(), str(path))
+
+    @classmethod
+    def from_csv(cls, csv_path, column: str = "caption") -> "Texts":
+        rows = read_csv_columns(csv_path, {"--text-column": column})
+        return cls([row[0] for row in rows], f"column {column!r} of {Path(csv_path).name}")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> str:
+        return self.texts[index]
+
+
+class Images(Dataset):
+    """Unlabelled image files; an item is the preprocessed image, or None when it cannot be read."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable, strict: bool = False, source: str = "data"):
+        if not paths:
+            raise ValueError(f"--data: {source} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+        self.paths = list(paths)
+        self.transform = transform
+        self.strict = strict
+
+    @classmethod
+    def from_folder(cls, root, transform: Callable, strict: bool = False) -> "Images":
+        """Every image under `root`, sub-folders included, in sorted order."""
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--data: {root} is not a folder")
+        paths = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and p.is_file())
+        return cls(paths, transform, strict, str(root))
+
+    @classmethod
+    def from_csv(cls, csv_path, transform: Callable, column: str = "image", strict: bool = False) -> "Images":
+        """Relative paths are read from the CSV's folder; a missing image is a bad image."""
+        csv_path = Path(csv_path)
+        rows = read_csv_columns(csv_path, {"--image-column": column})
+        paths = [Path(row[0]) if Path(row[0]).is_absolute() else csv_path.parent / row[0] for row in rows if row[0]]
+        return cls(paths, transform, strict, f"column {column!r} of {csv_path.name}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        path = self.paths[index]
+        return read_image(path, self.transform, str(path), self.strict)
 
 
 class ResumableDistributedSampler(DistributedSampler):
@@ -262,20 +353,22 @@ class _DecodePairs:
     that is dropped at the end of the stream).
     """
 
-    def __init__(self, transform: Callable, strict: bool):
+    def __init__(self, transform: Callable, strict: bool, captions: bool = True):
         self.transform = transform
         self.strict = strict
+        self.captions = captions  # False: images alone, yielded as (image, skipped)
 
     def __call__(self, samples):
         skipped, held = 0, None
+        needs = f"an image ({'/'.join(IMAGE_EXTENSIONS)})" + (" and a .txt caption" if self.captions else "")
         for sample in samples:
             key = f"{Path(sample.get('__url__', '?')).name}/{sample.get('__key__')}"
             encoded = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-            caption = sample.get("txt")
+            caption = sample.get("txt") if self.captions else ""
             if encoded is None or caption is None:
                 if self.strict:
-                    raise BadImageError(f"sample {key}: needs an image ({'/'.join(IMAGE_EXTENSIONS)}) and a .txt caption")
-                warnings.warn(f"skipping sample {key}: it lacks an image or a .txt caption", stacklevel=2)
+                    raise BadImageError(f"sample {key}: needs {needs}")
+                warnings.warn(f"skipping sample {key}: it lacks {needs}", stacklevel=2)
                 skipped += 1
                 continue
             image = read_image(encoded, self.transform, key, self.strict)
@@ -283,23 +376,18 @@ class _DecodePairs:
                 skipped += 1
                 continue
             if held is not None:
-                yield held
+                yield self._item(*held)
             held = (image, caption.decode("utf-8") if isinstance(caption, bytes) else caption, skipped)
             skipped = 0
         if held is not None:
-            yield held[0], held[1], held[2] + skipped
+            yield self._item(held[0], held[1], held[2] + skipped)
+
+    def _item(self, image, caption, skipped):
+        return (image, caption, skipped) if self.captions else (image, skipped)
 
 
-def webdataset_pairs(shards: str | Sequence[str], transform: Callable, tokenizer: Callable, global_batch: int, *,
-                     workers: int = 0, shuffle_buffer: int = 1000, strict: bool = False) -> DataLoader:
-    """Batches of image-caption pairs from tar shards, this rank's and this worker's shards only.
-
-    Shards are reshuffled every epoch, then split by node (rank) and by worker (webdataset's
-    splitters); samples are shuffled in a buffer. Every batch is full (a partial one at the end
-    of a worker's stream is dropped), so ranks always gather equal batches. One epoch is one
-    pass over this rank's shards: give at least (processes x workers) shards, ideally many more.
-    Needs webdataset (pip install 'pyclipq[data]').
-    """
+def _webdataset_loader(shards, decode: Callable, collate: Callable, global_batch: int, *, workers: int,
+                       shuffle_buffer: int, strict: bool) -> DataLoader:
     import webdataset as wds
 
     urls = shard_urls(shards) if isinstance(shards, str) else list(shards)
@@ -318,7 +406,118 @@ def webdataset_pairs(shards: str | Sequence[str], transform: Callable, tokenizer
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=handler),
         _ShuffleSamples(shuffle_buffer),
-        _DecodePairs(transform, strict),
-        wds.batched(local, collation_fn=PairCollate(tokenizer), partial=False),
+        decode,
+        wds.batched(local, collation_fn=collate, partial=False),
     )
     return DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=False)
+
+
+def webdataset_pairs(shards: str | Sequence[str], transform: Callable, tokenizer: Callable, global_batch: int, *,
+                     workers: int = 0, shuffle_buffer: int = 1000, strict: bool = False) -> DataLoader:
+    """Batches of image-caption pairs from tar shards, this rank's and this worker's shards only.
+
+    Shards are reshuffled every epoch, then split by node (rank) and by worker (webdataset's
+    splitters); samples are shuffled in a buffer. Every batch is full (a partial one at the end
+    of a worker's stream is dropped), so ranks always gather equal batches. One epoch is one
+    pass over this rank's shards: give at least (processes x workers) shards, ideally many more.
+    Needs webdataset (pip install 'pyclipq[data]').
+    """
+    return _webdataset_loader(shards, _DecodePairs(transform, strict), PairCollate(tokenizer), global_batch,
+                              workers=workers, shuffle_buffer=shuffle_buffer, strict=strict)
+
+
+def webdataset_images(shards: str | Sequence[str], transform: Callable, global_batch: int, *, workers: int = 0,
+                      shuffle_buffer: int = 1000, strict: bool = False) -> DataLoader:
+    """Batches {"images", "skipped"} of the images of tar shards (captions, if any, are not read);
+    sharded, shuffled and counted as `webdataset_pairs`."""
+    return _webdataset_loader(shards, _DecodePairs(transform, strict, captions=False), ImageCollate(), global_batch,
+                              workers=workers, shuffle_buffer=shuffle_buffer, strict=strict)
+
+
+# ---------------------------------------------------------------- unlabelled sources, zipped
+
+
+class _Samplers:
+    """set_epoch on every source's sampler (the distributed trainer reshuffles each epoch through it)."""
+
+    def __init__(self, samplers):
+        self.samplers = [s for s in samplers if hasattr(s, "set_epoch")]
+
+    def set_epoch(self, epoch: int) -> None:
+        for sampler in self.samplers:
+            sampler.set_epoch(epoch)
+
+
+class ZippedBatches:
+    """Several re-iterable batch sources as one: each batch merges one batch of every source
+    ({"images"} from one, {"tokens"} from another; "skipped" counts are summed). An epoch ends
+    with the shortest source."""
+
+    def __init__(self, sources: Sequence):
+        if not sources:
+            raise ValueError("--data: no data source")
+        self.sources = list(sources)
+        self.sampler = _Samplers(getattr(s, "sampler", None) for s in self.sources)
+
+    def __len__(self) -> int:
+        return min(len(s) for s in self.sources)
+
+    def __iter__(self):
+        for batches in zip(*self.sources):
+            merged: dict = {}
+            for batch in batches:
+                for key, value in batch.items():
+                    if key in merged and key != "skipped":
+                        raise ValueError(f"--data: two sources both give {key!r}; give one source of images "
+                                         "and one of texts (or one CSV with both columns)")
+                    merged[key] = merged[key] + value if key in merged else value
+            yield merged
+
+
+def unlabelled_batches(specs: Sequence[str], *, tokenizer: Callable | None, transform: Callable | None,
+                       global_batch: int, text_column: str | None = None, image_column: str | None = None,
+                       workers: int = 0, seed: int = 0, strict: bool = False, shuffle_buffer: int = 1000):
+    """Batches {"tokens"} / {"images", "skipped"} / both, from every source in `specs` (see
+    `parse_data_spec`): a .txt file gives texts; a CSV gives the text column, the image column,
+    or both as pairs (the columns named; at least one); a folder or ImageFolder gives its images
+    (recursively); webdataset shards give their images. A model without a text tower
+    (tokenizer None) or an image tower (transform None) cannot take that kind of source."""
+    if not specs:
+        raise ValueError("--data: give at least one source (a .txt file, a CSV, a folder of images, wds shards)")
+
+    def texts_of(dataset: Texts):
+        if tokenizer is None:
+            raise ValueError("--data: the model has no text tower (no tokenizer), but a text source was given")
+        return train_loader(dataset, global_batch, TextCollate(tokenizer), workers=workers, seed=seed)
+
+    def images_of(dataset: Images):
+        if transform is None:
+            raise ValueError("--data: the model has no image tower (no image preprocessing), but an image source was given")
+        return train_loader(dataset, global_batch, ImageCollate(), workers=workers, seed=seed)
+
+    sources = []
+    for spec in specs:
+        kind, path = parse_data_spec(spec)
+        if kind == "txt":
+            sources.append(texts_of(Texts.from_file(path)))
+        elif kind == "csv":
+            if text_column is None and image_column is None:
+                raise ValueError(f"--data {spec}: name the CSV's --text-column, --image-column or both")
+            if text_column is not None and image_column is not None:
+                if tokenizer is None or transform is None:
+                    raise ValueError(f"--data {spec}: pairs need a model with both towers")
+                pairs = CaptionPairs.from_csv(path, transform, image_column=image_column, caption_column=text_column,
+                                              strict=strict)
+                sources.append(train_loader(pairs, global_batch, PairCollate(tokenizer), workers=workers, seed=seed))
+            elif text_column is not None:
+                sources.append(texts_of(Texts.from_csv(path, text_column)))
+            else:
+                sources.append(images_of(Images.from_csv(path, transform, image_column, strict)))
+        elif kind in ("folder", "imagefolder"):
+            sources.append(images_of(Images.from_folder(path, transform, strict)))
+        else:  # wds
+            if transform is None:
+                raise ValueError("--data: the model has no image tower, but webdataset shards were given")
+            sources.append(webdataset_images(path, transform, global_batch, workers=workers,
+                                             shuffle_buffer=shuffle_buffer, strict=strict))
+    return sources[0] if len(sources) == 1 else ZippedBatches(sources)

@@ -13,7 +13,6 @@ import sys
 
 import pyclipq
 
-from ..configs import QuantConfig, resolve_config
 from ..convert import linear_inventory
 from . import testbed_recipes
 from . import bench as benchmark
@@ -21,7 +20,7 @@ from . import embed_command, train_command
 from .bench import PYCLIPQ_FORMATS, RUNTIME_PEERS
 from .calibration import calibration_batches
 from .eval_command import run_eval
-from .loading import ModelLoadError, load_model
+from .loading import ModelLoadError, config_from_args, load_model
 
 EXAMPLES = """examples:
   pyclipq info
@@ -38,6 +37,8 @@ EXAMPLES = """examples:
   pyclipq train ternary --help                                          # every option of a recipe
   pyclipq train ternary --model ViT-B-32 --pretrained ckpt.bin --data pairs.csv --out runs/own    # your model and data
   torchrun --nproc-per-node 8 -m pyclipq.cli train ternary --model ViT-B-32 --pretrained ckpt.bin --data 'wds:shards/{0000..0999}.tar' --out runs/own
+  pyclipq train distill --model hf:./all-MiniLM-L6-v2 --data texts.txt --format ternary --out runs/d   # label-free, your texts
+  pyclipq train distill --model ViT-B-32 --pretrained ckpt.bin --data folder:photos/ --data captions.txt --format int2 --out runs/d
   pyclipq embed ViT-B-32 --pretrained ckpt.bin --format int8 --input images/ --out emb/   # resumable shards
   torchrun --nproc-per-node 4 -m pyclipq.cli embed ViT-B-32 --quantized m.safetensors --input 'wds:shards/{0000..0999}.tar' --out emb/
 """
@@ -84,18 +85,6 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _config_from_args(args):
-    config = resolve_config(args.format)
-    overrides = {}
-    if getattr(args, "group_size", None) is not None:
-        overrides["group_size"] = args.group_size
-    if getattr(args, "activation", None) is not None:
-        overrides["activation"] = args.activation
-    if getattr(args, "rotation", None):
-        overrides["rotation"] = args.rotation
-    return QuantConfig.preset(args.format, **overrides) if overrides else config
-
-
 def _smooth_arg(value):
     if value is None or value == "search":
         return value
@@ -126,7 +115,7 @@ def cmd_convert(args) -> int:
     if os.path.dirname(out) and not os.path.isdir(os.path.dirname(out)):
         raise UserError(f"output directory does not exist: {os.path.dirname(out)}")
     loaded = load_model(args.model, args.pretrained)
-    config = _config_from_args(args)
+    config = config_from_args(args)
     float_model = copy.deepcopy(loaded.model) if args.calibrate else None
     model = pyclipq.convert(loaded.model, config)
     calibration = _calibrate_from_args(args, loaded, model, float_model)
@@ -150,7 +139,7 @@ def cmd_eval(args) -> int:
 
 def cmd_train(args) -> int:
     # The recipe prints its own summary (JSON) and writes results.json under --out.
-    if train_command.wants_own_data(args.recipe_args):
+    if args.recipe not in testbed_recipes.COMMANDS or train_command.wants_own_data(args.recipe_args):
         train_command.run_own_data(args.recipe, args.recipe_args)
     else:
         testbed_recipes.COMMANDS[args.recipe](args.recipe_args)
@@ -237,10 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.set_defaults(fn=cmd_eval)
 
-    sp = sub.add_parser("train", help="QAT recipes, ternary (TernaryCLIP) or p4q (P4Q): on the test bed, or "
-                                      "--model/--data for your own (torchrun for several processes)",
+    sp = sub.add_parser("train", help="QAT recipes, ternary (TernaryCLIP), p4q (P4Q) or distill (label-free "
+                                      "distillation QAT): on the test bed, or --model/--data for your own "
+                                      "(torchrun for several processes)",
                         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sp.add_argument("recipe", choices=["ternary", "p4q"])
+    sp.add_argument("recipe", choices=sorted(train_command.RECIPES))
     sp.add_argument("recipe_args", nargs=argparse.REMAINDER,
                     help="the recipe's own options; `pyclipq train RECIPE --help` lists them")
     sp.set_defaults(fn=cmd_train)

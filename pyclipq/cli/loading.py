@@ -4,7 +4,9 @@ Model specs:
 - ``ViT-B-32`` (any open_clip architecture name), with ``pretrained=None`` for random
   weights, an open_clip pretrained tag (needs the internet or a warm cache), or a path
   to a local checkpoint file;
-- ``hf:<id or local dir>``: a Hugging Face ``CLIPModel`` (local dirs work offline);
+- ``hf:<id or local dir>``: a Hugging Face ``CLIPModel``, or any other model ``AutoModel`` loads,
+  as a text encoder (pyclipq.eval.encode.SentenceEncoder: mean pooling over the non-padding
+  tokens, or the pooling a sentence-transformers directory declares); local dirs work offline;
 - ``openai:<path.pt>``: an OpenAI ``clip`` checkpoint saved locally, read with
   ``torch.load(weights_only=True)`` (never unpickled);
 - ``testbed``: pyclipq's tiny trained CLIP (shipped with the package).
@@ -13,11 +15,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ..eval.encode import as_clip_like
+from ..configs import QuantConfig, resolve_config
+from ..eval.encode import SentenceEncoder, as_clip_like
 from ..testbed import load_testbed
 
 
@@ -32,9 +36,9 @@ class LoadedModel:
     image_size: int
     context_length: int
     vocab_size: int
-    family: str  # "open_clip" | "hf" | "openai" | "testbed"
+    family: str  # "open_clip" | "hf" | "hf-encoder" | "openai" | "testbed"
     label: str  # what a report should call it, e.g. "ViT-B-32 (random weights)"
-    preprocess: Callable | None = None  # PIL image -> model-ready tensor (for image datasets)
+    preprocess: Callable | None = None  # PIL image -> model-ready tensor (None: no image tower)
 
 
 def _open_clip(name: str, pretrained: str | None) -> LoadedModel:
@@ -65,6 +69,69 @@ def _open_clip(name: str, pretrained: str | None) -> LoadedModel:
 
 
 def _hf(path: str) -> LoadedModel:
+    """A transformers CLIPModel, or any other model AutoModel loads as a bare text encoder."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=os.path.isdir(path))
+    except Exception as e:
+        raise ModelLoadError(f"could not load Hugging Face model {path!r} ({type(e).__name__}: {str(e)[:160]})") from e
+    if config.model_type == "clip":
+        return _hf_clip(path)
+    return _hf_encoder(path, config)
+
+
+def sentence_transformers_settings(path: str) -> tuple[str | None, int | None]:
+    """(pooling, max sequence length) that a sentence-transformers directory declares, or Nones.
+
+    Its ``modules.json`` names a Pooling module whose ``config.json`` sets the pooling mode;
+    ``sentence_bert_config.json`` the max_seq_length the model was trained with."""
+    import json
+
+    root = Path(path)
+    pooling = max_length = None
+    try:
+        modules = json.loads((root / "modules.json").read_text())
+        folder = next(m["path"] for m in modules if m.get("type", "").endswith("Pooling"))
+        settings = json.loads((root / folder / "config.json").read_text())
+        modes = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
+        pooling = next((mode for key, mode in modes.items() if settings.get(key)), None)
+    except (OSError, ValueError, StopIteration, KeyError, TypeError):
+        pass
+    try:
+        max_length = int(json.loads((root / "sentence_bert_config.json").read_text())["max_seq_length"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return pooling, max_length
+
+
+def _hf_encoder(path: str, config) -> LoadedModel:
+    """A bare encoder as a text tower: the embedding is the mean of the last hidden state over the
+    non-padding tokens (the sentence-transformers convention), or the pooling its
+    sentence-transformers directory declares; the model's own pooler is not used by default."""
+    from transformers import AutoModel, AutoTokenizer
+
+    local = os.path.isdir(path)
+    try:
+        model = AutoModel.from_pretrained(path, local_files_only=local).eval()
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=local)
+    except Exception as e:
+        raise ModelLoadError(f"could not load Hugging Face encoder {path!r} ({type(e).__name__}: {str(e)[:160]})") from e
+    if tok.pad_token_id is None:
+        raise ModelLoadError(f"Hugging Face encoder {path!r}: its tokenizer has no pad token, so padding cannot be told apart")
+    pooling, max_length = sentence_transformers_settings(path) if local else (None, None)
+    pooling = pooling or "mean"
+    max_length = min(max_length or tok.model_max_length, getattr(config, "max_position_embeddings", 512))
+
+    def tokenize(texts):
+        return tok(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
+
+    encoder = SentenceEncoder(model, tok.pad_token_id, pooling)
+    return LoadedModel(encoder, tokenize, 0, max_length, config.vocab_size, "hf-encoder",
+                       f"hf:{path} (text encoder, {pooling} pooling)")
+
+
+def _hf_clip(path: str) -> LoadedModel:
     from transformers import CLIPModel, CLIPTokenizer
 
     try:
@@ -142,3 +209,16 @@ def encode(loaded: LoadedModel, images: torch.Tensor | None = None, tokens: torc
     """Image or text embeddings through the family's own API (a transformers CLIPModel is wrapped)."""
     model = as_clip_like(loaded.model)
     return model.encode_image(images) if images is not None else model.encode_text(tokens)
+
+
+def config_from_args(args) -> QuantConfig:
+    """--format (a format or preset name) with the --group-size, --activation and --rotation given."""
+    config = resolve_config(args.format)
+    overrides = {}
+    if getattr(args, "group_size", None) is not None:
+        overrides["group_size"] = args.group_size
+    if getattr(args, "activation", None) is not None:
+        overrides["activation"] = args.activation
+    if getattr(args, "rotation", None):
+        overrides["rotation"] = args.rotation
+    return QuantConfig.preset(args.format, **overrides) if overrides else config

@@ -1,11 +1,13 @@
-"""`pyclipq train {ternary,p4q} --model ... --data ...`: the recipes on the user's own model and data,
-in one process or under torchrun (pyclipq.train.distributed), ending with the packed model saved.
+"""`pyclipq train {ternary,p4q,distill} --model ... --data ...`: the recipes on the user's own model and
+data, in one process or under torchrun (pyclipq.train.distributed), ending with the packed model saved.
 
     pyclipq train ternary --model ViT-B-32 --pretrained ckpt.bin --data pairs.csv --out runs/t
     torchrun --nproc-per-node 8 -m pyclipq.cli train ternary --model hf:./clip --data 'wds:shards/{0000..0999}.tar' --out runs/t
     pyclipq train p4q --model ViT-B-32 --pretrained ckpt.bin --data imagefolder:/data/train --format int4 --out runs/p
+    pyclipq train distill --model hf:./all-MiniLM-L6-v2 --data texts.txt --format ternary --out runs/d
+    pyclipq train distill --model ViT-B-32 --pretrained ckpt.bin --data folder:/photos --data captions.txt --format int2 --out runs/d
 
-Without --model/--data the recipes run on the shipped test bed (testbed_recipes).
+Without --model/--data, ternary and p4q run on the shipped test bed (testbed_recipes).
 """
 from __future__ import annotations
 
@@ -23,13 +25,18 @@ import torch.distributed as dist
 import pyclipq
 
 from ..configs import QuantConfig
+from ..train.distill import FEATURE_KINDS, EncoderDistillationLoss
 from ..embed import cpu_threads_per_process
 from ..eval import imagenet_templates
 from .. import data as train_data
 from ..train import recipes
 from ..distributed import DistributedContext, barrier, init_distributed, shutdown_distributed
 from . import testbed_recipes
-from .loading import LoadedModel, load_model
+from .loading import LoadedModel, config_from_args, load_model
+
+# `pyclipq train distill`: the defaults of benchmarks/bench_distill_real.py's measurements
+# on all-MiniLM-L6-v2 (README, "Distillation QAT"), for 2 vCPUs and about 30 minutes.
+DISTILL_DEFAULTS = {"steps": 2000, "lr": 5e-4, "batch": 32}
 
 
 def wants_own_data(argv: list[str]) -> bool:
@@ -39,7 +46,15 @@ def wants_own_data(argv: list[str]) -> bool:
 def _arguments(parser: argparse.ArgumentParser, recipe: str) -> None:
     parser.add_argument("--model", required=True, help="open_clip name, hf:<id|dir>, openai:<file>, testbed")
     parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint path")
-    if recipe == "ternary":
+    if recipe == "distill":
+        parser.add_argument("--data", action="append", required=True, metavar="SOURCE",
+                            help="unlabelled data, once per source: texts (FILE.txt, one a line, or csv:FILE with "
+                                 "--text-column), images (folder:DIR, searched recursively, wds:SHARDS, or csv:FILE "
+                                 "with --image-column), or one CSV with both columns (image-text rows)")
+        parser.add_argument("--text-column", default=None, help="CSV column of texts")
+        parser.add_argument("--image-column", default=None, help="CSV column of image paths (relative to the CSV)")
+        parser.add_argument("--shuffle-buffer", type=int, default=1000, help="webdataset sample shuffle buffer")
+    elif recipe == "ternary":
         parser.add_argument("--data", required=True,
                             help="image-caption pairs: csv:FILE (.csv/.tsv) or wds:SHARDS (a folder of .tar, a brace pattern)")
         parser.add_argument("--image-column", default="image", help="CSV column of image paths (relative to the CSV)")
@@ -121,6 +136,41 @@ def _run_p4q(args, loaded: LoadedModel, train, context: DistributedContext) -> d
             "head": str(args.out / "p4q_head.safetensors"), "history": result.history}
 
 
+def distill_arguments(parser: argparse.ArgumentParser) -> None:
+    """Label-free distillation QAT's options: the format and the loss."""
+    parser.add_argument("--format", default="ternary",
+                        help="int8, int4, int2, ternary or a preset name (pyclipq.configs.PRESETS)")
+    parser.add_argument("--group-size", type=int, default=None, help="the format's group size (default: the format's)")
+    parser.add_argument("--activation", default=None, choices=["dynamic", "static", "none"])
+    parser.add_argument("--embedding-weight", type=float, default=1.0, help="weight of the output-embedding term")
+    parser.add_argument("--embedding-kind", choices=FEATURE_KINDS, default="cosine")
+    parser.add_argument("--hidden-weight", type=float, default=1.0,
+                        help="weight of the per-block hidden-state term (0: the embedding alone)")
+    parser.add_argument("--fake-quant", choices=("auto", "exact", "fast"), default="auto",
+                        help="fast: F.linear on dequantized operands; exact: the kernels' integer math; "
+                             "auto: fast for grouped formats (int4, int2), exact otherwise. The export is exact either way")
+
+
+def _run_distill(args, loaded: LoadedModel, train, context: DistributedContext) -> dict:
+    data = train_data.unlabelled_batches(
+        args.data, tokenizer=loaded.tokenize, transform=loaded.preprocess, global_batch=args.batch_size,
+        text_column=args.text_column, image_column=args.image_column, workers=args.workers, seed=args.seed,
+        strict=args.strict_images, shuffle_buffer=args.shuffle_buffer)
+    loss = EncoderDistillationLoss(args.embedding_weight, args.hidden_weight, args.embedding_kind)
+    exact = {"auto": None, "exact": True, "fast": False}[args.fake_quant]
+    config = config_from_args(args)
+    result = recipes.distill(loaded.model, data, config, train=train, loss=loss, exact=exact, resume=args.resume,
+                             distributed=context)
+    model_path = args.out / "model.safetensors"
+    if context.is_main:
+        pyclipq.save(result.quantized, model_path)
+    return {"recipe": f"distill-{args.format}", "model": str(model_path), "history": result.history,
+            "skipped_images": _total(result.trainer.skipped, context)}
+
+
+RECIPES = {"ternary": _run_ternary, "p4q": _run_p4q, "distill": _run_distill}
+
+
 def _total(count: int, context: DistributedContext) -> int:
     if not context.is_distributed:
         return count
@@ -136,9 +186,12 @@ def run_own_data(recipe: str, argv: list[str]) -> dict:
     if recipe == "ternary":
         testbed_recipes.ternary_arguments(parser)
         testbed_recipes.training_arguments(parser, steps=1000, lr=1e-4, batch=256)
-    else:
+    elif recipe == "p4q":
         testbed_recipes.p4q_arguments(parser)
         testbed_recipes.training_arguments(parser, steps=600, lr=3e-3, batch=128)  # --lr: the QAdapter's AdamW rate
+    else:
+        distill_arguments(parser)
+        testbed_recipes.training_arguments(parser, **DISTILL_DEFAULTS)
     _arguments(parser, recipe)
     parser.set_defaults(threads=None)  # this machine's CPUs shared by its processes (the test bed's default is 1)
     args = parser.parse_args(argv)
@@ -150,11 +203,10 @@ def run_own_data(recipe: str, argv: list[str]) -> dict:
         args.device, args.precision = str(context.device), precision
         train = testbed_recipes.train_config(args)
         loaded = load_model(args.model, args.pretrained)
-        if loaded.preprocess is None:
-            raise ValueError(f"--model: {loaded.label} has no image preprocessing")
+        if loaded.preprocess is None and recipe != "distill":
+            raise ValueError(f"--model: {loaded.label} has no image preprocessing (the {recipe} recipe trains on images)")
         started = time.perf_counter()
-        run = _run_ternary if recipe == "ternary" else _run_p4q
-        results = run(args, loaded, train, context)
+        results = RECIPES[recipe](args, loaded, train, context)
         barrier()
     finally:
         shutdown_distributed()

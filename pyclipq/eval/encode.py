@@ -38,6 +38,51 @@ class HuggingFaceCLIP(torch.nn.Module):
         return _projected(self.model.get_text_features(input_ids=tokens))
 
 
+POOLINGS = ("mean", "cls", "max", "pooler")
+
+
+class SentenceEncoder(torch.nn.Module):
+    """A bare transformer text encoder (a transformers ``AutoModel``: BERT, MiniLM, ...) as a text tower.
+
+    ``encode_text(token ids)`` pools the last hidden state over the non-padding tokens: "mean"
+    (the sentence-transformers convention, the default), "cls" (the first token), "max", or
+    "pooler" (the model's own pooler output). Padding is read from the token ids
+    (``pad_token_id``), so token tensors stay the only input, as for every CLIP here. It has
+    no image tower: ``encode_image`` raises.
+    """
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, pooling: str = "mean"):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
+        if pooling == "pooler" and getattr(model, "pooler", None) is None:
+            raise ValueError(f"pooling: {type(model).__name__} has no pooler; use mean, cls or max")
+        self.model = model
+        self.pad_token_id = int(pad_token_id)
+        self.pooling = pooling
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
+            raise ValueError(f"tokens must be a 2-D tensor of token ids, got {getattr(tokens, 'shape', type(tokens).__name__)}")
+        mask = tokens != self.pad_token_id
+        output = self.model(input_ids=tokens, attention_mask=mask.long())
+        if self.pooling == "pooler":
+            return output.pooler_output
+        hidden = output.last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "max":
+            return hidden.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"this model is a text encoder ({type(self.model).__name__}): it has no image tower")
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.encode_text(tokens)
+
+
 def _projected(output) -> torch.Tensor:
     # transformers 5 returns a model output whose pooler_output holds the projected features;
     # older versions return the tensor itself.

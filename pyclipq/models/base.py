@@ -96,3 +96,21 @@ def patch_embeddings_as_matmul_(model: nn.Module, adapter: Adapter) -> list[str]
         return []
     return [n for n in adapter.patch_embeddings
             if (conv := existing_module(model, n, nn.Conv2d)) is not None and PatchConv2d.swap_in_(conv)]
+
+
+def repeated_blocks(model: nn.Module) -> list[str]:
+    """The names of `model`'s transformer blocks, in order: the children of an nn.ModuleList or
+    nn.Sequential whose children all share one class and each hold at least two nn.Linear (BERT's
+    ``encoder.layer``, open_clip's and OpenAI's ``resblocks``, Hugging Face CLIP's ``layers``).
+    Label-free distillation matches the student's block outputs to the teacher's by these names."""
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 2:
+            continue
+        children = list(module.named_children())
+        if len({type(child) for _, child in children}) != 1:
+            continue
+        if all(sum(isinstance(m, nn.Linear) for m in child.modules()) >= 2 for _, child in children):
+            prefix = f"{name}." if name else ""
+            names += [prefix + child_name for child_name, _ in children]
+    return names

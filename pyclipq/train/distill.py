@@ -141,3 +141,66 @@ class DistillationLoss:
             ) / 2
             total = total + self.feature_weight * parts["feature"]
         return total, parts
+
+
+# ---------------------------------------------------------------- label-free (encoder) distillation
+
+
+def hidden_state_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over blocks of MSE(student, teacher) / mean(teacher^2): each block's error relative to
+    the scale of its own hidden state, so that no block (say, one with large outlier channels)
+    dominates the sum. The per-layer hidden-state term of TernaryBERT and BitDistiller."""
+    if len(student) != len(teacher) or not teacher:
+        raise ValueError(f"student ({len(student)}) and teacher ({len(teacher)}) must give the same, non-zero "
+                         "number of hidden states")
+    terms = []
+    for s, t in zip(student, teacher):
+        if s.shape != t.shape:
+            raise ValueError(f"student {list(s.shape)} and teacher {list(t.shape)} hidden states must have the same shape")
+        t = t.detach().float()
+        terms.append(F.mse_loss(s.float(), t) / t.pow(2).mean().clamp_min(1e-12))
+    return torch.stack(terms).mean()
+
+
+@dataclass
+class EncoderDistillationLoss:
+    """embedding_weight * feature loss of the output embeddings + hidden_weight * hidden_state_loss
+    of every block's output, per tower (image, text), averaged over the towers a batch has.
+
+    Label-free: it needs only the teacher's outputs on the same inputs. A weight of 0 switches its
+    term off (the block outputs are then not even captured).
+    """
+
+    embedding_weight: float = 1.0
+    hidden_weight: float = 1.0
+    embedding_kind: str = "cosine"
+
+    def __post_init__(self):
+        for name in ("embedding_weight", "hidden_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if self.embedding_kind not in FEATURE_KINDS:
+            raise ValueError(f"embedding_kind must be one of {list(FEATURE_KINDS)}, got {self.embedding_kind!r}")
+        if self.embedding_weight == 0 and self.hidden_weight == 0:
+            raise ValueError("at least one of embedding_weight, hidden_weight must be > 0")
+
+    needs_teacher = True
+
+    def __call__(self, student: dict, teacher: dict):
+        """student / teacher: {tower: {"embedding": [B, D], "hidden": [block outputs]}}. Returns (loss, parts)."""
+        if set(student) != set(teacher) or not student:
+            raise ValueError(f"student towers {sorted(student)} and teacher towers {sorted(teacher)} must match")
+        parts: dict[str, torch.Tensor] = {}
+        totals = []
+        for tower in sorted(student):
+            s, t = student[tower], teacher[tower]
+            total = s["embedding"].new_zeros((), dtype=torch.float32)
+            if self.embedding_weight > 0:
+                parts[f"{tower}_embedding"] = feature_loss(s["embedding"], t["embedding"], self.embedding_kind)
+                total = total + self.embedding_weight * parts[f"{tower}_embedding"]
+            if self.hidden_weight > 0:
+                parts[f"{tower}_hidden"] = hidden_state_loss(s["hidden"], t["hidden"])
+                total = total + self.hidden_weight * parts[f"{tower}_hidden"]
+            totals.append(total)
+        return torch.stack(totals).mean(), parts

@@ -15,20 +15,20 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..calibrate import calibrate
-from ..configs import LayerConfig, QuantConfig
+from ..configs import LayerConfig, QuantConfig, resolve_config
 from ..convert import convert as pyclipq_convert
 from ..eval.zero_shot import zero_shot_accuracy, zero_shot_classifier
 from ..nn import QuantLinear
 from ..testbed import make_split
 from ..testbed.scenes import SceneAttributes
 from ..testbed.splits import TestbedSplit
-from .distill import DistillationLoss
+from .distill import DistillationLoss, EncoderDistillationLoss
 from ..distributed import DistributedContext
 from .distributed import DistributedTrainer
 from .p4q import ExportedP4Q, FeatureBatches, P4QModel, P4QObjective, QAdapter, p4q_optimizers
 from .prompt import PromptLearner
 from .qat import convert_qat, deepcopy_model, prepare_qat
-from .trainer import CLIPDistillation, TrainConfig, Trainer
+from .trainer import CLIPDistillation, EncoderDistillation, TrainConfig, Trainer
 
 TERNARY_PRESETS = {"qall": "ternary-qall", "qffn": "ternary-qffn"}
 
@@ -90,6 +90,65 @@ def ternary_clip(
     # Packing runs on the CPU, which every pyclipq build has kernels for; move the result after.
     quantized = convert_qat(student.cpu()).eval()
     return TernaryResult(student.eval(), quantized, history, trainer)
+
+
+# ---------------------------------------------------------------- label-free distillation QAT
+
+
+@dataclass
+class DistillResult:
+    student: nn.Module  # the fake-quant model (latent float weights)
+    quantized: nn.Module  # the packed model, what pyclipq.save stores
+    history: list[dict]
+    trainer: Trainer
+
+
+def fast_fake_quant_default(config: QuantConfig) -> bool:
+    """Whether QAT of `config` should use the non-exact fake-quant (F.linear on dequantized operands).
+
+    Exactness at export does not depend on it: the packed codes are the format rule's codes of
+    the latent weights either way. The exact path reproduces the kernels' integer math with
+    per-group partial sums, which makes a grouped format's step several times slower.
+    """
+    return config.layer.spec is not None and config.layer.spec.grouped
+
+
+def distill(
+    model: nn.Module,
+    data,
+    config: "str | QuantConfig" = "ternary",
+    *,
+    train: TrainConfig | None = None,
+    loss: EncoderDistillationLoss | None = None,
+    teacher: nn.Module | None = None,
+    exact: bool | None = None,
+    resume: bool = False,
+    distributed: DistributedContext | None = None,
+) -> DistillResult:
+    """Label-free distillation QAT, in one call: the fake-quant student of `model` learns to give the
+    float teacher's embeddings and block outputs on unlabelled images and/or texts.
+
+    model: a float model `pyclipq.convert` takes (a CLIP of any family, or a text encoder in a
+    pyclipq.eval.encode.SentenceEncoder); left untouched, the default teacher is a frozen copy.
+    data: re-iterable batches {"images"}, {"tokens"} or both (pyclipq.data.unlabelled_batches).
+    config: a QuantConfig or preset name, as `pyclipq.convert` takes.
+    exact: the fake-quant path (None: `fast_fake_quant_default`).
+    resume: continue from train.output_dir's checkpoint when there is one.
+    distributed: this process's rank (pyclipq.distributed.init_distributed()); `data` then
+    holds this rank's batches.
+    """
+    config = resolve_config(config)
+    train = train if train is not None else TrainConfig()
+    exact = (not fast_fake_quant_default(config)) if exact is None else exact
+    teacher = teacher if teacher is not None else deepcopy_model(model)
+    student = prepare_qat(model, config, exact=exact)
+    trainer = _trainer(student, data, train, distributed, teacher=teacher, objective=EncoderDistillation(loss))
+    checkpoint = trainer.checkpoint_path()
+    if resume and checkpoint is not None and checkpoint.is_file():
+        trainer.load_checkpoint()
+    history = trainer.fit()
+    quantized = convert_qat(student.cpu()).eval()  # packing runs on the CPU, which every build has kernels for
+    return DistillResult(student.eval(), quantized, history, trainer)
 
 
 # ---------------------------------------------------------------- P4Q

@@ -27,8 +27,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..eval.encode import as_clip_like
+from ..models.base import repeated_blocks
 from . import qat
-from .distill import DistillationLoss
+from .distill import DistillationLoss, EncoderDistillationLoss
 from .qat import deepcopy_model
 
 PRECISIONS = ("fp32", "bf16")
@@ -181,6 +182,73 @@ class CLIPDistillation:
             return None
         return {**outputs, "image_features": self.gather.rows(outputs["image_features"]),
                 "text_features": self.gather.rows(outputs["text_features"])}
+
+
+TOWERS = {"images": ("image", "encode_image"), "tokens": ("text", "encode_text")}
+
+
+def _first_tensor(output) -> torch.Tensor:
+    # transformers' layers return tuples (hidden state first) or model outputs; open_clip's, tensors
+    if isinstance(output, torch.Tensor):
+        return output
+    values = output.values() if isinstance(output, dict) else output
+    return next(v for v in values if isinstance(v, torch.Tensor))
+
+
+def encoder_outputs(model: nn.Module, batch: dict, blocks: list[str] | None) -> dict:
+    """{tower: {"embedding", "hidden"}} for every tower `batch` feeds ("images", "tokens"): the
+    model's own embedding (encode_image / encode_text) and, when `blocks` is given, the output of
+    each named block that ran, in order."""
+    clip_like = as_clip_like(model)
+    captured: list[torch.Tensor] = []
+    hooks = [model.get_submodule(name).register_forward_hook(lambda m, a, out: captured.append(_first_tensor(out)))
+             for name in (blocks or [])]
+    try:
+        outputs = {}
+        for key, (tower, encode) in TOWERS.items():
+            if key in batch:
+                captured.clear()
+                embedding = getattr(clip_like, encode)(batch[key])
+                outputs[tower] = {"embedding": embedding, "hidden": list(captured)}
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs
+
+
+class EncoderDistillation:
+    """Label-free distillation: the student matches the frozen teacher's output embeddings and the
+    output of every transformer block (EncoderDistillationLoss), on unlabelled batches
+    {"images"}, {"tokens"} or both (pyclipq.data.unlabelled_batches). Works for any model
+    with encode_image / encode_text (a CLIP of any family, or a text encoder wrapped in
+    pyclipq.eval.encode.SentenceEncoder); the blocks are found by `repeated_blocks` on the teacher."""
+
+    needs_teacher = True
+
+    def __init__(self, loss: EncoderDistillationLoss | None = None):
+        self.loss = loss if loss is not None else EncoderDistillationLoss()
+        if not isinstance(self.loss, EncoderDistillationLoss):
+            raise ValueError(f"loss must be an EncoderDistillationLoss, got {type(self.loss).__name__}")
+        self._blocks: list[str] | None = None
+
+    def blocks(self, teacher: nn.Module) -> list[str]:
+        if self._blocks is None:
+            self._blocks = repeated_blocks(teacher)
+            if not self._blocks and self.loss.hidden_weight > 0:
+                raise ValueError(f"{type(teacher).__name__} has no repeated transformer blocks whose hidden states "
+                                 "could be matched; set hidden_weight=0")
+        return self._blocks
+
+    def __call__(self, student, teacher, batch):
+        if not isinstance(batch, dict) or not set(TOWERS) & set(batch):
+            raise ValueError(f"batch must be a dict with 'images' and/or 'tokens', got {type(batch).__name__}"
+                             + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else ""))
+        blocks = self.blocks(teacher) if self.loss.hidden_weight > 0 else None
+        outputs = encoder_outputs(student, batch, blocks)
+        with torch.no_grad(), torch.autocast(next(iter(batch.values())).device.type, enabled=False):
+            teacher_batch = {k: (v.float() if k == "images" else v) for k, v in batch.items() if k in TOWERS}
+            teacher_outputs = encoder_outputs(teacher, teacher_batch, blocks)
+        return self.loss(outputs, teacher_outputs)
 
 
 def default_teacher(student: nn.Module) -> nn.Module:
