@@ -155,6 +155,29 @@ def test_resume_reproduces_the_next_step_loss(tmp_path):
     assert [r["step"] for r in records] == list(range(1, 8)) and {"loss", "kd", "contrastive", "lr", "grad_norm"} <= set(records[0])
 
 
+def test_a_checkpoint_at_the_end_of_an_epoch_resumes_into_the_next(tmp_path):
+    """The distributed trainer starts a resumed epoch past its consumed samples (the sampler's
+    start_at); a checkpoint after an epoch's last batch must resume with the next epoch's first."""
+    from pyclipq.data import train_loader
+    from pyclipq.distributed import DistributedContext
+    from pyclipq.train.distributed import DistributedTrainer
+
+    def trainer(out, steps=6):
+        data = train_loader(_Pairs(_data(4, 4)), 4, lambda items: tuple(torch.stack(x) for x in zip(*items)))
+        config = TrainConfig(steps=steps, lr=2e-3, warmup_steps=1, output_dir=str(out), progress=False)
+        return DistributedTrainer(qat.prepare_qat(tiny_clip().eval(), "ternary-qall"), data, config,
+                                  context=DistributedContext())
+
+    straight = trainer(tmp_path / "a")
+    straight.fit()
+    interrupted = trainer(tmp_path / "b")
+    interrupted.fit(until=4)  # 16 pairs, batch 4: the end of epoch 0
+    resumed = trainer(tmp_path / "c")
+    resumed.load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    resumed.fit()
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history[4:]]
+
+
 def test_qat_with_distillation_lowers_the_loss():
     images, tokens = tiny_batch(8, seed=3)
     positives = (tokens[:, None, :] == tokens[None, :, :]).all(-1)  # repeated captions are positives

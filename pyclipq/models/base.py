@@ -99,13 +99,15 @@ def patch_embeddings_as_matmul_(model: nn.Module, adapter: Adapter) -> list[str]
 
 
 def repeated_blocks(model: nn.Module) -> list[str]:
-    """The names of `model`'s transformer blocks, in order: the children of an nn.ModuleList or
-    nn.Sequential whose children all share one class and each hold at least two nn.Linear (BERT's
-    ``encoder.layer``, open_clip's and OpenAI's ``resblocks``, Hugging Face CLIP's ``layers``).
+    """The names of `model`'s transformer blocks, in order: the children of an nn.ModuleList (or of
+    an nn.Sequential of two or more) whose children all share one class and each hold at least two
+    nn.Linear (BERT's ``encoder.layer``, open_clip's and OpenAI's ``resblocks``, Hugging Face CLIP's
+    ``layers``).
     Label-free distillation matches the student's block outputs to the teacher's by these names."""
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 2:
+        if not (isinstance(module, nn.ModuleList) and len(module)) and not (isinstance(module, nn.Sequential)
+                                                                             and len(module) >= 2):
             continue
         children = list(module.named_children())
         if len({type(child) for _, child in children}) != 1:

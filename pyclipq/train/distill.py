@@ -199,7 +199,7 @@ class EncoderDistillationLoss:
             if self.embedding_weight > 0:
                 parts[f"{tower}_embedding"] = feature_loss(s["embedding"], t["embedding"], self.embedding_kind)
                 total = total + self.embedding_weight * parts[f"{tower}_embedding"]
-            if self.hidden_weight > 0:
+            if self.hidden_weight > 0 and t["hidden"]:  # a tower may have no repeated blocks
                 parts[f"{tower}_hidden"] = hidden_state_loss(s["hidden"], t["hidden"])
                 total = total + self.hidden_weight * parts[f"{tower}_hidden"]
             totals.append(total)

@@ -280,6 +280,14 @@ class _Position:
     batch_in_epoch: int = 0
 
 
+def _batches_per_epoch(data) -> float:
+    """len(data) when the data knows it (a DataLoader over a map-style dataset, a list), else infinity."""
+    try:
+        return len(data)
+    except TypeError:
+        return math.inf
+
+
 class Trainer:
     """Trains `student` on `data` with `objective`; see the module doc.
 
@@ -423,6 +431,10 @@ class Trainer:
         self._resume_rng = None
         if rng is None:
             rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+        if self.position.batch_in_epoch and self.position.batch_in_epoch >= _batches_per_epoch(self.data):
+            # a checkpoint taken at the last batch of an epoch: the next batch is the next epoch's first
+            self.position.epoch += 1
+            self.position.batch_in_epoch = 0
         batches = self._epoch_iterator(self.position.epoch, self.position.batch_in_epoch)
         torch.set_rng_state(rng[0])
         if rng[1] and torch.cuda.is_available():

@@ -1,0 +1,331 @@
+"""Label-free distillation QAT (pyclipq.train.recipes.distill, `pyclipq train distill`): the loss,
+the block capture, the unlabelled data sources, text encoders, the command, resume and errors."""
+import json
+import subprocess
+import sys
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyclipq
+from pyclipq import data as train_data
+from pyclipq.cli.loading import load_model, sentence_transformers_settings
+from pyclipq.eval.encode import SentenceEncoder
+from pyclipq.models.base import repeated_blocks
+from pyclipq.train import TrainConfig
+from pyclipq.train.distill import EncoderDistillationLoss, hidden_state_loss
+from pyclipq.train.qat import compare_layers
+from pyclipq.train.recipes import distill, fast_fake_quant_default
+from pyclipq.train.trainer import EncoderDistillation, encoder_outputs
+
+from train_helpers import CONTEXT, tiny_batch, tiny_tokenizer
+
+
+def two_block_clip(seed: int = 0) -> open_clip.model.CLIP:
+    torch.manual_seed(seed)
+    return open_clip.model.CLIP(
+        embed_dim=32,
+        vision_cfg={"image_size": 16, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
+        text_cfg={"context_length": CONTEXT, "vocab_size": tiny_tokenizer().vocab_size, "width": 32, "heads": 2, "layers": 2},
+    ).eval()
+
+
+def tiny_bert(tmp_path, pooling: str | None = None):
+    """A 2-layer BERT with a 20-word vocabulary saved as a transformers directory (offline)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "circle", "square", "the", "is",
+             "big", "small", "green", "star", "on", "left", "right", "."]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(tmp_path)
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+    if pooling is not None:
+        (tmp_path / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+        (tmp_path / "1_Pooling").mkdir()
+        (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(
+            {"pooling_mode_cls_token": pooling == "cls", "pooling_mode_mean_tokens": pooling == "mean"}))
+        (tmp_path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 24}))
+    return tmp_path
+
+
+SENTENCES = ["a red circle", "the blue square is big", "a small green star on the left", "the star is right .",
+             "a big red square", "blue circle", "the green circle is small", "a star on the right"]
+
+
+def embedding_cosine(student, teacher, tokens=None, images=None) -> float:
+    with torch.no_grad():
+        if tokens is not None:
+            s, t = student.encode_text(tokens), teacher.encode_text(tokens)
+        else:
+            s, t = student.encode_image(images), teacher.encode_image(images)
+    return float(F.cosine_similarity(s, t, dim=-1).mean())
+
+
+# ---------------------------------------------------------------- the loss and the capture
+
+
+def test_hidden_state_loss_is_relative_per_block():
+    t = [torch.ones(2, 3), 100 * torch.ones(2, 3)]
+    s = [torch.ones(2, 3) * 1.1, 100 * torch.ones(2, 3) * 1.1]
+    # both blocks are 10% off: the same relative error, whatever their scale
+    assert torch.allclose(hidden_state_loss(s, t), torch.tensor(0.01))
+    with pytest.raises(ValueError, match="same, non-zero number of hidden states"):
+        hidden_state_loss(s[:1], t)
+    with pytest.raises(ValueError, match="must have the same shape"):
+        hidden_state_loss([torch.ones(2, 4), s[1]], t)
+
+
+def test_encoder_loss_options_are_checked():
+    with pytest.raises(ValueError, match="at least one of embedding_weight, hidden_weight"):
+        EncoderDistillationLoss(0, 0)
+    with pytest.raises(ValueError, match="embedding_kind must be one of"):
+        EncoderDistillationLoss(embedding_kind="l1")
+    with pytest.raises(ValueError, match="hidden_weight must be a number >= 0"):
+        EncoderDistillationLoss(hidden_weight=-1)
+
+
+def test_blocks_are_found_in_every_family(tmp_path):
+    clip = two_block_clip()
+    assert repeated_blocks(clip) == ["visual.transformer.resblocks.0", "visual.transformer.resblocks.1",
+                                     "transformer.resblocks.0", "transformer.resblocks.1"]
+    bert = load_model(f"hf:{tiny_bert(tmp_path)}").model
+    assert repeated_blocks(bert) == ["model.encoder.layer.0", "model.encoder.layer.1"]
+
+
+def test_encoder_outputs_capture_each_tower_blocks_in_order():
+    clip = two_block_clip()
+    images, tokens = tiny_batch(4)
+    outputs = encoder_outputs(clip, {"images": images, "tokens": tokens}, repeated_blocks(clip))
+    assert len(outputs["image"]["hidden"]) == 2 and len(outputs["text"]["hidden"]) == 2
+    assert torch.equal(outputs["text"]["embedding"], clip.encode_text(tokens))
+    # the last text block's output is what ln_final normalizes: [B, T, width]
+    assert outputs["text"]["hidden"][1].shape[-1] == 32
+    objective = EncoderDistillation()
+    loss, parts = objective(clip, clip, {"tokens": tokens})
+    assert float(loss.detach()) < 1e-6 and set(parts) == {"text_embedding", "text_hidden"}
+    with pytest.raises(ValueError, match="batch must be a dict with 'images' and/or 'tokens'"):
+        objective(clip, clip, (images, tokens))
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+def test_distillation_lowers_the_loss_raises_the_cosine_and_exports_what_it_trained(tmp_path):
+    teacher = two_block_clip()
+    images, tokens = tiny_batch(64, seed=1)
+    data = [{"images": images[i:i + 16], "tokens": tokens[i:i + 16]} for i in range(0, 64, 16)]
+    held_images, held_tokens = tiny_batch(32, seed=99)  # not trained on
+    before = pyclipq.prepare_qat(teacher, "ternary")
+    cos_before = embedding_cosine(before, teacher, tokens=held_tokens)
+    result = distill(teacher, data, "ternary", train=TrainConfig(steps=60, lr=3e-3, warmup_steps=5, progress=False,
+                                                                 output_dir=str(tmp_path)))
+    losses = [r["loss"] for r in result.history]
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    assert embedding_cosine(result.student, teacher, tokens=held_tokens) > cos_before + 0.05
+    assert embedding_cosine(result.student, teacher, images=held_images) > embedding_cosine(before, teacher, images=held_images)
+    # the packed model computes what the fake-quant student computed, layer by layer
+    matches = compare_layers(result.student, result.quantized, lambda m: (m.encode_image(held_images), m.encode_text(held_tokens)))
+    assert matches and all(m.ok for m in matches), [m for m in matches if not m.ok]
+    pyclipq.save(result.quantized, tmp_path / "m.safetensors")
+    reloaded = pyclipq.load(tmp_path / "m.safetensors", two_block_clip(seed=5))
+    with torch.no_grad():
+        assert torch.equal(reloaded.encode_text(held_tokens), result.quantized.encode_text(held_tokens))
+
+
+def test_the_fast_fake_quant_is_the_default_only_for_grouped_formats():
+    from pyclipq.configs import resolve_config
+
+    assert fast_fake_quant_default(resolve_config("int2")) and fast_fake_quant_default(resolve_config("int4"))
+    assert not fast_fake_quant_default(resolve_config("ternary")) and not fast_fake_quant_default(resolve_config("int8"))
+
+
+# ---------------------------------------------------------------- text encoders
+
+
+def test_a_bare_hf_encoder_loads_as_a_mean_pooled_text_tower(tmp_path):
+    loaded = load_model(f"hf:{tiny_bert(tmp_path)}")
+    assert loaded.family == "hf-encoder" and loaded.preprocess is None and "mean pooling" in loaded.label
+    tokens = loaded.tokenize(SENTENCES[:3])
+    assert (tokens == 0).any()  # padded to the longest
+    bert = loaded.model.model
+    mask = (tokens != 0).long()
+    hidden = bert(input_ids=tokens, attention_mask=mask).last_hidden_state
+    want = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    assert torch.allclose(loaded.model.encode_text(tokens), want, atol=1e-6)
+    with pytest.raises(ValueError, match="text encoder .* has no image tower"):
+        loaded.model.encode_image(torch.zeros(1, 3, 8, 8))
+    # converts, saves and reloads like any model
+    converted = pyclipq.convert(loaded.model, "int8")
+    pyclipq.save(converted, tmp_path / "int8.safetensors")
+    again = pyclipq.load(tmp_path / "int8.safetensors", load_model(f"hf:{tmp_path}").model)
+    with torch.no_grad():
+        assert torch.equal(again.encode_text(tokens), converted.encode_text(tokens))
+
+
+def test_a_sentence_transformers_directory_sets_pooling_and_length(tmp_path):
+    path = tiny_bert(tmp_path, pooling="cls")
+    assert sentence_transformers_settings(str(path)) == ("cls", 24)
+    loaded = load_model(f"hf:{path}")
+    assert loaded.model.pooling == "cls" and loaded.context_length == 24
+    tokens = loaded.tokenize(["a red circle " * 20])
+    assert tokens.shape[1] == 24
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        SentenceEncoder(loaded.model.model, 0, "avg")
+
+
+# ---------------------------------------------------------------- data
+
+
+def write_images(folder, count, bad=0):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(count):
+        pixels = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+        sub = folder / ("nested" if i % 2 else ".")
+        sub.mkdir(exist_ok=True)
+        Image.fromarray(pixels).save(sub / f"img{i}.png")
+    for i in range(bad):
+        (folder / f"broken{i}.png").write_bytes(b"not a png")
+    return folder
+
+
+def test_unlabelled_sources_give_tokens_images_or_both(tmp_path):
+    tok = tiny_tokenizer()
+    texts = tmp_path / "t.txt"
+    texts.write_text("\n".join(["a red circle", "", "a blue square", "a green star", "a big red square"]) + "\n")
+    batches = list(train_data.unlabelled_batches([str(texts)], tokenizer=tok, transform=None, global_batch=2))
+    assert len(batches) == 2 and set(batches[0]) == {"tokens"}  # 4 texts (blank line skipped), batches of 2
+    folder = write_images(tmp_path / "img", 4)
+
+    def transform(image):
+        return torch.zeros(3, 16, 16)
+
+    images = list(train_data.unlabelled_batches([f"folder:{folder}"], tokenizer=tok, transform=transform, global_batch=2))
+    assert len(images) == 2 and images[0]["images"].shape == (2, 3, 16, 16)
+    both = train_data.unlabelled_batches([str(texts), f"folder:{folder}"], tokenizer=tok, transform=transform, global_batch=2)
+    batch = next(iter(both))
+    assert set(batch) == {"tokens", "images", "skipped"} and len(both) == 2
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("file,text\n" + "".join(f"img/{'nested/' if i % 2 else ''}img{i}.png,a red circle\n" for i in range(4)))
+    pairs = next(iter(train_data.unlabelled_batches([f"csv:{csv}"], tokenizer=tok, transform=transform, global_batch=2,
+                                                     text_column="text", image_column="file")))
+    assert set(pairs) == {"tokens", "images", "skipped"}
+
+
+def test_bad_unlabelled_data_gets_clear_errors(tmp_path):
+    tok = tiny_tokenizer()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="empty.txt holds no text"):
+        train_data.unlabelled_batches([str(empty)], tokenizer=tok, transform=None, global_batch=2)
+    csv = tmp_path / "c.csv"
+    csv.write_text("caption\nhello\n")
+    with pytest.raises(ValueError, match="--text-column: column 'text' not in c.csv"):
+        train_data.unlabelled_batches([f"csv:{csv}"], tokenizer=tok, transform=None, global_batch=1, text_column="text")
+    with pytest.raises(ValueError, match="name the CSV's --text-column, --image-column or both"):
+        train_data.unlabelled_batches([f"csv:{csv}"], tokenizer=tok, transform=None, global_batch=1)
+    folder = write_images(tmp_path / "img", 2)
+    with pytest.raises(ValueError, match="the model has no image tower"):
+        train_data.unlabelled_batches([f"folder:{folder}"], tokenizer=tok, transform=None, global_batch=1)
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ValueError, match="none holds no image"):
+        train_data.unlabelled_batches([f"folder:{tmp_path / 'none'}"], tokenizer=tok, transform=lambda i: i, global_batch=1)
+    with pytest.raises(FileNotFoundError, match="--data: .*missing.txt not found"):
+        train_data.unlabelled_batches([str(tmp_path / "missing.txt")], tokenizer=tok, transform=None, global_batch=1)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def run_cli(*args, cwd=None):
+    proc = subprocess.run([sys.executable, "-m", "pyclipq.cli", "train", "distill", *args], capture_output=True,
+                          text=True, cwd=cwd or "/", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+COMMON = ["--model", "testbed", "--batch-size", "4", "--threads", "1", "--workers", "0", "--no-progress",
+          "--checkpoint-every", "2", "--log-every", "1"]
+
+
+def logged_steps(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("sources", ["texts", "images", "both"])
+def test_the_command_distills_texts_images_or_both(tmp_path, sources):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "star")))
+    folder = write_images(tmp_path / "img", 8, bad=1)
+    data = {"texts": [str(texts)], "images": [f"folder:{folder}"], "both": [str(texts), f"folder:{folder}"]}[sources]
+    out = tmp_path / "run"
+    run_cli(*COMMON, *[a for d in data for a in ("--data", d)], "--format", "int2", "--steps", "3", "--out", str(out))
+    results = json.loads((out / "results.json").read_text())
+    history = logged_steps(out)
+    assert results["recipe"] == "distill-int2" and [r["step"] for r in history] == [1, 2, 3]
+    parts = set(history[0])
+    assert ("text_embedding" in parts) == (sources != "images") and ("image_hidden" in parts) == (sources != "texts")
+    if sources != "texts":
+        assert results["skipped_images"] >= 1  # the broken PNG: counted and skipped
+    reloaded = pyclipq.load(out / "model.safetensors", load_model("testbed").model)
+    assert any(type(m).__name__ == "QuantLinear" for m in reloaded.modules())
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+class StopsAfter:
+    """The batches of `data`, raising after `count` of them in the first epoch (a crashed run)."""
+
+    def __init__(self, data, count):
+        self.data, self.count = data, count
+
+    def __iter__(self):
+        for i, batch in enumerate(self.data):
+            if i == self.count:
+                raise Interrupted()
+            yield batch
+
+
+def test_an_interrupted_distillation_resumes_to_the_same_model(tmp_path):
+    images, tokens = tiny_batch(32, seed=1)
+    data = [{"tokens": tokens[i:i + 8]} for i in range(0, 32, 8)]
+
+    def config(out):
+        return TrainConfig(steps=4, lr=3e-3, checkpoint_every=2, progress=False, output_dir=str(out))
+
+    whole = distill(two_block_clip(), data, "int2", train=config(tmp_path / "whole"))
+    with pytest.raises(Interrupted):
+        distill(two_block_clip(), StopsAfter(data, 2), "int2", train=config(tmp_path / "part"))
+    resumed = distill(two_block_clip(), data, "int2", train=config(tmp_path / "part"), resume=True)
+    assert [r["step"] for r in resumed.history] == [3, 4]
+    for (name, a), b in zip(whole.student.state_dict().items(), resumed.student.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_the_command_resumes_from_its_checkpoint(tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "star")))
+    args = [*COMMON, "--data", str(texts), "--format", "ternary", "--out", str(tmp_path / "run")]
+    run_cli(*args, "--steps", "2")
+    run_cli(*args, "--steps", "4", "--resume")
+    assert [r["step"] for r in logged_steps(tmp_path / "run")] == [1, 2, 3, 4]  # one log, appended on resume
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["loss_last"] is not None
+
+
+def test_the_command_rejects_bad_data(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    proc = subprocess.run([sys.executable, "-m", "pyclipq.cli", "train", "distill", *COMMON, "--data", str(empty),
+                           "--steps", "1", "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=300, cwd="/")
+    assert proc.returncode != 0 and "holds no text" in proc.stderr
