@@ -13,6 +13,7 @@ Model specs:
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,6 @@ def sentence_transformers_settings(path: str) -> tuple[str | None, int | None]:
 
     Its ``modules.json`` names a Pooling module whose ``config.json`` sets the pooling mode;
     ``sentence_bert_config.json`` the max_seq_length the model was trained with."""
-    import json
 
     root = Path(path)
     pooling = max_length = None
