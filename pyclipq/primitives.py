@@ -228,6 +228,30 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, fmt: str | Weight
     return dequantize_levels(formats.as_format(fmt).level(codes).to(torch.float32), scale, k)
 
 
+def rule_latent(codes: torch.Tensor, scale: torch.Tensor, fmt: str | WeightFormat, k: int,
+                threshold_rule: str = "absmean") -> torch.Tensor:
+    """A float32 weight [N, K] that the format's own rule (`quantize_weight`) quantizes back to the
+    weight (codes, scale) dequantize to: where QAT, whose fake-quant applies that rule to its latent
+    weights, starts from a PTQ result (GPTQ codes, searched scales) the rule alone would not find.
+
+    - absmean threshold rule (ternary): levels T times alpha / p per row, p the row's fraction of
+      non-zero levels, so that mean|w| = alpha and w / alpha = T / p rounds (clamped) back to T:
+      exactly the PTQ weight.
+    - absmax formats: the dequantized weight itself. The rule gives back its scale wherever a
+      group holds a level of +-qmax; elsewhere it picks a finer scale, on which int2's levels
+      (no zero level) are the same values and int4's / int8's each within half a finer step.
+    - twice_mean: the dequantized weight (no latent makes twice the mean the scale exactly).
+    """
+    fmt = formats.as_format(fmt)
+    weight = dequantize_codes(codes, scale, fmt, k)
+    if not (fmt.threshold_rule and threshold_rule == "absmean"):
+        return weight
+    levels = fmt.level(codes[:, :k]).to(torch.float32)
+    nonzero = (levels != 0).to(torch.float32).mean(dim=1, keepdim=True)
+    alpha = scale.to(torch.float32).reshape(-1, 1)
+    return torch.where(nonzero > 0, levels * alpha / nonzero.clamp_min(1e-12), torch.zeros_like(levels))
+
+
 # ---------------------------------------------------------------- input transforms (smoothing, rotation)
 
 @functools.lru_cache(maxsize=None)

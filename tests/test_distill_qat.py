@@ -1,5 +1,6 @@
 """Label-free distillation QAT (pyclipq.train.recipes.distill, `pyclipq train distill`): the loss,
 the block capture, the unlabelled data sources, text encoders, the command, resume and errors."""
+import copy
 import json
 import subprocess
 import sys
@@ -137,6 +138,36 @@ def test_distillation_lowers_the_loss_raises_the_cosine_and_exports_what_it_trai
     reloaded = pyclipq.load(tmp_path / "m.safetensors", two_block_clip(seed=5))
     with torch.no_grad():
         assert torch.equal(reloaded.encode_text(held_tokens), result.quantized.encode_text(held_tokens))
+
+
+@pytest.mark.parametrize("fmt", ["ternary", "int2"])
+def test_the_ptq_start_gives_the_student_the_gptq_weights(fmt):
+    from pyclipq.calibrate import calibrate
+    from pyclipq.configs import resolve_config
+    from pyclipq.nn import QuantLinear
+    from pyclipq.nn.packed import unpack_codes
+    from pyclipq.train.fake_quant import FakeQuantLinear
+    from pyclipq.train.qat import latent_from_packed
+
+    model = two_block_clip()
+    images, tokens = tiny_batch(32, seed=2)
+    batches = [{"images": images[i:i + 8], "tokens": tokens[i:i + 8]} for i in range(0, 32, 8)]
+    packed = pyclipq.convert(copy.deepcopy(model), fmt)
+    calibrate(packed, batches, float_model=model, gptq=True, clip_search=True, num_batches=4, progress=False,
+              forward=lambda m, b: encoder_outputs(m, b, None))
+    student = pyclipq.prepare_qat(latent_from_packed(model, packed), resolve_config(fmt))
+    fakes = {n: m for n, m in student.named_modules() if isinstance(m, FakeQuantLinear)}
+    for name, module in packed.named_modules():
+        if isinstance(module, QuantLinear) and not module.layer.is_float:
+            # the fake-quant weight of the latent is the GPTQ weight: its codes, its scales up to
+            # the float rounding of the rule's mean / absmax
+            fake = fakes[name].quantized_weight()
+            codes = unpack_codes(module.packed_weight, fmt)
+            assert torch.equal(fake.levels, module.layer.spec.level(codes).float()), name
+            assert torch.allclose(fake.scale, module.weight_scale, rtol=1e-6, atol=0), name
+    assert embedding_cosine(student, model, tokens=tokens) > embedding_cosine(pyclipq.prepare_qat(model, fmt), model, tokens=tokens)
+    with pytest.raises(ValueError, match="holds no quantized QuantLinear"):
+        latent_from_packed(model, model)
 
 
 def test_the_fast_fake_quant_is_the_default_only_for_grouped_formats():
@@ -304,10 +335,10 @@ def test_an_interrupted_distillation_resumes_to_the_same_model(tmp_path):
     def config(out):
         return TrainConfig(steps=4, lr=3e-3, checkpoint_every=2, progress=False, output_dir=str(out))
 
-    whole = distill(two_block_clip(), data, "int2", train=config(tmp_path / "whole"))
+    whole = distill(two_block_clip(), data, "int2", init="rtn", train=config(tmp_path / "whole"))
     with pytest.raises(Interrupted):
-        distill(two_block_clip(), StopsAfter(data, 2), "int2", train=config(tmp_path / "part"))
-    resumed = distill(two_block_clip(), data, "int2", train=config(tmp_path / "part"), resume=True)
+        distill(two_block_clip(), StopsAfter(data, 2), "int2", init="rtn", train=config(tmp_path / "part"))
+    resumed = distill(two_block_clip(), data, "int2", init="rtn", train=config(tmp_path / "part"), resume=True)
     assert [r["step"] for r in resumed.history] == [3, 4]
     for (name, a), b in zip(whole.student.state_dict().items(), resumed.student.state_dict().values()):
         assert torch.equal(a, b), name

@@ -146,6 +146,10 @@ def distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding-kind", choices=FEATURE_KINDS, default="cosine")
     parser.add_argument("--hidden-weight", type=float, default=1.0,
                         help="weight of the per-block hidden-state term (0: the embedding alone)")
+    parser.add_argument("--init", choices=("ptq", "rtn"), default="ptq",
+                        help="ptq: start from GPTQ + clip-searched scales calibrated on --calibration-batches batches; "
+                             "rtn: from round-to-nearest of the float weights")
+    parser.add_argument("--calibration-batches", type=int, default=8)
     parser.add_argument("--fake-quant", choices=("auto", "exact", "fast"), default="auto",
                         help="fast: F.linear on dequantized operands; exact: the kernels' integer math; "
                              "auto: fast for grouped formats (int4, int2), exact otherwise. The export is exact either way")
@@ -159,8 +163,8 @@ def _run_distill(args, loaded: LoadedModel, train, context: DistributedContext) 
     loss = EncoderDistillationLoss(args.embedding_weight, args.hidden_weight, args.embedding_kind)
     exact = {"auto": None, "exact": True, "fast": False}[args.fake_quant]
     config = config_from_args(args)
-    result = recipes.distill(loaded.model, data, config, train=train, loss=loss, exact=exact, resume=args.resume,
-                             distributed=context)
+    result = recipes.distill(loaded.model, data, config, init=args.init, calibration_batches=args.calibration_batches,
+                             train=train, loss=loss, exact=exact, resume=args.resume, distributed=context)
     model_path = args.out / "model.safetensors"
     if context.is_main:
         pyclipq.save(result.quantized, model_path)

@@ -32,9 +32,19 @@ from ..configs import QuantConfig, resolve_config
 from ..convert import _check_not_converted, plan
 from ..convert import convert as pyclipq_convert
 from ..models import detect_adapter
+from .. import primitives
 from ..nn import QuantLinear
+from ..nn.packed import unpack_codes
 from ..nn.parameter import packed_parameters
-from ..transform import BUILDERS, QAT_HANDLERS, QATHandlers, Target, apply_target, register_qat_handlers
+from ..transform import (
+    BUILDERS,
+    QAT_HANDLERS,
+    QATHandlers,
+    Target,
+    apply_target,
+    float_weight_of_layer,
+    register_qat_handlers,
+)
 from .fake_quant import FakeQuantLinear, FakeQuantParameter, linear_match_tolerance
 
 # The prepared model remembers its config here, so `convert` can replay it.
@@ -194,6 +204,38 @@ def convert_qat(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             if float(act_scales[name]) > 0:
                 module.set_act_scale(act_scales[name])
     return quantized.train(was_training)
+
+
+# ---------------------------------------------------------------- starting from a PTQ result
+
+
+@torch.no_grad()
+def latent_from_packed(float_model: nn.Module, packed: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """A copy of `float_model` (unconverted) whose weights are the latent weights of `packed`'s
+    (a converted copy, say after GPTQ or a scale search): `primitives.rule_latent` of each packed
+    linear's codes and scales, so that `prepare_qat` of the result starts from that PTQ model.
+    Layers with an input transform (smoothing, rotation) are refused: QAT has none."""
+    _check_model(float_model)
+    latent = float_model if inplace else deepcopy_model(float_model)
+    found = 0
+    for name, module in packed.named_modules():
+        if not isinstance(module, QuantLinear) or module.layer.is_float:
+            continue
+        if module.layer.has_input_transform:
+            raise ValueError(f"packed: layer {module.layer_name or name} has an input transform (smoothing or "
+                             "rotation), which QAT does not model; start QAT from a PTQ model without one")
+        weight = float_weight_of_layer(latent, module.layer_name or name)
+        if weight is None or tuple(weight.shape) != (module.out_features, module.in_features):
+            raise ValueError(f"float_model has no float weight of shape {[module.out_features, module.in_features]} "
+                             f"for packed layer {module.layer_name or name!r}: pass the model `packed` was converted from")
+        codes = unpack_codes(module.packed_weight, module.layer.format).cpu()
+        value = primitives.rule_latent(codes, module.weight_scale.cpu(), module.layer.format, module.in_features,
+                                       module.layer.threshold_rule)
+        weight.copy_(value.to(weight.dtype))
+        found += 1
+    if not found:
+        raise ValueError("packed: it holds no quantized QuantLinear (convert a copy of float_model first)")
+    return latent
 
 
 # ---------------------------------------------------------------- checking an export

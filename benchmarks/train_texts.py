@@ -1,0 +1,237 @@
+"""Training texts for label-free distillation on a real text encoder, none of which downloads and none
+of which is an evaluation text of benchmarks/text_corpus.py.
+
+Three corpora (`training_texts(count, seed, corpus)`):
+- "prose": English sentences of the prose shipped with Python itself: the language reference
+  topics (``pydoc_data.topics``, what ``help("if")`` prints) and the docstrings of the standard
+  library's pure-Python modules (read with ``ast``, not imported). A sentence is kept when it has
+  5-40 words and looks like prose (mostly alphabetic words, no code or markup characters).
+- "generated": everyday sentences from frames and word lists written here (people, verbs,
+  places, times) around the ImageNet class names open_clip ships; none of text_corpus.py's
+  word lists.
+- "mixed" (the default): half of each (all of the prose, about 7,000 sentences, when it is short).
+- "templates": text_corpus.py's own generator with other seeds: the evaluation's vocabulary
+  and sentence forms, sentences disjoint from the evaluation's. It measures what in-domain
+  unlabelled text buys, and is reported apart from the other three.
+Every corpus drops the evaluation and calibration sentences; deterministic for a given Python.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import os
+import random
+import re
+import sysconfig
+
+from text_corpus import calibration_sentences, evaluation_pairs, sentence_pairs
+
+CORPORA = ("mixed", "prose", "generated", "templates")
+
+
+# ---------------------------------------------------------------- prose shipped with Python
+
+_SENT_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_BAD = re.compile(r"(>>>|::|\.\.\.|[{}\[\]<>=_`|\\@#$%^*~/]|\(\)|\w\.\w+\(|\bhttps?\b|\bdef\b|\bself\b|\bNone\b|\bTrue\b|\bFalse\b)")
+_WORD = re.compile(r"^[A-Za-z][A-Za-z'\-]*[,;:.!?\")]*$")
+# stdlib directories whose docstrings are tests, vendored code, or non-English
+_SKIP_DIRS = {"test", "tests", "idle_test", "lib2to3", "site-packages", "ensurepip", "__pycache__",
+              "turtledemo", "tkinter", "idlelib", "pydoc_data", "encodings", "config-3.11-x86_64-linux-gnu"}
+
+
+def _paragraphs(text: str):
+    """Prose paragraphs: consecutive non-indented, non-empty lines, joined with spaces."""
+    block: list[str] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or (line[:1] in " \t") or set(stripped) <= set("*=-~^#+"):
+            if block:
+                yield " ".join(block)
+            block = []
+            continue
+        block.append(stripped)
+    if block:
+        yield " ".join(block)
+
+
+def _dedent_docstring(doc: str) -> str:
+    lines = doc.expandtabs().splitlines()
+    indents = [len(l) - len(l.lstrip()) for l in lines[1:] if l.strip()]
+    cut = min(indents) if indents else 0
+    return "\n".join([lines[0].strip()] + [l[cut:] for l in lines[1:]]) if lines else ""
+
+
+def _good(sentence: str) -> bool:
+    words = sentence.split()
+    if not 5 <= len(words) <= 40:
+        return False
+    if not sentence[0].isupper() or sentence[-1] not in ".!?":
+        return False
+    if _BAD.search(sentence):
+        return False
+    if sum(bool(_WORD.match(w)) for w in words) < 0.9 * len(words):
+        return False
+    letters = sum(c.isalpha() for c in sentence)
+    if letters < 0.75 * len(sentence.replace(" ", "")):
+        return False
+    if sentence.count('"') % 2 or sentence.count("(") != sentence.count(")"):
+        return False
+    return True
+
+
+def _sentences(text: str):
+    for paragraph in _paragraphs(text):
+        for s in _SENT_SPLIT.split(paragraph):
+            s = " ".join(s.split())
+            if _good(s):
+                yield s
+
+
+def _topic_texts():
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        yield from _sentences(topics[key])
+
+
+def _stdlib_docstring_texts():
+    root = sysconfig.get_paths()["stdlib"]
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("config-"))
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            try:
+                with open(os.path.join(dirpath, name), encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node, clean=False)
+                    if doc:
+                        yield from _sentences(_dedent_docstring(doc))
+
+
+# ---------------------------------------------------------------- generated everyday sentences
+
+PEOPLE = ["a postman", "my grandmother", "the bus driver", "a teenager", "our landlord", "the mechanic", "a tailor",
+          "the waiter", "my cousin", "a carpenter", "the lifeguard", "a photographer", "the plumber", "an astronaut",
+          "the shopkeeper", "a violinist", "my uncle", "the receptionist", "a sailor", "the veterinarian", "a jogger",
+          "the coach", "a scientist", "my sister", "the mayor", "a poet", "the janitor", "a zookeeper", "the baker",
+          "an accountant", "a surfer", "the pharmacist", "a dentist", "the principal", "my roommate", "a climber"]
+VERBS = ["noticed", "fed", "drew", "chased", "watched", "described", "photographed", "rescued", "washed", "measured",
+         "counted", "sketched", "followed", "admired", "lifted", "moved", "wrapped", "delivered", "polished", "weighed",
+         "studied", "pointed at", "talked about", "laughed at", "searched for", "waited for", "dreamed about"]
+ADJS = ["tiny", "huge", "muddy", "shiny", "sleepy", "striped", "wet", "colourful", "dusty", "fluffy", "rusty",
+        "brand new", "strange", "beautiful", "ugly", "noisy", "quiet", "pale", "dark", "bright", "heavy", "light"]
+WHERE = ["in the backyard", "on the beach", "at the zoo", "in a small flat", "on the rooftop", "in the forest",
+         "beside the river", "at the farm", "in the kitchen", "on a crowded train", "in the parking lot",
+         "at the campsite", "in the library basement", "on the balcony", "at the petrol station", "in the attic",
+         "near the lighthouse", "at the supermarket", "in the desert", "on the island", "at the wedding"]
+WHEN = ["this afternoon", "last spring", "every morning", "on Friday evening", "in the summer", "at midnight",
+        "three weeks ago", "during the holidays", "after school", "before breakfast", "in October", "at noon"]
+FRAMES = [
+    "{P} {V} a {A} {N} {W} {T}.",
+    "{T}, {P} {V} a {A} {N} {W}.",
+    "There was a {A} {N} {W}, and {P} {V} it.",
+    "Have you ever seen a {A} {N} {W}?",
+    "{P} says the {N} {W} looked {A2} {T}.",
+    "A {A} {N} was sitting {W} when {P} arrived.",
+    "{P} {V} the {N} and then went home.",
+    "Nobody expected to find a {N} {W}.",
+    "Is it true that {P} {V} a {N} {T}?",
+    "The picture shows a {A} {N} {W}.",
+    "I think {P} {V} the wrong {N}.",
+    "We heard that a {N} was seen {W} {T}.",
+]
+
+
+@functools.lru_cache(maxsize=None)
+def classnames() -> tuple[str, ...]:
+    """open_clip's ImageNet class names, read from its source as text (open_clip need not import)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    path = os.path.join(os.path.dirname(spec.origin), "zero_shot_metadata.py")
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "IMAGENET_CLASSNAMES":
+            return tuple(ast.literal_eval(node.value))
+    raise RuntimeError("IMAGENET_CLASSNAMES not found")
+
+
+def _generated(count: int, seed: int) -> list[str]:
+    rng = random.Random(1000 + seed)
+    names = classnames()
+    out, seen = [], set()
+    while len(out) < count:
+        s = rng.choice(FRAMES).format(P=rng.choice(PEOPLE), V=rng.choice(VERBS), A=rng.choice(ADJS),
+                                      A2=rng.choice(ADJS), N=rng.choice(names), W=rng.choice(WHERE), T=rng.choice(WHEN))
+        s = re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", lambda m: m.group(1) + "n ", s)
+        s = s[0].upper() + s[1:]
+        if s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+# ---------------------------------------------------------------- the corpora
+
+
+@functools.lru_cache(maxsize=None)
+def _excluded() -> frozenset[str]:
+    """Every text of benchmarks/text_corpus.py's evaluation pairs and calibration sentences, lower-cased."""
+    out = {s.lower() for pair in evaluation_pairs(400) for s in pair}
+    out.update(s.lower() for s in calibration_sentences(2048))
+    return frozenset(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _prose() -> tuple[str, ...]:
+    found = set(_topic_texts()) | set(_stdlib_docstring_texts())
+    return tuple(sorted(s for s in found if s.lower() not in _excluded()))
+
+
+def _templates(count: int, seed: int) -> list[str]:
+    out, seen = [], set()
+    for a, b in sentence_pairs(count, 10_000 + seed):
+        for s in (a, b):
+            if s.lower() not in _excluded() and s not in seen:
+                seen.add(s)
+                out.append(s)
+    return out
+
+
+def training_texts(count: int, seed: int = 0, corpus: str = "mixed") -> list[str]:
+    """`count` distinct training texts of `corpus` (see the module doc), shuffled by `seed`."""
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
+    if corpus == "prose":
+        pool = list(_prose())
+        if count > len(pool):
+            raise ValueError(f"only {len(pool)} prose texts are available, asked for {count}")
+    elif corpus == "generated":
+        pool = [s for s in _generated(count + 2000, seed) if s.lower() not in _excluded()]
+    elif corpus == "templates":
+        pool = _templates(count, seed)
+        while len(pool) < count:
+            pool = _templates(2 * len(pool) + count, seed)
+    else:
+        prose = list(_prose())
+        random.Random(seed).shuffle(prose)
+        prose = prose[:count - count // 2]  # half prose, as far as there is enough
+        pool = prose + training_texts(count - len(prose), seed, "generated")
+    random.Random(seed).shuffle(pool)
+    return pool[:count]
+
+
+if __name__ == "__main__":
+    import time
+
+    for corpus in CORPORA:
+        started = time.perf_counter()
+        texts = training_texts(20000 if corpus != "prose" else 5000, 0, corpus)
+        print(f"{corpus}: {len(texts)} texts in {time.perf_counter() - started:.1f}s, e.g.")
+        for s in texts[:3]:
+            print("   ", s)
