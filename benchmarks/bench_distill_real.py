@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from text_corpus import evaluation_pairs  # noqa: E402
-from train_texts import training_texts  # noqa: E402
+from train_texts import CORPORA, training_texts  # noqa: E402
 
 import pyclipq  # noqa: E402
 from pyclipq.cli.loading import load_model  # noqa: E402
@@ -85,8 +85,9 @@ def text_batches(loaded, texts: list[str], batch: int, seed: int):
 def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]) -> dict:
     config = resolve_config(FORMATS[name])
     exact = {"auto": None, "exact": True, "fast": False}[args.fake_quant]
-    train = TrainConfig(steps=args.steps[name] if isinstance(args.steps, dict) else args.steps, lr=args.lr,
-                        warmup_steps=args.warmup, weight_decay=0.0, progress=False, seed=args.seed)
+    steps = args.steps[name] if isinstance(args.steps, dict) else args.steps
+    train = TrainConfig(steps=steps, lr=args.lr, warmup_steps=min(args.warmup, steps // 10), weight_decay=0.0,
+                        progress=False, seed=args.seed)
     loss = EncoderDistillationLoss(args.embedding_weight, args.hidden_weight)
     model = copy.deepcopy(loaded.model)
     started = time.perf_counter()
@@ -101,8 +102,8 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
               f"(drop {record['r1_drop']:+.1f})  {time.perf_counter() - started:7.0f}s wall", flush=True)
         return record
 
-    result = distill(model, text_batches(loaded, texts, args.batch_size, args.seed), config, train=train, loss=loss,
-                     exact=exact, evaluate=evaluate, evaluate_every=args.eval_every)
+    result = distill(model, text_batches(loaded, texts, args.batch_size, args.seed), config, init=args.init,
+                     train=train, loss=loss, exact=exact, evaluate=evaluate, evaluate_every=args.eval_every)
     packed = evaluation(result.quantized)
     out = args.out / f"{name}.safetensors" if args.out else None
     reload_equal = None
@@ -116,6 +117,7 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
         "curve": result.evaluations, "packed": packed,
         "packed_minus_fake_cos": round(packed["cos"] - result.evaluations[-1]["cos"], 6),
         "reload_equal": reload_equal, "train_seconds": result.evaluations[-1]["seconds"],
+        "init": args.init, "init_seconds": round(result.init_seconds, 1), "corpus": args.corpus,
     }
 
 
@@ -158,12 +160,14 @@ def main(argv=None) -> int:
     parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
     parser.add_argument("--steps", type=int, default=None, help="steps per format (default: --minutes from a measured step)")
     parser.add_argument("--minutes", type=float, default=30.0, help="training time per format, when --steps is not given")
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=50, help="warm-up steps (at most a tenth of the steps)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--embedding-weight", type=float, default=1.0)
     parser.add_argument("--hidden-weight", type=float, default=1.0)
     parser.add_argument("--fake-quant", choices=("auto", "exact", "fast"), default="auto")
+    parser.add_argument("--init", choices=("ptq", "rtn"), default="ptq", help="start from GPTQ + clip search, or RTN")
+    parser.add_argument("--corpus", choices=CORPORA, default="generated", help="training texts (benchmarks/train_texts.py)")
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--texts", type=int, default=20000, help="training texts to draw (at least 5000)")
     parser.add_argument("--threads", type=int, default=2)
@@ -177,7 +181,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     args.model_dir = minilm_path()
     loaded = load_model(f"hf:{args.model_dir}")
-    texts = training_texts(args.texts, args.seed)
+    texts = training_texts(args.texts, args.seed, args.corpus)
     evaluation = Evaluation(loaded)
     overlap = evaluation.sentences & set(texts)
     if overlap or len(texts) < 5000:

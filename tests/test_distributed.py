@@ -77,3 +77,31 @@ def test_two_gloo_ranks_equal_one_process_and_resume_exactly(tmp_path):
         assert torch.equal(result["resumed"][name], value), name
     logs = (tmp_path / "whole" / "train_log.jsonl").read_text().splitlines()
     assert len(logs) == STEPS  # rank 0 alone writes the log
+
+
+def _distill_ranks(rank: int, world: int, store: str, csv, out):
+    """Label-free distillation QAT (recipes.distill) on 2 gloo ranks: each rank saves its student."""
+    from pyclipq.train.recipes import distill
+
+    torch.set_num_threads(1)
+    context = init_distributed("cpu", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        data = train_loader(CaptionPairs.from_csv(csv, T.ToTensor()), GLOBAL_BATCH, PairCollate(tiny_tokenizer()), seed=3)
+        config = TrainConfig(steps=STEPS, lr=3e-3, warmup_steps=1, progress=False, output_dir=str(out), log_every=1)
+        result = distill(tiny_clip(0), data, "int2", init="ptq", calibration_batches=2, train=config,
+                         distributed=context)
+    finally:
+        shutdown_distributed()
+    torch.save({"student": result.student.state_dict(), "history": result.history}, out / f"rank{rank}.pt")
+
+
+def test_distillation_runs_on_two_gloo_ranks_with_replicas_in_step(tmp_path):
+    csv = write_pairs(tmp_path)
+    mp.spawn(_distill_ranks, args=(2, str(tmp_path / "store"), csv, tmp_path), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    # DDP starts every replica from rank 0's weights (each rank calibrated its own PTQ start on its
+    # own batches) and averages the gradients: the replicas stay identical
+    for name, value in ranks[0]["student"].items():
+        assert torch.equal(ranks[1]["student"][name], value), name
+    losses = [r["loss"] for r in ranks[0]["history"]]
+    assert len(losses) == STEPS and losses[-1] < losses[0]

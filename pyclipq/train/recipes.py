@@ -180,7 +180,10 @@ def distill(
     start = ptq_start(model, config, data, calibration_batches) if init == "ptq" and not resuming else model
     init_seconds = time.perf_counter() - started
     student = prepare_qat(start, config, exact=exact)
-    trainer = _trainer(student, data, train, distributed, teacher=teacher, objective=EncoderDistillation(loss))
+    # Parameters a batch does not reach (the logit scale; the image tower on texts alone) get no
+    # gradient: DistributedDataParallel must be told to look for them.
+    ddp = {"find_unused_parameters": True} if distributed is not None else {}
+    trainer = _trainer(student, data, train, distributed, teacher=teacher, objective=EncoderDistillation(loss), **ddp)
     checkpoint = trainer.checkpoint_path()
     if resume and checkpoint is not None and checkpoint.is_file():
         trainer.load_checkpoint()
