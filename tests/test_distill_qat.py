@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,16 +20,11 @@ from pyclipq.train.qat import compare_layers
 from pyclipq.train.recipes import distill, fast_fake_quant_default
 from pyclipq.train.trainer import EncoderDistillation, encoder_outputs
 
-from train_helpers import CONTEXT, tiny_batch, tiny_tokenizer
+from train_helpers import tiny_batch, tiny_clip, tiny_tokenizer
 
 
-def two_block_clip(seed: int = 0) -> open_clip.model.CLIP:
-    torch.manual_seed(seed)
-    return open_clip.model.CLIP(
-        embed_dim=32,
-        vision_cfg={"image_size": 16, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
-        text_cfg={"context_length": CONTEXT, "vocab_size": tiny_tokenizer().vocab_size, "width": 32, "heads": 2, "layers": 2},
-    ).eval()
+def two_block_clip(seed: int = 0):
+    return tiny_clip(seed, layers=2).eval()
 
 
 def tiny_bert(tmp_path, pooling: str | None = None):

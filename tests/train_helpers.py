@@ -15,12 +15,13 @@ def tiny_tokenizer() -> WordTokenizer:
     return WordTokenizer(WORDS, CONTEXT)
 
 
-def tiny_clip(seed: int = 0) -> open_clip.model.CLIP:
+def tiny_clip(seed: int = 0, layers: int = 1) -> open_clip.model.CLIP:
     torch.manual_seed(seed)
     return open_clip.model.CLIP(
         embed_dim=32,
-        vision_cfg={"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-        text_cfg={"context_length": CONTEXT, "vocab_size": tiny_tokenizer().vocab_size, "width": 32, "heads": 2, "layers": 1},
+        vision_cfg={"image_size": 16, "patch_size": 8, "width": 32, "layers": layers, "head_width": 16},
+        text_cfg={"context_length": CONTEXT, "vocab_size": tiny_tokenizer().vocab_size, "width": 32, "heads": 2,
+                  "layers": layers},
     )
 
 
