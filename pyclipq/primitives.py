@@ -228,6 +228,21 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, fmt: str | Weight
     return dequantize_levels(formats.as_format(fmt).level(codes).to(torch.float32), scale, k)
 
 
+def clamp_to_scales(weight: torch.Tensor, fmt: str | WeightFormat, scale: torch.Tensor, group_size: int = 0) -> torch.Tensor:
+    """`weight` [N, K] with each channel / K group clamped to +-qmax * its scale: the format's absmax
+    rule then gives back `scale` (or a smaller one where nothing was clipped), and the weights
+    inside the clip keep their unrounded values."""
+    fmt = formats.as_format(fmt)
+    if fmt.threshold_rule:
+        raise ValueError(f"format {fmt.name!r} sets its scale from the mean, not the max: clamping cannot choose it")
+    w = _padded(weight.to(torch.float32))
+    n, k_pad = w.shape
+    g = 1 if scale.dim() == 1 else scale.shape[1]
+    bound = (scale.to(torch.float32).reshape(n, g, 1) * fmt.qmax)
+    clamped = torch.maximum(torch.minimum(w.view(n, g, k_pad // g), bound), -bound).view(n, k_pad)
+    return clamped[:, : weight.shape[1]]
+
+
 def rule_latent(codes: torch.Tensor, scale: torch.Tensor, fmt: str | WeightFormat, k: int,
                 threshold_rule: str = "absmean") -> torch.Tensor:
     """A float32 weight [N, K] that the format's own rule (`quantize_weight`) quantizes back to the

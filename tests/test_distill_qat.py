@@ -164,6 +164,31 @@ def test_the_ptq_start_gives_the_student_the_gptq_weights(fmt):
         latent_from_packed(model, model)
 
 
+def test_the_clip_start_gives_max_scaled_formats_their_weight_mse_scales():
+    from pyclipq.calibrate.weights import observed_weight_scales
+    from pyclipq.train.fake_quant import FakeQuantLinear
+    from pyclipq.train.qat import clip_latent_weights_
+    from pyclipq.transform import float_weight_of_layer
+
+    model = two_block_clip()
+    student = pyclipq.prepare_qat(model, "int2")
+    assert clip_latent_weights_(student) > 0
+    for name, module in student.named_modules():
+        if isinstance(module, FakeQuantLinear) and not module.layer.is_float:
+            float_weight = float_weight_of_layer(model, name)
+            omse = observed_weight_scales(float_weight, "int2", 64, "omse")
+            # the format's absmax rule on the clipped latent gives the OMSE scale (or less, where
+            # nothing needed clipping), and unclipped weights keep their float values
+            scale = module.quantized_weight().scale
+            assert bool((scale <= omse * (1 + 1e-6)).all()) and torch.allclose(scale.max(), omse.max(), rtol=1e-6)
+            bound = 3 * omse.repeat_interleave(64, dim=1)[:, :float_weight.shape[1]]
+            assert torch.equal(module.weight, torch.maximum(torch.minimum(float_weight, bound), -bound))
+    ternary = pyclipq.prepare_qat(model, "ternary")
+    assert clip_latent_weights_(ternary) == 0  # the mean sets ternary's scale: nothing to clip
+    with pytest.raises(ValueError, match="must be prepared for QAT"):
+        clip_latent_weights_(model)
+
+
 def test_the_fast_fake_quant_is_the_default_only_for_grouped_formats():
     from pyclipq.configs import resolve_config
 

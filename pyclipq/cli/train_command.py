@@ -36,7 +36,7 @@ from .loading import LoadedModel, config_from_args, load_model
 
 # `pyclipq train distill`: the defaults of benchmarks/bench_distill_real.py's measurements
 # on all-MiniLM-L6-v2 (README, "Distillation QAT"), for 2 vCPUs and about 30 minutes.
-DISTILL_DEFAULTS = {"steps": 2000, "lr": 5e-4, "batch": 32}
+DISTILL_DEFAULTS = {"steps": 2000, "lr": 1e-3, "batch": 16}
 
 
 def wants_own_data(argv: list[str]) -> bool:
@@ -146,9 +146,10 @@ def distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding-kind", choices=FEATURE_KINDS, default="cosine")
     parser.add_argument("--hidden-weight", type=float, default=1.0,
                         help="weight of the per-block hidden-state term (0: the embedding alone)")
-    parser.add_argument("--init", choices=("ptq", "rtn"), default="ptq",
-                        help="ptq: start from GPTQ + clip-searched scales calibrated on --calibration-batches batches; "
-                             "rtn: from round-to-nearest of the float weights")
+    parser.add_argument("--init", choices=("auto", "clip", "ptq", "rtn"), default="auto",
+                        help="where the student starts: rtn (the float weights), clip (clamped to weight-MSE-optimal "
+                             "scales), ptq (GPTQ + clip search on --calibration-batches batches); auto: rtn for "
+                             "ternary, clip for int8/int4/int2")
     parser.add_argument("--calibration-batches", type=int, default=8)
     parser.add_argument("--fake-quant", choices=("auto", "exact", "fast"), default="auto",
                         help="fast: F.linear on dequantized operands; exact: the kernels' integer math; "

@@ -33,6 +33,7 @@ from ..convert import _check_not_converted, plan
 from ..convert import convert as pyclipq_convert
 from ..models import detect_adapter
 from .. import primitives
+from ..calibrate.weights import observed_weight_scales
 from ..nn import QuantLinear
 from ..nn.packed import unpack_codes
 from ..nn.parameter import packed_parameters
@@ -236,6 +237,28 @@ def latent_from_packed(float_model: nn.Module, packed: nn.Module, *, inplace: bo
     if not found:
         raise ValueError("packed: it holds no quantized QuantLinear (convert a copy of float_model first)")
     return latent
+
+
+@torch.no_grad()
+def clip_latent_weights_(student: nn.Module, observer: str = "omse") -> int:
+    """In place, on a prepared student: clamp the latent weight of every FakeQuantLinear whose format
+    takes its scale from the max (int8, int4, int2) to +-qmax times the `observer`'s scale, per
+    channel or group (OMSE: the weight-MSE-optimal clip). The format rule then starts QAT at those
+    scales while the clipped latent keeps its unrounded values; no data is needed. Threshold-rule
+    layers (ternary) are left as they are. Returns how many layers were clipped."""
+    if not is_prepared(student):
+        raise ValueError("student must be prepared for QAT (pyclipq.prepare_qat returns one)")
+    clipped = 0
+    for module in student.modules():
+        spec = module.layer.spec if isinstance(module, FakeQuantLinear) else None
+        if spec is None or spec.threshold_rule:
+            continue
+        group_size = module.layer.group_size if spec.grouped else 0
+        weight = module.weight
+        scale = observed_weight_scales(weight, spec, group_size, observer)
+        weight.copy_(primitives.clamp_to_scales(weight, spec, scale.to(weight.device), group_size).to(weight.dtype))
+        clipped += 1
+    return clipped
 
 
 # ---------------------------------------------------------------- checking an export
