@@ -88,7 +88,7 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
     steps = args.steps[name] if isinstance(args.steps, dict) else args.steps
     train = TrainConfig(steps=steps, lr=args.lr, warmup_steps=min(args.warmup, steps // 10), weight_decay=0.0,
                         progress=False, seed=args.seed)
-    loss = EncoderDistillationLoss(args.embedding_weight, args.hidden_weight)
+    loss = EncoderDistillationLoss(args.embedding_weight, args.hidden_weight, hidden_blocks=args.hidden_blocks)
     model = copy.deepcopy(loaded.model)
     started = time.perf_counter()
 
@@ -165,6 +165,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--embedding-weight", type=float, default=1.0)
     parser.add_argument("--hidden-weight", type=float, default=1.0)
+    parser.add_argument("--hidden-blocks", choices=("all", "last"), default="all")
     parser.add_argument("--fake-quant", choices=("auto", "exact", "fast"), default="auto")
     parser.add_argument("--init", choices=("auto", "clip", "ptq", "rtn"), default="auto",
                         help="where the student starts (pyclipq.train.recipes.distill)")

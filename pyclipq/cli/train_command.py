@@ -25,7 +25,7 @@ import torch.distributed as dist
 import pyclipq
 
 from ..configs import QuantConfig
-from ..train.distill import FEATURE_KINDS, EncoderDistillationLoss
+from ..train.distill import FEATURE_KINDS, HIDDEN_BLOCKS, EncoderDistillationLoss
 from ..embed import cpu_threads_per_process
 from ..eval import imagenet_templates
 from .. import data as train_data
@@ -145,7 +145,9 @@ def distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding-weight", type=float, default=1.0, help="weight of the output-embedding term")
     parser.add_argument("--embedding-kind", choices=FEATURE_KINDS, default="cosine")
     parser.add_argument("--hidden-weight", type=float, default=1.0,
-                        help="weight of the per-block hidden-state term (0: the embedding alone)")
+                        help="weight of the hidden-state term (0: the embedding alone)")
+    parser.add_argument("--hidden-blocks", choices=HIDDEN_BLOCKS, default="all",
+                        help="match every transformer block's output, or the last block's only")
     parser.add_argument("--init", choices=("auto", "clip", "ptq", "rtn"), default="auto",
                         help="where the student starts: rtn (the float weights), clip (clamped to weight-MSE-optimal "
                              "scales), ptq (GPTQ + clip search on --calibration-batches batches); auto: rtn for "
@@ -161,7 +163,7 @@ def _run_distill(args, loaded: LoadedModel, train, context: DistributedContext) 
         args.data, tokenizer=loaded.tokenize, transform=loaded.preprocess, global_batch=args.batch_size,
         text_column=args.text_column, image_column=args.image_column, workers=args.workers, seed=args.seed,
         strict=args.strict_images, shuffle_buffer=args.shuffle_buffer)
-    loss = EncoderDistillationLoss(args.embedding_weight, args.hidden_weight, args.embedding_kind)
+    loss = EncoderDistillationLoss(args.embedding_weight, args.hidden_weight, args.embedding_kind, args.hidden_blocks)
     exact = {"auto": None, "exact": True, "fast": False}[args.fake_quant]
     config = config_from_args(args)
     result = recipes.distill(loaded.model, data, config, init=args.init, calibration_batches=args.calibration_batches,

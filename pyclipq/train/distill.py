@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 FEATURE_KINDS = ("cosine", "mse")
+HIDDEN_BLOCKS = ("all", "last")
 
 
 def _check_features(name: str, features: torch.Tensor) -> None:
@@ -174,8 +175,11 @@ class EncoderDistillationLoss:
     embedding_weight: float = 1.0
     hidden_weight: float = 1.0
     embedding_kind: str = "cosine"
+    hidden_blocks: str = "all"  # "all": every block's output; "last": the last block's only
 
     def __post_init__(self):
+        if self.hidden_blocks not in HIDDEN_BLOCKS:
+            raise ValueError(f"hidden_blocks must be one of {list(HIDDEN_BLOCKS)}, got {self.hidden_blocks!r}")
         for name in ("embedding_weight", "hidden_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0:
@@ -200,7 +204,8 @@ class EncoderDistillationLoss:
                 parts[f"{tower}_embedding"] = feature_loss(s["embedding"], t["embedding"], self.embedding_kind)
                 total = total + self.embedding_weight * parts[f"{tower}_embedding"]
             if self.hidden_weight > 0 and t["hidden"]:  # a tower may have no repeated blocks
-                parts[f"{tower}_hidden"] = hidden_state_loss(s["hidden"], t["hidden"])
+                pick = slice(None) if self.hidden_blocks == "all" else slice(-1, None)
+                parts[f"{tower}_hidden"] = hidden_state_loss(s["hidden"][pick], t["hidden"][pick])
                 total = total + self.hidden_weight * parts[f"{tower}_hidden"]
             totals.append(total)
         return torch.stack(totals).mean(), parts
