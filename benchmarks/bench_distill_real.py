@@ -38,7 +38,7 @@ from pyclipq.configs import resolve_config  # noqa: E402
 from pyclipq.data import TextCollate, Texts, train_loader  # noqa: E402
 from pyclipq.train import TrainConfig  # noqa: E402
 from pyclipq.train.distill import EncoderDistillationLoss  # noqa: E402
-from pyclipq.train.recipes import distill, fast_fake_quant_default  # noqa: E402
+from pyclipq.train.recipes import default_lr, distill, fast_fake_quant_default  # noqa: E402
 from pyclipq.train.trainer import EncoderDistillation, Trainer  # noqa: E402
 
 FORMATS = {"ternary": "ternary", "int2": "int2", "int4": "int4"}  # presets: ternary, int2 g64, int4 g128 W4A8
@@ -86,7 +86,7 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
     config = resolve_config(FORMATS[name])
     exact = {"auto": None, "exact": True, "fast": False}[args.fake_quant]
     steps = args.steps[name] if isinstance(args.steps, dict) else args.steps
-    train = TrainConfig(steps=steps, lr=args.lr, warmup_steps=min(args.warmup, steps // 10), weight_decay=0.0,
+    train = TrainConfig(steps=steps, lr=args.lr or default_lr(config), warmup_steps=min(args.warmup, steps // 10), weight_decay=0.0,
                         progress=False, seed=args.seed)
     loss = EncoderDistillationLoss(args.embedding_weight, args.hidden_weight, hidden_blocks=args.hidden_blocks)
     model = copy.deepcopy(loaded.model)
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
     parser.add_argument("--steps", type=int, default=None, help="steps per format (default: --minutes from a measured step)")
     parser.add_argument("--minutes", type=float, default=30.0, help="training time per format, when --steps is not given")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=None, help="default: the format's (recipes.default_lr)")
     parser.add_argument("--warmup", type=int, default=50, help="warm-up steps (at most a tenth of the steps)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--embedding-weight", type=float, default=1.0)

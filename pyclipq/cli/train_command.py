@@ -16,7 +16,8 @@ import itertools
 import json
 import shlex
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -36,36 +37,43 @@ from .loading import LoadedModel, config_from_args, load_model
 
 # `pyclipq train distill`: the defaults of benchmarks/bench_distill_real.py's measurements
 # on all-MiniLM-L6-v2 (README, "Distillation QAT"), for 2 vCPUs and about 30 minutes.
-DISTILL_DEFAULTS = {"steps": 2000, "lr": 1e-3, "batch": 16}
+DISTILL_DEFAULTS = {"steps": 2000, "lr": None, "batch": 16}  # lr None: recipes.default_lr of the format
 
 
 def wants_own_data(argv: list[str]) -> bool:
     return any(a == "--data" or a.startswith("--data=") for a in argv)
 
 
-def _arguments(parser: argparse.ArgumentParser, recipe: str) -> None:
+def _unlabelled_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", action="append", required=True, metavar="SOURCE",
+                        help="unlabelled data, once per source: texts (FILE.txt, one a line, or csv:FILE with "
+                             "--text-column), images (folder:DIR, searched recursively, wds:SHARDS, or csv:FILE "
+                             "with --image-column), or one CSV with both columns (image-text rows)")
+    parser.add_argument("--text-column", default=None, help="CSV column of texts")
+    parser.add_argument("--image-column", default=None, help="CSV column of image paths (relative to the CSV)")
+    parser.add_argument("--shuffle-buffer", type=int, default=1000, help="webdataset sample shuffle buffer")
+
+
+def _pair_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True,
+                        help="image-caption pairs: csv:FILE (.csv/.tsv) or wds:SHARDS (a folder of .tar, a brace pattern)")
+    parser.add_argument("--image-column", default="image", help="CSV column of image paths (relative to the CSV)")
+    parser.add_argument("--caption-column", default="caption", help="CSV column of captions")
+    parser.add_argument("--shuffle-buffer", type=int, default=1000, help="webdataset sample shuffle buffer")
+
+
+def _labelled_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="labelled images: imagefolder:DIR (one sub-folder per class)")
+    parser.add_argument("--classnames", type=Path, default=None,
+                        help="a text file, one class name a line in the folders' sorted order (default: the folder names)")
+    parser.add_argument("--templates", type=Path, default=None,
+                        help="a text file of prompt templates with {} (default: the ImageNet templates)")
+
+
+def _arguments(parser: argparse.ArgumentParser, data_arguments) -> None:
     parser.add_argument("--model", required=True, help="open_clip name, hf:<id|dir>, openai:<file>, testbed")
     parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint path")
-    if recipe == "distill":
-        parser.add_argument("--data", action="append", required=True, metavar="SOURCE",
-                            help="unlabelled data, once per source: texts (FILE.txt, one a line, or csv:FILE with "
-                                 "--text-column), images (folder:DIR, searched recursively, wds:SHARDS, or csv:FILE "
-                                 "with --image-column), or one CSV with both columns (image-text rows)")
-        parser.add_argument("--text-column", default=None, help="CSV column of texts")
-        parser.add_argument("--image-column", default=None, help="CSV column of image paths (relative to the CSV)")
-        parser.add_argument("--shuffle-buffer", type=int, default=1000, help="webdataset sample shuffle buffer")
-    elif recipe == "ternary":
-        parser.add_argument("--data", required=True,
-                            help="image-caption pairs: csv:FILE (.csv/.tsv) or wds:SHARDS (a folder of .tar, a brace pattern)")
-        parser.add_argument("--image-column", default="image", help="CSV column of image paths (relative to the CSV)")
-        parser.add_argument("--caption-column", default="caption", help="CSV column of captions")
-        parser.add_argument("--shuffle-buffer", type=int, default=1000, help="webdataset sample shuffle buffer")
-    else:
-        parser.add_argument("--data", required=True, help="labelled images: imagefolder:DIR (one sub-folder per class)")
-        parser.add_argument("--classnames", type=Path, default=None,
-                            help="a text file, one class name a line in the folders' sorted order (default: the folder names)")
-        parser.add_argument("--templates", type=Path, default=None,
-                            help="a text file of prompt templates with {} (default: the ImageNet templates)")
+    data_arguments(parser)
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers per process (decode + preprocess)")
     parser.add_argument("--strict-images", action="store_true", help="stop at a bad image instead of skipping it")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -175,7 +183,25 @@ def _run_distill(args, loaded: LoadedModel, train, context: DistributedContext) 
             "skipped_images": _total(result.trainer.skipped, context)}
 
 
-RECIPES = {"ternary": _run_ternary, "p4q": _run_p4q, "distill": _run_distill}
+@dataclass(frozen=True)
+class Recipe:
+    """One `pyclipq train` recipe on the user's data: its options, training defaults and run."""
+
+    data_arguments: Callable[[argparse.ArgumentParser], None]
+    recipe_arguments: Callable[[argparse.ArgumentParser], None]
+    training: dict  # steps, lr, batch: the defaults of training_arguments
+    run: Callable
+    needs_images: bool = True  # the model must have an image tower (preprocessing)
+
+
+RECIPES = {
+    "ternary": Recipe(_pair_data_arguments, testbed_recipes.ternary_arguments, {"steps": 1000, "lr": 1e-4, "batch": 256},
+                      _run_ternary),
+    # --lr: the QAdapter's AdamW rate
+    "p4q": Recipe(_labelled_data_arguments, testbed_recipes.p4q_arguments, {"steps": 600, "lr": 3e-3, "batch": 128},
+                  _run_p4q),
+    "distill": Recipe(_unlabelled_data_arguments, distill_arguments, DISTILL_DEFAULTS, _run_distill, needs_images=False),
+}
 
 
 def _total(count: int, context: DistributedContext) -> int:
@@ -190,18 +216,14 @@ def run_own_data(recipe: str, argv: list[str]) -> dict:
     """`pyclipq train RECIPE --model ... --data ...` (see the module doc); rank 0 writes results.json."""
     parser = argparse.ArgumentParser(prog=f"pyclipq train {recipe}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    if recipe == "ternary":
-        testbed_recipes.ternary_arguments(parser)
-        testbed_recipes.training_arguments(parser, steps=1000, lr=1e-4, batch=256)
-    elif recipe == "p4q":
-        testbed_recipes.p4q_arguments(parser)
-        testbed_recipes.training_arguments(parser, steps=600, lr=3e-3, batch=128)  # --lr: the QAdapter's AdamW rate
-    else:
-        distill_arguments(parser)
-        testbed_recipes.training_arguments(parser, **DISTILL_DEFAULTS)
-    _arguments(parser, recipe)
+    chosen = RECIPES[recipe]
+    chosen.recipe_arguments(parser)
+    testbed_recipes.training_arguments(parser, **chosen.training)
+    _arguments(parser, chosen.data_arguments)
     parser.set_defaults(threads=None)  # this machine's CPUs shared by its processes (the test bed's default is 1)
     args = parser.parse_args(argv)
+    if args.lr is None:  # distill: the measured rate of the format
+        args.lr = recipes.default_lr(config_from_args(args))
     context = init_distributed(args.device)
     try:
         torch.set_num_threads(args.threads or cpu_threads_per_process(context.local_world_size))
@@ -210,10 +232,10 @@ def run_own_data(recipe: str, argv: list[str]) -> dict:
         args.device, args.precision = str(context.device), precision
         train = testbed_recipes.train_config(args)
         loaded = load_model(args.model, args.pretrained)
-        if loaded.preprocess is None and recipe != "distill":
+        if loaded.preprocess is None and chosen.needs_images:
             raise ValueError(f"--model: {loaded.label} has no image preprocessing (the {recipe} recipe trains on images)")
         started = time.perf_counter()
-        results = RECIPES[recipe](args, loaded, train, context)
+        results = chosen.run(args, loaded, train, context)
         barrier()
     finally:
         shutdown_distributed()
