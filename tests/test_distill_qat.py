@@ -17,7 +17,7 @@ from pyclipq.models.base import repeated_blocks
 from pyclipq.train import TrainConfig
 from pyclipq.train.distill import EncoderDistillationLoss, hidden_state_loss
 from pyclipq.train.qat import compare_layers
-from pyclipq.train.recipes import distill, fast_fake_quant_default
+from pyclipq.train.recipes import default_init, default_lr, distill, fast_fake_quant_default
 from pyclipq.train.trainer import EncoderDistillation, encoder_outputs
 
 from train_helpers import tiny_batch, tiny_clip, tiny_tokenizer
@@ -194,6 +194,11 @@ def test_the_fast_fake_quant_is_the_default_only_for_grouped_formats():
 
     assert fast_fake_quant_default(resolve_config("int2")) and fast_fake_quant_default(resolve_config("int4"))
     assert not fast_fake_quant_default(resolve_config("ternary")) and not fast_fake_quant_default(resolve_config("int8"))
+    # the measured defaults: ternary from RTN at 1e-3, int2 clipped at 1e-3, int4 clipped at 2e-4
+    assert [default_init(resolve_config(f)) for f in ("ternary", "int2", "int4")] == ["rtn", "clip", "clip"]
+    assert [default_lr(resolve_config(f)) for f in ("ternary", "int2", "int4", "int8")] == [1e-3, 1e-3, 2e-4, 2e-4]
+    with pytest.raises(ValueError, match="init must be one of"):
+        distill(two_block_clip(), [], "int2", init="gptq")
 
 
 # ---------------------------------------------------------------- text encoders
