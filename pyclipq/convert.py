@@ -17,7 +17,7 @@ from torch import nn
 
 from .configs import QuantConfig, resolve_config
 from .models import Adapter, detect_adapter
-from .models.base import patch_embeddings_as_matmul_
+from .models.base import fuse_blocks_, patch_embeddings_as_matmul_
 from .nn import PackedParameter, PackedWeight
 from .nn.parameter import packed_parameters
 from .transform import (
@@ -56,6 +56,8 @@ class ConversionReport:
     float_linears_left: list[tuple[str, int]] = field(default_factory=list)  # (module, linears in it)
     bytes_before: int = 0  # model state in memory, before and after
     bytes_after: int = 0
+    fused_blocks: list[str] = field(default_factory=list)  # blocks run as fused CPU ops (pyclipq.nn.FusedBlock)
+    unfused_blocks: list[tuple[str, str]] = field(default_factory=list)  # (block, why it runs unfused)
 
     def linears(self, prefix: str = "", quantized_only: bool = True) -> dict[str, int]:
         """Converted linears per kind under `prefix` (q, k and v of a packed in_proj count as 3)."""
@@ -233,11 +235,15 @@ def _check_not_converted(model: nn.Module) -> None:
         raise ValueError("model is already converted (it holds packed parameters); convert a float model")
 
 
-def convert(model: nn.Module, config: "str | QuantConfig" = "int8") -> nn.Module:
+def convert(model: nn.Module, config: "str | QuantConfig" = "int8", *, fuse_blocks: bool = True) -> nn.Module:
     """Quantize `model` in place and return it.
 
     config: a QuantConfig or one of the preset names in pyclipq.configs.PRESETS
     ("int8", "int4", "int2", "ternary", "ternary-qffn", "ternary-qall", ...).
+    fuse_blocks: wrap each transformer block whose linears all took integer activations in a
+    pyclipq.nn.FusedBlock (the whole block as seven fused CPU ops in inference; the original
+    block's forward in training, under autograd, off the CPU and while a hook watches a layer
+    inside). It changes no weight and no state-dict key.
     The report (a ConversionReport: converted linears per kind, sizes before and
     after, what stayed float and why) is recorded as ``model.pyclipq_report``.
     """
@@ -264,6 +270,8 @@ def convert(model: nn.Module, config: "str | QuantConfig" = "int8") -> nn.Module
                     target.sub_name(sub), target.kinds[sub], weight.layer.format, weight.layer.activation,
                     target.linear_count(sub), float_sizes[sub], quant_bytes, weight.layer.is_float,
                 ))
+    if fuse_blocks:
+        report.fused_blocks, report.unfused_blocks = fuse_blocks_(model, adapter)
     report.bytes_after = state_nbytes(model)
     report.float_linears_left = [
         (name, n) for name, module in model.named_modules() if (n := float_linears(module, adapter))

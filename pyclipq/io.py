@@ -30,7 +30,7 @@ from . import formats, ops
 from ._version import __version__
 from .configs import CONFIG_VERSION
 from .models import detect_adapter
-from .models.base import class_path, patch_embeddings_as_matmul_
+from .models.base import class_path, fuse_blocks_, patch_embeddings_as_matmul_
 from .nn import PackedWeight
 from .transform import BUILDERS, Target, TargetError, apply_target, targets_in_model
 
@@ -301,4 +301,5 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise ArchitectureMismatchError(f"{path!r} does not fit this model's state: {e}") from None
+    fuse_blocks_(model, detect_adapter(model))  # as convert does: a runtime choice, nothing saved
     return model

@@ -675,7 +675,9 @@ void vnni_hadamard(const float* x, float* y, int64_t rows, int64_t k, int64_t bl
 
 const KernelTable& avx512_vnni_kernels() {
   static const KernelTable table{"avx512_vnni", vnni_quantize_rows, vnni_gemm, vnni_linear, {kTileRows * 64, 16 * kTilePanels, 48 * 1024},
-                                 vnni_hadamard};
+                                 vnni_hadamard,
+                                 false,
+                                 &avx512_block_kernels()};
   return table;
 }
 

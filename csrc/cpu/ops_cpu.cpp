@@ -6,6 +6,9 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cmath>
+#include <string>
+#include <vector>
 
 #include "op_checks.h"
 #include "op_entry_points.h"
@@ -162,17 +165,27 @@ at::Tensor integer_gemm(WeightKind kind, const at::Tensor& x_q, const at::Tensor
   return grouped_output ? out : out.view({m, n});
 }
 
-at::Tensor fused_linear(WeightKind kind, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
-                        int64_t group_size, const std::optional<at::Tensor>& bias,
-                        const std::optional<at::Tensor>& act_scale, const std::optional<at::Tensor>& tile_weight,
-                        const char* op) {
-  const GemmShape shape = check_fused_linear_args(kCPU, kind, x, weight, weight_scale, group_size, bias, tile_weight, op);
-  const int64_t n = shape.n, k_pad = shape.k_pad;
-  QuantizedActivation a = quantize(x, group_size, act_scale, op);
-  const int64_t m = a.q.size(0);
+// What a linear does after its GEMM besides scales and bias: an activation, a residual added,
+// and the output dtype (the kernel's own epilogue writes fp32 into `y`, or straight into the
+// output when nothing follows).
+struct AfterGemm {
+  Activation act = Activation::None;
+  at::Tensor residual;  // [M, N] contiguous, or undefined
+  at::ScalarType out_dtype = at::kFloat;
+};
+
+// y [M, N] = (x_q W^T) * scales + bias, then `after` per task on the tile it just wrote (still
+// in cache), for quantized activations `a`.
+at::Tensor run_linear(WeightKind kind, const QuantizedActivation& a, const at::Tensor& weight,
+                      const at::Tensor& weight_scale, int64_t group_size, int64_t k_pad,
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& tile_weight,
+                      const AfterGemm& after, const at::TensorOptions& options) {
+  const int64_t m = a.q.size(0), n = weight.size(0);
   at::Tensor bias_f32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  // written in x's dtype by the kernel itself: no fp32 intermediate for bf16/fp16 inputs
-  at::Tensor y = at::empty({m, n}, x.options());
+  const bool post = after.act != Activation::None || after.residual.defined();
+  at::Tensor y = at::empty({m, n}, options.dtype(after.out_dtype));
+  // the kernel's own epilogue writes the output dtype when nothing follows it; else fp32 first
+  at::Tensor y_kernel = !post || after.out_dtype == at::kFloat ? y : at::empty({m, n}, options.dtype(at::kFloat));
   const KernelTable& kt = active_kernels();
   const GemmProblem p{kind,
                       m,
@@ -184,15 +197,199 @@ at::Tensor fused_linear(WeightKind kind, const at::Tensor& x, const at::Tensor& 
                       weight.data_ptr(),
                       tile_weight.has_value() && kt.reads_tile_layout ? tile_weight->data_ptr() : nullptr};
   const LinearEpilogue e{a.scale.data_ptr<float>(), weight_scale.data_ptr<float>(),
-                         bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr, y.data_ptr(),
-                         float_type(y.scalar_type())};
+                         bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr, y_kernel.data_ptr(),
+                         float_type(y_kernel.scalar_type())};
+  const RowsEpilogue re{after.act,
+                        after.residual.defined() ? after.residual.data_ptr() : nullptr,
+                        after.residual.defined() ? float_type(after.residual.scalar_type()) : FloatType::F32,
+                        n,
+                        y.data_ptr(),
+                        float_type(y.scalar_type()),
+                        n};
+  const float* y32 = post ? y_kernel.data_ptr<float>() : nullptr;
+  const size_t out_bytes = y.element_size(), res_bytes = after.residual.defined() ? after.residual.element_size() : 0;
   for_each_task(kt.tasks, m, n, weight_row_bytes(kind, k_pad),
                 [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, const NextColumns* next) {
                   kt.linear(p, e, m0, m1, n0, n1, next);
+                  if (!post) return;
+                  RowsEpilogue tile = re;
+                  const int64_t offset = m0 * n + n0;
+                  tile.out = static_cast<char*>(re.out) + offset * out_bytes;
+                  if (re.residual) tile.residual = static_cast<const char*>(re.residual) + offset * res_bytes;
+                  kt.block->epilogue_rows(y32 + offset, n, m1 - m0, n1 - n0, tile);
                 });
+  return y;
+}
+
+at::Tensor fused_linear(WeightKind kind, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                        int64_t group_size, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& act_scale, const std::optional<at::Tensor>& tile_weight,
+                        const char* op) {
+  const GemmShape shape = check_fused_linear_args(kCPU, kind, x, weight, weight_scale, group_size, bias, tile_weight, op);
+  QuantizedActivation a = quantize(x, group_size, act_scale, op);
+  AfterGemm after;
+  after.out_dtype = x.scalar_type();  // written in x's dtype by the kernel itself
+  at::Tensor y = run_linear(kind, a, weight, weight_scale, group_size, shape.k_pad, bias, tile_weight, after, x.options());
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = n;
+  out_shape.back() = shape.n;
   return y.view(out_shape);
+}
+
+// ---------------------------------------------------------------- transformer-block ops
+
+WeightKind kind_from_name(const std::string& name, const char* op) {
+  for (int k = 0; k < 4; ++k)
+    if (name == traits(static_cast<WeightKind>(k)).name) return static_cast<WeightKind>(k);
+  TORCH_CHECK(false, op, ": format must be one of int8, int4, int2, ternary, got '", name, "'");
+}
+
+Activation activation_from_name(const std::string& name, const char* op) {
+  if (name == "none") return Activation::None;
+  if (name == "gelu") return Activation::Gelu;
+  if (name == "quick_gelu") return Activation::QuickGelu;
+  TORCH_CHECK(false, op, ": activation must be 'none', 'gelu' (erf form) or 'quick_gelu', got '", name, "'");
+}
+
+// An optional per-channel float32 vector of length k (LayerNorm weight or bias), contiguous.
+at::Tensor channel_vector(const std::optional<at::Tensor>& t, int64_t k, const at::Tensor& x, const char* name,
+                          const char* op) {
+  if (!t.has_value()) return at::Tensor();
+  check_beside(x, *t, kCPU, name, op);
+  TORCH_CHECK(t->is_floating_point() && t->dim() == 1 && t->size(0) == k, op, ": ", name,
+              " must be a floating-point vector of x's K = ", k, " channels, got ", t->scalar_type(), " of shape ",
+              t->sizes());
+  return t->to(at::kFloat).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_quantize(const at::Tensor& x,
+                                                                   const std::optional<at::Tensor>& weight,
+                                                                   const std::optional<at::Tensor>& bias, double eps,
+                                                                   int64_t group_size, int64_t rotation_block,
+                                                                   const std::optional<at::Tensor>& act_scale) {
+  const char* op = "pyclipq.layer_norm_quantize";
+  check_quantize_args(kCPU, x, group_size, act_scale, op);
+  const int64_t k = x.size(-1), k_pad = padded_k(k), m = x.numel() / k, groups = num_groups(k_pad, group_size);
+  TORCH_CHECK(eps > 0 && std::isfinite(eps), op, ": eps must be finite and > 0, got ", eps);
+  TORCH_CHECK(rotation_block >= 1 && (rotation_block & (rotation_block - 1)) == 0 && k % rotation_block == 0, op,
+              ": rotation_block must be 1 (none) or a power of 2 dividing K = ", k, ", got ", rotation_block);
+  const at::Tensor w = channel_vector(weight, k, x, "weight", op), b = channel_vector(bias, k, x, "bias", op);
+  const at::Tensor rows = x.reshape({m, k}).to(at::kFloat).contiguous();
+  QuantizedActivation out{at::empty({m, k_pad}, x.options().dtype(at::kChar)), at::empty({m}, x.options().dtype(at::kFloat)),
+                          at::empty({m, groups}, x.options().dtype(at::kInt))};
+  float static_scale = 0.0f;
+  if (act_scale.has_value()) {
+    static_scale = act_scale->item<float>();
+    TORCH_CHECK(std::isfinite(static_scale) && static_scale > 0.0f, op,
+                ": act_scale must be finite and > 0 (was the layer calibrated?), got ", static_scale);
+  }
+  const KernelTable& kt = active_kernels();
+  std::atomic<int64_t> bad_row{-1};
+  const float* xp = rows.data_ptr<float>();
+  const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  at::parallel_for(0, m, kRowsPerTask, [&](int64_t r0, int64_t r1) {
+    // the task's rows normalized (and rotated) into a buffer that stays in L1/L2, then quantized
+    std::vector<float> buf((r1 - r0) * k);
+    for (int64_t r = r0; r < r1; ++r) kt.block->layer_norm_row(xp + r * k, k, wp, bp, static_cast<float>(eps), buf.data() + (r - r0) * k);
+    if (rotation_block > 1) kt.hadamard(buf.data(), buf.data(), r1 - r0, k, rotation_block);
+    const int64_t bad = kt.quantize_rows(buf.data(), FloatType::F32, k, r1 - r0, k, k_pad, group_size,
+                                         act_scale.has_value() ? &static_scale : nullptr,
+                                         out.q.data_ptr<int8_t>() + r0 * k_pad, out.scale.data_ptr<float>() + r0,
+                                         out.sums.data_ptr<int32_t>() + r0 * groups);
+    if (bad >= 0) {
+      int64_t cur = bad_row.load();
+      while ((cur < 0 || r0 + bad < cur) && !bad_row.compare_exchange_weak(cur, r0 + bad)) {
+      }
+    }
+  });
+  TORCH_CHECK(bad_row.load() < 0, op, ": x contains NaN or Inf (row ", bad_row.load(),
+              " of the flattened input), or its LayerNorm does");
+  return {out.q, out.scale, out.sums};
+}
+
+at::Tensor quantized_linear(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& x_sums,
+                            const at::Tensor& weight, const at::Tensor& weight_scale, c10::string_view format,
+                            int64_t group_size, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& tile_weight, c10::string_view activation,
+                            const std::optional<at::Tensor>& residual, std::optional<at::ScalarType> out_dtype) {
+  const char* op = "pyclipq.quantized_linear";
+  const WeightKind kind = kind_from_name(std::string(format), op);
+  const GemmShape s = check_integer_gemm_args(kCPU, kind, x_q, x_sums, weight, group_size, op);
+  if (kind == WeightKind::Int8) {  // the fused path reads the row sums for int8 too
+    check_beside(x_q, x_sums, kCPU, "x_sums", op);
+    check_group_sums(x_sums, s.m, s.groups, op);
+  }
+  check_beside(x_q, x_scale, kCPU, "x_scale", op);
+  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.dim() == 1 && x_scale.size(0) == s.m &&
+                  x_scale.is_contiguous(),
+              op, ": x_scale must be a contiguous float32 [M] = [", s.m, "] vector of row scales, got ",
+              x_scale.scalar_type(), " of shape ", x_scale.sizes());
+  check_beside(x_q, weight_scale, kCPU, "weight_scale", op);
+  check_weight_scale(weight_scale, s.n, s.groups, op);
+  check_bias(bias, s.n, op);
+  if (bias.has_value()) check_beside(x_q, *bias, kCPU, "bias", op);
+  check_tile_weight(kCPU, kind, tile_weight, x_q, s.n, s.k_pad, op);
+  AfterGemm after;
+  after.act = activation_from_name(std::string(activation), op);
+  after.out_dtype = out_dtype.value_or(at::kFloat);
+  TORCH_CHECK(after.out_dtype == at::kFloat || after.out_dtype == at::kBFloat16 || after.out_dtype == at::kHalf, op,
+              ": out_dtype must be float32, bfloat16 or float16, got ", after.out_dtype);
+  if (residual.has_value()) {
+    check_beside(x_q, *residual, kCPU, "residual", op);
+    TORCH_CHECK(residual->scalar_type() == at::kFloat || residual->scalar_type() == at::kBFloat16 ||
+                    residual->scalar_type() == at::kHalf,
+                op, ": residual must be float32, bfloat16 or float16, got ", residual->scalar_type());
+    TORCH_CHECK(residual->dim() >= 1 && residual->size(-1) == s.n && residual->numel() == s.m * s.n, op,
+                ": residual must hold [M, N] = [", s.m, ", ", s.n, "] elements with N last, got shape ",
+                residual->sizes());
+    after.residual = residual->reshape({s.m, s.n}).contiguous();
+  }
+  const QuantizedActivation a{x_q, x_scale, x_sums};
+  return run_linear(kind, a, weight, weight_scale, group_size, s.k_pad, bias, tile_weight, after, x_q.options());
+}
+
+at::Tensor attention(const at::Tensor& qkv_in, int64_t num_heads, const std::optional<at::Tensor>& mask_in,
+                     bool causal, std::optional<double> scale) {
+  const char* op = "pyclipq.attention";
+  check_device_type(qkv_in, kCPU, "qkv", op);
+  TORCH_CHECK(qkv_in.scalar_type() == at::kFloat, op, ": qkv must be float32, got ", qkv_in.scalar_type());
+  TORCH_CHECK(qkv_in.dim() == 3, op, ": qkv must be 3-D [B, T, 3 * embed_dim], got shape ", qkv_in.sizes());
+  TORCH_CHECK(num_heads >= 1 && qkv_in.size(2) % (3 * num_heads) == 0, op,
+              ": qkv's last dimension must be 3 * num_heads * head_dim, got ", qkv_in.size(2), " for num_heads = ",
+              num_heads);
+  const at::Tensor qkv = qkv_in.contiguous();
+  const int64_t batch = qkv.size(0), tokens = qkv.size(1), width = qkv.size(2) / 3, head_dim = width / num_heads;
+  at::Tensor mask;
+  int64_t sb = 0, sh = 0, si = 0;
+  if (mask_in.has_value()) {
+    check_beside(qkv, *mask_in, kCPU, "mask", op);
+    TORCH_CHECK(mask_in->scalar_type() == at::kFloat, op,
+                ": mask must be an additive float32 mask (convert bool masks first), got ", mask_in->scalar_type());
+    const auto& ms = mask_in->sizes();
+    const bool two_d = mask_in->dim() == 2 && ms[0] == tokens && ms[1] == tokens;
+    const bool four_d = mask_in->dim() == 4 && (ms[0] == 1 || ms[0] == batch) && (ms[1] == 1 || ms[1] == num_heads) &&
+                        ms[2] == tokens && ms[3] == tokens;
+    TORCH_CHECK(two_d || four_d, op, ": mask must be [T, T] or [B or 1, heads or 1, T, T] with T = ", tokens,
+                ", B = ", batch, ", heads = ", num_heads, ", got shape ", ms);
+    mask = mask_in->contiguous();
+    si = tokens;
+    if (four_d) {
+      sh = ms[1] == 1 ? 0 : tokens * tokens;
+      sb = ms[0] == 1 ? 0 : ms[1] * tokens * tokens;
+    }
+  }
+  at::Tensor out = at::empty({batch, tokens, width}, qkv.options());
+  const float sc = scale.has_value() ? static_cast<float>(*scale) : 1.0f / std::sqrt(static_cast<float>(head_dim));
+  const AttentionProblem p{qkv.data_ptr<float>(), batch, tokens, num_heads, head_dim, 3 * width, sc,
+                           mask.defined() ? mask.data_ptr<float>() : nullptr, sb, sh, si, causal,
+                           out.data_ptr<float>(), width};
+  const KernelTable& kt = active_kernels();
+  const int64_t scratch = attention_scratch_floats(tokens, head_dim);
+  at::parallel_for(0, batch * num_heads, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf(scratch);
+    for (int64_t t = t0; t < t1; ++t) kt.block->attention_head(p, t / num_heads, t % num_heads, buf.data());
+  });
+  return out;
 }
 
 // ---------------------------------------------------------------- input rotation
@@ -318,6 +515,9 @@ TORCH_LIBRARY_IMPL(pyclipq, CPU, m) {
   m.impl("pack_trits", &pack_trits);
   m.impl("unpack_trits", &unpack_trits);
   m.impl("hadamard_rotate", &hadamard_rotate);
+  m.impl("layer_norm_quantize", &layer_norm_quantize);
+  m.impl("quantized_linear", &quantized_linear);
+  m.impl("attention", &attention);
 }
 
 }  // namespace pyclipq::cpu

@@ -11,7 +11,9 @@ from __future__ import annotations
 from torch import nn
 
 from ..nn import PatchConv2d
-from ..nn.attention import unsupported_reason
+from ..nn.attention import QuantMultiheadAttention, unsupported_reason
+from ..nn.linear import QuantLinear
+from ..nn.fused_block import BlockParts, FusedBlock, fuse_block
 from ..transform import existing_module
 
 # ------------------------------------------------------------------ adapters
@@ -59,6 +61,27 @@ class Adapter:
     def patch_embedding_applies(self, model: nn.Module) -> bool:
         return True
 
+    def block_parts(self, module: nn.Module) -> BlockParts | None:
+        """Where `module` keeps the parts of a pre-LN transformer block, or None when it is none.
+
+        The layout open_clip's and OpenAI's ResidualAttentionBlock share: ``ln_1``, ``attn`` (a
+        converted nn.MultiheadAttention), ``ln_2``, ``mlp.c_fc``, ``mlp.gelu`` (nn.GELU or QuickGELU),
+        ``mlp.c_proj``, and no layer scale (``ls_1`` / ``ls_2`` absent or identities). OpenAI's block
+        keeps its mask as the attribute ``attn_mask``; open_clip's takes it as an argument.
+        """
+        mlp = getattr(module, "mlp", None)
+        if not (isinstance(getattr(module, "attn", None), QuantMultiheadAttention) and isinstance(mlp, nn.Sequential)
+                and all(hasattr(mlp, n) for n in ("c_fc", "gelu", "c_proj"))
+                and all(hasattr(module, n) for n in ("ln_1", "ln_2"))):
+            return None
+        if any(not isinstance(getattr(module, n, nn.Identity()), nn.Identity) for n in ("ls_1", "ls_2")):
+            return None  # layer scale: not in the fused epilogue
+        if len(mlp) != 3:
+            return None
+        return BlockParts("ln_1", "attn", "ln_2", "mlp.c_fc", "mlp.c_proj", activation_name(mlp.gelu),
+                          sequence_first=not module.attn.batch_first,
+                          mask_attribute="attn_mask" if "attn_mask" in vars(module) else None)
+
     def linear_kind(self, name: str) -> str:
         if name in self.projection_linears:
             return "projection"
@@ -98,10 +121,38 @@ def patch_embeddings_as_matmul_(model: nn.Module, adapter: Adapter) -> list[str]
             if (conv := existing_module(model, n, nn.Conv2d)) is not None and PatchConv2d.swap_in_(conv)]
 
 
+def activation_name(module: nn.Module) -> str:
+    """The fused epilogue's name for an activation module: "gelu" (nn.GELU, erf form), "quick_gelu"
+    (open_clip's and OpenAI's QuickGELU), else its class name (which does not fuse)."""
+    if isinstance(module, nn.GELU):
+        return "gelu" if module.approximate == "none" else f"gelu(approximate={module.approximate!r})"
+    return "quick_gelu" if type(module).__name__ == "QuickGELU" else type(module).__name__
+
+
+def fuse_blocks_(model: nn.Module, adapter: Adapter) -> tuple[list[str], list[tuple[str, str]]]:
+    """Wrap every converted transformer block of `model` that fuses in a FusedBlock, in place:
+    (names of the fused blocks, [(block name, why it stays unfused)]). The state dict, the module
+    names and training behaviour are unchanged (FusedBlock runs the original block whenever the
+    fused CPU path does not apply)."""
+    fused, unfused = [], []
+    for name in repeated_blocks(model):
+        block = model.get_submodule(name)
+        if isinstance(block, FusedBlock):
+            continue
+        new, reason = fuse_block(block, adapter.block_parts(block))
+        if reason is not None:
+            unfused.append((name, reason))
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        fused.append(name)
+    return fused, unfused
+
+
 def repeated_blocks(model: nn.Module) -> list[str]:
     """The names of `model`'s transformer blocks, in order: the children of an nn.ModuleList (or of
     an nn.Sequential of two or more) whose children all share one class and each hold at least two
-    nn.Linear (BERT's ``encoder.layer``, open_clip's and OpenAI's ``resblocks``, Hugging Face CLIP's
+    linear (nn.Linear or packed QuantLinear; BERT's ``encoder.layer``, open_clip's and OpenAI's ``resblocks``, Hugging Face CLIP's
     ``layers``).
     Label-free distillation matches the student's block outputs to the teacher's by these names."""
     names = []
@@ -110,9 +161,9 @@ def repeated_blocks(model: nn.Module) -> list[str]:
                                                                              and len(module) >= 2):
             continue
         children = list(module.named_children())
-        if len({type(child) for _, child in children}) != 1:
+        if len({type(child.unfused if isinstance(child, FusedBlock) else child) for _, child in children}) != 1:
             continue
-        if all(sum(isinstance(m, nn.Linear) for m in child.modules()) >= 2 for _, child in children):
+        if all(sum(isinstance(m, (nn.Linear, QuantLinear)) for m in child.modules()) >= 2 for _, child in children):
             prefix = f"{name}." if name else ""
             names += [prefix + child_name for child_name, _ in children]
     return names

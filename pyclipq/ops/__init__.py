@@ -207,3 +207,41 @@ def hadamard_rotate(x: torch.Tensor, block: int, *, backend: str | None = None) 
         if backend is None:  # no triton: the same product through torch
             return primitives.rotate_blocks(x, block)
     return _route("hadamard_rotate", x, _rows(x), backend)(x, block)
+
+
+# ------------------------------------------------------------------ transformer-block ops (CPU kernels)
+
+def _cpu_only(op: str, t: torch.Tensor) -> None:
+    if t.device.type != "cpu":
+        raise ValueError(f"pyclipq.ops.{op} runs on CPU tensors only (the fused transformer block is a CPU "
+                         f"path), got a tensor on {t.device}")
+
+
+def layer_norm_quantize(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                        group_size: int = 0, rotation_block: int = 1, act_scale: torch.Tensor | None = None):
+    """LayerNorm(x) -> [block-Hadamard rotation] -> per-token int8, in one pass over each row:
+    the (x_q, x_scale, x_sums) that ``quantize_per_token(layer_norm(x))`` gives (within float rounding
+    of the LayerNorm: a code may differ by 1 where a value sits on a rounding boundary)."""
+    _cpu_only("layer_norm_quantize", x)
+    return _ops.layer_norm_quantize(x, weight, bias, float(eps), group_size, rotation_block, act_scale)
+
+
+def quantized_linear(fmt: formats.WeightFormat | str, x_q, x_scale, x_sums, weight, weight_scale, group_size: int = 0,
+                     bias=None, tile_weight=None, *, activation: str = "none", residual: torch.Tensor | None = None,
+                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[M, N] = act((x_q W^T) * scales + bias) + residual for quantized activations (x_q, x_scale,
+    x_sums) from ``quantize_per_token`` or ``layer_norm_quantize``; activation "none", "gelu" (erf) or
+    "quick_gelu"; the result in out_dtype (float32 by default). The integer part is the fused linear's."""
+    _cpu_only("quantized_linear", x_q)
+    fmt = formats.as_format(fmt)
+    return _ops.quantized_linear(x_q, x_scale, x_sums, weight, weight_scale, fmt.name, group_size if fmt.grouped else 0,
+                                 bias, tile_weight, activation, residual, out_dtype)
+
+
+def attention(qkv: torch.Tensor, num_heads: int, mask: torch.Tensor | None = None, causal: bool = False,
+              scale: float | None = None) -> torch.Tensor:
+    """Multi-head self-attention on packed projections: qkv [B, T, 3 E] (q | k | v, heads contiguous
+    within each) -> [B, T, E], one call for every head. mask: additive float32 [T, T] or
+    [B or 1, heads or 1, T, T]; causal adds the upper-triangle -inf; scale defaults to head_dim^-0.5."""
+    _cpu_only("attention", qkv)
+    return _ops.attention(qkv, num_heads, mask, causal, scale)

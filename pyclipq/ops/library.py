@@ -35,6 +35,12 @@ SCHEMAS = {
     "unpack_trits": "unpack_trits(Tensor packed, int k) -> Tensor",
     # input rotation (QuantLinear's LayerConfig.rotation): x times diag(H_b, ..., H_b), H_b orthonormal
     "hadamard_rotate": "hadamard_rotate(Tensor x, int block) -> Tensor",
+    # transformer-block ops (CPU): LayerNorm -> [rotation] -> per-token quantization in one pass;
+    # a linear on quantized activations with an activation, a residual and the output dtype in its
+    # epilogue; the multi-head self-attention core on the packed q | k | v projections
+    "layer_norm_quantize": "layer_norm_quantize(Tensor x, Tensor? weight, Tensor? bias, float eps, int group_size, int rotation_block=1, Tensor? act_scale=None) -> (Tensor, Tensor, Tensor)",
+    "quantized_linear": "quantized_linear(Tensor x_q, Tensor x_scale, Tensor x_sums, Tensor weight, Tensor weight_scale, str format, int group_size, Tensor? bias=None, Tensor? tile_weight=None, str activation=\"none\", Tensor? residual=None, ScalarType? out_dtype=None) -> Tensor",
+    "attention": "attention(Tensor qkv, int num_heads, Tensor? mask=None, bool causal=False, float? scale=None) -> Tensor",
 }
 
 for _schema in SCHEMAS.values():
@@ -113,6 +119,23 @@ def _(codes, k):
 @torch.library.register_fake(f"{NAMESPACE}::unpack_trits")
 def _(packed, k):
     return packed.new_empty((packed.shape[0], formats.padded_k(k)), dtype=torch.uint8)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::layer_norm_quantize")
+def _(x, weight, bias, eps, group_size, rotation_block=1, act_scale=None):
+    return torch.ops.pyclipq.quantize_per_token.default(x, group_size, act_scale)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::quantized_linear")
+def _(x_q, x_scale, x_sums, weight, weight_scale, format, group_size, bias=None, tile_weight=None,
+      activation="none", residual=None, out_dtype=None):
+    _check_same_device("quantized_linear", x_q, weight=weight, weight_scale=weight_scale, residual=residual)
+    return x_q.new_empty((x_q.shape[0], weight.shape[0]), dtype=out_dtype or torch.float32)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::attention")
+def _(qkv, num_heads, mask=None, causal=False, scale=None):
+    return qkv.new_empty((qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3))
 
 
 @torch.library.register_fake(f"{NAMESPACE}::hadamard_rotate")

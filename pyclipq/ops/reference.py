@@ -100,3 +100,60 @@ unpack_trits = formats.unpack_trits_reference
 def hadamard_rotate(x, block):
     """x times diag(H_b, ..., H_b) (orthonormal Sylvester-Hadamard), computed in float64, in x's dtype."""
     return rotate_blocks(x.double(), block).to(x.dtype)
+
+
+# ------------------------------------------------------------------ transformer-block ops
+
+ACTIVATIONS = ("none", "gelu", "quick_gelu")
+
+
+def activate(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """The epilogue activations: GELU in its erf form (nn.GELU()), QuickGELU x sigmoid(1.702 x)."""
+    if activation == "gelu":
+        return torch.nn.functional.gelu(y)
+    if activation == "quick_gelu":
+        return y * torch.sigmoid(1.702 * y)
+    if activation == "none":
+        return y
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def layer_norm_quantize(x, weight, bias, eps, group_size, rotation_block=1, act_scale=None):
+    """LayerNorm in float32 (torch's), the optional block-Hadamard rotation, then per-token quantization."""
+    y = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(),
+                                       None if bias is None else bias.float(), eps)
+    if rotation_block > 1:
+        y = rotate_blocks(y.double(), rotation_block).float()
+    return quantize_per_token(y, group_size, act_scale)
+
+
+_GEMMS = {formats.INT8: lambda x_q, sums, w, g: int8_gemm(x_q, w), formats.INT4: int4_gemm,
+          formats.INT2: int2_gemm, formats.TERNARY: lambda x_q, sums, w, g: ternary_gemm(x_q, sums, w)}
+
+
+def quantized_linear(x_q, x_scale, x_sums, weight, weight_scale, format, group_size, bias=None, tile_weight=None,
+                     activation="none", residual=None, out_dtype=None):
+    """The integer GEMM and float64 epilogue of the fused linears, then the activation and the residual
+    in float32 (as the kernel's epilogue), cast to out_dtype (float32 by default)."""
+    fmt = formats.as_format(format)
+    acc = _GEMMS[fmt](x_q, x_sums, weight, group_size)
+    y = _epilogue(x_q.new_empty((x_q.shape[0], 1), dtype=torch.float32), acc, x_scale, weight_scale, bias,
+                  weight.shape[0])
+    y = activate(y, activation)
+    if residual is not None:
+        y = y + residual.float().reshape(y.shape)
+    return y.to(out_dtype or torch.float32)
+
+
+def attention(qkv, num_heads, mask=None, causal=False, scale=None):
+    """softmax(q k^T * scale + mask [+ causal]) v per head, in float64, on qkv [B, T, 3 E] -> [B, T, E]."""
+    batch, tokens, three_e = qkv.shape
+    e = three_e // 3
+    q, k, v = qkv.double().view(batch, tokens, 3, num_heads, e // num_heads).permute(2, 0, 3, 1, 4)
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else (e // num_heads) ** -0.5)
+    if mask is not None:
+        scores = scores + mask.double()
+    if causal:
+        scores = scores.masked_fill(torch.ones(tokens, tokens, dtype=torch.bool).triu(1), float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with every key masked: zeros
+    return (weights @ v).transpose(1, 2).reshape(batch, tokens, e).to(qkv.dtype)

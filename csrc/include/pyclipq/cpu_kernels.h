@@ -75,6 +75,62 @@ struct TaskShape {
 // channels, as a fast Walsh-Hadamard transform (log2(block) butterfly stages, then 1/sqrt(block)).
 using HadamardFn = void (*)(const float* x, float* y, int64_t rows, int64_t k, int64_t block);
 
+// ------------------------------------------------------------------ the ops around the linears
+// A transformer block's float work between its GEMMs (csrc/cpu/block_kernels.h, one copy per ISA).
+
+enum class Activation : int { None = 0, Gelu = 1, QuickGelu = 2 };  // GELU: the erf form; QuickGELU: x sigmoid(1.702 x)
+
+// y[0, k) = LayerNorm(x[0, k)) with optional affine weight and bias (nullptr: 1 and 0); y may be x.
+using LayerNormRowFn = void (*)(const float* x, int64_t k, const float* weight, const float* bias, float eps, float* y);
+
+// out[r, c] = act(y[r, c]) + residual[r, c] for `rows` x `cols` elements (row strides ld_*), out
+// written as out_type; residual (read as residual_type) may be nullptr; out may be y (fp32).
+struct RowsEpilogue {
+  Activation act;
+  const void* residual;
+  FloatType residual_type;
+  int64_t ld_residual;
+  void* out;
+  FloatType out_type;
+  int64_t ld_out;
+};
+using EpilogueRowsFn = void (*)(const float* y, int64_t ld_y, int64_t rows, int64_t cols, const RowsEpilogue& e);
+
+// Multi-head self-attention on the packed projections of one layer: qkv [B, T, 3 H d] (row
+// stride ld_qkv floats, q | k | v, head h at columns h d), out [B, T, H d] (row stride ld_out):
+// out_h = softmax(q_h k_h^T * scale + mask [+ causal]) v_h. mask: additive, element [b, h, i, j] at
+// mask[b * mask_sb + h * mask_sh + i * mask_si + j] (a stride 0 broadcasts), or nullptr. A row
+// whose keys are all masked gets zeros.
+struct AttentionProblem {
+  const float* qkv;
+  int64_t batch, tokens, heads, head_dim, ld_qkv;
+  float scale;
+  const float* mask;
+  int64_t mask_sb, mask_sh, mask_si;
+  bool causal;
+  float* out;
+  int64_t ld_out;
+};
+// Floats of scratch one (b, h) task needs.
+inline int64_t attention_scratch_floats(int64_t tokens, int64_t head_dim) {
+  const int64_t padded = (tokens + 15) / 16 * 16;
+  return padded * (head_dim + 8) + 64;
+}
+using AttentionHeadFn = void (*)(const AttentionProblem& p, int64_t b, int64_t h, float* scratch);
+
+struct BlockKernels {
+  const char* isa;
+  LayerNormRowFn layer_norm_row;
+  EpilogueRowsFn epilogue_rows;
+  AttentionHeadFn attention_head;
+};
+
+const BlockKernels& scalar_block_kernels();
+#if defined(__x86_64__) || defined(_M_X64)
+const BlockKernels& avx2_block_kernels();
+const BlockKernels& avx512_block_kernels();
+#endif
+
 struct KernelTable {
   const char* isa;
   QuantizeRowsFn quantize_rows;
@@ -85,6 +141,8 @@ struct KernelTable {
   // Whether GemmProblem::tile_weight saves this table work: callers that keep weights for many
   // calls (QuantLinear) prepack them into the tile layout once when it does.
   bool reads_tile_layout = false;
+  // LayerNorm, epilogues and the attention core at this table's vector width.
+  const BlockKernels* block = nullptr;
 };
 
 const KernelTable& scalar_kernels();

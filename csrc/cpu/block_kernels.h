@@ -1,0 +1,412 @@
+// The float work of a transformer block between its GEMMs: LayerNorm rows, the fused linears'
+// activation + residual epilogue, and the multi-head attention core (cpu_kernels.h declares
+// the interface). Written once over a vector type V and instantiated per ISA by
+// block_kernels_{scalar,avx2,avx512}.cpp, each compiled with its own flags. Everything has
+// internal linkage, so no wide code can leak into a narrower table through the linker (ODR).
+//
+// V provides: T (the vector), W (lanes), load/store (unaligned), set1, add/sub/mul/div, fma,
+// max/min, hsum/hmax, exp (exp(-inf) = 0; below -87.3 gives 0), erf, copysign(a, b).
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "kernels_portable.h"
+#include "pyclipq/cpu_kernels.h"
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace pyclipq::cpu {
+namespace {
+
+// ------------------------------------------------------------------ vector types
+
+struct ScalarVec {
+  using T = float;
+  static constexpr int W = 1;
+  static T load(const float* p) { return *p; }
+  static void store(float* p, T v) { *p = v; }
+  static T set1(float v) { return v; }
+  static T add(T a, T b) { return a + b; }
+  static T sub(T a, T b) { return a - b; }
+  static T mul(T a, T b) { return a * b; }
+  static T div(T a, T b) { return a / b; }
+  static T fma(T a, T b, T c) { return a * b + c; }
+  static T max(T a, T b) { return std::max(a, b); }
+  static T min(T a, T b) { return std::min(a, b); }
+  static float hsum(T v) { return v; }
+  static float hmax(T v) { return v; }
+  static T exp(T v) { return std::exp(v); }
+  static T erf(T v) { return std::erf(v); }
+};
+
+// erf by Abramowitz and Stegun 7.1.26 (absolute error <= 1.5e-7): 1 - poly(t) t exp(-x^2),
+// t = 1 / (1 + p |x|), with the sign of x.
+template <class V>
+inline typename V::T erf_as(typename V::T x, typename V::T abs_x) {
+  using T = typename V::T;
+  const T t = V::div(V::set1(1.0f), V::fma(V::set1(0.3275911f), abs_x, V::set1(1.0f)));
+  T p = V::set1(1.061405429f);
+  p = V::fma(p, t, V::set1(-1.453152027f));
+  p = V::fma(p, t, V::set1(1.421413741f));
+  p = V::fma(p, t, V::set1(-0.284496736f));
+  p = V::fma(p, t, V::set1(0.254829592f));
+  const T e = V::exp(V::mul(V::mul(abs_x, abs_x), V::set1(-1.0f)));
+  return V::copysign(V::sub(V::set1(1.0f), V::mul(V::mul(p, t), e)), x);
+}
+
+// exp by Cephes' expf polynomial after n = round(x log2 e): e^x = 2^n e^r, |r| <= ln2 / 2
+// (relative error about 2e-7 where the result is normal).
+template <class V>
+inline typename V::T exp_reduced(typename V::T x, typename V::T* n_out) {
+  using T = typename V::T;
+  x = V::min(V::max(x, V::set1(-87.3f)), V::set1(88.3f));
+  const T n = V::round(V::mul(x, V::set1(1.44269504088896341f)));
+  T r = V::fma(n, V::set1(-0.693359375f), x);
+  r = V::fma(n, V::set1(2.12194440e-4f), r);
+  T p = V::set1(1.9875691500e-4f);
+  p = V::fma(p, r, V::set1(1.3981999507e-3f));
+  p = V::fma(p, r, V::set1(8.3334519073e-3f));
+  p = V::fma(p, r, V::set1(4.1665795894e-2f));
+  p = V::fma(p, r, V::set1(1.6666665459e-1f));
+  p = V::fma(p, r, V::set1(5.0000001201e-1f));
+  *n_out = n;
+  return V::add(V::fma(p, V::mul(r, r), r), V::set1(1.0f));
+}
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+struct Avx2Vec {
+  using T = __m256;
+  static constexpr int W = 8;
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  static T set1(float v) { return _mm256_set1_ps(v); }
+  static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
+  static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+  static T div(T a, T b) { return _mm256_div_ps(a, b); }
+  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T max(T a, T b) { return _mm256_max_ps(a, b); }
+  static T min(T a, T b) { return _mm256_min_ps(a, b); }
+  static T round(T v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static float hsum(T v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  static float hmax(T v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+  }
+  static T copysign(T mag, T sign) {
+    const T sign_bit = _mm256_set1_ps(-0.0f);
+    return _mm256_or_ps(_mm256_andnot_ps(sign_bit, mag), _mm256_and_ps(sign_bit, sign));
+  }
+  static T exp(T x) {
+    const T tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);  // -inf included
+    T n;
+    const T p = exp_reduced<Avx2Vec>(x, &n);
+    const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2)));
+  }
+  static T erf(T x) { return erf_as<Avx2Vec>(x, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x)); }
+};
+#endif
+
+#if defined(__AVX512F__)
+struct Avx512Vec {
+  using T = __m512;
+  static constexpr int W = 16;
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static T set1(float v) { return _mm512_set1_ps(v); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
+  static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static T div(T a, T b) { return _mm512_div_ps(a, b); }
+  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T max(T a, T b) { return _mm512_max_ps(a, b); }
+  static T min(T a, T b) { return _mm512_min_ps(a, b); }
+  static T round(T v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static float hsum(T v) { return _mm512_reduce_add_ps(v); }
+  static float hmax(T v) { return _mm512_reduce_max_ps(v); }
+  static T copysign(T mag, T sign) {
+    const __m512i sign_bit = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(sign_bit, _mm512_castps_si512(mag), _mm512_castps_si512(sign),
+                                                         0xAC));  // the bit of sign where sign_bit is set, else of mag
+  }
+  static T exp(T x) {
+    const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);  // -inf included
+    T n;
+    const T p = exp_reduced<Avx512Vec>(x, &n);
+    return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
+  }
+  static T erf(T x) { return erf_as<Avx512Vec>(x, _mm512_abs_ps(x)); }
+};
+#endif
+
+// ------------------------------------------------------------------ LayerNorm
+
+// Two passes for the moments (the row is in L1): mean, then the mean squared deviation, as
+// torch's LayerNorm; then y = (x - mean) * rstd * weight + bias.
+template <class V>
+void layer_norm_row_t(const float* x, int64_t k, const float* weight, const float* bias, float eps, float* y) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+  const int64_t kv = k / W * W;
+  T acc = V::set1(0.0f);
+  for (int64_t i = 0; i < kv; i += W) acc = V::add(acc, V::load(x + i));
+  float sum = V::hsum(acc);
+  for (int64_t i = kv; i < k; ++i) sum += x[i];
+  const float mean = sum / static_cast<float>(k);
+  const T vmean = V::set1(mean);
+  acc = V::set1(0.0f);
+  for (int64_t i = 0; i < kv; i += W) {
+    const T d = V::sub(V::load(x + i), vmean);
+    acc = V::fma(d, d, acc);
+  }
+  float sq = V::hsum(acc);
+  for (int64_t i = kv; i < k; ++i) sq += (x[i] - mean) * (x[i] - mean);
+  const float rstd = 1.0f / std::sqrt(sq / static_cast<float>(k) + eps);
+  const T vrstd = V::set1(rstd);
+  for (int64_t i = 0; i < kv; i += W) {
+    T v = V::mul(V::sub(V::load(x + i), vmean), vrstd);
+    if (weight != nullptr) v = V::mul(v, V::load(weight + i));
+    if (bias != nullptr) v = V::add(v, V::load(bias + i));
+    V::store(y + i, v);
+  }
+  for (int64_t i = kv; i < k; ++i) {
+    float v = (x[i] - mean) * rstd;
+    if (weight != nullptr) v *= weight[i];
+    if (bias != nullptr) v += bias[i];
+    y[i] = v;
+  }
+}
+
+// ------------------------------------------------------------------ epilogue
+
+template <class V>
+inline typename V::T activate(typename V::T v, Activation act) {
+  if (act == Activation::Gelu)  // 0.5 x (1 + erf(x / sqrt 2))
+    return V::mul(V::mul(v, V::set1(0.5f)), V::add(V::set1(1.0f), V::erf(V::mul(v, V::set1(0.70710678118654752f)))));
+  if (act == Activation::QuickGelu)  // x / (1 + exp(-1.702 x))
+    return V::div(v, V::add(V::set1(1.0f), V::exp(V::mul(v, V::set1(-1.702f)))));
+  return v;
+}
+
+inline float load_as_float(const void* p, FloatType t, int64_t i) {
+  if (t == FloatType::F32) return static_cast<const float*>(p)[i];
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  return t == FloatType::BF16 ? bits_to_float(uint32_t(h) << 16) : half_to_float(h);
+}
+
+inline void store_from_float(void* p, FloatType t, int64_t i, float v) {
+  if (t == FloatType::F32) static_cast<float*>(p)[i] = v;
+  else static_cast<uint16_t*>(p)[i] = t == FloatType::BF16 ? float_to_bf16(v) : float_to_half(v);
+}
+
+// Full vectors where everything is fp32 (the fast path); a row buffer and per-element
+// conversions where the residual or the output is 16-bit.
+template <class V>
+void epilogue_rows_t(const float* y, int64_t ld_y, int64_t rows, int64_t cols, const RowsEpilogue& e) {
+  constexpr int W = V::W;
+  const bool all_f32 = e.out_type == FloatType::F32 && (e.residual == nullptr || e.residual_type == FloatType::F32);
+  alignas(64) float buf[W];
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* yr = y + r * ld_y;
+    int64_t c = 0;
+    if (all_f32) {
+      float* out = static_cast<float*>(e.out) + r * e.ld_out;
+      const float* res = e.residual ? static_cast<const float*>(e.residual) + r * e.ld_residual : nullptr;
+      for (; c + W <= cols; c += W) {
+        typename V::T v = activate<V>(V::load(yr + c), e.act);
+        if (res) v = V::add(v, V::load(res + c));
+        V::store(out + c, v);
+      }
+    }
+    for (; c < cols; c += W) {
+      const int64_t n = std::min<int64_t>(W, cols - c);
+      for (int64_t j = 0; j < W; ++j) buf[j] = j < n ? yr[c + j] : 0.0f;
+      V::store(buf, activate<V>(V::load(buf), e.act));
+      for (int64_t j = 0; j < n; ++j) {
+        float v = buf[j];
+        if (e.residual) v += load_as_float(e.residual, e.residual_type, r * e.ld_residual + c + j);
+        store_from_float(e.out, e.out_type, r * e.ld_out + c + j, v);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ attention core
+
+// scores[r][jv0 W, (jv0 + JN) W) = q_r . K^T for R query rows x JN key vectors: R x JN
+// accumulators, each K^T vector loaded once for R rows.
+template <class V, int R, int JN>
+inline void score_tile(const float* const (&qrow)[R], const float* kt, int64_t padded, int64_t d, int64_t jv0,
+                       float* scores) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+  T acc[R][JN];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int jj = 0; jj < JN; ++jj) acc[r][jj] = V::set1(0.0f);
+  for (int64_t c = 0; c < d; ++c) {
+    T kv[JN];
+#pragma GCC unroll 8
+    for (int jj = 0; jj < JN; ++jj) kv[jj] = V::load(kt + c * padded + (jv0 + jj) * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const T qb = V::set1(qrow[r][c]);
+#pragma GCC unroll 8
+      for (int jj = 0; jj < JN; ++jj) acc[r][jj] = V::fma(qb, kv[jj], acc[r][jj]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int jj = 0; jj < JN; ++jj) V::store(scores + r * padded + (jv0 + jj) * W, acc[r][jj]);
+}
+
+// out_r[c0, c0 + JN W) = sum_j P[r, j] v_j for R rows: each V row vector loaded once for R rows.
+template <class V, int R, int JN>
+inline void value_tile(const float* scores, int64_t padded, const float* v, int64_t ld_v, int64_t keys, int64_t c0,
+                       float* out, int64_t ld_out, int64_t rows) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+  T acc[R][JN];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int jj = 0; jj < JN; ++jj) acc[r][jj] = V::set1(0.0f);
+  for (int64_t j = 0; j < keys; ++j) {
+    T vv[JN];
+#pragma GCC unroll 8
+    for (int jj = 0; jj < JN; ++jj) vv[jj] = V::load(v + j * ld_v + c0 + jj * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const T pb = V::set1(scores[r * padded + j]);
+#pragma GCC unroll 8
+      for (int jj = 0; jj < JN; ++jj) acc[r][jj] = V::fma(pb, vv[jj], acc[r][jj]);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r)
+#pragma GCC unroll 8
+    for (int jj = 0; jj < JN; ++jj) V::store(out + r * ld_out + c0 + jj * W, acc[r][jj]);
+}
+
+// The tile functions for a run-time count of vectors 1 <= n <= JN, each with its own register tile.
+template <class V, int R, int JN>
+inline void score_tiles(int64_t n, const float* const (&qrow)[R], const float* kt, int64_t padded, int64_t d,
+                        int64_t jv0, float* scores) {
+  if constexpr (JN > 0) {
+    if (n == JN) return score_tile<V, R, JN>(qrow, kt, padded, d, jv0, scores);
+    score_tiles<V, R, JN - 1>(n, qrow, kt, padded, d, jv0, scores);
+  }
+}
+
+template <class V, int R, int JN>
+inline void value_tiles(int64_t n, const float* scores, int64_t padded, const float* v, int64_t ld_v, int64_t keys,
+                        int64_t c0, float* out, int64_t ld_out, int64_t rows) {
+  if constexpr (JN > 0) {
+    if (n == JN) return value_tile<V, R, JN>(scores, padded, v, ld_v, keys, c0, out, ld_out, rows);
+    value_tiles<V, R, JN - 1>(n, scores, padded, v, ld_v, keys, c0, out, ld_out, rows);
+  }
+}
+
+// softmax(s[0, seen) * scale + mask) in place; s[seen, end) = 0. All keys masked: zeros.
+template <class V>
+inline void softmax_row(float* s, int64_t seen, int64_t end, float scale, const float* mask) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+  const int64_t seen_v = seen / W * W;
+  const T vscale = V::set1(scale);
+  T vmax = V::set1(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < seen_v; j += W) {
+    T x = V::mul(V::load(s + j), vscale);
+    if (mask) x = V::add(x, V::load(mask + j));
+    V::store(s + j, x);
+    vmax = V::max(vmax, x);
+  }
+  float row_max = V::hmax(vmax);
+  for (int64_t j = seen_v; j < seen; ++j) {
+    s[j] = s[j] * scale + (mask ? mask[j] : 0.0f);
+    row_max = std::max(row_max, s[j]);
+  }
+  if (row_max == -std::numeric_limits<float>::infinity()) {
+    for (int64_t j = 0; j < end; ++j) s[j] = 0.0f;
+    return;
+  }
+  const T bmax = V::set1(row_max);
+  T vsum = V::set1(0.0f);
+  for (int64_t j = 0; j < seen_v; j += W) {
+    const T e = V::exp(V::sub(V::load(s + j), bmax));
+    V::store(s + j, e);
+    vsum = V::add(vsum, e);
+  }
+  float sum = V::hsum(vsum);
+  for (int64_t j = seen_v; j < seen; ++j) {
+    s[j] = std::exp(s[j] - row_max);
+    sum += s[j];
+  }
+  const T inv = V::set1(1.0f / sum);
+  for (int64_t j = 0; j < seen_v; j += W) V::store(s + j, V::mul(V::load(s + j), inv));
+  for (int64_t j = seen_v; j < seen; ++j) s[j] *= 1.0f / sum;
+  for (int64_t j = seen; j < end; ++j) s[j] = 0.0f;
+}
+
+// One (batch, head): K transposed into scratch (keys padded to a multiple of 16 with zeros),
+// then blocks of R query rows: scores for up to J key vectors at a time, a softmax per row in
+// place, and P V for up to J output vectors at a time. With a causal mask a block computes only
+// the keys its last row sees.
+template <class V, int R, int J>
+void attention_head_t(const AttentionProblem& p, int64_t b, int64_t h, float* scratch) {
+  constexpr int W = V::W;
+  const int64_t tokens = p.tokens, d = p.head_dim, width = p.heads * d;
+  const int64_t padded = (tokens + 15) / 16 * 16;
+  float* kt = scratch;               // [d][padded]
+  float* scores = kt + d * padded;   // [R][padded]
+  const float* base = p.qkv + b * tokens * p.ld_qkv;
+  const float* q = base + h * d;
+  const float* k = base + width + h * d;
+  const float* v = base + 2 * width + h * d;
+  for (int64_t j = 0; j < tokens; ++j)
+    for (int64_t c = 0; c < d; ++c) kt[c * padded + j] = k[j * p.ld_qkv + c];
+  for (int64_t c = 0; c < d; ++c)
+    for (int64_t j = tokens; j < padded; ++j) kt[c * padded + j] = 0.0f;
+  const float* mask_bh = p.mask ? p.mask + b * p.mask_sb + h * p.mask_sh : nullptr;
+  float* out_bh = p.out + b * tokens * p.ld_out + h * d;
+  const int64_t d_vecs = d / W;
+
+  for (int64_t i0 = 0; i0 < tokens; i0 += R) {
+    const int64_t rows = std::min<int64_t>(R, tokens - i0);
+    const int64_t keys = p.causal ? i0 + rows : tokens;  // the keys any row of the block sees
+    const int64_t key_vecs = (keys + W - 1) / W;
+    const float* qrow[R];
+    for (int r = 0; r < R; ++r) qrow[r] = q + std::min<int64_t>(i0 + r, tokens - 1) * p.ld_qkv;
+    for (int64_t jv0 = 0; jv0 < key_vecs; jv0 += J)
+      score_tiles<V, R, J>(std::min<int64_t>(J, key_vecs - jv0), qrow, kt, padded, d, jv0, scores);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      softmax_row<V>(scores + r * padded, p.causal ? i + 1 : tokens, key_vecs * W, p.scale,
+                     mask_bh ? mask_bh + i * p.mask_si : nullptr);
+    }
+    float* out_rows = out_bh + i0 * p.ld_out;
+    for (int64_t cv0 = 0; cv0 < d_vecs; cv0 += J)
+      value_tiles<V, R, J>(std::min<int64_t>(J, d_vecs - cv0), scores, padded, v, p.ld_qkv, keys, cv0 * W, out_rows,
+                           p.ld_out, rows);
+    for (int64_t c = d_vecs * W; c < d; ++c)  // head widths that are not a multiple of the vector
+      for (int64_t r = 0; r < rows; ++r) {
+        float a = 0.0f;
+        for (int64_t j = 0; j < keys; ++j) a += scores[r * padded + j] * v[j * p.ld_qkv + c];
+        out_rows[r * p.ld_out + c] = a;
+      }
+  }
+}
+
+}  // namespace
+}  // namespace pyclipq::cpu

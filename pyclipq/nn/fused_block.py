@@ -1,0 +1,208 @@
+"""FusedBlock: a pre-LN transformer block of packed linears run as one chain of fused CPU ops.
+
+A block ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``, whose four linears (q|k|v, out, fc1,
+fc2) are packed QuantLinears, runs in eager PyTorch as about twenty ops, each a pass over
+memory. FusedBlock runs it as seven (``pyclipq.ops``):
+
+1. ``layer_norm_quantize``: ln_1, the q|k|v layer's input rotation, per-token int8, one pass;
+2. ``quantized_linear``: q|k|v;
+3. ``attention``: every head of every sequence in one call (causal masks computed as such);
+4. ``quantize_per_token`` + ``quantized_linear`` with the residual added in the epilogue: out;
+5. ``layer_norm_quantize`` for ln_2, ``quantized_linear`` with GELU in the epilogue: fc1;
+6. ``quantize_per_token`` + ``quantized_linear`` with the residual: fc2.
+
+The integer parts are the layers' own; the floats differ from the unfused block within float
+rounding (LayerNorm, GELU and softmax computed by other kernels; tests state the tolerance).
+
+The module wraps the original block and shares its children, parameters and buffers (the
+same dicts): the state dict, the module names and every reference into the block are
+unchanged. Whenever the fused path does not apply (training, autograd, tensors off the CPU,
+cross-attention arguments) it calls the original block, which computes with the same modules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import ops
+from .attention import additive_mask
+from .linear import QuantLinear
+
+ACTIVATIONS = ("gelu", "quick_gelu")
+
+
+@dataclass(frozen=True)
+class BlockParts:
+    """Where a block keeps its parts (paths relative to the block), as its adapter reads them."""
+
+    ln_1: str
+    attention: str  # a QuantMultiheadAttention (in_proj [3E, E], out_proj, num_heads, batch_first)
+    ln_2: str
+    fc1: str
+    fc2: str
+    activation: str  # "gelu" (erf form) or "quick_gelu"
+    sequence_first: bool  # x is [T, B, E] (OpenAI CLIP, nn.MultiheadAttention without batch_first)
+    mask_attribute: str | None = None  # the block reads its mask from this attribute (OpenAI CLIP) instead of an argument
+
+
+def fusable_reason(block: nn.Module, parts: BlockParts) -> str | None:
+    """Why `block` cannot run fused, or None when it can."""
+    if parts.activation not in ACTIVATIONS:
+        return f"activation {parts.activation!r} is not one of {ACTIVATIONS}"
+    attention = block.get_submodule(parts.attention)
+    linears = {"in_proj": getattr(attention, "in_proj", None), "out_proj": getattr(attention, "out_proj", None),
+               parts.fc1: block.get_submodule(parts.fc1), parts.fc2: block.get_submodule(parts.fc2)}
+    for name, linear in linears.items():
+        if not isinstance(linear, QuantLinear):
+            return f"{name} is {type(linear).__name__}, not a packed QuantLinear"
+        if linear.layer.is_float or linear.layer.activation == "none":
+            return f"{name} is {'float' if linear.layer.is_float else 'weight-only'}: no integer activations to fuse"
+    for name in (parts.ln_1, parts.ln_2):
+        ln = block.get_submodule(name)
+        if not isinstance(ln, nn.LayerNorm) or len(ln.normalized_shape) != 1:
+            return f"{name} is {type(ln).__name__}, not a LayerNorm over the last dimension"
+    return None
+
+
+class FusedBlock(nn.Module):
+    """A pre-LN block computed by the fused CPU ops; the original block (``unfused``) otherwise."""
+
+    def __init__(self, block: nn.Module, parts: BlockParts):
+        super().__init__()
+        reason = fusable_reason(block, parts)
+        if reason is not None:
+            raise ValueError(f"FusedBlock cannot run {type(block).__name__}: {reason}")
+        # the same dicts: one set of modules and tensors, whichever forward runs
+        self._modules = block._modules
+        self._parameters = block._parameters
+        self._buffers = block._buffers
+        object.__setattr__(self, "unfused", block)  # not a submodule: its children are ours already
+        self.training = block.training
+        self.parts = parts
+        self._causal_masks: dict = {}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.unfused.training = mode  # its own flag: the children are shared already
+        return self
+
+    def _part(self, path: str) -> nn.Module:
+        return self.get_submodule(path)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # plain attributes of the original (OpenAI's attn_mask, open_clip's helpers)
+            return getattr(object.__getattribute__(self, "unfused"), name)
+
+    def _applies(self, x: torch.Tensor, extra_args: bool) -> bool:
+        return (not self.training and not extra_args and x.device.type == "cpu" and x.dim() == 3
+                and x.dtype in (torch.float32, torch.bfloat16)
+                and not (torch.is_grad_enabled() and x.requires_grad) and not self._inner_hooks())
+
+    def _inner_hooks(self) -> bool:
+        """Whether a forward hook waits on a module inside the block (calibration observers, feature
+        capture): the fused ops would skip its call, so the block then runs unfused."""
+        if torch.compiler.is_compiling():
+            return False
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self)
+
+    def forward(self, *args, **kwargs):
+        x = args[0] if args else kwargs.get("q_x", kwargs.get("x"))
+        attn_mask = kwargs.get("attn_mask")
+        if self.parts.mask_attribute is None and len(args) == 4:
+            attn_mask = args[3]
+        extra = any(a is not None for a in args[1:3]) or kwargs.get("k_x") is not None or kwargs.get("v_x") is not None
+        if x is None or not self._applies(x, extra):
+            return self.unfused(*args, **kwargs)
+        if self.parts.mask_attribute is not None:
+            attn_mask = getattr(self.unfused, self.parts.mask_attribute)
+        if self.parts.sequence_first:
+            return self._fused(x.transpose(0, 1), attn_mask).transpose(0, 1)
+        return self._fused(x, attn_mask)
+
+    def _mask(self, mask: torch.Tensor | None, tokens: int, batch: int, heads: int):
+        """(additive float32 mask or None, causal): a causal mask is recognised once per tensor version."""
+        if mask is None:
+            return None, False
+        if mask.dim() == 2 and mask.shape[-1] >= tokens:  # OpenAI keeps a context-length mask: its last T x T
+            mask = mask[-tokens:, -tokens:]
+        key = (mask.data_ptr(), mask._version if not mask.is_inference() else -1, tuple(mask.shape), mask.dtype)
+        causal = self._causal_masks.get(key)
+        additive = additive_mask(mask, "attn_mask", torch.float32)
+        if causal is None:
+            causal = mask.dim() == 2 and tuple(mask.shape) == (tokens, tokens) and _is_causal(additive)
+            self._causal_masks = {key: causal}
+        if causal:
+            return None, True
+        if additive.dim() == 3:  # [B * heads, T, T], as nn.MultiheadAttention takes it
+            additive = additive.reshape(batch, heads, tokens, tokens)
+        return additive, False
+
+    def _fused(self, x: torch.Tensor, attn_mask) -> torch.Tensor:
+        parts = self.parts
+        attention = self._part(parts.attention)
+        ln_1, ln_2 = self._part(parts.ln_1), self._part(parts.ln_2)
+        fc1, fc2 = self._part(parts.fc1), self._part(parts.fc2)
+        batch, tokens, width = x.shape
+        x = x.contiguous()
+        mask, causal = self._mask(attn_mask, tokens, batch, attention.num_heads)
+        qkv = _linear(attention.in_proj, _norm_quantize(ln_1, attention.in_proj, x))
+        attended = ops.attention(qkv.view(batch, tokens, 3 * width), attention.num_heads, mask, causal)
+        x = _linear(attention.out_proj, _quantize(attention.out_proj, attended), residual=x, out_dtype=x.dtype)
+        hidden = _linear(fc1, _norm_quantize(ln_2, fc1, x), activation=parts.activation)
+        x = _linear(fc2, _quantize(fc2, hidden), residual=x, out_dtype=x.dtype)
+        return x.view(batch, tokens, width)
+
+    def extra_repr(self) -> str:
+        return f"{type(self.unfused).__name__}, activation={self.parts.activation}"
+
+
+def fuse_block(block: nn.Module, parts: BlockParts | None) -> tuple[nn.Module, str | None]:
+    """(FusedBlock over `block`, None), or (`block`, why not) when its parts do not fuse."""
+    if parts is None:
+        return block, "not a pre-LN block of LayerNorm, q|k|v attention and a two-layer MLP"
+    reason = fusable_reason(block, parts)
+    return (block, reason) if reason else (FusedBlock(block, parts), None)
+
+
+def _is_causal(mask: torch.Tensor) -> bool:
+    """An additive [T, T] mask that is -inf exactly above the diagonal and 0 elsewhere."""
+    upper = torch.ones_like(mask, dtype=torch.bool).triu(1)
+    return bool(torch.isneginf(mask[upper]).all()) and bool((mask[~upper] == 0).all())
+
+
+def _group_size(linear: QuantLinear) -> int:
+    """The activation groups `linear`'s weight format reads (0: one per row)."""
+    return linear.layer.group_size if linear.layer.spec.grouped else 0
+
+
+def _act_scale(linear: QuantLinear):
+    return linear._static_act_scale() if linear.layer.activation == "static" else None
+
+
+def _norm_quantize(ln: nn.LayerNorm, linear: QuantLinear, x: torch.Tensor):
+    """ln(x) as `linear` takes it: smoothed (online smoothing divides the LayerNorm's output, folded
+    into its affine here), rotated and quantized."""
+    weight, bias = ln.weight, ln.bias
+    if linear.layer.smoothing == "online":
+        divisor = linear.smooth_scale.float()
+        weight = (weight.float() if weight is not None else torch.ones_like(divisor)) / divisor
+        bias = bias.float() / divisor if bias is not None else None
+    return ops.layer_norm_quantize(x, weight, bias, ln.eps, _group_size(linear), linear.rotation_block,
+                                   _act_scale(linear))
+
+
+def _quantize(linear: QuantLinear, x: torch.Tensor):
+    if linear.layer.has_input_transform:
+        x = linear.transform_input(x)
+    return ops.quantize_per_token(x, _group_size(linear), _act_scale(linear))
+
+
+def _linear(linear: QuantLinear, quantized, *, activation: str = "none", residual=None, out_dtype=None):
+    x_q, x_scale, x_sums = quantized
+    return ops.quantized_linear(linear.layer.spec, x_q, x_scale, x_sums, linear.packed_weight, linear.weight_scale,
+                                _group_size(linear), linear.bias, linear._tile_weight_for(None),
+                                activation=activation, residual=residual, out_dtype=out_dtype)
