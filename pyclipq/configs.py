@@ -161,6 +161,9 @@ def _as_patterns(argument: str, value) -> tuple[str, ...]:
     return patterns
 
 
+PATCH_EMBEDDING_ACTIVATIONS = ("none", "dynamic")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """A whole-model conversion.
@@ -169,6 +172,10 @@ class QuantConfig:
     e.g. ``"*.mlp.*"``; a name is converted when it matches an include pattern and
     no exclude pattern. Attention in_proj/out_proj are matched as
     ``"<attention name>.in_proj"`` and ``"<attention name>.out_proj"``.
+
+    patch_embedding_activation: "none" (the patch embedding is weight-only: its dequantized
+    weight in a float matmul) or "dynamic" (its unfolded patches, K = 3 p^2, quantized per patch
+    to int8 and multiplied by the packed weight in the fused linear op, as a linear layer is).
 
     The CLIP projections (``visual.proj`` / ``text_projection`` / HF
     ``visual_projection``), the token embedding and the patch embedding are
@@ -191,6 +198,7 @@ class QuantConfig:
     quantize_projections: bool = True
     quantize_token_embedding: bool = False
     quantize_patch_embedding: bool = False
+    patch_embedding_activation: str = "none"
     rotation: int = 0
     version: int = CONFIG_VERSION
 
@@ -204,6 +212,12 @@ class QuantConfig:
         for flag in ("quantize_projections", "quantize_token_embedding", "quantize_patch_embedding"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if self.patch_embedding_activation not in PATCH_EMBEDDING_ACTIVATIONS:
+            raise ValueError(f"patch_embedding_activation must be one of {PATCH_EMBEDDING_ACTIVATIONS}, "
+                             f"got {self.patch_embedding_activation!r}")
+        if self.patch_embedding_activation != "none" and not self.quantize_patch_embedding:
+            raise ValueError(f"patch_embedding_activation={self.patch_embedding_activation!r} needs "
+                             "quantize_patch_embedding=True")
         if self.version != CONFIG_VERSION:
             raise ValueError(
                 f"version must be {CONFIG_VERSION} (the config version this pyclipq understands), got {self.version!r}"
@@ -212,6 +226,11 @@ class QuantConfig:
     @property
     def layer(self) -> LayerConfig:
         return LayerConfig(self.format, self.group_size, self.activation, self.threshold_rule, rotation=self.rotation)
+
+    @property
+    def patch_layer(self) -> LayerConfig:
+        """The patch embedding's layer: weight-only, or with per-patch int8 activations ("dynamic")."""
+        return dataclasses.replace(self.layer.weight_only(), activation=self.patch_embedding_activation)
 
     def selects(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.include) and not any(
@@ -222,6 +241,8 @@ class QuantConfig:
         data = dataclasses.asdict(self)
         if not data["rotation"]:
             del data["rotation"]
+        if data["patch_embedding_activation"] == "none":  # readable by earlier versions
+            del data["patch_embedding_activation"]
         data["include"] = list(self.include)
         data["exclude"] = list(self.exclude)
         return data

@@ -186,7 +186,7 @@ def _tensor_targets(model: nn.Module, config: QuantConfig, adapter: Adapter):
             skipped.append(("patch_embedding", f"the {adapter.name} adapter knows no patch embedding in this model"))
         else:
             targets += [
-                Target(f"{n}.weight", "parameter", {"": weight_only}, {"": "patch_embedding"}, layout="out_rows")
+                Target(f"{n}.weight", "parameter", {"": config.patch_layer}, {"": "patch_embedding"}, layout="out_rows")
                 for n in found if config.selects(n)
             ]
     return targets, skipped

@@ -72,6 +72,19 @@ def opcheck_samples(prefix: str = ""):
     yield f"{prefix}pack_trits", (codes, 70)
     yield f"{prefix}unpack_trits", (formats.pack_trits_reference(codes, 70), 70)
     yield f"{prefix}hadamard_rotate", (torch.randn(3, 128), 64)
+    if prefix:  # the transformer-block ops are CPU-only (ops.library.CPU_ONLY)
+        return
+    yield "layer_norm_quantize", (torch.randn(5, 70), torch.randn(70), torch.randn(70), 1e-5, 32, 1, None)
+    yield "layer_norm_quantize", (torch.randn(5, 128), None, None, 1e-6, 0, 64, torch.tensor([0.05]))
+    x_q, x_scale, sums = reference.quantize_per_token(x, 0)
+    packed, scale = make_layer("int8", 12, 70, 0)
+    yield "quantized_linear", (x_q, x_scale, sums, packed, scale, "int8", 0, bias, None, "gelu", torch.randn(3, 12),
+                               torch.bfloat16)
+    x_q, x_scale, sums = reference.quantize_per_token(x, 32)
+    packed, scale = make_layer("int4", 12, 70, 32)
+    yield "quantized_linear", (x_q, x_scale, sums, packed, scale, "int4", 32, None, None, "none", None, None)
+    yield "attention", (torch.randn(2, 9, 3 * 32), 2, None, True, None)
+    yield "attention", (torch.randn(2, 9, 3 * 32), 2, torch.randn(2, 1, 9, 9), False, 0.3)
 
 
 def linear_args(fmt, packed, scale, group_size, bias=None, act_scale=None):

@@ -243,12 +243,133 @@ def check_hadamard_matches_reference():
             assert bool((err <= bound).all()), f"block {block}, {threads} threads: {float(err.max())}"
 
 
+# ---------------------------------------------------------------- transformer-block kernels
+
+LN_SHAPES = [(1, 1), (3, 37), (17, 200), (50, 768), (5, 1000)]
+
+
+def check_layer_norm_quantize_matches_reference():
+    """LayerNorm -> [rotation] -> int8 against torch's LayerNorm + the reference quantizer: a float
+    path, so a code may differ by 1 where LayerNorm rounding moves a value across a rounding
+    boundary (rare: at most 1 in 1000), row scales within 1e-5 (the mean and variance are float sums
+    over K, summed in another order than torch's), group sums those of the codes."""
+    gen = torch.Generator().manual_seed(11)
+    for m, k in LN_SHAPES:
+        x = torch.randn(m, k, generator=gen) * 3 + torch.randn(k, generator=gen)
+        weight, bias = torch.randn(k, generator=gen), torch.randn(k, generator=gen)
+        for group in (0, 32, 128):
+            for rotation in (1, 64):
+                if k % rotation:
+                    continue
+                for affine in (True, False):
+                    w, b = (weight, bias) if affine else (None, None)
+                    for threads in (1, 2, 3):
+                        torch.set_num_threads(threads)
+                        q, s, sums = ops.layer_norm_quantize(x, w, b, 1e-5, group, rotation)
+                        rq, rs, _ = reference.layer_norm_quantize(x, w, b, 1e-5, group, rotation)
+                        what = f"M={m} K={k} g{group} rot{rotation} affine={affine} {threads} threads"
+                        diff = (q.int() - rq.int()).abs()
+                        assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= max(1, q.numel() // 1000), what
+                        assert torch.allclose(s, rs, rtol=1e-5, atol=0), what
+                        g = sums.shape[1]
+                        assert torch.equal(sums, q.int().view(m, g, -1).sum(-1)), what
+    torch.set_num_threads(2)
+    static = torch.tensor(0.05)
+    x = torch.randn(9, 300, generator=gen)
+    q, s, _ = ops.layer_norm_quantize(x, None, None, 1e-6, 0, 1, static)
+    rq, rs, _ = reference.layer_norm_quantize(x, None, None, 1e-6, 0, 1, static)
+    assert (q.int() - rq.int()).abs().max() <= 1 and torch.equal(s, rs), "static act_scale"
+
+
+def check_quantized_linear_epilogues():
+    """act(y) + residual against the kernel's own linear (itself checked against the reference above):
+    no epilogue is bit-identical to the fused linear; GELU (erf to 1.5e-7), QuickGELU and the
+    residual within 1e-6 of the magnitudes, 16-bit outputs within one rounding more."""
+    gen = torch.Generator().manual_seed(12)
+    for fmt, group in FORMAT_GROUPS:
+        for m, n, k in RAGGED:
+            packed, scale = random_layer(fmt, n, k, group, gen)
+            bias = torch.randn(n, generator=gen)
+            x = torch.randn(m, k, generator=gen) * 0.5
+            x_q, x_scale, x_sums = ops.quantize_per_token(x, group)
+            plain = ops.quantized_linear(fmt, x_q, x_scale, x_sums, packed, scale, group, bias)
+            assert torch.equal(plain, linear(fmt, x, packed, scale, group, bias)), f"{fmt} g{group} M={m} N={n}"
+            residual = torch.randn(m, n, generator=gen)
+            for activation in ("none", "gelu", "quick_gelu"):
+                for res in (None, residual, residual.bfloat16()):
+                    for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+                        y = ops.quantized_linear(fmt, x_q, x_scale, x_sums, packed, scale, group, bias,
+                                                 activation=activation, residual=res, out_dtype=out_dtype)
+                        want = reference.activate(plain.double(), activation)
+                        mag = want.abs() + plain.double().abs()
+                        if res is not None:
+                            want, mag = want + res.double(), mag + res.double().abs()
+                        tol = 1e-6 * mag + 1e-30
+                        if out_dtype != torch.float32:
+                            tol = tol + 2.0 ** -8 * want.abs()
+                        what = f"{fmt} g{group} M={m} N={n} {activation} residual {None if res is None else res.dtype} -> {out_dtype}"
+                        assert y.dtype == out_dtype and y.shape == (m, n), what
+                        assert bool(((y.double() - want).abs() <= tol).all()), what
+
+
+ATTENTION_CASES = [(1, 50, 12, 64, False), (2, 77, 8, 64, True), (3, 7, 3, 40, False), (2, 5, 2, 8, True),
+                   (1, 33, 4, 80, False), (2, 1, 1, 16, True), (1, 100, 2, 72, True)]
+
+
+def check_attention_matches_reference():
+    """Every head of every sequence against the float64 reference, with and without masks (2-D, 4-D
+    broadcast over heads, per head), causal, ragged T and head widths, 1/2/3 threads: within
+    1e-5 of the largest |v| of the head (softmax weights sum to 1)."""
+    gen = torch.Generator().manual_seed(13)
+    for batch, tokens, heads, head_dim, causal in ATTENTION_CASES:
+        qkv = torch.randn(batch, tokens, 3 * heads * head_dim, generator=gen)
+        masks = [None, torch.randn(tokens, tokens, generator=gen), torch.randn(batch, 1, tokens, tokens, generator=gen),
+                 torch.randn(1, heads, tokens, tokens, generator=gen)]
+        padding = torch.zeros(batch, 1, tokens, tokens)
+        padding[..., tokens // 2 + 1:] = float("-inf")  # keys past the middle masked out
+        masks.append(padding)
+        bound = 1e-5 * qkv.abs().max()
+        for mask in masks:
+            want = reference.attention(qkv, heads, mask, causal)
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                got = ops.attention(qkv, heads, mask, causal)
+                what = f"B={batch} T={tokens} H={heads} d={head_dim} causal={causal} mask {None if mask is None else list(mask.shape)} {threads} threads"
+                assert got.shape == want.shape and bool(((got - want).abs() <= bound).all()), what
+    torch.set_num_threads(2)
+    every_key_masked = torch.full((4, 4), float("-inf"))
+    got = ops.attention(torch.randn(1, 4, 3 * 16, generator=gen), 1, every_key_masked)
+    assert torch.equal(got, torch.zeros(1, 4, 16)), "a row whose keys are all masked gives zeros"
+
+
+def check_gelu_activation_over_its_range():
+    """The vector erf/exp of the epilogue against torch's GELU and sigmoid over [-12, 12] and beyond:
+    outputs y[m, n] = 127 * x_scale[m] * w_scale[n] of a one-tap int8 linear cover the range densely."""
+    rows, cols = 2001, 128
+    x_q = torch.zeros(rows, cols, dtype=torch.int8)
+    x_q[:, 0] = 127
+    x_sums = torch.full((rows, 1), 127, dtype=torch.int32)
+    weight = torch.zeros(cols, cols, dtype=torch.int8)
+    weight[:, 0] = 1
+    x_scale = torch.linspace(-12.0, 12.0, rows) / 127
+    w_scale = torch.cat([torch.linspace(0.01, 1.0, cols - 4), torch.tensor([2.0, 4.0, 8.0, 1e-3])])
+    plain = ops.quantized_linear("int8", x_q, x_scale, x_sums, weight, w_scale)
+    for activation in ("gelu", "quick_gelu"):
+        got = ops.quantized_linear("int8", x_q, x_scale, x_sums, weight, w_scale, activation=activation).double()
+        want = reference.activate(plain.double(), activation)
+        err = (got - want).abs()
+        assert bool((err <= 2e-7 * plain.double().abs() + 2e-7 * want.abs() + 1e-30).all()), (
+            f"{activation}: max error {float(err.max())}")
+
+
 CHECKS = {f.__name__: f for f in (check_gemm_bit_exact, check_gemm_uses_the_given_sums, check_worst_case_accumulation,
                                   check_worst_case_fused_linear, check_tile_weight_gives_the_same_outputs,
                                   check_quantize_bit_exact,
                                   check_quantize_rounding_and_clipping, check_fused_linear_matches_reference,
                                   check_threads_do_not_change_results, check_rows_do_not_depend_on_the_batch,
-                                  check_hadamard_matches_reference)}
+                                  check_hadamard_matches_reference, check_layer_norm_quantize_matches_reference,
+                                  check_quantized_linear_epilogues, check_attention_matches_reference,
+                                  check_gelu_activation_over_its_range)}
 
 
 def run_all_checks() -> dict:

@@ -13,6 +13,8 @@ torch.compile, which traces parametrizations, it is recomputed on every access.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -45,7 +47,12 @@ class PackedParameter(PackedWeight):
     def __init__(self, shape, layout: str, layer: LayerConfig, *, dtype=None, device=None):
         self.shape = tuple(int(s) for s in shape)
         out_features, in_features = rows_shape(self.shape, layout)
-        super().__init__(out_features, in_features, layer.weight_only(), dtype=dtype, device=device)
+        # a patch embedding ("out_rows") may keep dynamic activations: PatchConv2d then runs the
+        # fused linear on its patches; every other use reads the dequantized tensor
+        keep = layout == "out_rows" and layer.activation == "dynamic"
+        weight_only = layer.weight_only()
+        super().__init__(out_features, in_features, dataclasses.replace(weight_only, activation="dynamic") if keep
+                         else weight_only, dtype=dtype, device=device)
         self.layout = layout
         self._cache, self._cache_key = None, None  # see forward
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
+
+from .. import ops
 
 
 class PatchConv2d(nn.Conv2d):
@@ -41,6 +44,13 @@ class PatchConv2d(nn.Conv2d):
         conv.__class__ = cls
         return True
 
+    def _int8_weight(self):
+        """The weight's PackedParameter when it was converted with dynamic activations, else None."""
+        if not parametrize.is_parametrized(self, "weight"):
+            return None
+        packed = self.parametrizations.weight[0]
+        return packed if getattr(packed, "layer", None) is not None and packed.layer.activation == "dynamic" else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:  # unbatched or wrong input: the convolution's own path / error
             return super().forward(x)
@@ -50,6 +60,12 @@ class PatchConv2d(nn.Conv2d):
         # Rows and columns past the last whole patch are ignored, as the strided convolution does.
         x = x[:, :, : gh * kh, : gw * kw]
         patches = x.reshape(batch, channels, gh, kh, gw, kw).permute(0, 2, 4, 1, 3, 5).reshape(-1, channels * kh * kw)
-        weight = self.weight
-        y = F.linear(patches, weight.reshape(weight.shape[0], -1), self.bias)
+        packed = self._int8_weight()
+        if packed is not None:  # per-patch int8 activations against the packed weight, bias in the epilogue
+            layer = packed.layer
+            y = ops.fused_linear(layer.spec, patches, packed.packed_weight, packed.weight_scale, layer.group_size,
+                                 self.bias)
+        else:
+            weight = self.weight
+            y = F.linear(patches, weight.reshape(weight.shape[0], -1), self.bias)
         return y.reshape(batch, gh, gw, -1).permute(0, 3, 1, 2)

@@ -43,6 +43,10 @@ SCHEMAS = {
     "attention": "attention(Tensor qkv, int num_heads, Tensor? mask=None, bool causal=False, float? scale=None) -> Tensor",
 }
 
+# The transformer-block ops have CPU kernels only (the fused block is a CPU path; on GPUs the
+# unfused modules run): no CUDA kernel and no Triton twin.
+CPU_ONLY = frozenset({"layer_norm_quantize", "quantized_linear", "attention"})
+
 for _schema in SCHEMAS.values():
     lib.define(_schema)
 

@@ -1,0 +1,212 @@
+"""The fused transformer block (pyclipq.nn.FusedBlock) and the int8 patch embedding, on real CLIP code.
+
+The kernels themselves are checked op by op on every CPU table in test_cpu_kernels.py; here the
+converted models: the fused path gives the embeddings of the unfused one within float rounding
+(a LayerNorm or GELU rounded differently can move an int8 activation code by one), falls back to
+the original block wherever it does not apply, keeps the state dict, saves and loads.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyclipq
+from pyclipq import QuantConfig, ops
+from pyclipq.nn import FusedBlock
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from clip_builders import BUILDERS, encode, sample_inputs  # noqa: E402
+
+CONFIGS = {"int8": "int8", "int4": "int4", "ternary": "ternary", "int8-rotated": QuantConfig("int8", rotation=32),
+           "int2-g32": QuantConfig("int2", group_size=32)}
+# cosine of fused to unfused embeddings: float rounding only (the integer parts are the same kernels)
+MIN_COSINE = 0.9999
+
+
+def converted_pair(name: str, config):
+    float_model = BUILDERS[name]()
+    unfused = pyclipq.convert(copy.deepcopy(float_model), config, fuse_blocks=False)
+    fused = pyclipq.convert(float_model, config)
+    return unfused, fused
+
+
+def fused_blocks(model):
+    return [n for n, m in model.named_modules() if isinstance(m, FusedBlock)]
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("name", ["open_clip", "openai"])
+def test_fused_model_matches_the_unfused_one(name, config):
+    unfused, fused = converted_pair(name, CONFIGS[config])
+    assert len(fused.pyclipq_report.fused_blocks) == 4 and not fused.pyclipq_report.unfused_blocks  # 2 + 2 towers
+    assert len(fused_blocks(fused)) == 4 and not fused_blocks(unfused)
+    images, tokens = sample_inputs(batch=3)
+    for got, want in zip(encode(fused, images, tokens), encode(unfused, images, tokens)):
+        assert F.cosine_similarity(got, want).min() >= MIN_COSINE
+        assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+
+
+def test_a_block_matches_its_unfused_forward_closely():
+    """One block on one input: the float parts agree to 1e-4 of the output's scale."""
+    _, fused = converted_pair("open_clip", "int8")
+    block = fused.visual.transformer.resblocks[0]
+    x = torch.randn(3, 17, 64)
+    with torch.no_grad():
+        got, want = block(x), block.unfused(x)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_fusing_keeps_the_state_dict_and_names():
+    unfused, fused = converted_pair("open_clip", "int8")
+    assert list(fused.state_dict()) == list(unfused.state_dict())
+    assert [n for n, _ in fused.named_modules()] == [n for n, _ in unfused.named_modules()]
+    block = fused.visual.transformer.resblocks[1]
+    assert block.ln_1 is block.unfused.ln_1 and block.mlp.c_fc is block.unfused.mlp.c_fc
+
+
+def test_the_original_forward_runs_where_the_fused_path_does_not_apply():
+    """Training mode, autograd, a hook inside the block: bit-identical to the unfused model."""
+    unfused, fused = converted_pair("open_clip", "int8")
+    images, tokens = sample_inputs()
+    with torch.no_grad():
+        want = unfused.encode_image(images)
+    fused.train()
+    unfused.train()
+    with torch.no_grad():
+        assert torch.equal(fused.encode_image(images), unfused.encode_image(images))
+    fused.eval()
+    unfused.eval()
+    x = images.clone().requires_grad_(True)
+    assert torch.equal(fused.encode_image(x), unfused.encode_image(images))
+    # a hook on a layer inside block 0: that block runs unfused and the hook sees the layer's call
+    seen, seen_unfused = [], []
+    handle = fused.visual.transformer.resblocks[0].mlp.c_fc.register_forward_hook(lambda m, a, out: seen.append(out))
+    unfused.visual.transformer.resblocks[0].mlp.c_fc.register_forward_hook(lambda m, a, out: seen_unfused.append(out))
+    with torch.no_grad():
+        fused.encode_image(images)
+        unfused.encode_image(images)
+    handle.remove()
+    assert len(seen) == 1 and torch.equal(seen[0], seen_unfused[0])
+    with torch.no_grad():
+        assert not torch.equal(fused.encode_image(images), want)  # fused again once the hook is gone
+
+
+def test_save_and_load_fuse_again(tmp_path):
+    _, fused = converted_pair("open_clip", "int8")
+    path = tmp_path / "m.safetensors"
+    pyclipq.save(fused, path)
+    loaded = pyclipq.load(path, BUILDERS["open_clip"](seed=5))
+    assert len(fused_blocks(loaded)) == 4
+    images, tokens = sample_inputs()
+    for got, want in zip(encode(loaded, images, tokens), encode(fused, images, tokens)):
+        assert torch.equal(got, want)
+
+
+def test_hugging_face_blocks_say_why_they_stay_unfused():
+    model = pyclipq.convert(BUILDERS["hf"](), "int8")
+    assert not model.pyclipq_report.fused_blocks
+    assert model.pyclipq_report.unfused_blocks and all("not a pre-LN block" in why
+                                                       for _, why in model.pyclipq_report.unfused_blocks)
+
+
+def test_weight_only_blocks_stay_unfused():
+    model = pyclipq.convert(BUILDERS["open_clip"](), "int8-weight-only")
+    assert not fused_blocks(model)
+    assert all("weight-only" in why for _, why in model.pyclipq_report.unfused_blocks)
+
+
+def test_bf16_model_runs_fused_in_bf16():
+    unfused, fused = converted_pair("open_clip", "int8")
+    images, _ = sample_inputs()
+    with torch.no_grad():
+        got = fused.to(torch.bfloat16).encode_image(images.bfloat16())
+        want = unfused.to(torch.bfloat16).encode_image(images.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert F.cosine_similarity(got.float(), want.float()).min() >= 0.999
+
+
+def test_the_block_ops_compile_fullgraph():
+    x = torch.randn(2, 9, 64)
+    weight, bias = torch.randn(64), torch.randn(64)
+    packed, scale = pyclipq.formats.random_packed_weight("int8", 3 * 64, 64, 0)
+
+    def block_core(x):
+        q = ops.layer_norm_quantize(x, weight, bias, 1e-5)
+        qkv = ops.quantized_linear("int8", *q, packed, scale, activation="none")
+        return ops.attention(qkv.view(2, 9, 3 * 64), 2, causal=True)
+
+    compiled = torch.compile(block_core, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), block_core(x))
+
+
+# ---------------------------------------------------------------- int8 patch embedding
+
+def test_patch_embedding_with_dynamic_activations_runs_the_fused_linear():
+    config = QuantConfig("int8", quantize_patch_embedding=True, patch_embedding_activation="dynamic")
+    model = pyclipq.convert(BUILDERS["open_clip"](), config)
+    conv = model.visual.conv1
+    packed = conv.parametrizations.weight[0]
+    assert packed.layer.activation == "dynamic"
+    images, _ = sample_inputs()
+    with torch.no_grad():
+        got = conv(images)
+        kh, kw = conv.kernel_size
+        b, c, h, w = images.shape
+        patches = images.reshape(b, c, h // kh, kh, w // kw, kw).permute(0, 2, 4, 1, 3, 5).reshape(-1, c * kh * kw)
+        want = ops.reference.int8_linear(patches, packed.packed_weight, packed.weight_scale, conv.bias)
+        want = want.reshape(b, h // kh, w // kw, -1).permute(0, 3, 1, 2)
+        weight_only = F.conv2d(images, conv.weight, conv.bias, stride=conv.stride)  # the dequantized weight
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert F.cosine_similarity(got.flatten(1), weight_only.flatten(1)).min() >= 0.999
+
+
+def test_patch_embedding_activation_is_checked():
+    with pytest.raises(ValueError, match="patch_embedding_activation must be one of"):
+        QuantConfig("int8", quantize_patch_embedding=True, patch_embedding_activation="static")
+    with pytest.raises(ValueError, match="needs quantize_patch_embedding=True"):
+        QuantConfig("int8", patch_embedding_activation="dynamic")
+    config = QuantConfig("int8", quantize_patch_embedding=True, patch_embedding_activation="dynamic")
+    assert QuantConfig.from_dict(config.to_dict()) == config
+    assert "patch_embedding_activation" not in QuantConfig("int8").to_dict()  # readable by earlier versions
+
+
+# ---------------------------------------------------------------- bad inputs
+
+def test_block_ops_reject_bad_inputs():
+    qkv = torch.randn(2, 9, 96)
+    with pytest.raises(RuntimeError, match="mask must be \\[T, T\\]"):
+        ops.attention(qkv, 2, torch.zeros(8, 8))
+    with pytest.raises(RuntimeError, match="3 \\* num_heads \\* head_dim"):
+        ops.attention(qkv, 5)
+    with pytest.raises(RuntimeError, match="qkv must be float32"):
+        ops.attention(qkv.double(), 2)
+    with pytest.raises(RuntimeError, match="additive float32 mask"):
+        ops.attention(qkv, 2, torch.zeros(9, 9, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="qkv must be 3-D"):
+        ops.attention(qkv[0], 2)
+    x = torch.randn(4, 64)
+    with pytest.raises(RuntimeError, match="weight must be a floating-point vector of x's K = 64"):
+        ops.layer_norm_quantize(x, torch.ones(63), None, 1e-5)
+    with pytest.raises(RuntimeError, match="eps must be finite and > 0"):
+        ops.layer_norm_quantize(x, None, None, 0.0)
+    with pytest.raises(RuntimeError, match="rotation_block must be 1"):
+        ops.layer_norm_quantize(x, None, None, 1e-5, 0, 48)
+    with pytest.raises(RuntimeError, match="contains NaN or Inf"):
+        ops.layer_norm_quantize(torch.full((2, 64), float("nan")), None, None, 1e-5)
+    packed, scale = pyclipq.formats.random_packed_weight("int8", 16, 64, 0)
+    q = ops.quantize_per_token(x)
+    with pytest.raises(RuntimeError, match="residual must hold \\[M, N\\] = \\[4, 16\\]"):
+        ops.quantized_linear("int8", *q, packed, scale, residual=torch.zeros(4, 15))
+    with pytest.raises(RuntimeError, match="activation must be 'none', 'gelu'"):
+        ops.quantized_linear("int8", *q, packed, scale, activation="relu")
+    with pytest.raises(ValueError):
+        ops.quantized_linear("int3", *q, packed, scale)
+    with pytest.raises(RuntimeError, match="x_scale must be a contiguous float32 \\[M\\]"):
+        ops.quantized_linear("int8", q[0], q[1][:3], q[2], packed, scale)
+    with pytest.raises(ValueError, match="runs on CPU tensors only"):
+        ops.attention(qkv.to("meta"), 2)
