@@ -261,7 +261,10 @@ class QuantConfig:
 _MLP_ONLY = ("*.mlp.*",)
 
 PRESETS: dict[str, QuantConfig] = {
-    "int8": QuantConfig("int8"),
+    # int8 computes the patch embedding in int8 too: per-patch int8 activations cost 0.0001 of
+    # image-embedding cosine on ViT-B/32 (random weights, smooth images) and take its float matmul,
+    # 1-2 ms of an image at batch 1 on 2 cores, off the tower (benchmarks/README.md)
+    "int8": QuantConfig("int8", quantize_patch_embedding=True, patch_embedding_activation="dynamic"),
     "int4": QuantConfig("int4"),
     "int2": QuantConfig("int2"),
     "ternary": QuantConfig("ternary"),

@@ -138,7 +138,7 @@ PATCH_EMBEDDINGS = {"open_clip": "visual.conv1", "openai": "visual.conv1", "hf":
 
 
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
-@pytest.mark.parametrize("config", ["int8", "ternary-qall-embeddings"])
+@pytest.mark.parametrize("config", [QuantConfig("int8"), "ternary-qall-embeddings"], ids=["int8-float-patch", "qall-emb"])
 def test_patch_embedding_runs_as_one_matmul_with_its_weights_unchanged(name, config):
     model, quantized = converted(name, config)
     conv = quantized.get_submodule(PATCH_EMBEDDINGS[name])
@@ -148,8 +148,24 @@ def test_patch_embedding_runs_as_one_matmul_with_its_weights_unchanged(name, con
     with torch.no_grad():  # the same map as the model's own convolution with the weight it now holds
         expected = F.conv2d(images, conv.weight, conv.bias, conv.stride)
         torch.testing.assert_close(conv(images), expected, rtol=1e-5, atol=1e-5)
-    if config == "int8":  # the patch embedding itself stays float
+    if not isinstance(config, str):  # without quantize_patch_embedding the patch embedding stays float
         assert torch.equal(conv.weight, float_conv.weight)
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_the_int8_preset_runs_the_patch_embedding_in_int8(name):
+    """The int8 preset: per-patch int8 activations against the int8 weight (the fused linear op)."""
+    model, quantized = converted(name, "int8")
+    kinds = {r.kind: r for r in quantized.pyclipq_report.layers}
+    assert kinds["patch_embedding"].format == "int8" and kinds["patch_embedding"].activation == "dynamic"
+    conv = quantized.get_submodule(PATCH_EMBEDDINGS[name])
+    images = sample_inputs()[0]
+    with torch.no_grad():
+        got = conv(images)
+        weight_only = F.conv2d(images, conv.weight, conv.bias, conv.stride)  # the dequantized weight in float
+        float_out = model.get_submodule(PATCH_EMBEDDINGS[name])(images)
+    assert not torch.equal(got, weight_only)  # the int8 path ran
+    assert F.cosine_similarity(got.flatten(1), float_out.flatten(1)).min() >= 0.999
 
 
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)

@@ -82,7 +82,7 @@ def test_the_original_forward_runs_where_the_fused_path_does_not_apply():
     fused.eval()
     unfused.eval()
     x = images.clone().requires_grad_(True)
-    assert torch.equal(fused.encode_image(x), unfused.encode_image(images))
+    assert torch.equal(fused.encode_image(x), unfused.encode_image(x))
     # a hook on a layer inside block 0: that block runs unfused and the hook sees the layer's call
     seen, seen_unfused = [], []
     handle = fused.visual.transformer.resblocks[0].mlp.c_fc.register_forward_hook(lambda m, a, out: seen.append(out))

@@ -100,7 +100,13 @@ class FusedBlock(nn.Module):
     def _applies(self, x: torch.Tensor, extra_args: bool) -> bool:
         return (not self.training and not extra_args and x.device.type == "cpu" and x.dim() == 3
                 and x.dtype in (torch.float32, torch.bfloat16)
-                and not (torch.is_grad_enabled() and x.requires_grad) and not self._inner_hooks())
+                and not (torch.is_grad_enabled() and x.requires_grad) and self._still_packed() and not self._inner_hooks())
+
+    def _still_packed(self) -> bool:
+        """The four linears are still packed QuantLinears (QAT's twins or a user may have swapped one since)."""
+        attention = self._part(self.parts.attention)
+        return all(type(m) is QuantLinear for m in (getattr(attention, "in_proj", None), getattr(attention, "out_proj", None),
+                                                     self._part(self.parts.fc1), self._part(self.parts.fc2)))
 
     def _inner_hooks(self) -> bool:
         """Whether a forward hook waits on a module inside the block (calibration observers, feature

@@ -61,7 +61,9 @@ class PatchConv2d(nn.Conv2d):
         x = x[:, :, : gh * kh, : gw * kw]
         patches = x.reshape(batch, channels, gh, kh, gw, kw).permute(0, 2, 4, 1, 3, 5).reshape(-1, channels * kh * kw)
         packed = self._int8_weight()
-        if packed is not None:  # per-patch int8 activations against the packed weight, bias in the epilogue
+        # under autograd the float path: the packed op has no gradient (QAT trains the float weight)
+        recording = torch.is_grad_enabled() and (x.requires_grad or getattr(self.bias, "requires_grad", False))
+        if packed is not None and not recording:  # per-patch int8 activations, bias in the epilogue
             layer = packed.layer
             y = ops.fused_linear(layer.spec, patches, packed.packed_weight, packed.weight_scale, layer.group_size,
                                  self.bias)
