@@ -68,7 +68,13 @@ PYBIND11_MODULE(_C, m) {
     d["cpu_isa"] = std::string(pyclipq::cpu::active_kernels().isa);
     d["cpu_isa_supported"] = pyclipq::cpu::supported_isas();
     d["cpu_isa_reason"] = std::string(pyclipq::cpu::cpu_isa_reason());
-    d["cpu_tile_layout"] = pyclipq::cpu::active_kernels().reads_tile_layout;
+    {  // the formats whose fused linears read a tile-layout weight on this table
+      py::list kinds;
+      for (int k = 0; k < 4; ++k)
+        if (pyclipq::cpu::active_kernels().reads_tile_layout(static_cast<pyclipq::WeightKind>(k)))
+          kinds.append(pyclipq::traits(static_cast<pyclipq::WeightKind>(k)).name);
+      d["cpu_tile_layout"] = kinds;
+    }
     d["cpu_threads"] = pyclipq::cpu::parallel_width();
 #ifdef PYCLIPQ_WITH_CUDA
     d["cuda"] = true;

@@ -136,7 +136,8 @@ def check_worst_case_fused_linear():
 
 def check_tile_weight_gives_the_same_outputs():
     """The fused linears with tile_weight (QuantLinear's path) equal them without it, bit for bit:
-    the AMX table reads the tile layout (int8 in place, low-bit codes decoded), the others ignore it.
+    the AMX table reads the tile layout (int8 in place, low-bit codes decoded), the AVX-512 VNNI table
+    its int8 panels as stored (sign bits flipped on load), the others ignore it.
     Ragged shapes, every format and group, bf16 out, and the K = 16384 worst case."""
     gen = torch.Generator().manual_seed(6)
     for fmt, group in FORMAT_GROUPS:
@@ -294,6 +295,10 @@ def check_quantized_linear_epilogues():
             x_q, x_scale, x_sums = ops.quantize_per_token(x, group)
             plain = ops.quantized_linear(fmt, x_q, x_scale, x_sums, packed, scale, group, bias)
             assert torch.equal(plain, linear(fmt, x, packed, scale, group, bias)), f"{fmt} g{group} M={m} N={n}"
+            tile = formats.tile_layout(packed, formats.get_format(fmt))
+            tiled = ops.quantized_linear(fmt, x_q, x_scale, x_sums, packed, scale, group, bias, tile, activation="gelu")
+            assert torch.equal(tiled, ops.quantized_linear(fmt, x_q, x_scale, x_sums, packed, scale, group, bias,
+                                                           activation="gelu")), f"{fmt} g{group} M={m} N={n} tiled"
             residual = torch.randn(m, n, generator=gen)
             for activation in ("none", "gelu", "quick_gelu"):
                 for res in (None, residual, residual.bfloat16()):
@@ -504,7 +509,7 @@ def test_refused_tile_permission_falls_back_with_the_reason():
     assert info["cpu_isa"] == "avx512_vnni" and "amx" not in info["cpu_isa_supported"], info
     assert "amx needs the kernel's tile-data permission (arch_prctl(ARCH_REQ_XCOMP_PERM) failed: Operation not permitted)" \
         in info["cpu_isa_reason"], info
-    assert info["cpu_tile_layout"] is False
+    assert info["cpu_tile_layout"] == ["int8"]  # the VNNI table's
     forced = subprocess.run([sys.executable, "-c", REFUSE_TILE_PERMISSION], capture_output=True, text=True,
                             timeout=300, cwd="/", env={**env, "PYCLIPQ_CPU_ISA": "amx"})
     assert forced.returncode != 0 and "PYCLIPQ_CPU_ISA=amx but this CPU/OS lacks the kernel's tile-data" in forced.stderr

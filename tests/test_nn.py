@@ -86,12 +86,12 @@ def test_weight_only_layer_is_f_linear_with_the_dequantized_weight(fmt, group_si
     assert torch.equal(layer.dequantize_weight(), weight)
 
 
-TILE_READER = ops.cpu_reads_tile_layout()
 
 
 @pytest.mark.parametrize("fmt,group_size", [("int8", 0), ("ternary", 0), ("int4", 128), ("int2", 64)])
 def test_quant_linear_keeps_the_tile_layout_in_step(fmt, group_size, tmp_path):
-    """Where the CPU table reads the tile layout (AMX) the layer builds it once from its weight,
+    """Where the CPU table reads the tile layout for the format (AMX: every format, AVX-512 VNNI:
+    int8) the layer builds it once from its weight,
     rebuilds it when the weight is written in place, loaded or moved, and never saves it; outputs
     equal the op on the compute layout alone. Elsewhere it keeps none."""
     torch.manual_seed(0)
@@ -104,7 +104,7 @@ def test_quant_linear_keeps_the_tile_layout_in_step(fmt, group_size, tmp_path):
         args = (module.packed_weight, module.weight_scale) + ((group_size,) if spec.grouped else ())
         return getattr(ops, f"{fmt}_linear")(x, *args, module.bias)
 
-    if not TILE_READER:
+    if not ops.cpu_reads_tile_layout(fmt):
         assert layer.tile_weight is None and torch.equal(layer(x), expected(layer))
         return
     assert torch.equal(layer.tile_weight, formats.tile_layout(layer.packed_weight, spec))
@@ -129,7 +129,8 @@ def test_quant_linear_keeps_the_tile_layout_in_step(fmt, group_size, tmp_path):
     assert torch.equal(layer.forward_rows(x, 8, 24), expected(layer)[:, 8:24])
 
 
-@pytest.mark.skipif(not TILE_READER, reason="this CPU's kernel table reads no tile layout (only the AMX table does)")
+@pytest.mark.skipif(not ops.cpu_reads_tile_layout("int8"),
+                    reason="this CPU's kernel table reads no int8 tile layout (the AMX and AVX-512 VNNI tables do)")
 def test_quant_linear_tile_layout_under_torch_compile():
     torch.manual_seed(1)
     layer = QuantLinear.from_weight(torch.randn(48, 128), torch.randn(48), LayerConfig("int8"))

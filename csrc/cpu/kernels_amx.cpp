@@ -418,7 +418,7 @@ const KernelTable& amx_kernels() {
                                  amx_linear,
                                  {256, kBlockCols, avx512_vnni_kernels().tasks.min_gemv_task_bytes},
                                  avx512_vnni_kernels().hadamard,
-                                 true,
+                                 kTileLayoutAll,
                                  &avx512_block_kernels()};
   return table;
 }

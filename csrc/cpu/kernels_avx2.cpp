@@ -838,7 +838,7 @@ void avx2_linear(const GemmProblem& p, const LinearEpilogue& e, int64_t m0, int6
 const KernelTable& avx2_kernels() {
   static const KernelTable table{"avx2", avx2_quantize_rows, avx2_gemm, avx2_linear, {0, 8, 96 * 1024},
                                  portable_hadamard,  // compiled with AVX2 here: its wide stages vectorise
-                                 false,
+                                 0,
                                  &avx2_block_kernels()};
   return table;
 }

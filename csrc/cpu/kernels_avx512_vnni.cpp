@@ -264,7 +264,9 @@ struct TilePrefetch {
 };
 
 // acc[r][c] = the K-quads [q0, q1) of row r against panel c (the broadcast tile's inner loop).
-template <int R>
+// FLIP: the panels hold int8 weights as they are (the tile layout, AMX's s8 operands), turned
+// into u8 operands w + 128 by flipping the sign bit as they are loaded.
+template <int R, bool FLIP = false>
 PQ_INLINE void add_quads(__m512i (&acc)[R][kTilePanels], const int8_t* x, int64_t k_pad, const uint8_t* w0,
                          const uint8_t* w1, const uint8_t* w2, const uint8_t* w3, int64_t q0, int64_t q1,
                          TilePrefetch pf) {
@@ -277,8 +279,11 @@ PQ_INLINE void add_quads(__m512i (&acc)[R][kTilePanels], const int8_t* x, int64_
       _mm_prefetch(pf.base + 128 * q, _MM_HINT_T1);
       if (2 * q + 1 < pf.lines) _mm_prefetch(pf.base + 128 * q + 64, _MM_HINT_T1);
     }
-    const __m512i wv[kTilePanels] = {_mm512_load_si512(w0 + 64 * q), _mm512_load_si512(w1 + 64 * q),
-                                     _mm512_load_si512(w2 + 64 * q), _mm512_load_si512(w3 + 64 * q)};
+    __m512i wv[kTilePanels] = {_mm512_load_si512(w0 + 64 * q), _mm512_load_si512(w1 + 64 * q),
+                               _mm512_load_si512(w2 + 64 * q), _mm512_load_si512(w3 + 64 * q)};
+    if constexpr (FLIP)
+#pragma GCC unroll 4
+      for (int c = 0; c < kTilePanels; ++c) wv[c] = _mm512_xor_si512(wv[c], _mm512_set1_epi8(static_cast<char>(0x80)));
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m512i xb = _mm512_set1_epi32(load_i32(x + r * k_pad + 4 * q));
@@ -291,12 +296,12 @@ PQ_INLINE void add_quads(__m512i (&acc)[R][kTilePanels], const int8_t* x, int64_
 // The K-quads [q0, q1) of one group for R rows x 4 panels: totals[r * 4 + c]. A function of its
 // own, with nothing else in it: inlined into the group loop and its epilogue, GCC 12 kept the
 // 24 accumulators in memory (measured: half speed).
-template <int R>
+template <int R, bool FLIP>
 __attribute__((noinline)) void accumulate_quads(const int8_t* x, int64_t k_pad, const uint8_t* w0, const uint8_t* w1,
                                                 const uint8_t* w2, const uint8_t* w3, int64_t q0, int64_t q1,
                                                 TilePrefetch pf, __m512i* totals) {
   __m512i acc[R][kTilePanels];
-  add_quads<R>(acc, x, k_pad, w0, w1, w2, w3, q0, q1, pf);
+  add_quads<R, FLIP>(acc, x, k_pad, w0, w1, w2, w3, q0, q1, pf);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
@@ -304,12 +309,12 @@ __attribute__((noinline)) void accumulate_quads(const int8_t* x, int64_t k_pad, 
 }
 
 // R rows x 4 panels over all of K, group by group. w[c]: panel c of the repacked block.
-template <int R, class Sink>
+template <int R, bool FLIP, class Sink>
 void broadcast_tile(const int8_t* x, int64_t k_pad, const uint8_t* const (&w)[kTilePanels], int64_t group_quads,
                     int64_t groups, TilePrefetch pf, Sink& sink) {
   alignas(64) __m512i totals[R * kTilePanels];
   for (int64_t g = 0; g < groups; ++g) {
-    accumulate_quads<R>(x, k_pad, w[0], w[1], w[2], w[3], g * group_quads, (g + 1) * group_quads, pf, totals);
+    accumulate_quads<R, FLIP>(x, k_pad, w[0], w[1], w[2], w[3], g * group_quads, (g + 1) * group_quads, pf, totals);
     sink.template add_tile<R>(totals, g);
   }
   sink.finish(R);
@@ -474,6 +479,10 @@ void run_format(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int
     return {0, 0};
   };
   const bool broadcast = m1 - m0 >= min_broadcast_rows(KIND, G) || glen == 32;
+  // int8 weights given in the tile layout (docs/FORMATS.md) are already the broadcast tile's panel
+  // order: no per-task repack (at M = 50 the repack was ~15% of the work), only a sign flip per load
+  const bool tiles_given = KIND == WeightKind::Int8 && p.tile_weight != nullptr && e != nullptr;
+  const uint8_t* tiles = static_cast<const uint8_t*>(p.tile_weight);
   const int64_t dot_tiles_ahead = std::max<int64_t>(1, kDotPrefetchBytes / (16 * ldw));
   const int64_t nb = broadcast ? std::max<int64_t>(64, kL2OperandBytes / p.k_pad / 64 * 64) : 256;
   for (int64_t b0 = n0; b0 < n1; b0 += nb) {
@@ -484,13 +493,21 @@ void run_format(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int
         for (int64_t g = 0; g < G; ++g) sc.scales[g * cols + n - b0] = e->w_scale[n * G + g];
     }
     if (broadcast) {
-      sc.operands.resize(cols * p.k_pad + 64);
-      uint8_t* ops = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(sc.operands.data()) + 63) & ~uintptr_t(63));
       const int64_t panels = (b1 - b0 + 15) / 16;
       const ColumnSpan ahead = columns_after(b1, nb);
-      const char* next = ahead.count > 0 ? reinterpret_cast<const char*>(w + ahead.n * ldw) : nullptr;
       const int64_t next_lines = ahead.count * ldw / 64;
-      repack_block<KIND>(w, ldw, b0, b1, p.k_pad, ops);
+      const char* next = nullptr;
+      const uint8_t* ops;
+      if (tiles_given) {  // the panels as stored: 16 columns x K per panel, like a repacked block
+        ops = tiles + b0 * p.k_pad;
+        if (ahead.count > 0) next = reinterpret_cast<const char*>(tiles + ahead.n * p.k_pad);
+      } else {
+        sc.operands.resize(cols * p.k_pad + 64);
+        uint8_t* packed = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(sc.operands.data()) + 63) & ~uintptr_t(63));
+        repack_block<KIND>(w, ldw, b0, b1, p.k_pad, packed);
+        ops = packed;
+        if (ahead.count > 0) next = reinterpret_cast<const char*>(w + ahead.n * ldw);
+      }
       // each tile prefetches an equal share of the next block's lines while it computes (at most
       // 2 per K-quad)
       const int64_t tile_rows = e != nullptr && G > 1 ? kGroupedTileRows : kTileRows;
@@ -504,7 +521,7 @@ void run_format(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int
         prefetched += lines;
         return pf;
       };
-      auto panel_ptrs = [&](int64_t n, const uint8_t* (&wp)[kTilePanels]) {
+      auto panel_ptrs = [&](int64_t n, const uint8_t* (&wp)[kTilePanels]) {  // (tiles_given: whole panels of the layer)
         for (int c = 0; c < kTilePanels; ++c) wp[c] = ops + std::min((n - b0) / 16 + c, panels - 1) * 16 * p.k_pad;
       };
       if (e != nullptr && G > 1) {
@@ -541,10 +558,11 @@ void run_format(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int
           auto launch = [&]<int R>() {
             if (e != nullptr) {
               LinearSink<R, kTilePanels> sink{span, *e, sc.scales.data() + (n - b0), cols, sc.facc};
-              broadcast_tile<R>(p.x_q + m * p.k_pad, p.k_pad, wp, glen / 4, G, prefetch_share(), sink);
+              if (tiles_given) broadcast_tile<R, true>(p.x_q + m * p.k_pad, p.k_pad, wp, glen / 4, G, prefetch_share(), sink);
+              else broadcast_tile<R, false>(p.x_q + m * p.k_pad, p.k_pad, wp, glen / 4, G, prefetch_share(), sink);
             } else {
               GemmSink<R, kTilePanels> sink{span, out};
-              broadcast_tile<R>(p.x_q + m * p.k_pad, p.k_pad, wp, glen / 4, G, prefetch_share(), sink);
+              broadcast_tile<R, false>(p.x_q + m * p.k_pad, p.k_pad, wp, glen / 4, G, prefetch_share(), sink);
             }
           };
           switch (rows) {
@@ -676,7 +694,7 @@ void vnni_hadamard(const float* x, float* y, int64_t rows, int64_t k, int64_t bl
 const KernelTable& avx512_vnni_kernels() {
   static const KernelTable table{"avx512_vnni", vnni_quantize_rows, vnni_gemm, vnni_linear, {kTileRows * 64, 16 * kTilePanels, 48 * 1024},
                                  vnni_hadamard,
-                                 false,
+                                 kTileLayoutInt8,
                                  &avx512_block_kernels()};
   return table;
 }

@@ -6,7 +6,7 @@ namespace pyclipq::cpu {
 const KernelTable& scalar_kernels() {
   static const KernelTable table{"scalar", portable_quantize_rows, portable_gemm, portable_linear, {0, 8, 96 * 1024},
                                  portable_hadamard,
-                                 false,
+                                 0,
                                  &scalar_block_kernels()};
   return table;
 }

@@ -195,7 +195,7 @@ at::Tensor run_linear(WeightKind kind, const QuantizedActivation& a, const at::T
                       a.q.data_ptr<int8_t>(),
                       a.sums.data_ptr<int32_t>(),
                       weight.data_ptr(),
-                      tile_weight.has_value() && kt.reads_tile_layout ? tile_weight->data_ptr() : nullptr};
+                      tile_weight.has_value() && kt.reads_tile_layout(kind) ? tile_weight->data_ptr() : nullptr};
   const LinearEpilogue e{a.scale.data_ptr<float>(), weight_scale.data_ptr<float>(),
                          bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr, y_kernel.data_ptr(),
                          float_type(y_kernel.scalar_type())};

@@ -36,7 +36,8 @@ class QuantLinear(PackedWeight):
     - format "float" (pass-through): the float weight, F.linear; the module swap
       is exact.
 
-    Tile layout: when this process's CPU kernel table reads it (AMX, ``ops.cpu_reads_tile_layout``),
+    Tile layout: when this process's CPU kernel table reads it for the layer's format (AMX: every
+    format; AVX-512 VNNI: int8; ``ops.cpu_reads_tile_layout``),
     a CPU layer keeps its weight a second time in the tile layout (``tile_weight``, a non-persistent
     buffer: checkpoints hold the compute layout) and passes it to the fused op, which then skips its
     per-call repack. It is built when the weight is set, loaded or moved to the CPU, and rebuilt
@@ -82,12 +83,12 @@ class QuantLinear(PackedWeight):
 
     def _reads_tile_layout(self) -> bool:
         return (self.layer.activation != "none" and self.packed_weight.device.type == "cpu"
-                and ops.cpu_reads_tile_layout())
+                and ops.cpu_reads_tile_layout(self.layer.format))
 
     def _tile_weight_for(self, rows: slice | None):
         """tile_weight for output rows `rows` (None: all; else whole panels of 16, or None: the op
         then repacks the rows itself)."""
-        if not ops.cpu_reads_tile_layout():
+        if not ops.cpu_reads_tile_layout(self.layer.format):
             return None
         if not torch.compiler.is_compiling() and self._tile_source_version != _version_of(self.packed_weight):
             self.refresh_tile_weight()  # packed_weight was written in place since the tile layout was built

@@ -128,15 +128,18 @@ def ternary_gemm(x_q, x_sums, weight, *, backend: str | None = None) -> torch.Te
 
 
 @functools.cache
-def _cpu_table_reads_tile_layout() -> bool:
-    return bool(load_extension().build_info()["cpu_tile_layout"])
+def _cpu_tile_layout_formats() -> frozenset[str]:
+    return frozenset(load_extension().build_info()["cpu_tile_layout"])
 
 
 @torch.compiler.assume_constant_result
-def cpu_reads_tile_layout() -> bool:
-    """Whether this process's CPU kernel table (AMX) reads a fused linear's ``tile_weight``: layers
-    that keep their weight across calls then build it once (formats.tile_layout)."""
-    return _cpu_table_reads_tile_layout()
+def cpu_reads_tile_layout(fmt: "formats.WeightFormat | str | None" = None) -> bool:
+    """Whether this process's CPU kernel table reads a fused linear's ``tile_weight`` for format `fmt`
+    (None: for any format): AMX for every format, AVX-512 VNNI for int8 (its broadcast tile reads the
+    panels as stored instead of repacking them per call). Layers that keep their weight across
+    calls then build it once (formats.tile_layout)."""
+    names = _cpu_tile_layout_formats()
+    return bool(names) if fmt is None else formats.as_format(fmt).name in names
 
 
 def _linear(op: str, x, args: tuple, tile_weight, backend):

@@ -29,7 +29,7 @@ struct GemmProblem {
   const int32_t* x_sums;  // [M, G] group sums of x_q (may be nullptr for int8)
   const void* weight;     // int8 [N, k_pad] or block-planar packed uint8 [N, k_pad / codes_per_byte]
   // The same weights in the AMX tile layout (docs/FORMATS.md, "Tile layout"), or nullptr. Only
-  // tables with KernelTable::reads_tile_layout read it; the others (and tasks a table runs on the
+  // tables whose KernelTable::reads_tile_layout(kind) holds read it; the others (and tasks a table runs on the
   // canonical layout, e.g. too few rows for tiles) read `weight`.
   const void* tile_weight = nullptr;
 };
@@ -131,6 +131,9 @@ const BlockKernels& avx2_block_kernels();
 const BlockKernels& avx512_block_kernels();
 #endif
 
+inline constexpr unsigned kTileLayoutInt8 = 1u << static_cast<int>(WeightKind::Int8);
+inline constexpr unsigned kTileLayoutAll = 0xFu;
+
 struct KernelTable {
   const char* isa;
   QuantizeRowsFn quantize_rows;
@@ -138,9 +141,10 @@ struct KernelTable {
   LinearFn linear;
   TaskShape tasks;
   HadamardFn hadamard;
-  // Whether GemmProblem::tile_weight saves this table work: callers that keep weights for many
-  // calls (QuantLinear) prepack them into the tile layout once when it does.
-  bool reads_tile_layout = false;
+  // The formats whose GemmProblem::tile_weight saves this table work (bit k: WeightKind k):
+  // callers that keep weights for many calls (QuantLinear) prepack them into the tile layout once.
+  unsigned tile_layout_kinds = 0;
+  bool reads_tile_layout(WeightKind kind) const { return (tile_layout_kinds >> static_cast<int>(kind)) & 1u; }
   // LayerNorm, epilogues and the attention core at this table's vector width.
   const BlockKernels* block = nullptr;
 };
