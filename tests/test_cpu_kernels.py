@@ -284,7 +284,7 @@ def check_layer_norm_quantize_matches_reference():
 
 def check_quantized_linear_epilogues():
     """act(y) + residual against the kernel's own linear (itself checked against the reference above):
-    no epilogue is bit-identical to the fused linear; GELU (erf to 1.5e-7), QuickGELU and the
+    no epilogue is bit-identical to the fused linear; GELU (erf to 4.2e-7), QuickGELU and the
     residual within 1e-6 of the magnitudes, 16-bit outputs within one rounding more."""
     gen = torch.Generator().manual_seed(12)
     for fmt, group in FORMAT_GROUPS:
@@ -363,7 +363,7 @@ def check_gelu_activation_over_its_range():
         got = ops.quantized_linear("int8", x_q, x_scale, x_sums, weight, w_scale, activation=activation).double()
         want = reference.activate(plain.double(), activation)
         err = (got - want).abs()
-        assert bool((err <= 2e-7 * plain.double().abs() + 2e-7 * want.abs() + 1e-30).all()), (
+        assert bool((err <= 4e-7 * plain.double().abs() + 2e-7 * want.abs() + 1e-30).all()), (
             f"{activation}: max error {float(err.max())}")
 
 
