@@ -35,6 +35,7 @@
 #include <cstring>
 #include <vector>
 
+#include "block_kernels.h"
 #include "kernels_avx512_common.h"
 #include "kernels_portable.h"
 
@@ -181,7 +182,20 @@ struct LinearSink {
     if (m == 0) return;
     const __m512 bias = e.bias ? _mm512_maskz_loadu_ps(m, e.bias + t.n0 + 16 * c) : _mm512_setzero_ps();
     const __m512 y = _mm512_fmadd_ps(sum, _mm512_set1_ps(e.x_scale[t.m0 + r]), bias);
-    store16(e.y, e.y_type, (t.m0 + r) * t.p.N + t.n0 + 16 * c, y, m);
+    finish16((t.m0 + r) * t.p.N + t.n0 + 16 * c, y, m);
+  }
+  // act(y) + residual, then the store: the block's epilogue in registers (no second pass over y)
+  PQ_INLINE void finish16(int64_t i, __m512 y, __mmask16 m) {
+    if (e.act != Activation::None) y = activate<Avx512Vec>(y, e.act);
+    if (e.residual != nullptr) {
+      if (e.residual_type == FloatType::F32)
+        y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, static_cast<const float*>(e.residual) + i));
+      else if (e.residual_type == FloatType::BF16)
+        y = _mm512_add_ps(y, load16<FloatType::BF16>(e.residual, i, m));
+      else
+        y = _mm512_add_ps(y, load16<FloatType::F16>(e.residual, i, m));
+    }
+    store16(e.y, e.y_type, i, y, m);
   }
   // The whole tile's totals of group g; with one group, the per-row and per-column operands are
   // loaded once per tile instead of once per output vector (the epilogue was 14% at K = 512).
@@ -206,7 +220,7 @@ struct LinearSink {
       for (int r = 0; r < ROWS; ++r) {
         const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(totals[r * C + c], off[r]));
         const __m512 y = _mm512_fmadd_ps(_mm512_fmadd_ps(f, ws_c, _mm512_setzero_ps()), xs[r], bias);
-        store16(e.y, e.y_type, (t.m0 + r) * t.p.N + t.n0 + 16 * c, y, m);
+        finish16((t.m0 + r) * t.p.N + t.n0 + 16 * c, y, m);
       }
     }
   }
@@ -695,7 +709,8 @@ const KernelTable& avx512_vnni_kernels() {
   static const KernelTable table{"avx512_vnni", vnni_quantize_rows, vnni_gemm, vnni_linear, {kTileRows * 64, 16 * kTilePanels, 48 * 1024},
                                  vnni_hadamard,
                                  kTileLayoutInt8,
-                                 &avx512_block_kernels()};
+                                 &avx512_block_kernels(),
+                                 true};
   return table;
 }
 

@@ -182,11 +182,12 @@ at::Tensor run_linear(WeightKind kind, const QuantizedActivation& a, const at::T
                       const AfterGemm& after, const at::TensorOptions& options) {
   const int64_t m = a.q.size(0), n = weight.size(0);
   at::Tensor bias_f32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const bool post = after.act != Activation::None || after.residual.defined();
+  const KernelTable& kt = active_kernels();
+  const bool extra = after.act != Activation::None || after.residual.defined();
+  const bool post = extra && !kt.epilogue_ops_in_kernel;  // a pass over each finished tile
   at::Tensor y = at::empty({m, n}, options.dtype(after.out_dtype));
   // the kernel's own epilogue writes the output dtype when nothing follows it; else fp32 first
   at::Tensor y_kernel = !post || after.out_dtype == at::kFloat ? y : at::empty({m, n}, options.dtype(at::kFloat));
-  const KernelTable& kt = active_kernels();
   const GemmProblem p{kind,
                       m,
                       n,
@@ -196,9 +197,16 @@ at::Tensor run_linear(WeightKind kind, const QuantizedActivation& a, const at::T
                       a.sums.data_ptr<int32_t>(),
                       weight.data_ptr(),
                       tile_weight.has_value() && kt.reads_tile_layout(kind) ? tile_weight->data_ptr() : nullptr};
-  const LinearEpilogue e{a.scale.data_ptr<float>(), weight_scale.data_ptr<float>(),
-                         bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr, y_kernel.data_ptr(),
-                         float_type(y_kernel.scalar_type())};
+  LinearEpilogue e{a.scale.data_ptr<float>(), weight_scale.data_ptr<float>(),
+                   bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr, y_kernel.data_ptr(),
+                   float_type(y_kernel.scalar_type())};
+  if (extra && !post) {
+    e.act = after.act;
+    if (after.residual.defined()) {
+      e.residual = after.residual.data_ptr();
+      e.residual_type = float_type(after.residual.scalar_type());
+    }
+  }
   const RowsEpilogue re{after.act,
                         after.residual.defined() ? after.residual.data_ptr() : nullptr,
                         after.residual.defined() ? float_type(after.residual.scalar_type()) : FloatType::F32,

@@ -76,7 +76,8 @@ def cmd_bench(args) -> int:
     report = benchmark.run_benchmark(model=args.model, pretrained=args.pretrained, formats=tuple(args.formats),
                                      batches=tuple(args.batches), threads=args.threads, reps=args.reps,
                                      warmup=args.warmup, progress=not args.json and not args.no_progress,
-                                     runtime_peers=runtime_peers, compiled=args.compile, isas=isas)
+                                     runtime_peers=runtime_peers, compiled=args.compile, isas=isas,
+                                     rounds=args.rounds)
     paths = benchmark.write_report(report, args.out, plot=plot)
     report["files"] = paths
     for failure in report["runtime_peers_failed"]:
@@ -172,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--formats", nargs="+", default=list(PYCLIPQ_FORMATS), choices=list(PYCLIPQ_FORMATS))
     sp.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     sp.add_argument("--threads", type=int, default=2)
-    sp.add_argument("--reps", type=int, default=5)
+    sp.add_argument("--reps", type=int, default=5, help="timed calls per round (the median is kept)")
+    sp.add_argument("--rounds", type=int, default=1, help="rounds of --reps calls; the best round's median is kept")
     sp.add_argument("--warmup", type=int, default=2)
     sp.add_argument("--peers", nargs="+", default=["auto"], choices=["auto", "none", *RUNTIME_PEERS],
                     help="ONNX Runtime / OpenVINO contenders (pip install 'pyclipq[peers]'); "

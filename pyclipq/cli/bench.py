@@ -59,7 +59,7 @@ METHOD = (
     "torch-bf16 is the fp32 model cast to bf16, fed images cast to bf16 before timing. Each ONNX Runtime "
     "and OpenVINO contender is timed alone, in its own process that loads only its runtime, while the torch "
     "process waits: torch's idle OpenMP threads would otherwise take cores from it. Every latency is the "
-    f"median of the timed calls after the warm-up calls. openvino_int8 is calibrated on {CALIBRATION_SAMPLES} "
+    f"median of the timed calls after the warm-up calls (with --rounds R: the best of R such medians). openvino_int8 is calibrated on {CALIBRATION_SAMPLES} "
     "random inputs: its speed is real, its fidelity is no measure of its accuracy on real data. openvino "
     "computes at OpenVINO's default precision (bf16 on CPUs with AVX512_BF16 or AMX), openvino_fp32 and "
     f"openvino_int8 in f32 where not int8. A '<format>{COMPILED_SUFFIX}' contender (--compile) is that "
@@ -102,17 +102,20 @@ class ContenderResult:
     precision: str | None = None  # what a runtime peer computed in, where the runtime chose it
 
 
-def _interleaved_median_ms(calls, reps: int, warmup: int) -> list[float]:
-    """Median ms of each call over `reps` rounds; every round runs each call once, in turn."""
-    times = [[] for _ in calls]
+def _interleaved_median_ms(calls, reps: int, warmup: int, rounds: int = 1) -> list[float]:
+    """The best over `rounds` of each call's median ms over `reps` calls; the calls take turns."""
+    best = [float("inf")] * len(calls)
     with torch.inference_mode():
-        for round_ in range(warmup + reps):
-            for fn, samples in zip(calls, times):
-                t0 = time.perf_counter()
-                fn()
-                if round_ >= warmup:
-                    samples.append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(t) for t in times]
+        for _ in range(rounds):
+            times = [[] for _ in calls]
+            for step in range(warmup + reps):
+                for fn, samples in zip(calls, times):
+                    t0 = time.perf_counter()
+                    fn()
+                    if step >= warmup:
+                        samples.append((time.perf_counter() - t0) * 1e3)
+            best = [min(b, statistics.median(t)) for b, t in zip(best, times)]
+    return best
 
 
 def _size_on_disk(name: str, model: nn.Module) -> int:
@@ -239,13 +242,13 @@ def _tower_inputs(loaded: LoadedModel, inputs: dict, towers, batches, fidelity_b
 
 
 def _time_runtime_peers(loaded: LoadedModel, peers, towers: dict[str, TowerInputs], reference: dict, threads: int,
-                        reps: int, warmup: int, bar) -> tuple[list[ContenderResult], list[dict], dict]:
+                        reps: int, warmup: int, rounds: int, bar) -> tuple[list[ContenderResult], list[dict], dict]:
     """Results of the peers that ran, {"name", "error"} of those that failed, and {runtime: version}."""
     results, failed, versions = [], [], {}
     if not peers:  # nothing to export
         return results, failed, versions
     try:
-        with RuntimePeerWorkspace(loaded.model, towers, threads, reps, warmup) as workspace:
+        with RuntimePeerWorkspace(loaded.model, towers, threads, reps, warmup, rounds) as workspace:
             for peer in peers:
                 bar.set_postfix_str(peer)
                 try:
@@ -282,7 +285,7 @@ def _time_forced_isas(model: nn.Module, isas, settings: dict, inputs: dict, refe
 
 
 def time_torch_contenders(fp32: nn.Module, names, inputs: dict, batches, towers, fidelity_batch: int,
-                          reference: dict, reps: int, warmup: int, bar=None) -> list[ContenderResult]:
+                          reference: dict, reps: int, warmup: int, bar=None, rounds: int = 1) -> list[ContenderResult]:
     """Build each named torch contender from `fp32` (build_contender), measure its size and fidelity,
     then time its towers, the contenders taking turns call by call. `inputs`: {batch: (images, tokens)}."""
     bar = bar if bar is not None else tqdm(disable=True)
@@ -318,7 +321,7 @@ def time_torch_contenders(fp32: nn.Module, names, inputs: dict, batches, towers,
             bar.set_postfix_str(f"{tower}@{b}")
             calls = [(lambda c=c, x=feed[b][0]: c.encode_image(x)) if tower == "image" else
                      (lambda c=c, x=feed[b][1]: c.encode_text(x)) for c, feed in zip(clips, feeds)]
-            for r, ms in zip(results, _interleaved_median_ms(calls, reps, warmup)):
+            for r, ms in zip(results, _interleaved_median_ms(calls, reps, warmup, rounds)):
                 r.latency_ms[f"{tower}@{b}"] = ms
             bar.update()
     return results
@@ -327,15 +330,16 @@ def time_torch_contenders(fp32: nn.Module, names, inputs: dict, batches, towers,
 def run_benchmark(model: str = "ViT-B-32", pretrained: str | None = None, formats=PYCLIPQ_FORMATS,
                   batches=(1, 8, 32), threads: int = 2, reps: int = 5, warmup: int = 2, towers=("image", "text"),
                   fidelity_batch: int = 8, progress: bool = True, runtime_peers=(), compiled: bool = False,
-                  isas=()) -> dict:
+                  isas=(), rounds: int = 1) -> dict:
     """Every contender's latency, size and fidelity; `runtime_peers` from select_runtime_peers;
     `compiled`: each format also through torch.compile (CompiledTowers); `isas`: CPU kernel tables
     (check_isas) on which the formats are also timed, each in a process of its own.
 
     A runtime peer or forced table that fails is listed in the report's "runtime_peers_failed", not raised.
     """
-    if reps < 1 or warmup < 0 or threads < 1:
-        raise ValueError(f"reps and threads must be >= 1 and warmup >= 0, got reps={reps}, threads={threads}, "
+    if reps < 1 or warmup < 0 or threads < 1 or rounds < 1:
+        raise ValueError(f"reps, rounds and threads must be >= 1 and warmup >= 0, got reps={reps}, rounds={rounds}, "
+                         f"threads={threads}, "
                          f"warmup={warmup}")
     if not batches or any(b < 1 for b in batches):
         raise ValueError(f"batches must be one or more sizes >= 1, got {list(batches)}")
@@ -353,13 +357,14 @@ def run_benchmark(model: str = "ViT-B-32", pretrained: str | None = None, format
     steps = len(contenders) * 2 + len(batches) * len(towers) + len(isas) + len(runtime_peers)
     bar = tqdm(total=steps, desc="bench", disable=not progress, unit="step")
     results = time_torch_contenders(loaded.model, contenders, inputs, batches, towers, fidelity_batch, reference,
-                                    reps, warmup, bar)
+                                    reps, warmup, bar, rounds)
     settings = {"formats": list(formats), "batches": list(batches), "towers": list(towers),
-                "fidelity_batch": fidelity_batch, "threads": threads, "reps": reps, "warmup": warmup}
+                "fidelity_batch": fidelity_batch, "threads": threads, "reps": reps, "warmup": warmup,
+                "rounds": rounds}
     isa_results, isas_failed = _time_forced_isas(loaded.model, isas, settings, inputs, reference, bar)
     peer_results, peers_failed, runtime_versions = _time_runtime_peers(
         loaded, runtime_peers, _tower_inputs(loaded, inputs, towers, batches, fidelity_batch), reference,
-        threads, reps, warmup, bar)
+        threads, reps, warmup, rounds, bar)
     size_only = []
     for preset in (SIZE_ONLY_PRESETS[f] for f in formats if f in SIZE_ONLY_PRESETS):
         bar.set_postfix_str(f"{preset} (size)")
@@ -372,7 +377,7 @@ def run_benchmark(model: str = "ViT-B-32", pretrained: str | None = None, format
     fp32 = results[0]
     machine = {**machine_info(threads), "runtime_versions": runtime_versions}
     report = {"model": loaded.label, "machine": machine, "batches": list(batches), "towers": list(towers),
-              "reps": reps, "warmup": warmup, "method": METHOD,
+              "reps": reps, "rounds": rounds, "warmup": warmup, "method": METHOD,
               "results": [asdict(r) for r in results + isa_results + peer_results], "size_only": size_only,
               "runtime_peers_failed": isas_failed + peers_failed}
     for r in report["results"] + size_only:
@@ -461,7 +466,7 @@ def run_forced_isa_child(argv: list[str]) -> int:
     payload = torch.load(spec["payload"], weights_only=False)
     results = time_torch_contenders(payload["model"], spec["formats"], payload["inputs"], spec["batches"],
                                     spec["towers"], spec["fidelity_batch"], payload["reference"], spec["reps"],
-                                    spec["warmup"])
+                                    spec["warmup"], rounds=spec.get("rounds", 1))
     with open(spec["out"], "w") as f:
         json.dump({"cpu_isa": pyclipq.build_info()["cpu_isa"], "results": [asdict(r) for r in results]}, f)
     return 0

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_state
 
 from .. import ops
 
@@ -121,7 +122,6 @@ class FusedBlock(nn.Module):
         capture) or on every module: the fused ops would skip its call, so the block runs unfused."""
         if torch.compiler.is_compiling():
             return False
-        from torch.nn.modules import module as module_state
         if module_state._global_forward_hooks or module_state._global_forward_pre_hooks:
             return True
         attention = resolved[0]

@@ -13,6 +13,8 @@ namespace pyclipq::cpu {
 // Element types of float activations and fused-linear outputs.
 enum class FloatType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
+enum class Activation : int { None = 0, Gelu = 1, QuickGelu = 2 };  // GELU: the erf form; QuickGELU: x sigmoid(1.702 x)
+
 // Quantize `rows` rows of x (element type x_type, row stride ldx elements, K valid columns)
 // to int8 [rows, k_pad]. static_scale == nullptr: dynamic per-token scale. Writes scale[rows]
 // and the group sums sums[rows, G]. Returns the index of the first row holding NaN/Inf, or -1.
@@ -53,6 +55,12 @@ struct LinearEpilogue {
   const float* bias;     // [N] or nullptr
   void* y;
   FloatType y_type;
+  // Then y = act(y) + residual[m, n] (row stride N), in fp32 before the output's rounding; only
+  // for tables with KernelTable::epilogue_ops_in_kernel (the others get None / nullptr here and
+  // the caller applies them to each finished tile: BlockKernels::epilogue_rows).
+  Activation act = Activation::None;
+  const void* residual = nullptr;
+  FloatType residual_type = FloatType::F32;
 };
 
 using LinearFn = void (*)(const GemmProblem& p, const LinearEpilogue& e, int64_t m0, int64_t m1, int64_t n0,
@@ -77,8 +85,6 @@ using HadamardFn = void (*)(const float* x, float* y, int64_t rows, int64_t k, i
 
 // ------------------------------------------------------------------ the ops around the linears
 // A transformer block's float work between its GEMMs (csrc/cpu/block_kernels.h, one copy per ISA).
-
-enum class Activation : int { None = 0, Gelu = 1, QuickGelu = 2 };  // GELU: the erf form; QuickGELU: x sigmoid(1.702 x)
 
 // y[0, k) = LayerNorm(x[0, k)) with optional affine weight and bias (nullptr: 1 and 0); y may be x.
 using LayerNormRowFn = void (*)(const float* x, int64_t k, const float* weight, const float* bias, float eps, float* y);
@@ -147,6 +153,8 @@ struct KernelTable {
   bool reads_tile_layout(WeightKind kind) const { return (tile_layout_kinds >> static_cast<int>(kind)) & 1u; }
   // LayerNorm, epilogues and the attention core at this table's vector width.
   const BlockKernels* block = nullptr;
+  // Whether `linear` applies LinearEpilogue::act and ::residual itself, in registers.
+  bool epilogue_ops_in_kernel = false;
 };
 
 const KernelTable& scalar_kernels();

@@ -113,9 +113,10 @@ class RuntimePeerWorkspace(ChildWorkspace):
 
     prefix = "pyclipq-peers-"
 
-    def __init__(self, model: nn.Module, towers: dict[str, TowerInputs], threads: int, reps: int, warmup: int):
+    def __init__(self, model: nn.Module, towers: dict[str, TowerInputs], threads: int, reps: int, warmup: int,
+                 rounds: int = 1):
         self.model, self.towers = model, towers
-        self.settings = {"threads": threads, "reps": reps, "warmup": warmup}
+        self.settings = {"threads": threads, "reps": reps, "warmup": warmup, "rounds": rounds}
 
     def _fill(self) -> None:
         self.tower_files = self._write_towers()
