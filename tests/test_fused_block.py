@@ -8,6 +8,9 @@ the original block wherever it does not apply, keeps the state dict, saves and l
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -210,3 +213,34 @@ def test_block_ops_reject_bad_inputs():
         ops.quantized_linear("int8", q[0], q[1][:3], q[2], packed, scale)
     with pytest.raises(ValueError, match="runs on CPU tensors only"):
         ops.attention(qkv.to("meta"), 2)
+
+
+# ---------------------------------------------------------------- every CPU table
+
+CHILD = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import torch, torch.nn.functional as F, pyclipq
+from test_fused_block import converted_pair, encode, sample_inputs
+worst = 1.0
+for name in ("open_clip", "openai"):
+    for config in ("int8", "int4", "ternary"):
+        unfused, fused = converted_pair(name, config)
+        images, tokens = sample_inputs(batch=3)
+        for got, want in zip(encode(fused, images, tokens), encode(unfused, images, tokens)):
+            worst = min(worst, float(F.cosine_similarity(got, want).min()))
+print(json.dumps({{"isa": pyclipq.build_info()["cpu_isa"], "worst_cosine": worst}}))
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_fused_models_match_on_the_lower_tables(isa):
+    """The forced lower tables (their own LayerNorm, epilogue pass and attention instantiation)."""
+    if isa not in pyclipq.build_info()["cpu_isa_supported"]:
+        pytest.skip(f"this CPU/OS cannot run the {isa} table")
+    code = CHILD.format(tests=str(Path(__file__).resolve().parent))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd="/",
+                       env={**os.environ, "PYCLIPQ_CPU_ISA": isa})
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["isa"] == isa and result["worst_cosine"] >= MIN_COSINE, result
