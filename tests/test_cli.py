@@ -28,7 +28,8 @@ def test_info_json(capsys):
     (["convert", "ViT-B-32", "--pretrained", "/no/such/ckpt.bin", "--format", "int8", "-o", "x"], "not found"),
     (["eval", "testbed", "--dataset", "imagenet:/data"], "--dataset must be one of"),
     (["eval", "testbed", "--quantized", "/no/such.safetensors"], "not found"),
-    (["bench", "--model", "testbed", "--reps", "0"], "reps and threads must be >= 1"),
+    (["bench", "--model", "testbed", "--reps", "0"], "reps, rounds and threads must be >= 1"),
+    (["bench", "--model", "testbed", "--rounds", "0"], "reps, rounds and threads must be >= 1"),
     (["bench", "--model", "testbed", "--batches", "0"], "batches must be one or more sizes >= 1"),
 ])
 def test_user_mistakes_exit_2_with_one_line(capsys, argv, needle):
