@@ -8,6 +8,7 @@ the original block wherever it does not apply, keeps the state dict, saves and l
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import subprocess
@@ -43,10 +44,10 @@ def fused_blocks(model):
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("name", ["open_clip", "openai"])
+@pytest.mark.parametrize("name", ["open_clip", "openai", "hf"])
 def test_fused_model_matches_the_unfused_one(name, config):
     unfused, fused = converted_pair(name, CONFIGS[config])
-    assert len(fused.pyclipq_report.fused_blocks) == 4 and not fused.pyclipq_report.unfused_blocks  # 2 + 2 towers
+    assert len(fused.pyclipq_report.fused_blocks) == 4 and not fused.pyclipq_report.unfused_blocks  # 2 + 2 blocks
     assert len(fused_blocks(fused)) == 4 and not fused_blocks(unfused)
     images, tokens = sample_inputs(batch=3)
     for got, want in zip(encode(fused, images, tokens), encode(unfused, images, tokens)):
@@ -110,11 +111,41 @@ def test_save_and_load_fuse_again(tmp_path):
         assert torch.equal(got, want)
 
 
-def test_hugging_face_blocks_say_why_they_stay_unfused():
-    model = pyclipq.convert(BUILDERS["hf"](), "int8")
-    assert not model.pyclipq_report.fused_blocks
-    assert model.pyclipq_report.unfused_blocks and all("not a pre-LN block" in why
-                                                       for _, why in model.pyclipq_report.unfused_blocks)
+def test_hugging_face_blocks_fuse_and_keep_their_class():
+    """CLIPEncoderLayer: q, k and v share one quantized input; the fused block is still a
+    CLIPEncoderLayer, so transformers' output capture finds it (output_hidden_states)."""
+    unfused, fused = converted_pair("hf", "int8")
+    block = fused.text_model.encoder.layers[0]
+    assert isinstance(block, FusedBlock) and isinstance(block, type(block.unfused))
+    tokens = sample_inputs()[1]
+    with torch.no_grad():
+        got = fused.text_model(input_ids=tokens, output_hidden_states=True)
+        want = unfused.text_model(input_ids=tokens, output_hidden_states=True)
+    assert len(got.hidden_states) == len(want.hidden_states) == 3
+    for g, w in zip(got.hidden_states, want.hidden_states):
+        assert torch.equal(g, w)  # a capture hook inside the block: the blocks ran unfused
+
+
+def test_blocks_deepcopy_and_pickle_as_fused_blocks():
+    """A converted model pickles only through its state dict (parametrized packed parameters); a
+    block alone pickles, and both deep-copy, as the original block wrapped again."""
+    _, fused = converted_pair("open_clip", "int8")
+    images, tokens = sample_inputs()
+    block = fused.visual.transformer.resblocks[0]
+    buffer = io.BytesIO()
+    torch.save(block, buffer)
+    buffer.seek(0)
+    again = torch.load(buffer, weights_only=False)
+    assert isinstance(again, FusedBlock) and again._modules is again.unfused._modules
+    x = torch.randn(2, 17, 64)
+    with torch.no_grad():
+        assert torch.equal(again(x), block(x))
+    for other in (copy.deepcopy(fused),):
+        assert len(fused_blocks(other)) == 4
+        block = other.visual.transformer.resblocks[0]
+        assert block._modules is block.unfused._modules  # still one set of modules
+        for got, want in zip(encode(other, images, tokens), encode(fused, images, tokens)):
+            assert torch.equal(got, want)
 
 
 def test_weight_only_blocks_stay_unfused():
@@ -223,7 +254,7 @@ sys.path.insert(0, {tests!r})
 import torch, torch.nn.functional as F, pyclipq
 from test_fused_block import converted_pair, encode, sample_inputs
 worst = 1.0
-for name in ("open_clip", "openai"):
+for name in ("open_clip", "openai", "hf"):
     for config in ("int8", "int4", "ternary"):
         unfused, fused = converted_pair(name, config)
         images, tokens = sample_inputs(batch=3)

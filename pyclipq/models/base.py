@@ -8,6 +8,7 @@ the adapter what a module is and the config whether it is selected; the swap its
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..nn import PatchConv2d
@@ -78,9 +79,9 @@ class Adapter:
             return None  # layer scale: not in the fused epilogue
         if len(mlp) != 3:
             return None
+        openai = "attn_mask" in vars(module)  # OpenAI's block keeps its mask; open_clip's takes it
         return BlockParts("ln_1", "attn", "ln_2", "mlp.c_fc", "mlp.c_proj", activation_name(mlp.gelu),
-                          sequence_first=not module.attn.batch_first,
-                          mask_attribute="attn_mask" if "attn_mask" in vars(module) else None)
+                          "openai" if openai else "open_clip", sequence_first=not module.attn.batch_first)
 
     def linear_kind(self, name: str) -> str:
         if name in self.projection_linears:
@@ -123,10 +124,16 @@ def patch_embeddings_as_matmul_(model: nn.Module, adapter: Adapter) -> list[str]
 
 def activation_name(module: nn.Module) -> str:
     """The fused epilogue's name for an activation module: "gelu" (nn.GELU, erf form), "quick_gelu"
-    (open_clip's and OpenAI's QuickGELU), else its class name (which does not fuse)."""
+    (open_clip's and OpenAI's QuickGELU, transformers' QuickGELUActivation), else its class name
+    (which does not fuse)."""
     if isinstance(module, nn.GELU):
         return "gelu" if module.approximate == "none" else f"gelu(approximate={module.approximate!r})"
-    return "quick_gelu" if type(module).__name__ == "QuickGELU" else type(module).__name__
+    name = type(module).__name__
+    if name in ("QuickGELU", "QuickGELUActivation"):  # open_clip / OpenAI, and transformers
+        return "quick_gelu"
+    if name == "GELUActivation" and getattr(module, "act", None) is torch.nn.functional.gelu:  # transformers, erf form
+        return "gelu"
+    return name
 
 
 def fuse_blocks_(model: nn.Module, adapter: Adapter) -> tuple[list[str], list[tuple[str, str]]]:

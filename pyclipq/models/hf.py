@@ -9,7 +9,8 @@ embedding ``vision_model.embeddings.patch_embedding`` is quantized weight-only
 """
 from __future__ import annotations
 
-from .base import Adapter
+from ..nn import BlockParts
+from .base import Adapter, activation_name
 
 
 class HuggingFaceClipAdapter(Adapter):
@@ -25,3 +26,11 @@ class HuggingFaceClipAdapter(Adapter):
 
     def matches(self, model) -> bool:
         return any(c.__module__.startswith("transformers.models.clip.") for c in type(model).__mro__)
+
+    def block_parts(self, module):
+        """CLIPEncoderLayer: layer_norm1, self_attn (q_proj, k_proj, v_proj, out_proj), layer_norm2,
+        mlp (fc1, activation_fn, fc2)."""
+        if type(module).__name__ != "CLIPEncoderLayer":
+            return None
+        return BlockParts("layer_norm1", "self_attn", "layer_norm2", "mlp.fc1", "mlp.fc2",
+                          activation_name(module.mlp.activation_fn), "hf", projections=("q_proj", "k_proj", "v_proj"))

@@ -28,12 +28,17 @@ from torch import nn
 from torch.nn.modules import module as module_state
 
 from .. import ops
-
-_ops = ops._ops  # torch.ops.pyclipq, called directly: the typed wrappers' checks cost ~2 us a call
 from .attention import additive_mask
 from .linear import QuantLinear
 
+_ops = ops._ops  # torch.ops.pyclipq, called directly: the typed wrappers' checks cost ~2 us a call
+
 ACTIVATIONS = ("gelu", "quick_gelu")
+_FUSED_CLASSES: dict[type, type] = {}  # original block class -> its Fused<Class> (FusedBlock.wrap)
+# How a block is called: open_clip's ResidualAttentionBlock(q_x, k_x, v_x, attn_mask) (bool masks:
+# True = masked), OpenAI's ResidualAttentionBlock(x) (its mask an attribute), Hugging Face's
+# CLIPEncoderLayer(hidden_states, attention_mask, is_causal=...) (bool masks: True = attends).
+CONVENTIONS = ("open_clip", "openai", "hf")
 
 
 @dataclass(frozen=True)
@@ -41,22 +46,28 @@ class BlockParts:
     """Where a block keeps its parts (paths relative to the block), as its adapter reads them."""
 
     ln_1: str
-    attention: str  # a QuantMultiheadAttention (in_proj [3E, E], out_proj, num_heads, batch_first)
+    attention: str  # a module with num_heads, the projections below and `out_proj`
     ln_2: str
     fc1: str
     fc2: str
     activation: str  # "gelu" (erf form) or "quick_gelu"
-    sequence_first: bool  # x is [T, B, E] (OpenAI CLIP, nn.MultiheadAttention without batch_first)
-    mask_attribute: str | None = None  # the block reads its mask from this attribute (OpenAI CLIP) instead of an argument
+    convention: str  # one of CONVENTIONS
+    sequence_first: bool = False  # x is [T, B, E] (OpenAI CLIP, nn.MultiheadAttention without batch_first)
+    # the attention's input projections: one packed q | k | v ("in_proj") or three (q, k, v), which
+    # then share one quantized input where their layers quantize it alike
+    projections: tuple[str, ...] = ("in_proj",)
 
 
 def fusable_reason(block: nn.Module, parts: BlockParts) -> str | None:
     """Why `block` cannot run fused, or None when it can."""
     if parts.activation not in ACTIVATIONS:
         return f"activation {parts.activation!r} is not one of {ACTIVATIONS}"
+    if parts.convention not in CONVENTIONS or len(parts.projections) not in (1, 3):
+        raise ValueError(f"BlockParts: convention must be one of {CONVENTIONS} and projections 1 or 3 names, got "
+                         f"{parts.convention!r}, {parts.projections}")
     attention = block.get_submodule(parts.attention)
-    linears = {"in_proj": getattr(attention, "in_proj", None), "out_proj": getattr(attention, "out_proj", None),
-               parts.fc1: block.get_submodule(parts.fc1), parts.fc2: block.get_submodule(parts.fc2)}
+    linears = {name: getattr(attention, name, None) for name in (*parts.projections, "out_proj")}
+    linears.update({parts.fc1: block.get_submodule(parts.fc1), parts.fc2: block.get_submodule(parts.fc2)})
     for name, linear in linears.items():
         if not isinstance(linear, QuantLinear):
             return f"{name} is {type(linear).__name__}, not a packed QuantLinear"
@@ -70,10 +81,31 @@ def fusable_reason(block: nn.Module, parts: BlockParts) -> str | None:
 
 
 class FusedBlock(nn.Module):
-    """A pre-LN block computed by the fused CPU ops; the original block (``unfused``) otherwise."""
+    """A pre-LN block computed by the fused CPU ops; the original block (``unfused``) otherwise.
+
+    Built with ``FusedBlock.wrap(block, parts)``, whose instance is also an instance of the
+    block's own class (a subclass made once per class, ``Fused<Class>``): code that finds blocks
+    by class (transformers' output capture hooks, isinstance checks) still finds them, and the
+    class's own methods run on the shared modules. It pickles and deep-copies as the original
+    block wrapped again.
+    """
+
+    @classmethod
+    def wrap(cls, block: nn.Module, parts: BlockParts) -> "FusedBlock":
+        original = type(block)
+        fused_class = _FUSED_CLASSES.get(original)
+        if fused_class is None:
+            fused_class = type(f"Fused{original.__name__}", (cls, original), {"__module__": __name__})
+            _FUSED_CLASSES[original] = fused_class
+        module = fused_class.__new__(fused_class)
+        FusedBlock.__init__(module, block, parts)
+        return module
+
+    def __reduce_ex__(self, protocol):
+        return FusedBlock.wrap, (self.unfused, self.parts)
 
     def __init__(self, block: nn.Module, parts: BlockParts):
-        super().__init__()
+        nn.Module.__init__(self)  # not the original class's: the block is built already
         reason = fusable_reason(block, parts)
         if reason is not None:
             raise ValueError(f"FusedBlock cannot run {type(block).__name__}: {reason}")
@@ -106,16 +138,16 @@ class FusedBlock(nn.Module):
         return module
 
     def _resolved(self):
-        """(attention, ln_1, ln_2, fc1, fc2) as they are now, or None when a linear is no longer a
-        packed QuantLinear (QAT's twins, or a user's swap since): walked through the module dicts,
-        ~10x cheaper than get_submodule at ~1 us a step per call."""
+        """(attention, (input projections), ln_1, ln_2, fc1, fc2) as they are now, or None when a
+        linear is no longer a packed QuantLinear (QAT's twins, or a user's swap since): walked
+        through the module dicts, ~10x cheaper than get_submodule at ~1 us a step per call."""
         parts = self.parts
         attention = self._part(parts.attention)
+        projections = tuple(attention._modules.get(name) for name in parts.projections)
         fc1, fc2 = self._part(parts.fc1), self._part(parts.fc2)
-        linears = (attention._modules.get("in_proj"), attention._modules.get("out_proj"), fc1, fc2)
-        if not all(type(m) is QuantLinear for m in linears):
+        if not all(type(m) is QuantLinear for m in (*projections, attention._modules.get("out_proj"), fc1, fc2)):
             return None
-        return attention, self._part(parts.ln_1), self._part(parts.ln_2), fc1, fc2
+        return attention, projections, self._part(parts.ln_1), self._part(parts.ln_2), fc1, fc2
 
     def _hooked(self, resolved) -> bool:
         """Whether a forward hook waits on a module inside the block (calibration observers, feature
@@ -124,27 +156,39 @@ class FusedBlock(nn.Module):
             return False
         if module_state._global_forward_hooks or module_state._global_forward_pre_hooks:
             return True
-        attention = resolved[0]
+        attention, projections, *rest = resolved
         # the parts as they are now (a swapped-in linear included) and every module there was at fusing
         return any(m._forward_hooks or m._forward_pre_hooks
-                   for m in (*resolved, attention.in_proj, attention.out_proj, *self._watched))
+                   for m in (attention, *projections, attention.out_proj, *rest, *self._watched))
+
+    def _call(self, args, kwargs):
+        """(x, mask, causal hint, whether the call asks for more than the fused path gives)."""
+        convention = self.parts.convention
+        if convention == "hf":
+            x = args[0] if args else kwargs.get("hidden_states")
+            mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+            # the causal flag HF passes with a None mask; output_attentions and the like: unfused
+            extra = len(args) > 2 or any(v not in (None, False) for k, v in kwargs.items()
+                                         if k not in ("hidden_states", "attention_mask", "is_causal"))
+            return x, mask, bool(kwargs.get("is_causal", False)) and mask is None, extra
+        if convention == "openai":
+            return (args[0] if args else kwargs.get("x")), getattr(self.unfused, "attn_mask", None), False, \
+                len(args) > 1 or bool(kwargs.keys() - {"x"})
+        x = args[0] if args else kwargs.get("q_x")
+        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+        extra = any(a is not None for a in args[1:3]) or kwargs.get("k_x") is not None or kwargs.get("v_x") is not None
+        return x, mask, False, extra
 
     def forward(self, *args, **kwargs):
-        x = args[0] if args else kwargs.get("q_x", kwargs.get("x"))
-        attn_mask = kwargs.get("attn_mask")
-        if self.parts.mask_attribute is None and len(args) == 4:
-            attn_mask = args[3]
-        extra = any(a is not None for a in args[1:3]) or kwargs.get("k_x") is not None or kwargs.get("v_x") is not None
+        x, mask, causal, extra = self._call(args, kwargs)
         applies = (x is not None and not self.training and not extra and x.device.type == "cpu" and x.dim() == 3
                    and x.dtype in (torch.float32, torch.bfloat16) and not (torch.is_grad_enabled() and x.requires_grad))
         resolved = self._resolved() if applies else None
         if resolved is None or self._hooked(resolved):
             return self.unfused(*args, **kwargs)
-        if self.parts.mask_attribute is not None:
-            attn_mask = getattr(self.unfused, self.parts.mask_attribute)
         if self.parts.sequence_first:
-            return self._fused(resolved, x.transpose(0, 1), attn_mask).transpose(0, 1)
-        return self._fused(resolved, x, attn_mask)
+            return self._fused(resolved, x.transpose(0, 1), mask, causal).transpose(0, 1)
+        return self._fused(resolved, x, mask, causal)
 
     def _mask(self, mask: torch.Tensor | None, tokens: int, batch: int, heads: int):
         """(additive float32 mask or None, causal): a causal mask is recognised once per tensor version."""
@@ -152,11 +196,15 @@ class FusedBlock(nn.Module):
             return None, False
         if mask.dim() == 2 and mask.shape[-1] >= tokens:  # OpenAI keeps a context-length mask: its last T x T
             mask = mask[-tokens:, -tokens:]
+        if mask.dtype == torch.bool and self.parts.convention == "hf":  # HF: True = may attend
+            mask = ~mask
         key = (mask.data_ptr(), mask._version if not mask.is_inference() else -1, tuple(mask.shape), mask.dtype)
         causal = self._causal_masks.get(key)
         additive = additive_mask(mask, "attn_mask", torch.float32)
         if causal is None:
-            causal = mask.dim() == 2 and tuple(mask.shape) == (tokens, tokens) and _is_causal(additive)
+            square = additive.reshape(-1, tokens, tokens)[0] if additive.dim() == 4 and additive.shape[0] == 1 \
+                and additive.shape[1] == 1 else additive
+            causal = square.dim() == 2 and tuple(square.shape) == (tokens, tokens) and _is_causal(square)
             self._causal_masks = {key: causal}
         if causal:
             return None, True
@@ -164,13 +212,14 @@ class FusedBlock(nn.Module):
             additive = additive.reshape(batch, heads, tokens, tokens)
         return additive, False
 
-    def _fused(self, resolved, x: torch.Tensor, attn_mask) -> torch.Tensor:
-        attention, ln_1, ln_2, fc1, fc2 = resolved
+    def _fused(self, resolved, x: torch.Tensor, attn_mask, causal_hint: bool) -> torch.Tensor:
+        attention, projections, ln_1, ln_2, fc1, fc2 = resolved
         batch, tokens, width = x.shape
         x = x.contiguous()
         mask, causal = self._mask(attn_mask, tokens, batch, attention.num_heads)
-        qkv = _linear(attention.in_proj, _norm_quantize(ln_1, attention.in_proj, x))
-        attended = _ops.attention(qkv.view(batch, tokens, 3 * width), attention.num_heads, mask, causal, None)
+        qkv = _projected(projections, ln_1, x)
+        attended = _ops.attention(qkv.view(batch, tokens, 3 * width), attention.num_heads, mask, causal or causal_hint,
+                                  None)
         x = _linear(attention.out_proj, _quantize(attention.out_proj, attended), residual=x, out_dtype=x.dtype)
         hidden = _linear(fc1, _norm_quantize(ln_2, fc1, x), activation=self.parts.activation)
         x = _linear(fc2, _quantize(fc2, hidden), residual=x, out_dtype=x.dtype)
@@ -185,13 +234,25 @@ def fuse_block(block: nn.Module, parts: BlockParts | None) -> tuple[nn.Module, s
     if parts is None:
         return block, "not a pre-LN block of LayerNorm, q|k|v attention and a two-layer MLP"
     reason = fusable_reason(block, parts)
-    return (block, reason) if reason else (FusedBlock(block, parts), None)
+    return (block, reason) if reason else (FusedBlock.wrap(block, parts), None)
 
 
 def _is_causal(mask: torch.Tensor) -> bool:
     """An additive [T, T] mask that is -inf exactly above the diagonal and 0 elsewhere."""
     upper = torch.ones_like(mask, dtype=torch.bool).triu(1)
     return bool(torch.isneginf(mask[upper]).all()) and bool((mask[~upper] == 0).all())
+
+
+def _projected(projections, ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """q | k | v [M, 3 E] from the packed projection, or from three that share one quantized input
+    when their layers quantize it alike (same config, no per-layer smoothing or static scale)."""
+    if len(projections) == 1:
+        return _linear(projections[0], _norm_quantize(ln, projections[0], x))
+    first = projections[0]
+    shared = (all(p.layer == first.layer for p in projections) and first.layer.smoothing != "online"
+              and first.layer.activation == "dynamic")
+    quantized = _norm_quantize(ln, first, x) if shared else None
+    return torch.cat([_linear(p, quantized if shared else _norm_quantize(ln, p, x)) for p in projections], dim=-1)
 
 
 def _group_size(linear: QuantLinear) -> int:
