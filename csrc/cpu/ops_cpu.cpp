@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cmath>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "op_checks.h"
@@ -48,18 +49,18 @@ FloatType float_type(at::ScalarType t) {
   return t == at::kBFloat16 ? FloatType::BF16 : t == at::kHalf ? FloatType::F16 : FloatType::F32;
 }
 
-QuantizedActivation quantize(const at::Tensor& x, int64_t group_size, const std::optional<at::Tensor>& act_scale,
-                             const char* op) {
-  check_quantize_args(kCPU, x, group_size, act_scale, op);
-  const int64_t k = x.size(-1);
+// Per-token quantization of m rows of k values in tasks of kRowsPerTask rows: rows_of(r0, r1,
+// scratch) gives the task's rows (a pointer with row stride k and their FloatType), read from the
+// input as they are or computed into `scratch` (LayerNorm). The first row holding NaN/Inf, whichever
+// task finds one first, is an error that ends with `what_failed`.
+template <typename RowsOf>
+QuantizedActivation quantize_in_tasks(int64_t m, int64_t k, int64_t group_size,
+                                      const std::optional<at::Tensor>& act_scale, const at::TensorOptions& options,
+                                      const char* op, const char* what_failed, RowsOf&& rows_of) {
   const int64_t k_pad = padded_k(k);
-  const int64_t m = x.numel() / k;
   const int64_t groups = num_groups(k_pad, group_size);
-  // The kernels read fp32, bf16 and fp16 rows directly; non-contiguous inputs are copied first.
-  const at::Tensor rows = x.reshape({m, k}).contiguous();
-  QuantizedActivation out{at::empty({m, k_pad}, x.options().dtype(at::kChar)),
-                          at::empty({m}, x.options().dtype(at::kFloat)),
-                          at::empty({m, groups}, x.options().dtype(at::kInt))};
+  QuantizedActivation out{at::empty({m, k_pad}, options.dtype(at::kChar)), at::empty({m}, options.dtype(at::kFloat)),
+                          at::empty({m, groups}, options.dtype(at::kInt))};
   float static_scale = 0.0f;
   if (act_scale.has_value()) {
     static_scale = act_scale->item<float>();
@@ -68,14 +69,13 @@ QuantizedActivation quantize(const at::Tensor& x, int64_t group_size, const std:
   }
   const KernelTable& kt = active_kernels();
   std::atomic<int64_t> bad_row{-1};
-  const FloatType xt = float_type(rows.scalar_type());
-  const char* xp = static_cast<const char*>(rows.data_ptr());
-  const int64_t row_bytes = k * rows.element_size();
   int8_t* qp = out.q.data_ptr<int8_t>();
   float* sp = out.scale.data_ptr<float>();
   int32_t* gp = out.sums.data_ptr<int32_t>();
   at::parallel_for(0, m, kRowsPerTask, [&](int64_t r0, int64_t r1) {
-    const int64_t bad = kt.quantize_rows(xp + r0 * row_bytes, xt, k, r1 - r0, k, k_pad, group_size,
+    std::vector<float> scratch;
+    const auto [rows, type] = rows_of(r0, r1, scratch);
+    const int64_t bad = kt.quantize_rows(rows, type, k, r1 - r0, k, k_pad, group_size,
                                          act_scale.has_value() ? &static_scale : nullptr, qp + r0 * k_pad, sp + r0,
                                          gp + r0 * groups);
     if (bad >= 0) {  // report the first bad row whichever task finds one first
@@ -84,9 +84,26 @@ QuantizedActivation quantize(const at::Tensor& x, int64_t group_size, const std:
       }
     }
   });
-  TORCH_CHECK(bad_row.load() < 0, op, ": x contains NaN or Inf (row ", bad_row.load(),
-              " of the flattened input); per-token quantization needs finite activations");
+  TORCH_CHECK(bad_row.load() < 0, op, ": x contains NaN or Inf (row ", bad_row.load(), " of the flattened input)",
+              what_failed);
   return out;
+}
+
+QuantizedActivation quantize(const at::Tensor& x, int64_t group_size, const std::optional<at::Tensor>& act_scale,
+                             const char* op) {
+  check_quantize_args(kCPU, x, group_size, act_scale, op);
+  const int64_t k = x.size(-1);
+  const int64_t m = x.numel() / k;
+  // The kernels read fp32, bf16 and fp16 rows directly; non-contiguous inputs are copied first.
+  const at::Tensor rows = x.reshape({m, k}).contiguous();
+  const FloatType xt = float_type(rows.scalar_type());
+  const char* xp = static_cast<const char*>(rows.data_ptr());
+  const int64_t row_bytes = k * rows.element_size();
+  return quantize_in_tasks(m, k, group_size, act_scale, x.options(), op,
+                           "; per-token quantization needs finite activations",
+                           [&](int64_t r0, int64_t, std::vector<float>&) {
+                             return std::pair<const void*, FloatType>{xp + r0 * row_bytes, xt};
+                           });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, int64_t group_size,
@@ -276,42 +293,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_quantize(const at::Ten
                                                                    const std::optional<at::Tensor>& act_scale) {
   const char* op = "pyclipq.layer_norm_quantize";
   check_quantize_args(kCPU, x, group_size, act_scale, op);
-  const int64_t k = x.size(-1), k_pad = padded_k(k), m = x.numel() / k, groups = num_groups(k_pad, group_size);
+  const int64_t k = x.size(-1), m = x.numel() / k;
   TORCH_CHECK(eps > 0 && std::isfinite(eps), op, ": eps must be finite and > 0, got ", eps);
   TORCH_CHECK(rotation_block >= 1 && (rotation_block & (rotation_block - 1)) == 0 && k % rotation_block == 0, op,
               ": rotation_block must be 1 (none) or a power of 2 dividing K = ", k, ", got ", rotation_block);
   const at::Tensor w = channel_vector(weight, k, x, "weight", op), b = channel_vector(bias, k, x, "bias", op);
   const at::Tensor rows = x.reshape({m, k}).to(at::kFloat).contiguous();
-  QuantizedActivation out{at::empty({m, k_pad}, x.options().dtype(at::kChar)), at::empty({m}, x.options().dtype(at::kFloat)),
-                          at::empty({m, groups}, x.options().dtype(at::kInt))};
-  float static_scale = 0.0f;
-  if (act_scale.has_value()) {
-    static_scale = act_scale->item<float>();
-    TORCH_CHECK(std::isfinite(static_scale) && static_scale > 0.0f, op,
-                ": act_scale must be finite and > 0 (was the layer calibrated?), got ", static_scale);
-  }
   const KernelTable& kt = active_kernels();
-  std::atomic<int64_t> bad_row{-1};
   const float* xp = rows.data_ptr<float>();
   const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  at::parallel_for(0, m, kRowsPerTask, [&](int64_t r0, int64_t r1) {
-    // the task's rows normalized (and rotated) into a buffer that stays in L1/L2, then quantized
-    std::vector<float> buf((r1 - r0) * k);
-    for (int64_t r = r0; r < r1; ++r) kt.block->layer_norm_row(xp + r * k, k, wp, bp, static_cast<float>(eps), buf.data() + (r - r0) * k);
-    if (rotation_block > 1) kt.hadamard(buf.data(), buf.data(), r1 - r0, k, rotation_block);
-    const int64_t bad = kt.quantize_rows(buf.data(), FloatType::F32, k, r1 - r0, k, k_pad, group_size,
-                                         act_scale.has_value() ? &static_scale : nullptr,
-                                         out.q.data_ptr<int8_t>() + r0 * k_pad, out.scale.data_ptr<float>() + r0,
-                                         out.sums.data_ptr<int32_t>() + r0 * groups);
-    if (bad >= 0) {
-      int64_t cur = bad_row.load();
-      while ((cur < 0 || r0 + bad < cur) && !bad_row.compare_exchange_weak(cur, r0 + bad)) {
-      }
-    }
-  });
-  TORCH_CHECK(bad_row.load() < 0, op, ": x contains NaN or Inf (row ", bad_row.load(),
-              " of the flattened input), or its LayerNorm does");
+  // the task's rows normalized (and rotated) into a buffer that stays in L1/L2, then quantized
+  QuantizedActivation out = quantize_in_tasks(
+      m, k, group_size, act_scale, x.options(), op, ", or its LayerNorm does",
+      [&](int64_t r0, int64_t r1, std::vector<float>& buf) {
+        buf.resize((r1 - r0) * k);
+        for (int64_t r = r0; r < r1; ++r)
+          kt.block->layer_norm_row(xp + r * k, k, wp, bp, static_cast<float>(eps), buf.data() + (r - r0) * k);
+        if (rotation_block > 1) kt.hadamard(buf.data(), buf.data(), r1 - r0, k, rotation_block);
+        return std::pair<const void*, FloatType>{buf.data(), FloatType::F32};
+      });
   return {out.q, out.scale, out.sums};
 }
 
