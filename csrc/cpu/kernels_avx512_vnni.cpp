@@ -562,33 +562,38 @@ void run_format(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int
         }
         continue;
       }
-      for (int64_t m = m0; m < m1; m += kTileRows) {
+      auto tile = [&](int64_t m, int64_t n) {
         const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m1 - m));
-        for (int64_t n = b0; n < b1; n += 16 * kTilePanels) {
-          const uint8_t* wp[kTilePanels];
-          panel_ptrs(n, wp);
-          const TileSpan span{p, row_sums, G, operand_offset(KIND), m, n,
-                              static_cast<int>(std::min<int64_t>(16 * kTilePanels, b1 - n))};
-          auto launch = [&]<int R>() {
-            if (e != nullptr) {
-              LinearSink<R, kTilePanels> sink{span, *e, sc.scales.data() + (n - b0), cols, sc.facc};
-              if (tiles_given) broadcast_tile<R, true>(p.x_q + m * p.k_pad, p.k_pad, wp, glen / 4, G, prefetch_share(), sink);
-              else broadcast_tile<R, false>(p.x_q + m * p.k_pad, p.k_pad, wp, glen / 4, G, prefetch_share(), sink);
-            } else {
-              GemmSink<R, kTilePanels> sink{span, out};
-              broadcast_tile<R, false>(p.x_q + m * p.k_pad, p.k_pad, wp, glen / 4, G, prefetch_share(), sink);
-            }
-          };
-          switch (rows) {
-            case 6: launch.template operator()<6>(); break;
-            case 5: launch.template operator()<5>(); break;
-            case 4: launch.template operator()<4>(); break;
-            case 3: launch.template operator()<3>(); break;
-            case 2: launch.template operator()<2>(); break;
-            default: launch.template operator()<1>(); break;
+        const uint8_t* wp[kTilePanels];
+        panel_ptrs(n, wp);
+        const TileSpan span{p, row_sums, G, operand_offset(KIND), m, n,
+                            static_cast<int>(std::min<int64_t>(16 * kTilePanels, b1 - n))};
+        auto launch = [&]<int R>() {
+          if (e != nullptr) {
+            LinearSink<R, kTilePanels> sink{span, *e, sc.scales.data() + (n - b0), cols, sc.facc};
+            if (tiles_given) broadcast_tile<R, true>(p.x_q + m * p.k_pad, p.k_pad, wp, glen / 4, G, prefetch_share(), sink);
+            else broadcast_tile<R, false>(p.x_q + m * p.k_pad, p.k_pad, wp, glen / 4, G, prefetch_share(), sink);
+          } else {
+            GemmSink<R, kTilePanels> sink{span, out};
+            broadcast_tile<R, false>(p.x_q + m * p.k_pad, p.k_pad, wp, glen / 4, G, prefetch_share(), sink);
           }
+        };
+        switch (rows) {
+          case 6: launch.template operator()<6>(); break;
+          case 5: launch.template operator()<5>(); break;
+          case 4: launch.template operator()<4>(); break;
+          case 3: launch.template operator()<3>(); break;
+          case 2: launch.template operator()<2>(); break;
+          default: launch.template operator()<1>(); break;
         }
-      }
+      };
+      // Column tiles outer, row tiles inner: a 64-column tile's weights (16 x K bytes a panel) stay in
+      // L1/L2 while the task's rows pass, and each tile reads only its rows' 6 x K activation bytes
+      // anew. Rows outer re-read the whole block's weights for every 6 rows. Measured on Zen 4, int8
+      // in the tile layout, a CLIP layer's four linears, best of 3 alternating processes: M = 616
+      // (K = 512) 6698 -> 5662 us, M = 400 (K = 768) 8040 -> 7319, M = 77 692 -> 663, M = 50 957 -> 956.
+      for (int64_t n = b0; n < b1; n += 16 * kTilePanels)
+        for (int64_t m = m0; m < m1; m += kTileRows) tile(m, n);
     } else {
       if (b0 == n0)  // the task's first tiles, up to where the per-step prefetches start
         for (int64_t off = n0 * ldw; off < std::min(n1, n0 + 16 * dot_tiles_ahead) * ldw; off += 64)
