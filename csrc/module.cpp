@@ -70,9 +70,9 @@ PYBIND11_MODULE(_C, m) {
     d["cpu_isa_reason"] = std::string(pyclipq::cpu::cpu_isa_reason());
     {  // the formats whose fused linears read a tile-layout weight on this table
       py::list kinds;
-      for (int k = 0; k < 4; ++k)
+      for (size_t k = 0; k < std::size(pyclipq::kTraits); ++k)
         if (pyclipq::cpu::active_kernels().reads_tile_layout(static_cast<pyclipq::WeightKind>(k)))
-          kinds.append(pyclipq::traits(static_cast<pyclipq::WeightKind>(k)).name);
+          kinds.append(pyclipq::kTraits[k].name);
       d["cpu_tile_layout"] = kinds;
     }
     d["cpu_threads"] = pyclipq::cpu::parallel_width();

@@ -144,6 +144,18 @@ inline void check_tile_weight(c10::DeviceType type, WeightKind kind, const std::
   TORCH_CHECK(tile_weight->is_contiguous(), op, ": tile_weight must be contiguous");
 }
 
+// What a fused linear reads besides the GEMM's operands: weight scales, bias, tile-layout weight.
+inline void check_linear_epilogue_args(c10::DeviceType type, WeightKind kind, const at::Tensor& ref,
+                                       const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
+                                       const std::optional<at::Tensor>& tile_weight, const GemmShape& s,
+                                       const char* op) {
+  check_beside(ref, weight_scale, type, "weight_scale", op);
+  check_weight_scale(weight_scale, s.n, s.groups, op);
+  check_bias(bias, s.n, op);
+  if (bias.has_value()) check_beside(ref, *bias, type, "bias", op);
+  check_tile_weight(type, kind, tile_weight, ref, s.n, s.k_pad, op);
+}
+
 // The fused linear's weight-side arguments (the activation side is check_quantize_args).
 // Returns the shape with m = 0: M is known once x is flattened.
 inline GemmShape check_fused_linear_args(c10::DeviceType type, WeightKind kind, const at::Tensor& x,
@@ -157,11 +169,7 @@ inline GemmShape check_fused_linear_args(c10::DeviceType type, WeightKind kind, 
   check_beside(x, weight, type, "weight", op);
   check_weight(kind, weight, k_pad, op);
   const GemmShape s{0, weight.size(0), k_pad, num_groups(k_pad, group_size)};
-  check_beside(x, weight_scale, type, "weight_scale", op);
-  check_weight_scale(weight_scale, s.n, s.groups, op);
-  check_bias(bias, s.n, op);
-  if (bias.has_value()) check_beside(x, *bias, type, "bias", op);
-  check_tile_weight(type, kind, tile_weight, x, s.n, k_pad, op);
+  check_linear_epilogue_args(type, kind, x, weight_scale, bias, tile_weight, s, op);
   return s;
 }
 

@@ -241,7 +241,7 @@ def convert(model: nn.Module, config: "str | QuantConfig" = "int8", *, fuse_bloc
     config: a QuantConfig or one of the preset names in pyclipq.configs.PRESETS
     ("int8", "int4", "int2", "ternary", "ternary-qffn", "ternary-qall", ...).
     fuse_blocks: wrap each transformer block whose linears all took integer activations in a
-    pyclipq.nn.FusedBlock (the whole block as seven fused CPU ops in inference; the original
+    pyclipq.nn.FusedBlock (the whole block as nine calls of four fused CPU ops in inference; the original
     block's forward in training, under autograd, off the CPU and while a hook watches a layer
     inside). It changes no weight and no state-dict key.
     The report (a ConversionReport: converted linears per kind, sizes before and

@@ -295,6 +295,10 @@ def check_quantized_linear_epilogues():
             x_q, x_scale, x_sums = ops.quantize_per_token(x, group)
             plain = ops.quantized_linear(fmt, x_q, x_scale, x_sums, packed, scale, group, bias)
             assert torch.equal(plain, linear(fmt, x, packed, scale, group, bias)), f"{fmt} g{group} M={m} N={n}"
+            acc, s = reference_accumulators(fmt, x, packed, group)
+            want = reference.quantized_linear(x_q, x_scale, x_sums, packed, scale, fmt, group, bias)
+            tol = linear_tolerance(x, acc, s, scale, bias, n).reshape(m, n)
+            assert bool(((plain.double() - want.double()).abs() <= tol).all()), f"{fmt} g{group} M={m} N={n} vs ref"
             tile = formats.tile_layout(packed, formats.get_format(fmt))
             tiled = ops.quantized_linear(fmt, x_q, x_scale, x_sums, packed, scale, group, bias, tile, activation="gelu")
             assert torch.equal(tiled, ops.quantized_linear(fmt, x_q, x_scale, x_sums, packed, scale, group, bias,
@@ -312,7 +316,8 @@ def check_quantized_linear_epilogues():
                         tol = 1e-6 * mag + 1e-30
                         if out_dtype != torch.float32:
                             tol = tol + 2.0 ** -8 * want.abs()
-                        what = f"{fmt} g{group} M={m} N={n} {activation} residual {None if res is None else res.dtype} -> {out_dtype}"
+                        res_type = None if res is None else res.dtype
+                        what = f"{fmt} g{group} M={m} N={n} {activation} residual {res_type} -> {out_dtype}"
                         assert y.dtype == out_dtype and y.shape == (m, n), what
                         assert bool(((y.double() - want).abs() <= tol).all()), what
 
@@ -339,7 +344,8 @@ def check_attention_matches_reference():
             for threads in (1, 2, 3):
                 torch.set_num_threads(threads)
                 got = ops.attention(qkv, heads, mask, causal)
-                what = f"B={batch} T={tokens} H={heads} d={head_dim} causal={causal} mask {None if mask is None else list(mask.shape)} {threads} threads"
+                shape = None if mask is None else list(mask.shape)
+                what = f"B={batch} T={tokens} H={heads} d={head_dim} causal={causal} mask {shape} {threads} threads"
                 assert got.shape == want.shape and bool(((got - want).abs() <= bound).all()), what
     torch.set_num_threads(2)
     every_key_masked = torch.full((4, 4), float("-inf"))

@@ -221,6 +221,10 @@ def test_block_ops_reject_bad_inputs():
         ops.attention(qkv.double(), 2)
     with pytest.raises(RuntimeError, match="additive float32 mask"):
         ops.attention(qkv, 2, torch.zeros(9, 9, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        ops.attention(qkv, 2, scale=float("nan"))
+    with pytest.raises(RuntimeError, match="3 \\* num_heads \\* head_dim"):
+        ops.attention(torch.randn(2, 9, 0), 2)
     with pytest.raises(RuntimeError, match="qkv must be 3-D"):
         ops.attention(qkv[0], 2)
     x = torch.randn(4, 64)
@@ -236,6 +240,10 @@ def test_block_ops_reject_bad_inputs():
     q = ops.quantize_per_token(x)
     with pytest.raises(RuntimeError, match="residual must hold \\[M, N\\] = \\[4, 16\\]"):
         ops.quantized_linear("int8", *q, packed, scale, residual=torch.zeros(4, 15))
+    with pytest.raises(RuntimeError, match="out_dtype must be float32, bfloat16 or float16"):
+        ops.quantized_linear("int8", *q, packed, scale, out_dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="residual must be float32, bfloat16 or float16"):
+        ops.quantized_linear("int8", *q, packed, scale, residual=torch.zeros(4, 16, dtype=torch.int32))
     with pytest.raises(RuntimeError, match="activation must be 'none', 'gelu'"):
         ops.quantized_linear("int8", *q, packed, scale, activation="relu")
     with pytest.raises(ValueError):

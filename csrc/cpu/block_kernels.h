@@ -4,7 +4,7 @@
 // block_kernels_{scalar,avx2,avx512}.cpp, each compiled with its own flags. Everything has
 // internal linkage, so no wide code can leak into a narrower table through the linker (ODR).
 //
-// V provides: T (the vector), W (lanes), load/store (unaligned), set1, add/sub/mul/div, recip, fma,
+// V provides: T (the vector), W (lanes), load/store (unaligned), set1, add/sub/mul, recip, fma,
 // max/min, hsum/hmax, exp (exp(-inf) = 0; below -87.3 gives 0), erf.
 #pragma once
 #include <algorithm>
@@ -33,7 +33,6 @@ struct ScalarVec {
   static T add(T a, T b) { return a + b; }
   static T sub(T a, T b) { return a - b; }
   static T mul(T a, T b) { return a * b; }
-  static T div(T a, T b) { return a / b; }
   static T recip(T a) { return 1.0f / a; }
   static T fma(T a, T b, T c) { return a * b + c; }
   static T max(T a, T b) { return std::max(a, b); }
@@ -97,7 +96,6 @@ struct Avx2Vec {
   static T add(T a, T b) { return _mm256_add_ps(a, b); }
   static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
   static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
-  static T div(T a, T b) { return _mm256_div_ps(a, b); }
   // 1 / a: the 12-bit estimate and one Newton step (~22 bits), several times the throughput of a divide
   static T recip(T a) {
     const T r = _mm256_rcp_ps(a);
@@ -138,7 +136,6 @@ struct Avx512Vec {
   static T add(T a, T b) { return _mm512_add_ps(a, b); }
   static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
   static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
-  static T div(T a, T b) { return _mm512_div_ps(a, b); }
   // 1 / a: the 14-bit estimate and one Newton step (~23 bits), several times the throughput of a divide
   static T recip(T a) {
     const T r = _mm512_rcp14_ps(a);
@@ -209,17 +206,6 @@ inline typename V::T activate(typename V::T v, Activation act) {
   return v;
 }
 
-inline float load_as_float(const void* p, FloatType t, int64_t i) {
-  if (t == FloatType::F32) return static_cast<const float*>(p)[i];
-  const uint16_t h = static_cast<const uint16_t*>(p)[i];
-  return t == FloatType::BF16 ? bits_to_float(uint32_t(h) << 16) : half_to_float(h);
-}
-
-inline void store_from_float(void* p, FloatType t, int64_t i, float v) {
-  if (t == FloatType::F32) static_cast<float*>(p)[i] = v;
-  else static_cast<uint16_t*>(p)[i] = t == FloatType::BF16 ? float_to_bf16(v) : float_to_half(v);
-}
-
 // Full vectors where everything is fp32 (the fast path); a row buffer and per-element
 // conversions where the residual or the output is 16-bit.
 template <class V>
@@ -245,8 +231,8 @@ void epilogue_rows_t(const float* y, int64_t ld_y, int64_t rows, int64_t cols, c
       V::store(buf, activate<V>(V::load(buf), e.act));
       for (int64_t j = 0; j < n; ++j) {
         float v = buf[j];
-        if (e.residual) v += load_as_float(e.residual, e.residual_type, r * e.ld_residual + c + j);
-        store_from_float(e.out, e.out_type, r * e.ld_out + c + j, v);
+        if (e.residual) v += load_float(e.residual, e.residual_type, r * e.ld_residual + c + j);
+        store_float(e.out, e.out_type, r * e.ld_out + c + j, v);
       }
     }
   }

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cmath>
 #include <string>
+#include <iterator>
 #include <utility>
 #include <vector>
 
@@ -263,8 +264,8 @@ at::Tensor fused_linear(WeightKind kind, const at::Tensor& x, const at::Tensor& 
 // ---------------------------------------------------------------- transformer-block ops
 
 WeightKind kind_from_name(const std::string& name, const char* op) {
-  for (int k = 0; k < 4; ++k)
-    if (name == traits(static_cast<WeightKind>(k)).name) return static_cast<WeightKind>(k);
+  for (size_t k = 0; k < std::size(kTraits); ++k)
+    if (name == kTraits[k].name) return static_cast<WeightKind>(k);
   TORCH_CHECK(false, op, ": format must be one of int8, int4, int2, ternary, got '", name, "'");
 }
 
@@ -333,11 +334,7 @@ at::Tensor quantized_linear(const at::Tensor& x_q, const at::Tensor& x_scale, co
                   x_scale.is_contiguous(),
               op, ": x_scale must be a contiguous float32 [M] = [", s.m, "] vector of row scales, got ",
               x_scale.scalar_type(), " of shape ", x_scale.sizes());
-  check_beside(x_q, weight_scale, kCPU, "weight_scale", op);
-  check_weight_scale(weight_scale, s.n, s.groups, op);
-  check_bias(bias, s.n, op);
-  if (bias.has_value()) check_beside(x_q, *bias, kCPU, "bias", op);
-  check_tile_weight(kCPU, kind, tile_weight, x_q, s.n, s.k_pad, op);
+  check_linear_epilogue_args(kCPU, kind, x_q, weight_scale, bias, tile_weight, s, op);
   AfterGemm after;
   after.act = activation_from_name(std::string(activation), op);
   after.out_dtype = out_dtype.value_or(at::kFloat);
@@ -363,7 +360,7 @@ at::Tensor attention(const at::Tensor& qkv_in, int64_t num_heads, const std::opt
   check_device_type(qkv_in, kCPU, "qkv", op);
   TORCH_CHECK(qkv_in.scalar_type() == at::kFloat, op, ": qkv must be float32, got ", qkv_in.scalar_type());
   TORCH_CHECK(qkv_in.dim() == 3, op, ": qkv must be 3-D [B, T, 3 * embed_dim], got shape ", qkv_in.sizes());
-  TORCH_CHECK(num_heads >= 1 && qkv_in.size(2) % (3 * num_heads) == 0, op,
+  TORCH_CHECK(num_heads >= 1 && qkv_in.size(2) > 0 && qkv_in.size(2) % (3 * num_heads) == 0, op,
               ": qkv's last dimension must be 3 * num_heads * head_dim, got ", qkv_in.size(2), " for num_heads = ",
               num_heads);
   const at::Tensor qkv = qkv_in.contiguous();
@@ -388,6 +385,7 @@ at::Tensor attention(const at::Tensor& qkv_in, int64_t num_heads, const std::opt
     }
   }
   at::Tensor out = at::empty({batch, tokens, width}, qkv.options());
+  TORCH_CHECK(!scale.has_value() || std::isfinite(*scale), op, ": scale must be finite, got ", scale.value_or(0.0));
   const float sc = scale.has_value() ? static_cast<float>(*scale) : 1.0f / std::sqrt(static_cast<float>(head_dim));
   const AttentionProblem p{qkv.data_ptr<float>(), batch, tokens, num_heads, head_dim, 3 * width, sc,
                            mask.defined() ? mask.data_ptr<float>() : nullptr, sb, sh, si, causal,

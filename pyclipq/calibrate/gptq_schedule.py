@@ -81,7 +81,7 @@ def apply_gptq(model, linears, float_model, source, run, order, weight_observer,
             layer = module.layer
             w = stored_float_weight(float_model, name, module)
             hessian = accumulators.pop(name).hessian
-            group_size = layer.group_size if layer.spec.grouped else 0
+            group_size = layer.activation_group_size
             rounding_started = time.perf_counter()
             if gptq:
                 result = gptq_quantize(

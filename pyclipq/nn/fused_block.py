@@ -2,7 +2,7 @@
 
 A block ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``, whose four linears (q|k|v, out, fc1,
 fc2) are packed QuantLinears, runs in eager PyTorch as about twenty ops, each a pass over
-memory. FusedBlock runs it as seven (``pyclipq.ops``):
+memory. FusedBlock runs it as nine calls of four ops (``pyclipq.ops``):
 
 1. ``layer_norm_quantize``: ln_1, the q|k|v layer's input rotation, per-token int8, one pass;
 2. ``quantized_linear``: q|k|v;
@@ -33,7 +33,7 @@ from .linear import QuantLinear
 
 _ops = ops._ops  # torch.ops.pyclipq, called directly: the typed wrappers' checks cost ~2 us a call
 
-ACTIVATIONS = ("gelu", "quick_gelu")
+ACTIVATIONS = tuple(a for a in ops.library.EPILOGUE_ACTIVATIONS if a != "none")  # what an MLP may fuse
 _FUSED_CLASSES: dict[type, type] = {}  # original block class -> its Fused<Class> (FusedBlock.wrap)
 # How a block is called: open_clip's ResidualAttentionBlock(q_x, k_x, v_x, attn_mask) (bool masks:
 # True = masked), OpenAI's ResidualAttentionBlock(x) (its mask an attribute), Hugging Face's
@@ -194,7 +194,7 @@ class FusedBlock(nn.Module):
         """(additive float32 mask or None, causal): a causal mask is recognised once per tensor version."""
         if mask is None:
             return None, False
-        if mask.dim() == 2 and mask.shape[-1] >= tokens:  # OpenAI keeps a context-length mask: its last T x T
+        if self.parts.convention == "openai" and mask.shape[-1] > tokens:  # a context-length mask: its last T x T
             mask = mask[-tokens:, -tokens:]
         if mask.dtype == torch.bool and self.parts.convention == "hf":  # HF: True = may attend
             mask = ~mask
@@ -255,15 +255,6 @@ def _projected(projections, ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([_linear(p, quantized if shared else _norm_quantize(ln, p, x)) for p in projections], dim=-1)
 
 
-def _group_size(linear: QuantLinear) -> int:
-    """The activation groups `linear`'s weight format reads (0: one per row)."""
-    return linear.layer.group_size if linear.layer.spec.grouped else 0
-
-
-def _act_scale(linear: QuantLinear):
-    return linear._static_act_scale() if linear.layer.activation == "static" else None
-
-
 def _norm_quantize(ln: nn.LayerNorm, linear: QuantLinear, x: torch.Tensor):
     """ln(x) as `linear` takes it: smoothed (online smoothing divides the LayerNorm's output, folded
     into its affine here), rotated and quantized."""
@@ -272,18 +263,18 @@ def _norm_quantize(ln: nn.LayerNorm, linear: QuantLinear, x: torch.Tensor):
         divisor = linear.smooth_scale.float()
         weight = (weight.float() if weight is not None else torch.ones_like(divisor)) / divisor
         bias = bias.float() / divisor if bias is not None else None
-    return _ops.layer_norm_quantize(x, weight, bias, ln.eps, _group_size(linear), linear.rotation_block,
-                                    _act_scale(linear))
+    return _ops.layer_norm_quantize(x, weight, bias, ln.eps, linear.layer.activation_group_size,
+                                    linear.rotation_block, linear.call_act_scale())
 
 
 def _quantize(linear: QuantLinear, x: torch.Tensor):
     if linear.layer.has_input_transform:
         x = linear.transform_input(x)
-    return _ops.quantize_per_token(x, _group_size(linear), _act_scale(linear))
+    return _ops.quantize_per_token(x, linear.layer.activation_group_size, linear.call_act_scale())
 
 
 def _linear(linear: QuantLinear, quantized, *, activation: str = "none", residual=None, out_dtype=None):
     x_q, x_scale, x_sums = quantized
     return _ops.quantized_linear(x_q, x_scale, x_sums, linear.packed_weight, linear.weight_scale, linear.layer.format,
-                                 _group_size(linear), linear.bias, linear._tile_weight_for(None), activation, residual,
-                                 out_dtype)
+                                 linear.layer.activation_group_size, linear.bias, linear._tile_weight_for(None),
+                                 activation, residual, out_dtype)

@@ -170,6 +170,10 @@ class QuantLinear(PackedWeight):
             self._act_scale_ready = True
         return self.act_scale
 
+    def call_act_scale(self) -> torch.Tensor | None:
+        """The activation scale a call passes to the op: the calibrated one (static), else None."""
+        return self._static_act_scale() if self.layer.activation == "static" else None
+
     def _linear(self, x: torch.Tensor, rows: slice | None) -> torch.Tensor:
         """y for output rows `rows` (None: all of them, without slicing views: ~1 us each at M = 1)."""
         # The fused ops see only K rounded up to the K block: 700 features would pass for 768.
@@ -192,7 +196,7 @@ class QuantLinear(PackedWeight):
         if layer.activation == "none":
             weight = dequantize_packed(packed, scale, layer.format, self.in_features, x.dtype)
             return F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
-        act_scale = self._static_act_scale() if layer.activation == "static" else None
+        act_scale = self.call_act_scale()
         tile_weight = self._tile_weight_for(rows) if x.device.type == "cpu" else None
         return ops.fused_linear(layer.spec, x, packed, scale, layer.group_size, bias, act_scale, tile_weight)
 

@@ -43,6 +43,9 @@ SCHEMAS = {
     "attention": "attention(Tensor qkv, int num_heads, Tensor? mask=None, bool causal=False, float? scale=None) -> Tensor",
 }
 
+# quantized_linear's `activation`: GELU in its erf form, QuickGELU x sigmoid(1.702 x)
+EPILOGUE_ACTIVATIONS = ("none", "gelu", "quick_gelu")
+
 # The transformer-block ops have CPU kernels only (the fused block is a CPU path; on GPUs the
 # unfused modules run): no CUDA kernel and no Triton twin.
 CPU_ONLY = frozenset({"layer_norm_quantize", "quantized_linear", "attention"})

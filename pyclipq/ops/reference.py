@@ -9,6 +9,7 @@ import torch
 
 from .. import formats
 from ..formats import INT2, INT4, TERNARY
+from .library import EPILOGUE_ACTIVATIONS
 # the activation format's math is pyclipq.primitives' (device-agnostic): the reference op is it
 from ..primitives import quantize_per_token, rotate_blocks
 
@@ -104,9 +105,6 @@ def hadamard_rotate(x, block):
 
 # ------------------------------------------------------------------ transformer-block ops
 
-ACTIVATIONS = ("none", "gelu", "quick_gelu")
-
-
 def activate(y: torch.Tensor, activation: str) -> torch.Tensor:
     """The epilogue activations: GELU in its erf form (nn.GELU()), QuickGELU x sigmoid(1.702 x)."""
     if activation == "gelu":
@@ -115,7 +113,7 @@ def activate(y: torch.Tensor, activation: str) -> torch.Tensor:
         return y * torch.sigmoid(1.702 * y)
     if activation == "none":
         return y
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    raise ValueError(f"activation must be one of {EPILOGUE_ACTIVATIONS}, got {activation!r}")
 
 
 def layer_norm_quantize(x, weight, bias, eps, group_size, rotation_block=1, act_scale=None):
