@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from text_corpus import evaluation_pairs  # noqa: E402
-from train_texts import CORPORA, training_texts  # noqa: E402
+from train_texts import CORPORA, mixed_texts  # noqa: E402
 
 import pyclipq  # noqa: E402
 from pyclipq.cli.loading import load_model  # noqa: E402
@@ -88,7 +88,8 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
     steps = args.steps[name] if isinstance(args.steps, dict) else args.steps
     train = TrainConfig(steps=steps, lr=args.lr or default_lr(config), warmup_steps=min(args.warmup, steps // 10), weight_decay=0.0,
                         progress=False, seed=args.seed)
-    loss = EncoderDistillationLoss(args.embedding_weight, args.hidden_weight, hidden_blocks=args.hidden_blocks)
+    loss = EncoderDistillationLoss(args.embedding_weight, args.hidden_weight, hidden_blocks=args.hidden_blocks,
+                                   mask_padding=not args.keep_padding)
     model = copy.deepcopy(loaded.model)
     started = time.perf_counter()
 
@@ -103,7 +104,7 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
         return record
 
     result = distill(model, text_batches(loaded, texts, args.batch_size, args.seed), config, init=args.init,
-                     train=train, loss=loss, exact=exact, evaluate=evaluate, evaluate_every=args.eval_every)
+                     train=train, loss=loss, exact=exact, learn_scales=args.learn_scales, evaluate=evaluate, evaluate_every=args.eval_every)
     packed = evaluation(result.quantized)
     out = args.out / f"{name}.safetensors" if args.out else None
     reload_equal = None
@@ -113,7 +114,8 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
         reload_equal = bool(torch.equal(evaluation.embed(reloaded), evaluation.embed(result.quantized)))
     return {
         "format": name, "config": config.layer.to_dict(), "steps": train.steps, "lr": train.lr, "batch": args.batch_size,
-        "exact_fake_quant": exact if exact is not None else not fast_fake_quant_default(config),
+        "exact_fake_quant": exact if exact is not None else not (args.learn_scales or fast_fake_quant_default(config)),
+        "learn_scales": args.learn_scales,
         "curve": result.evaluations, "packed": packed,
         "packed_minus_fake_cos": round(packed["cos"] - result.evaluations[-1]["cos"], 6),
         "reload_equal": reload_equal, "train_seconds": result.evaluations[-1]["seconds"],
@@ -169,7 +171,10 @@ def main(argv=None) -> int:
     parser.add_argument("--fake-quant", choices=("auto", "exact", "fast"), default="auto")
     parser.add_argument("--init", choices=("auto", "clip", "ptq", "rtn"), default="auto",
                         help="where the student starts (pyclipq.train.recipes.distill)")
-    parser.add_argument("--corpus", choices=CORPORA, default="generated", help="training texts (benchmarks/train_texts.py)")
+    parser.add_argument("--corpus", choices=CORPORA, nargs="+", default=["generated"],
+                        help="training texts (benchmarks/train_texts.py); several: equal shares of each")
+    parser.add_argument("--learn-scales", action="store_true", help="LSQ: the projections learn their weight scales")
+    parser.add_argument("--keep-padding", action="store_true", help="match block outputs at padding tokens too")
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--texts", type=int, default=20000, help="training texts to draw (at least 5000)")
     parser.add_argument("--threads", type=int, default=2)
@@ -183,7 +188,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     args.model_dir = minilm_path()
     loaded = load_model(f"hf:{args.model_dir}")
-    texts = training_texts(args.texts, args.seed, args.corpus)
+    texts = mixed_texts(args.texts, args.seed, args.corpus)
     evaluation = Evaluation(loaded)
     overlap = evaluation.sentences & set(texts)
     if overlap or len(texts) < 5000:

@@ -26,7 +26,7 @@ import sysconfig
 
 from text_corpus import calibration_sentences, evaluation_pairs, sentence_pairs
 
-CORPORA = ("mixed", "prose", "generated", "templates")
+CORPORA = ("mixed", "prose", "generated", "wordnet", "templates")
 
 
 # ---------------------------------------------------------------- prose shipped with Python
@@ -176,6 +176,44 @@ def _generated(count: int, seed: int) -> list[str]:
     return out
 
 
+# ---------------------------------------------------------------- WordNet's usage examples and glosses
+
+WORDNET_DIR = "/usr/share/wordnet"  # Debian's wordnet-base (apt-get install wordnet-base)
+_QUOTED = re.compile(r'"([^"]+)"')
+
+
+def _wordnet_sentence(text: str) -> str | None:
+    text = " ".join(text.strip().strip(";").split())
+    if not 4 <= len(text.split()) <= 40 or _BAD.search(text):
+        return None
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".!?" else text + "."
+
+
+@functools.lru_cache(maxsize=None)
+def _wordnet() -> tuple[str, ...]:
+    """WordNet 3.0's usage examples (everyday sentences written by lexicographers, about 35,000) and
+    its glosses (definitions), as sentences: the part after '|' of each synset line of data.{pos}."""
+    if not os.path.isdir(WORDNET_DIR):
+        raise RuntimeError(f"the wordnet corpus reads WordNet from {WORDNET_DIR}: install Debian's wordnet-base "
+                           "(apt-get install wordnet-base)")
+    found = set()
+    for pos in ("noun", "verb", "adj", "adv"):
+        with open(os.path.join(WORDNET_DIR, f"data.{pos}"), encoding="latin-1") as f:
+            for line in f:
+                if line.startswith("  ") or "|" not in line:
+                    continue  # the license header
+                gloss = line.split("|", 1)[1]
+                for example in _QUOTED.findall(gloss):
+                    sentence = _wordnet_sentence(example)
+                    if sentence:
+                        found.add(sentence)
+                definition = _wordnet_sentence(_QUOTED.sub("", gloss).split(";")[0])
+                if definition:
+                    found.add(definition)
+    return tuple(sorted(s for s in found if s.lower() not in _excluded()))
+
+
 # ---------------------------------------------------------------- the corpora
 
 
@@ -213,6 +251,10 @@ def training_texts(count: int, seed: int = 0, corpus: str = "mixed") -> list[str
             raise ValueError(f"only {len(pool)} prose texts are available, asked for {count}")
     elif corpus == "generated":
         pool = [s for s in _generated(count + 2000, seed) if s.lower() not in _excluded()]
+    elif corpus == "wordnet":
+        pool = list(_wordnet())
+        if count > len(pool):
+            raise ValueError(f"only {len(pool)} WordNet texts are available, asked for {count}")
     elif corpus == "templates":
         pool = _templates(count, seed)
         while len(pool) < count:
@@ -224,6 +266,22 @@ def training_texts(count: int, seed: int = 0, corpus: str = "mixed") -> list[str
         pool = prose + training_texts(count - len(prose), seed, "generated")
     random.Random(seed).shuffle(pool)
     return pool[:count]
+
+
+def mixed_texts(count: int, seed: int, corpora: "list[str] | tuple[str, ...]") -> list[str]:
+    """`count` distinct texts, equal shares of each of `corpora`, shuffled by `seed`."""
+    if not corpora:
+        raise ValueError("corpora: name at least one corpus")
+    out: list[str] = []
+    seen: set[str] = set()
+    for i, corpus in enumerate(corpora):
+        share = count // len(corpora) + (i < count % len(corpora))
+        for text in training_texts(share, seed, corpus):
+            if text not in seen:
+                seen.add(text)
+                out.append(text)
+    random.Random(seed).shuffle(out)
+    return out
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ __all__ = [
     "codes_from_levels",
     "quantize_weight_with_scales",
     "fake_quantize_with_scales",
+    "learnable_fake_quantize",
     "quantize_weight",
     "dequantize_levels",
     "dequantize_codes",
@@ -131,16 +132,25 @@ def format_scales(weight: torch.Tensor, fmt, group_size: int = 0, threshold_rule
     return (w.view(n, g, k_pad // g).abs().amax(dim=2) / fmt.qmax).contiguous()
 
 
-def nearest_levels(ratio: torch.Tensor, fmt) -> torch.Tensor:
+def _round_straight_through(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+def nearest_levels(ratio: torch.Tensor, fmt, straight_through: bool = False) -> torch.Tensor:
     """w / s -> the format's nearest integer level (float tensor).
 
-    Unit-step formats (int8, int4, ternary): ``clamp(round(r), -qmax, qmax)``. int2 (odd
-    levels, LEVEL_MUL = 2): the nearest odd level, ``2 * clamp(round((r + 3) / 2), 0, 3) - 3``.
+    Unit-step formats (int8, int4, ternary): ``round(clamp(r, -qmax, qmax))``. int2 (odd
+    levels, LEVEL_MUL = 2): the nearest odd level, ``2 * round(clamp((r + 3) / 2, 0, 3)) - 3``.
+    (The bounds are integers, so clamping before rounding gives the same levels as after.)
+    straight_through: the rounding passes the gradient unchanged and the clamp stops it outside
+    the range: LSQ's gradient, 1 where |w / s| <= qmax and 0 beyond (the values are the same).
     """
     fmt = formats.as_format(fmt)
+    rounding = _round_straight_through if straight_through else torch.round
     if fmt.level_mul == 1:
-        return torch.clamp(torch.round(ratio), -fmt.qmax, fmt.qmax)
-    codes = torch.clamp(torch.round((ratio + fmt.level_offset) / fmt.level_mul), 0, fmt.max_code)
+        return rounding(torch.clamp(ratio, -fmt.qmax, fmt.qmax))
+    codes = rounding(torch.clamp((ratio + fmt.level_offset) / fmt.level_mul, 0, fmt.max_code))
     return fmt.level_mul * codes - fmt.level_offset
 
 
@@ -241,6 +251,30 @@ def clamp_to_scales(weight: torch.Tensor, fmt: str | WeightFormat, scale: torch.
     bound = (scale.to(torch.float32).reshape(n, g, 1) * fmt.qmax)
     clamped = torch.maximum(torch.minimum(w.view(n, g, k_pad // g), bound), -bound).view(n, k_pad)
     return clamped[:, : weight.shape[1]]
+
+
+def learnable_fake_quantize(weight: torch.Tensor, fmt, scale: torch.Tensor, group_size: int = 0) -> torch.Tensor:
+    """The values of `fake_quantize_with_scales` (every weight at its nearest level times its scale),
+    differentiable in both the weight and the scales, as LSQ (Esser et al., 2020) trains them: the
+    rounding passes the gradient straight through, so d/dw is 1 inside the range and 0 where the
+    level is clamped, and d/ds is level - w / s inside and the clamped level outside.
+
+    scale: > 0 everywhere, [N] or [N, G] as the format's scale shape; no padding or checks beyond
+    the shapes, for the training step.
+    """
+    fmt = formats.as_format(fmt)
+    n, k = weight.shape
+    expected = fmt.scale_shape(n, k, group_size)
+    if tuple(scale.shape) != expected:
+        raise ValueError(f"scale must have shape {list(expected)} for format {fmt.name!r}, got {list(scale.shape)}")
+    w = weight.to(torch.float32)
+    if not fmt.grouped:
+        return nearest_levels(w / scale[:, None], fmt, straight_through=True) * scale[:, None]
+    k_pad = formats.padded_k(k)
+    g = scale.shape[1]
+    groups = torch.nn.functional.pad(w, (0, k_pad - k)).view(n, g, k_pad // g)
+    levels = nearest_levels(groups / scale[:, :, None], fmt, straight_through=True)
+    return (levels * scale[:, :, None]).view(n, k_pad)[:, :k]
 
 
 def rule_latent(codes: torch.Tensor, scale: torch.Tensor, fmt: str | WeightFormat, k: int,

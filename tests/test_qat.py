@@ -408,3 +408,79 @@ def test_qat_covers_open_clip_custom_attention_as_convert_does(block):
     x = images.clone().requires_grad_(True)
     twin.encode_image(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- learned scales (LSQ)
+
+
+@pytest.mark.parametrize("layer", LAYERS[:5], ids=IDS[:5])
+def test_learnable_fake_quantize_has_the_values_and_lsq_gradients(layer):
+    torch.manual_seed(0)
+    fmt = formats.get_format(layer.format)
+    weight = torch.randn(12, 100)
+    scale = primitives.format_scales(weight, fmt, layer.group_size, layer.threshold_rule) * (0.6 + torch.rand(1))
+    w = weight.clone().requires_grad_(True)
+    s = scale.clone().requires_grad_(True)
+    out = primitives.learnable_fake_quantize(w, fmt, s, layer.group_size)
+    assert torch.equal(out, primitives.fake_quantize_with_scales(weight, fmt, scale, layer.group_size))
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    # LSQ: d/dw = 1 where the level is not clamped, else 0; d/ds = level - w/s inside, the level outside
+    k_pad = formats.padded_k(100)
+    groups = scale.shape[1] if scale.dim() == 2 else 1
+    per_weight_scale = (scale[:, :, None].expand(-1, -1, k_pad // groups).reshape(12, k_pad)[:, :100]
+                        if scale.dim() == 2 else scale[:, None].expand(-1, 100))
+    ratio = weight / per_weight_scale
+    levels = primitives.nearest_levels(ratio, fmt)
+    inside = ratio.abs() <= fmt.qmax
+    torch.testing.assert_close(w.grad, g * inside)
+    per_weight = g * (levels - inside * ratio)
+    expected = (F.pad(per_weight, (0, k_pad - 100)).view(12, groups, -1).sum(-1) if scale.dim() == 2
+                else per_weight.sum(1))
+    torch.testing.assert_close(s.grad, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="scale must have shape"):
+        primitives.learnable_fake_quantize(weight, fmt, scale.reshape(-1)[:5], layer.group_size)
+
+
+@pytest.mark.parametrize("preset", ["ternary-qall", "int2", "int4"])
+def test_learned_scales_train_and_convert_to_the_same_codes(preset):
+    model = tiny_clip().eval()
+    images, tokens = tiny_batch(6)
+    rule = qat.prepare_qat(model, preset, exact=False)
+    fake = qat.prepare_qat(model, preset, exact=False, learn_scales=True)
+    learners = [m for m in fake.modules() if isinstance(m, FakeQuantLinear) and m.log_scale is not None]
+    assert learners and all(not m.layer.is_float for m in learners)
+    with torch.no_grad():  # the learned scales start at the format rule's
+        for a, b in zip(rule(images, tokens)[:2], fake(images, tokens)[:2]):
+            torch.testing.assert_close(a, b)
+    fake.train()
+    loss = sum(out.pow(2).mean() for out in fake(images, tokens)[:2])
+    loss.backward()
+    assert all(m.log_scale.grad is not None and m.log_scale.grad.abs().sum() > 0 for m in learners)
+    with torch.no_grad():  # move every scale away from the rule's, as training does
+        for i, m in enumerate(learners):
+            m.log_scale.add_(0.3 * torch.sin(torch.arange(m.log_scale.numel()).view_as(m.log_scale) + i))
+    fake.eval()
+    real = qat.convert_qat(fake)
+    matches = qat.compare_layers(fake, real, lambda m: m(images, tokens))
+    assert matches and all(m.ok for m in matches), [m for m in matches if not m.ok]
+    for name, module in real.named_modules():
+        if isinstance(module, pyclipq.nn.QuantLinear) and not module.layer.is_float:
+            twin = fake.get_submodule(name)
+            assert torch.equal(module.weight_scale, twin.learned_scale().detach()), name
+            assert torch.equal(module.dequantize_weight(torch.float32), twin.quantized_weight().dequantize()), name
+    with torch.no_grad():
+        for a, b in zip(fake(images, tokens)[:2], real(images, tokens)[:2]):
+            assert F.cosine_similarity(a, b, dim=-1).min() > 0.9999
+
+
+def test_learned_scale_errors():
+    model = tiny_clip().eval()
+    with pytest.raises(ValueError, match="learn_scales=True needs exact=False"):
+        qat.prepare_qat(model, "ternary-qall", learn_scales=True)
+    with pytest.raises(ValueError, match="learn_scales needs a quantized layer and the float fake-quant path"):
+        FakeQuantLinear(8, 4, layer=LayerConfig("ternary"), exact=True, learn_scales=True)
+    with pytest.raises(ValueError, match="learn_scales needs a quantized layer"):
+        FakeQuantLinear(8, 4, layer=LayerConfig("float"), exact=False, learn_scales=True)
+    with pytest.raises(ValueError, match="does not learn its scales"):
+        FakeQuantLinear(8, 4, layer=LayerConfig("ternary"), exact=False).reset_scales_()

@@ -61,10 +61,14 @@ class SentenceEncoder(torch.nn.Module):
         self.pad_token_id = int(pad_token_id)
         self.pooling = pooling
 
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+    def padding_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """bool [B, T]: True at the real tokens, False at padding."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
             raise ValueError(f"tokens must be a 2-D tensor of token ids, got {getattr(tokens, 'shape', type(tokens).__name__)}")
-        mask = tokens != self.pad_token_id
+        return tokens != self.pad_token_id
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        mask = self.padding_mask(tokens)
         output = self.model(input_ids=tokens, attention_mask=mask.long())
         if self.pooling == "pooler":
             return output.pooler_output

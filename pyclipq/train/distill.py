@@ -147,10 +147,15 @@ class DistillationLoss:
 # ---------------------------------------------------------------- label-free (encoder) distillation
 
 
-def hidden_state_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+def hidden_state_loss(student: list[torch.Tensor], teacher: list[torch.Tensor],
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over blocks of MSE(student, teacher) / mean(teacher^2): each block's error relative to
     the scale of its own hidden state, so that no block (say, one with large outlier channels)
-    dominates the sum. The per-layer hidden-state term of TernaryBERT and BitDistiller."""
+    dominates the sum. The per-layer hidden-state term of TernaryBERT and BitDistiller.
+
+    mask: optional bool [B, T], True at the tokens to match, for batch-first [B, T, C] hidden
+    states: padding positions are left out (their states feed nothing the model outputs).
+    """
     if len(student) != len(teacher) or not teacher:
         raise ValueError(f"student ({len(student)}) and teacher ({len(teacher)}) must give the same, non-zero "
                          "number of hidden states")
@@ -158,8 +163,13 @@ def hidden_state_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) 
     for s, t in zip(student, teacher):
         if s.shape != t.shape:
             raise ValueError(f"student {list(s.shape)} and teacher {list(t.shape)} hidden states must have the same shape")
-        t = t.detach().float()
-        terms.append(F.mse_loss(s.float(), t) / t.pow(2).mean().clamp_min(1e-12))
+        s, t = s.float(), t.detach().float()
+        if mask is not None:
+            if mask.dtype != torch.bool or tuple(mask.shape) != tuple(t.shape[:2]):
+                raise ValueError(f"mask must be a bool tensor of the hidden states' [batch, tokens] = {list(t.shape[:2])}, "
+                                 f"got {mask.dtype} {list(mask.shape)}")
+            s, t = s[mask], t[mask]
+        terms.append(F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12))
     return torch.stack(terms).mean()
 
 
@@ -176,6 +186,9 @@ class EncoderDistillationLoss:
     hidden_weight: float = 1.0
     embedding_kind: str = "cosine"
     hidden_blocks: str = "all"  # "all": every block's output; "last": the last block's only
+    # match block outputs at the real tokens only, where the model says which are padding
+    # (encoder_outputs' "mask": a SentenceEncoder's pad tokens)
+    mask_padding: bool = True
 
     def __post_init__(self):
         if self.hidden_blocks not in HIDDEN_BLOCKS:
@@ -192,7 +205,8 @@ class EncoderDistillationLoss:
     needs_teacher = True
 
     def __call__(self, student: dict, teacher: dict):
-        """student / teacher: {tower: {"embedding": [B, D], "hidden": [block outputs]}}. Returns (loss, parts)."""
+        """student / teacher: {tower: {"embedding": [B, D], "hidden": [block outputs], optional "mask":
+        bool [B, T] of the real tokens}}. Returns (loss, parts)."""
         if set(student) != set(teacher) or not student:
             raise ValueError(f"student towers {sorted(student)} and teacher towers {sorted(teacher)} must match")
         parts: dict[str, torch.Tensor] = {}
@@ -205,7 +219,8 @@ class EncoderDistillationLoss:
                 total = total + self.embedding_weight * parts[f"{tower}_embedding"]
             if self.hidden_weight > 0 and t["hidden"]:  # a tower may have no repeated blocks
                 pick = slice(None) if self.hidden_blocks == "all" else slice(-1, None)
-                parts[f"{tower}_hidden"] = hidden_state_loss(s["hidden"][pick], t["hidden"][pick])
+                mask = t.get("mask") if self.mask_padding else None
+                parts[f"{tower}_hidden"] = hidden_state_loss(s["hidden"][pick], t["hidden"][pick], mask)
                 total = total + self.hidden_weight * parts[f"{tower}_hidden"]
             totals.append(total)
         return torch.stack(totals).mean(), parts

@@ -36,7 +36,14 @@ from ..nn.linear import QuantLinear, static_act_scale
 from ..nn.packed import unpack_codes
 from ..nn.parameter import LAYOUTS, to_rows
 from ..ops import reference
-from ..primitives import dequantize_levels, quantize_activation_rows, quantize_weight
+from ..primitives import (
+    dequantize_levels,
+    format_scales,
+    learnable_fake_quantize,
+    quantize_activation_rows,
+    quantize_weight,
+    quantize_weight_with_scales,
+)
 
 # Largest |integer accumulator| that float32 holds exactly (its 24-bit significand).
 _FP32_EXACT_INT = 2**24
@@ -297,10 +304,17 @@ class _WeightCache:
         self.key = None
         self.value = None
 
-    def get(self, weight: torch.Tensor, layer: LayerConfig) -> QuantizedWeight:
-        key = (weight._version, weight.data_ptr(), weight.device, weight.dtype, layer)
+    def get(self, weight: torch.Tensor, layer: LayerConfig, scale: torch.Tensor | None = None) -> QuantizedWeight:
+        """The format rule's codes of `weight`, or with `scale` given (learned scales) its codes at those scales."""
+        key = (weight._version, weight.data_ptr(), weight.device, weight.dtype, layer,
+               None if scale is None else (scale._version, scale.data_ptr()))
         if key != self.key:
-            self.value = quantize_weight_codes(weight, layer)
+            if scale is None:
+                self.value = quantize_weight_codes(weight, layer)
+            else:
+                scale = scale.detach().to(torch.float32)
+                codes = quantize_weight_with_scales(weight.detach(), layer.spec, scale, layer.group_size)
+                self.value = codes_to_quantized(codes, scale, layer.format, weight.shape[1], weight.device)
             self.key = key
         return self.value
 
@@ -316,12 +330,24 @@ class FakeQuantLinear(nn.Linear):
     A frozen twin of a ``QuantLinear`` (``from_quant_linear``) keeps that layer's own
     codes and scales (say, OMSE-clipped ones) instead of re-quantizing: gradients flow
     to its input only, as P4Q needs for prompt tuning through a PTQ text tower.
+
+    learn_scales: the weight scales are Parameters too (LSQ), ``log_scale`` (their log, so that
+    a step changes a scale by a ratio, whatever its size), started at the format rule's scales
+    of the weight when the module is made; the codes are each weight's nearest level at its
+    learned scale (``primitives.learnable_fake_quantize``), which ``convert_qat`` packs with
+    those scales. Float path only (exact=False).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, layer: LayerConfig, exact: bool = True, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, layer: LayerConfig, exact: bool = True,
+                 learn_scales: bool = False, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.layer = _check_layer(layer)
         self.exact = bool(exact)
+        if learn_scales and (layer.is_float or self.exact):
+            raise ValueError("learn_scales needs a quantized layer and the float fake-quant path (exact=False): "
+                             f"got format={layer.format!r}, exact={exact}")
+        self.learn_scales = bool(learn_scales)
+        self.log_scale = None
         if layer.activation == "static":
             # 0 marks "not calibrated yet", as in QuantLinear.
             self.register_buffer("act_scale", torch.zeros((), dtype=torch.float32, device=device))
@@ -338,12 +364,17 @@ class FakeQuantLinear(nn.Linear):
         return cls.from_parameters(linear.weight, linear.bias, layer, exact)
 
     @classmethod
-    def from_parameters(cls, weight: nn.Parameter, bias: nn.Parameter | None, layer: LayerConfig, exact: bool = True) -> "FakeQuantLinear":
+    def from_parameters(cls, weight: nn.Parameter, bias: nn.Parameter | None, layer: LayerConfig, exact: bool = True,
+                        learn_scales: bool = False) -> "FakeQuantLinear":
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(f"weight must be a 2-D [out, in] tensor, got {getattr(weight, 'shape', type(weight).__name__)}")
         out_features, in_features = weight.shape
-        module = cls(in_features, out_features, bias is not None, layer=layer, exact=exact, device="meta", dtype=weight.dtype)
+        module = cls(in_features, out_features, bias is not None, layer=layer, exact=exact, learn_scales=learn_scales,
+                     device="meta", dtype=weight.dtype)
         module.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        if learn_scales:
+            module.log_scale = nn.Parameter(torch.empty(0))
+            module.reset_scales_()
         if bias is not None:
             module.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
         if module.act_scale is not None:
@@ -387,6 +418,19 @@ class FakeQuantLinear(nn.Linear):
             raise RuntimeError("act_scale: this static-activation FakeQuantLinear is not calibrated yet (call set_act_scale)")
         return self.act_scale
 
+    @torch.no_grad()
+    def reset_scales_(self) -> None:
+        """Learned scales back to the format rule's scales of the latent weight as it is now."""
+        if self.log_scale is None:
+            raise ValueError("reset_scales_: this FakeQuantLinear does not learn its scales (learn_scales=False)")
+        # all-zero rows or groups (scale 0) get a tiny scale: their weights still quantize to 0
+        scale = format_scales(self.weight.detach(), self.layer.spec, self.layer.group_size, self.layer.threshold_rule)
+        self.log_scale.data = scale.clamp_min(1e-12).log().to(self.weight.device)
+
+    def learned_scale(self) -> torch.Tensor | None:
+        """The learned weight scales (exp of log_scale), or None when the format rule sets them."""
+        return self.log_scale.exp() if self.log_scale is not None else None
+
     def quantized_weight(self) -> QuantizedWeight:
         """The codes this layer computes with right now."""
         if self._frozen is not None:
@@ -394,6 +438,8 @@ class FakeQuantLinear(nn.Linear):
                 f = self._frozen
                 self._frozen = QuantizedWeight(f.levels.to(self.weight.device), f.scale.to(self.weight.device), f.format, f.in_features)
             return self._frozen
+        if self.log_scale is not None:
+            return self._cache.get(self.weight, self.layer, self.learned_scale())
         return self._cache.get(self.weight, self.layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -409,11 +455,22 @@ class FakeQuantLinear(nn.Linear):
             if rows is not None:
                 weight, bias = weight[rows], (bias[rows] if bias is not None else None)
             return F.linear(x, weight, bias)
+        if self.log_scale is not None:
+            return self._learned_scale_linear(x, rows)
         qw = self.quantized_weight()
         if rows is not None:
             weight, bias = weight[rows], (bias[rows] if bias is not None else None)
             qw = QuantizedWeight(qw.levels[rows], qw.scale[rows], qw.format, qw.in_features)
         return fake_quant_linear(x, weight, bias, qw, self.layer, self._act_scale(), self.exact)
+
+    def _learned_scale_linear(self, x: torch.Tensor, rows: slice | None) -> torch.Tensor:
+        weight, bias, scale = self.weight, self.bias, self.learned_scale()
+        if rows is not None:
+            weight, bias, scale = weight[rows], (bias[rows] if bias is not None else None), scale[rows]
+        w_fq = learnable_fake_quantize(weight, self.layer.spec, scale, self.layer.group_size).to(x.dtype)
+        if self.layer.activation == "none":  # weight-only: QuantLinear runs F.linear in x's dtype
+            return F.linear(x, w_fq, bias.to(x.dtype) if bias is not None else None)
+        return F.linear(_FakeQuantActivation.apply(x, self._act_scale()), w_fq, bias)
 
     def extra_repr(self) -> str:
         text = f"{super().extra_repr()}, format={self.layer.format}"
@@ -422,6 +479,8 @@ class FakeQuantLinear(nn.Linear):
         if self.layer.spec is not None and self.layer.spec.threshold_rule:
             text += f", threshold_rule={self.layer.threshold_rule}"
         text += f", activation={self.layer.activation}, exact={self.exact}"
+        if self.learn_scales:
+            text += ", learn_scales"
         return text + (", frozen" if self.frozen else "")
 
 

@@ -33,10 +33,11 @@ from ..convert import _check_not_converted, plan
 from ..convert import convert as pyclipq_convert
 from ..models import detect_adapter
 from .. import primitives
-from ..calibrate.weights import observed_weight_scales
+from ..calibrate.weights import load_quantized_weight, observed_weight_scales
 from ..nn import QuantLinear
 from ..nn.packed import unpack_codes
 from ..nn.parameter import packed_parameters
+from ..primitives import quantize_weight_with_scales
 from ..transform import (
     BUILDERS,
     QAT_HANDLERS,
@@ -83,13 +84,19 @@ def is_prepared(model: nn.Module) -> bool:
     return getattr(model, CONFIG_ATTR, None) is not None
 
 
-def prepare_qat(model: nn.Module, config: "str | QuantConfig" = "ternary-qall", *, exact: bool = True, inplace: bool = False) -> nn.Module:
+def prepare_qat(model: nn.Module, config: "str | QuantConfig" = "ternary-qall", *, exact: bool = True,
+                learn_scales: bool = False, inplace: bool = False) -> nn.Module:
     """The fake-quant model for QAT (a deep copy unless inplace=True).
 
     config: a QuantConfig or a preset name ("ternary-qall", "ternary-qffn", "int4", ...).
     exact: see pyclipq.train.fake_quant (True: bit-identical to the reference kernels;
     False: F.linear on dequantized operands, faster for grouped formats and under bf16).
+    learn_scales: every quantized projection (the FakeQuantLinears: linears and attention
+    projections) learns its weight scales (LSQ, FakeQuantLinear's learn_scales), started at the
+    format rule's; needs exact=False. Weight-only parameters and embedding tables keep the rule's.
     """
+    if learn_scales and exact:
+        raise ValueError("learn_scales=True needs exact=False: learned scales train through the float fake-quant path")
     _check_model(model)
     config = resolve_config(config)
     if is_prepared(model):
@@ -99,7 +106,7 @@ def prepare_qat(model: nn.Module, config: "str | QuantConfig" = "ternary-qall", 
         model = deepcopy_model(model)
     targets, _skipped = plan(model, config, detect_adapter(model))
     for target in targets:
-        _swap_in(model, target, exact)
+        _swap_in(model, target, exact, learn_scales)
     setattr(model, CONFIG_ATTR, config)
     setattr(model, TARGETS_ATTR, [t.to_dict() for t in targets])
     return model
@@ -112,11 +119,13 @@ class FakeQuantProjections:
     computes with projections; the twin keeps the float module it replaced, for `strip`."""
 
     exact: bool = True
+    learn_scales: bool = False
     quantize = False
     keeps_float = True
 
     def __call__(self, weight, bias, layer) -> FakeQuantLinear:
-        return FakeQuantLinear.from_parameters(weight, bias, layer, self.exact)
+        learn = self.learn_scales and not layer.is_float
+        return FakeQuantLinear.from_parameters(weight, bias, layer, self.exact, learn_scales=learn)
 
 
 def _fake_parameter(owner, attr, parameter, target) -> None:
@@ -140,10 +149,10 @@ register_qat_handlers("parameter", QATHandlers(_fake_parameter, _strip_parameter
 register_qat_handlers("embedding", QATHandlers(_fake_embedding, _strip_embedding))
 
 
-def _swap_in(model: nn.Module, target: Target, exact: bool) -> None:
+def _swap_in(model: nn.Module, target: Target, exact: bool, learn_scales: bool = False) -> None:
     builder = BUILDERS.get(target.target)
     if builder is not None and builder.takes_projections:
-        apply_target(model, target, projections=FakeQuantProjections(exact))
+        apply_target(model, target, projections=FakeQuantProjections(exact, learn_scales))
         return
     handlers = QAT_HANDLERS.get(target.target)
     if handlers is None:
@@ -186,7 +195,8 @@ def convert_qat(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """The packed model (QuantLinear / QuantMultiheadAttention / packed parameters) of a prepared one.
 
     The same codes as the fake-quant forward (see the module doc); static activation
-    scales are carried over. The result is what ``pyclipq.save`` stores.
+    scales are carried over, and learned weight scales (prepare_qat's learn_scales) are packed
+    with the codes they give. The result is what ``pyclipq.save`` stores.
     """
     _check_model(model)
     if not is_prepared(model):
@@ -197,6 +207,12 @@ def convert_qat(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         for name, m in model.named_modules()
         if isinstance(m, FakeQuantLinear) and m.act_scale is not None
     }
+    learned = {}  # module name -> (codes, scales) at the learned scales
+    for name, m in model.named_modules():
+        if isinstance(m, FakeQuantLinear) and m.log_scale is not None:
+            qw = m.quantized_weight()
+            learned[name] = (quantize_weight_with_scales(m.weight.detach(), m.layer.spec, qw.scale, m.layer.group_size).cpu(),
+                             qw.scale.cpu())
     was_training = model.training
     float_model = strip(model, inplace=inplace)
     quantized = pyclipq_convert(float_model, config)
@@ -204,6 +220,10 @@ def convert_qat(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         if isinstance(module, QuantLinear) and name in act_scales and module.act_scale is not None:
             if float(act_scales[name]) > 0:
                 module.set_act_scale(act_scales[name])
+        if isinstance(module, QuantLinear) and name in learned:
+            load_quantized_weight(module, *learned.pop(name))
+    if learned:  # every projection convert packs has the name it had in the prepared model
+        raise RuntimeError(f"convert_qat: no packed layer for the learned scales of {sorted(learned)}")
     return quantized.train(was_training)
 
 

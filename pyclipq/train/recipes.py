@@ -26,6 +26,7 @@ from ..testbed import make_split
 from ..testbed.scenes import SceneAttributes
 from ..testbed.splits import TestbedSplit
 from .distill import DistillationLoss, EncoderDistillationLoss
+from .fake_quant import FakeQuantLinear
 from ..distributed import DistributedContext
 from .distributed import DistributedTrainer
 from .p4q import ExportedP4Q, FeatureBatches, P4QModel, P4QObjective, QAdapter, p4q_optimizers
@@ -158,6 +159,7 @@ def distill(
     loss: EncoderDistillationLoss | None = None,
     teacher: nn.Module | None = None,
     exact: bool | None = None,
+    learn_scales: bool = False,
     resume: bool = False,
     distributed: DistributedContext | None = None,
     evaluate: Callable[[nn.Module], dict] | None = None,
@@ -175,7 +177,9 @@ def distill(
     (`qat.clip_latent_weights_`, no data); "ptq": GPTQ + clip-searched scales calibrated on the
     first `calibration_batches` batches of `data` (`ptq_start`); "auto" (default):
     `default_init`.
-    exact: the fake-quant path (None: `fast_fake_quant_default`).
+    exact: the fake-quant path (None: `fast_fake_quant_default`, and the float path with learn_scales).
+    learn_scales: the projections learn their weight scales too (LSQ; `prepare_qat`), started at
+    the format rule's scales of the starting latent weights.
     resume: continue from train.output_dir's checkpoint when there is one.
     distributed: this process's rank (pyclipq.distributed.init_distributed()); `data` then
     holds this rank's batches.
@@ -190,7 +194,8 @@ def distill(
     config = resolve_config(config)
     init = default_init(config) if init == "auto" else init
     train = train if train is not None else TrainConfig()
-    exact = (not fast_fake_quant_default(config)) if exact is None else exact
+    if exact is None:
+        exact = not (learn_scales or fast_fake_quant_default(config))
     teacher = teacher if teacher is not None else deepcopy_model(model)
     checkpoint = train.output_dir and Path(train.output_dir) / CHECKPOINT_FILE
     resuming = resume and checkpoint and checkpoint.is_file()
@@ -198,9 +203,12 @@ def distill(
     started = time.perf_counter()
     start = ptq_start(model, config, data, calibration_batches) if init == "ptq" and not resuming else model
     init_seconds = time.perf_counter() - started
-    student = prepare_qat(start, config, exact=exact)
+    student = prepare_qat(start, config, exact=exact, learn_scales=learn_scales)
     if init == "clip" and not resuming:
         clip_latent_weights_(student)
+        for module in student.modules():  # the learned scales start at the clipped weights' rule scales
+            if isinstance(module, FakeQuantLinear) and module.log_scale is not None:
+                module.reset_scales_()
     # Parameters a batch does not reach (the logit scale; the image tower on texts alone) get no
     # gradient: DistributedDataParallel must be told to look for them.
     ddp = {"find_unused_parameters": True} if distributed is not None else {}

@@ -196,9 +196,10 @@ def _first_tensor(output) -> torch.Tensor:
 
 
 def encoder_outputs(model: nn.Module, batch: dict, blocks: list[str] | None) -> dict:
-    """{tower: {"embedding", "hidden"}} for every tower `batch` feeds ("images", "tokens"): the
-    model's own embedding (encode_image / encode_text) and, when `blocks` is given, the output of
-    each named block that ran, in order."""
+    """{tower: {"embedding", "hidden"[, "mask"]}} for every tower `batch` feeds ("images", "tokens"):
+    the model's own embedding (encode_image / encode_text), when `blocks` is given the output of
+    each named block that ran, in order, and for a text tower that tells its padding
+    (`padding_mask(tokens)`, a SentenceEncoder) the bool [B, T] mask of its real tokens."""
     clip_like = as_clip_like(model)
     captured: list[torch.Tensor] = []
     hooks = [model.get_submodule(name).register_forward_hook(lambda m, a, out: captured.append(_first_tensor(out)))
@@ -210,6 +211,9 @@ def encoder_outputs(model: nn.Module, batch: dict, blocks: list[str] | None) -> 
                 captured.clear()
                 embedding = getattr(clip_like, encode)(batch[key])
                 outputs[tower] = {"embedding": embedding, "hidden": list(captured)}
+                padding_mask = getattr(clip_like, "padding_mask", None)
+                if key == "tokens" and callable(padding_mask):
+                    outputs[tower]["mask"] = padding_mask(batch[key])
     finally:
         for hook in hooks:
             hook.remove()
