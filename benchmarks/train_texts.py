@@ -26,7 +26,7 @@ import sysconfig
 
 from text_corpus import calibration_sentences, evaluation_pairs, sentence_pairs
 
-CORPORA = ("mixed", "prose", "generated", "wordnet", "templates")
+CORPORA = ("mixed", "prose", "generated", "wordnet", "wordnet-generated", "templates")
 
 
 # ---------------------------------------------------------------- prose shipped with Python
@@ -214,6 +214,86 @@ def _wordnet() -> tuple[str, ...]:
     return tuple(sorted(s for s in found if s.lower() not in _excluded()))
 
 
+# WordNet lexicographer files (the sense key's lex_filenum) whose common lemmas fill the
+# wordnet-generated frames' slots
+_SLOT_LEXFILES = {
+    "person": (1, {18}), "thing": (1, {6, 13, 5, 20, 17}), "place": (1, {15}),
+    "verb": (2, {35, 40, 36, 34, 39}), "adj": (3, {0}),
+}
+WORDNET_FRAMES = [
+    "The {P} wants to {V} the {A} {N} {W}.",
+    "Did the {P} {V} a {A} {N} {T}?",
+    "{T}, the {P} will {V} the {N} {W}.",
+    "Please {V} the {A} {N} before the {P} arrives.",
+    "The {P} could not {V} the {N} {W} {T}.",
+    "I saw the {P} {V} a {A} {N} {W}.",
+    "Why would a {P} {V} the {A} {N}?",
+    "Nobody asked the {P} to {V} the {N} {T}.",
+    "A {A} {N} is {W}, and the {P} is going to {V} it.",
+    "The {P} and the {P2} tried to {V} a {N} {W}.",
+]
+_WHERE_WORDS = ("in the", "near the", "at the", "behind the", "outside the", "beside the")
+
+
+def _synset_lines(pos: str):
+    with open(os.path.join(WORDNET_DIR, f"data.{pos}"), encoding="latin-1") as f:
+        for line in f:
+            if not line.startswith("  "):  # the license header
+                yield line.split("|", 1)[0].split()
+
+
+@functools.lru_cache(maxsize=None)
+def _wordnet_vocabulary(min_count: int = 3) -> dict[str, tuple[str, ...]]:
+    """Common lemmas of each slot's lexicographer files: people, things, places, verbs, adjectives.
+    A lemma counts when WordNet writes it in lower case there (no proper nouns), verbs only with a
+    transitive frame ("Somebody ----s something / somebody"), and when its senses were tagged at
+    least `min_count` times in all (cntlist.rev: WordNet's corpus counts, the only frequency used)."""
+    tagged: dict[str, int] = {}
+    with open(os.path.join(WORDNET_DIR, "cntlist.rev"), encoding="latin-1") as f:
+        for line in f:
+            key, _sense, count = line.split()
+            lemma = key.partition("%")[0]
+            tagged[lemma] = tagged.get(lemma, 0) + int(count)
+    found: dict[str, set[str]] = {slot: set() for slot in _SLOT_LEXFILES}
+    for pos, ss_digit in (("noun", 1), ("verb", 2), ("adj", 3)):
+        for fields in _synset_lines(pos):
+            lexfile, count = int(fields[1]), int(fields[3], 16)
+            words = [fields[4 + 2 * i] for i in range(count)]
+            if pos == "verb":  # frames: f_cnt, then "+ f_num w_num" triples after the pointers
+                pointers = int(fields[4 + 2 * count])
+                at = 5 + 2 * count + 4 * pointers
+                frames = [(int(fields[at + 2 + 3 * j]), int(fields[at + 3 + 3 * j], 16)) for j in range(int(fields[at]))]
+                words = [w for i, w in enumerate(words) if any(f in (8, 9) and n in (0, i + 1) for f, n in frames)]
+            for slot, (digit, lexfiles) in _SLOT_LEXFILES.items():
+                if digit != ss_digit or lexfile not in lexfiles:
+                    continue
+                for word in words:
+                    word = re.sub(r"\(.*\)$", "", word)  # adjective markers: (a), (p), (ip)
+                    parts = word.split("_")
+                    if len(parts) <= 2 and all(w.isalpha() and w.islower() for w in parts) and tagged.get(word, 0) >= min_count:
+                        found[slot].add(" ".join(parts))
+    return {slot: tuple(sorted(words)) for slot, words in found.items()}
+
+
+def _wordnet_generated(count: int, seed: int) -> list[str]:
+    """Sentences from the frames above, their slots filled with WordNet's common lemmas (a broad
+    everyday vocabulary, chosen by frequency alone), times from the generated corpus's list."""
+    vocabulary = _wordnet_vocabulary()
+    rng = random.Random(2000 + seed)
+    out, seen = [], set()
+    while len(out) < count:
+        s = rng.choice(WORDNET_FRAMES).format(
+            P=rng.choice(vocabulary["person"]), P2=rng.choice(vocabulary["person"]), V=rng.choice(vocabulary["verb"]),
+            A=rng.choice(vocabulary["adj"]), N=rng.choice(vocabulary["thing"]),
+            W=f"{rng.choice(_WHERE_WORDS)} {rng.choice(vocabulary['place'])}", T=rng.choice(WHEN))
+        s = re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", lambda m: m.group(1) + "n ", s)
+        s = s[0].upper() + s[1:]
+        if s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
 # ---------------------------------------------------------------- the corpora
 
 
@@ -255,6 +335,8 @@ def training_texts(count: int, seed: int = 0, corpus: str = "mixed") -> list[str
         pool = list(_wordnet())
         if count > len(pool):
             raise ValueError(f"only {len(pool)} WordNet texts are available, asked for {count}")
+    elif corpus == "wordnet-generated":
+        pool = [s for s in _wordnet_generated(count + 2000, seed) if s.lower() not in _excluded()]
     elif corpus == "templates":
         pool = _templates(count, seed)
         while len(pool) < count:

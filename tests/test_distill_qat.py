@@ -77,6 +77,21 @@ def test_hidden_state_loss_is_relative_per_block():
         hidden_state_loss([torch.ones(2, 4), s[1]], t)
 
 
+def test_hidden_state_loss_leaves_out_masked_tokens():
+    torch.manual_seed(0)
+    t = [torch.randn(2, 5, 4)]
+    s = [t[0] * 1.1]
+    mask = torch.tensor([[True, True, True, False, False], [True, True, True, True, True]])
+    junk = [s[0].clone()]
+    junk[0][~mask] = 1e3  # the padding positions' states: ignored under the mask
+    assert torch.allclose(hidden_state_loss(junk, t, mask), torch.tensor(0.01), rtol=1e-5)
+    assert hidden_state_loss(junk, t) > 1.0
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of the hidden states' \[batch, tokens\]"):
+        hidden_state_loss(s, t, mask[:, :4])
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        hidden_state_loss(s, t, mask.long())
+
+
 def test_encoder_loss_options_are_checked():
     with pytest.raises(ValueError, match="at least one of embedding_weight, hidden_weight"):
         EncoderDistillationLoss(0, 0)
@@ -132,6 +147,35 @@ def test_distillation_lowers_the_loss_raises_the_cosine_and_exports_what_it_trai
     reloaded = pyclipq.load(tmp_path / "m.safetensors", two_block_clip(seed=5))
     with torch.no_grad():
         assert torch.equal(reloaded.encode_text(held_tokens), result.quantized.encode_text(held_tokens))
+
+
+@pytest.mark.parametrize("fmt", ["ternary", "int2"])
+def test_distillation_with_learned_scales_trains_them_and_exports_them(fmt, tmp_path):
+    from pyclipq.train.fake_quant import FakeQuantLinear
+
+    teacher = two_block_clip()
+    images, tokens = tiny_batch(32, seed=1)
+    data = [{"images": images[i:i + 16], "tokens": tokens[i:i + 16]} for i in range(0, 32, 16)]
+    held_images, held_tokens = tiny_batch(16, seed=99)
+    result = distill(teacher, data, fmt, learn_scales=True,
+                     train=TrainConfig(steps=12, lr=3e-3, warmup_steps=2, progress=False))
+    learners = {n: m for n, m in result.student.named_modules() if isinstance(m, FakeQuantLinear) and m.log_scale is not None}
+    assert learners and not any(m.exact for m in learners.values())
+    start = pyclipq.prepare_qat(teacher, fmt, exact=False, learn_scales=True)
+    if fmt == "int2":  # the clip start: the learned scales start at the clipped weights' rule scales
+        from pyclipq.train.qat import clip_latent_weights_
+        clip_latent_weights_(start)
+        for m in start.modules():
+            if isinstance(m, FakeQuantLinear) and m.log_scale is not None:
+                m.reset_scales_()
+    started = dict(start.named_modules())
+    assert all(not torch.equal(m.log_scale, started[n].log_scale) for n, m in learners.items())  # they trained
+    matches = compare_layers(result.student, result.quantized,
+                             lambda m: (m.encode_image(held_images), m.encode_text(held_tokens)))
+    assert matches and all(m.ok for m in matches), [m for m in matches if not m.ok]
+    for name, module in result.quantized.named_modules():
+        if name in learners:
+            assert torch.equal(module.weight_scale, learners[name].learned_scale().detach()), name
 
 
 @pytest.mark.parametrize("fmt", ["ternary", "int2"])
@@ -222,6 +266,24 @@ def test_a_bare_hf_encoder_loads_as_a_mean_pooled_text_tower(tmp_path):
     again = pyclipq.load(tmp_path / "int8.safetensors", load_model(f"hf:{tmp_path}").model)
     with torch.no_grad():
         assert torch.equal(again.encode_text(tokens), converted.encode_text(tokens))
+
+
+def test_the_text_encoders_padding_is_left_out_of_the_block_loss(tmp_path):
+    loaded = load_model(f"hf:{tiny_bert(tmp_path)}")
+    tokens = loaded.tokenize(SENTENCES[:4])
+    blocks = repeated_blocks(loaded.model)
+    outputs = encoder_outputs(loaded.model, {"tokens": tokens}, blocks)
+    assert torch.equal(outputs["text"]["mask"], tokens != 0) and not outputs["text"]["mask"].all()
+    student = copy.deepcopy(loaded.model)
+    with torch.no_grad():  # the student differs from the teacher at padding positions only
+        student_out = encoder_outputs(student, {"tokens": tokens}, blocks)
+        for h in student_out["text"]["hidden"]:
+            h[~outputs["text"]["mask"]] += 5.0
+    masked = EncoderDistillationLoss(embedding_weight=0)(student_out, outputs)[0]
+    unmasked = EncoderDistillationLoss(embedding_weight=0, mask_padding=False)(student_out, outputs)[0]
+    assert float(masked) < 1e-10 < float(unmasked)
+    # a CLIP's text tower says nothing about its padding: every position counts, as before
+    assert "mask" not in encoder_outputs(two_block_clip(), {"tokens": tiny_batch(2)[1]}, None)["text"]
 
 
 def test_a_sentence_transformers_directory_sets_pooling_and_length(tmp_path):
@@ -384,3 +446,20 @@ def test_the_command_rejects_bad_data(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pyclipq.cli", "train", "distill", *COMMON, "--data", str(empty),
                            "--steps", "1", "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=300, cwd="/")
     assert proc.returncode != 0 and "holds no text" in proc.stderr
+
+
+def test_the_command_learns_scales_when_asked(tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "star")))
+    out = tmp_path / "run"
+    run_cli(*COMMON, "--data", str(texts), "--format", "ternary", "--learn-scales", "--steps", "2", "--out", str(out))
+    model = load_model("testbed").model
+    reloaded = pyclipq.load(out / "model.safetensors", model)
+    rule = pyclipq.convert(load_model("testbed").model, "ternary")
+    learned = {n: m.weight_scale for n, m in reloaded.named_modules() if type(m).__name__ == "QuantLinear"}
+    ruled = {n: m.weight_scale for n, m in rule.named_modules() if type(m).__name__ == "QuantLinear"}
+    assert learned.keys() == ruled.keys() and any(not torch.equal(learned[n], ruled[n]) for n in learned)
+    proc = subprocess.run([sys.executable, "-m", "pyclipq.cli", "train", "distill", *COMMON, "--data", str(texts),
+                           "--learn-scales", "--fake-quant", "exact", "--steps", "1", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=300, cwd="/")
+    assert proc.returncode != 0 and "--learn-scales trains through the fast fake-quant" in proc.stderr

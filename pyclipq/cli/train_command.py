@@ -164,6 +164,11 @@ def distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fake-quant", choices=("auto", "exact", "fast"), default="auto",
                         help="fast: F.linear on dequantized operands; exact: the kernels' integer math; "
                              "auto: fast for grouped formats (int4, int2), exact otherwise. The export is exact either way")
+    parser.add_argument("--learn-scales", action="store_true",
+                        help="the projections learn their weight scales too (LSQ), started at the format rule's; "
+                             "uses the fast fake-quant; the export packs the learned scales")
+    parser.add_argument("--keep-padding", action="store_true",
+                        help="match block outputs at a text encoder's padding tokens too (default: real tokens only)")
 
 
 def _run_distill(args, loaded: LoadedModel, train, context: DistributedContext) -> dict:
@@ -171,11 +176,15 @@ def _run_distill(args, loaded: LoadedModel, train, context: DistributedContext) 
         args.data, tokenizer=loaded.tokenize, transform=loaded.preprocess, global_batch=args.batch_size,
         text_column=args.text_column, image_column=args.image_column, workers=args.workers, seed=args.seed,
         strict=args.strict_images, shuffle_buffer=args.shuffle_buffer)
-    loss = EncoderDistillationLoss(args.embedding_weight, args.hidden_weight, args.embedding_kind, args.hidden_blocks)
+    loss = EncoderDistillationLoss(args.embedding_weight, args.hidden_weight, args.embedding_kind, args.hidden_blocks,
+                                   mask_padding=not args.keep_padding)
     exact = {"auto": None, "exact": True, "fast": False}[args.fake_quant]
+    if args.learn_scales and exact:
+        raise ValueError("--learn-scales trains through the fast fake-quant: drop --fake-quant exact")
     config = config_from_args(args)
     result = recipes.distill(loaded.model, data, config, init=args.init, calibration_batches=args.calibration_batches,
-                             train=train, loss=loss, exact=exact, resume=args.resume, distributed=context)
+                             train=train, loss=loss, exact=exact, learn_scales=args.learn_scales, resume=args.resume,
+                             distributed=context)
     model_path = args.out / "model.safetensors"
     if context.is_main:
         pyclipq.save(result.quantized, model_path)
