@@ -5,8 +5,10 @@
 
 The model is loaded exactly as `pyclipq train distill --model hf:DIR` loads it (a mean-pooled
 SentenceEncoder) and trained with `pyclipq.train.recipes.distill`, the command's library call.
-Training texts: benchmarks/train_texts.py (generated, and prose shipped with Python; nothing
-downloads), none of them an evaluation text. Evaluation: the 200 sentence pairs of
+Training texts: benchmarks/train_texts.py, by default equal shares of three corpora: "generated"
+(everyday sentences written here), "wordnet" (WordNet 3.0's usage examples and glosses, from
+Debian's wordnet-base: `apt-get install wordnet-base`) and "wordnet-generated" (frames filled with
+WordNet's common lemmas); nothing downloads at run time, and none is an evaluation text. Evaluation: the 200 sentence pairs of
 benchmarks/text_corpus.py: mean cosine of the sentence embeddings to fp32, and retrieval R@1
 (each sentence's paraphrase among the 200), measured every --eval-every steps against training
 wall time (evaluation excluded). Step 0 is the round-to-nearest model plain `convert` gives.
@@ -38,10 +40,13 @@ from pyclipq.configs import resolve_config  # noqa: E402
 from pyclipq.data import TextCollate, Texts, train_loader  # noqa: E402
 from pyclipq.train import TrainConfig  # noqa: E402
 from pyclipq.train.distill import EncoderDistillationLoss  # noqa: E402
-from pyclipq.train.recipes import default_lr, distill, fast_fake_quant_default  # noqa: E402
+from pyclipq.train.recipes import default_learn_scales, default_lr, distill, fast_fake_quant_default  # noqa: E402
 from pyclipq.train.trainer import EncoderDistillation, Trainer  # noqa: E402
 
 FORMATS = {"ternary": "ternary", "int2": "int2", "int4": "int4"}  # presets: ternary, int2 g64, int4 g128 W4A8
+# measured (benchmarks/README.md, "Distillation QAT"): the broad vocabulary of the WordNet corpora
+# carries over to held-out text where the generated corpus alone does not
+DEFAULT_CORPORA = ("generated", "wordnet", "wordnet-generated")
 
 
 def minilm_path() -> str:
@@ -78,6 +83,11 @@ class Evaluation:
                 "r1_drop": round(self.reference_r1 - r1, 1)}
 
 
+def learns_scales(args, name: str) -> bool:
+    """Whether format `name` trains with learned scales under --scales."""
+    return {"auto": default_learn_scales(resolve_config(FORMATS[name])), "rule": False, "learned": True}[args.scales]
+
+
 def text_batches(loaded, texts: list[str], batch: int, seed: int):
     return train_loader(Texts(texts), batch, TextCollate(loaded.tokenize), seed=seed)
 
@@ -86,6 +96,7 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
     config = resolve_config(FORMATS[name])
     exact = {"auto": None, "exact": True, "fast": False}[args.fake_quant]
     steps = args.steps[name] if isinstance(args.steps, dict) else args.steps
+    learn_scales = learns_scales(args, name)
     train = TrainConfig(steps=steps, lr=args.lr or default_lr(config), warmup_steps=min(args.warmup, steps // 10), weight_decay=0.0,
                         progress=False, seed=args.seed)
     loss = EncoderDistillationLoss(args.embedding_weight, args.hidden_weight, hidden_blocks=args.hidden_blocks,
@@ -104,7 +115,7 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
         return record
 
     result = distill(model, text_batches(loaded, texts, args.batch_size, args.seed), config, init=args.init,
-                     train=train, loss=loss, exact=exact, learn_scales=args.learn_scales, evaluate=evaluate, evaluate_every=args.eval_every)
+                     train=train, loss=loss, exact=exact, learn_scales=learn_scales, evaluate=evaluate, evaluate_every=args.eval_every)
     packed = evaluation(result.quantized)
     out = args.out / f"{name}.safetensors" if args.out else None
     reload_equal = None
@@ -114,8 +125,8 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
         reload_equal = bool(torch.equal(evaluation.embed(reloaded), evaluation.embed(result.quantized)))
     return {
         "format": name, "config": config.layer.to_dict(), "steps": train.steps, "lr": train.lr, "batch": args.batch_size,
-        "exact_fake_quant": exact if exact is not None else not (args.learn_scales or fast_fake_quant_default(config)),
-        "learn_scales": args.learn_scales,
+        "exact_fake_quant": exact if exact is not None else not (learn_scales or fast_fake_quant_default(config)),
+        "learn_scales": learn_scales,
         "curve": result.evaluations, "packed": packed,
         "packed_minus_fake_cos": round(packed["cos"] - result.evaluations[-1]["cos"], 6),
         "reload_equal": reload_equal, "train_seconds": result.evaluations[-1]["seconds"],
@@ -125,7 +136,8 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
 
 def step_times(args, loaded, texts: list[str]) -> list[dict]:
     """Seconds per distillation step (teacher forward included), fp32 student against each format's
-    fake-quant student, exact and fast, same batches, best of --repeats interleaved rounds."""
+    fake-quant student, exact, fast and with learned scales, same batches, best of --repeats
+    interleaved rounds."""
     data = list(text_batches(loaded, texts[: args.batch_size * 8], args.batch_size, args.seed))
     objective = EncoderDistillation(EncoderDistillationLoss(args.embedding_weight, args.hidden_weight))
     teacher = loaded.model
@@ -134,9 +146,9 @@ def step_times(args, loaded, texts: list[str]) -> list[dict]:
         if label == "fp32":
             return copy.deepcopy(teacher)
         name, mode = label.split("/")
-        return pyclipq.prepare_qat(teacher, FORMATS[name], exact=mode == "exact")
+        return pyclipq.prepare_qat(teacher, FORMATS[name], exact=mode == "exact", learn_scales=mode == "learned")
 
-    labels = ["fp32"] + [f"{name}/{mode}" for name in args.formats for mode in ("exact", "fast")]
+    labels = ["fp32"] + [f"{name}/{mode}" for name in args.formats for mode in ("exact", "fast", "learned")]
     best = {label: float("inf") for label in labels}
     trainers = {label: Trainer(student_of(label), data, TrainConfig(steps=10_000, lr=1e-5, progress=False),
                                teacher=teacher, objective=objective) for label in labels}
@@ -171,9 +183,10 @@ def main(argv=None) -> int:
     parser.add_argument("--fake-quant", choices=("auto", "exact", "fast"), default="auto")
     parser.add_argument("--init", choices=("auto", "clip", "ptq", "rtn"), default="auto",
                         help="where the student starts (pyclipq.train.recipes.distill)")
-    parser.add_argument("--corpus", choices=CORPORA, nargs="+", default=["generated"],
+    parser.add_argument("--corpus", choices=CORPORA, nargs="+", default=list(DEFAULT_CORPORA),
                         help="training texts (benchmarks/train_texts.py); several: equal shares of each")
-    parser.add_argument("--learn-scales", action="store_true", help="LSQ: the projections learn their weight scales")
+    parser.add_argument("--scales", choices=("auto", "rule", "learned"), default="auto",
+                        help="weight scales: the format rule's or learned (LSQ); auto: recipes.default_learn_scales")
     parser.add_argument("--keep-padding", action="store_true", help="match block outputs at padding tokens too")
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--texts", type=int, default=20000, help="training texts to draw (at least 5000)")
@@ -206,7 +219,7 @@ def main(argv=None) -> int:
         if args.steps is None:
             times = {row["student"]: row["seconds_per_step"] for row in step_times(
                 argparse.Namespace(**{**vars(args), "repeats": 1}), loaded, texts)}
-            modes = {name: ("exact" if (args.fake_quant == "exact" or (args.fake_quant == "auto" and not
+            modes = {name: ("exact" if (args.fake_quant == "exact" or (args.fake_quant == "auto" and not learns_scales(args, name) and not
                                         fast_fake_quant_default(resolve_config(FORMATS[name])))) else "fast")
                      for name in args.formats}
             args.steps = {name: max(args.eval_every, int(args.minutes * 60 / times[f"{name}/{modes[name]}"]))

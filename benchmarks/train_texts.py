@@ -9,7 +9,12 @@ Three corpora (`training_texts(count, seed, corpus)`):
 - "generated": everyday sentences from frames and word lists written here (people, verbs,
   places, times) around the ImageNet class names open_clip ships; none of text_corpus.py's
   word lists.
-- "mixed" (the default): half of each (all of the prose, about 7,000 sentences, when it is short).
+- "wordnet": WordNet 3.0's usage examples (about 35,000 sentences lexicographers wrote) and its
+  glosses (definitions) as sentences, from Debian's wordnet-base (`apt-get install wordnet-base`,
+  read from /usr/share/wordnet).
+- "wordnet-generated": frames of everyday sentences whose people, things, places, verbs and
+  adjectives are WordNet's common lemmas (by WordNet's own sense counts): a broad vocabulary.
+- "mixed": half prose, half generated (all of the prose, about 7,000 sentences, when it is short).
 - "templates": text_corpus.py's own generator with other seeds: the evaluation's vocabulary
   and sentence forms, sentences disjoint from the evaluation's. It measures what in-domain
   unlabelled text buys, and is reported apart from the other three.

@@ -17,7 +17,8 @@ from pyclipq.models.base import repeated_blocks
 from pyclipq.train import TrainConfig
 from pyclipq.train.distill import EncoderDistillationLoss, hidden_state_loss
 from pyclipq.train.qat import compare_layers
-from pyclipq.train.recipes import default_init, default_lr, distill, fast_fake_quant_default
+from pyclipq.configs import resolve_config
+from pyclipq.train.recipes import default_init, default_learn_scales, default_lr, distill, fast_fake_quant_default
 from pyclipq.train.trainer import EncoderDistillation, encoder_outputs
 
 from train_helpers import tiny_batch, tiny_clip, tiny_tokenizer
@@ -157,6 +158,7 @@ def test_distillation_with_learned_scales_trains_them_and_exports_them(fmt, tmp_
     images, tokens = tiny_batch(32, seed=1)
     data = [{"images": images[i:i + 16], "tokens": tokens[i:i + 16]} for i in range(0, 32, 16)]
     held_images, held_tokens = tiny_batch(16, seed=99)
+    assert default_learn_scales(resolve_config(fmt)) == (fmt == "int2")  # int2 learns them by default
     result = distill(teacher, data, fmt, learn_scales=True,
                      train=TrainConfig(steps=12, lr=3e-3, warmup_steps=2, progress=False))
     learners = {n: m for n, m in result.student.named_modules() if isinstance(m, FakeQuantLinear) and m.log_scale is not None}
@@ -181,7 +183,6 @@ def test_distillation_with_learned_scales_trains_them_and_exports_them(fmt, tmp_
 @pytest.mark.parametrize("fmt", ["ternary", "int2"])
 def test_the_ptq_start_gives_the_student_the_gptq_weights(fmt):
     from pyclipq.calibrate import calibrate
-    from pyclipq.configs import resolve_config
     from pyclipq.nn import QuantLinear
     from pyclipq.nn.packed import unpack_codes
     from pyclipq.train.fake_quant import FakeQuantLinear
@@ -234,7 +235,6 @@ def test_the_clip_start_gives_max_scaled_formats_their_weight_mse_scales():
 
 
 def test_the_fast_fake_quant_is_the_default_only_for_grouped_formats():
-    from pyclipq.configs import resolve_config
 
     assert fast_fake_quant_default(resolve_config("int2")) and fast_fake_quant_default(resolve_config("int4"))
     assert not fast_fake_quant_default(resolve_config("ternary")) and not fast_fake_quant_default(resolve_config("int8"))
@@ -452,7 +452,7 @@ def test_the_command_learns_scales_when_asked(tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "star")))
     out = tmp_path / "run"
-    run_cli(*COMMON, "--data", str(texts), "--format", "ternary", "--learn-scales", "--steps", "2", "--out", str(out))
+    run_cli(*COMMON, "--data", str(texts), "--format", "ternary", "--scales", "learned", "--steps", "2", "--out", str(out))
     model = load_model("testbed").model
     reloaded = pyclipq.load(out / "model.safetensors", model)
     rule = pyclipq.convert(load_model("testbed").model, "ternary")
@@ -460,6 +460,6 @@ def test_the_command_learns_scales_when_asked(tmp_path):
     ruled = {n: m.weight_scale for n, m in rule.named_modules() if type(m).__name__ == "QuantLinear"}
     assert learned.keys() == ruled.keys() and any(not torch.equal(learned[n], ruled[n]) for n in learned)
     proc = subprocess.run([sys.executable, "-m", "pyclipq.cli", "train", "distill", *COMMON, "--data", str(texts),
-                           "--learn-scales", "--fake-quant", "exact", "--steps", "1", "--out", str(tmp_path / "r")],
+                           "--scales", "learned", "--fake-quant", "exact", "--steps", "1", "--out", str(tmp_path / "r")],
                           capture_output=True, text=True, timeout=300, cwd="/")
-    assert proc.returncode != 0 and "--learn-scales trains through the fast fake-quant" in proc.stderr
+    assert proc.returncode != 0 and "--scales learned trains through the fast fake-quant" in proc.stderr

@@ -164,9 +164,10 @@ def distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fake-quant", choices=("auto", "exact", "fast"), default="auto",
                         help="fast: F.linear on dequantized operands; exact: the kernels' integer math; "
                              "auto: fast for grouped formats (int4, int2), exact otherwise. The export is exact either way")
-    parser.add_argument("--learn-scales", action="store_true",
-                        help="the projections learn their weight scales too (LSQ), started at the format rule's; "
-                             "uses the fast fake-quant; the export packs the learned scales")
+    parser.add_argument("--scales", choices=("auto", "rule", "learned"), default="auto",
+                        help="weight scales: the format rule's, or learned (LSQ, started at the rule's; trains through "
+                             "the fast fake-quant; the export packs the learned scales); auto: learned for int2, the "
+                             "rule otherwise")
     parser.add_argument("--keep-padding", action="store_true",
                         help="match block outputs at a text encoder's padding tokens too (default: real tokens only)")
 
@@ -179,11 +180,12 @@ def _run_distill(args, loaded: LoadedModel, train, context: DistributedContext) 
     loss = EncoderDistillationLoss(args.embedding_weight, args.hidden_weight, args.embedding_kind, args.hidden_blocks,
                                    mask_padding=not args.keep_padding)
     exact = {"auto": None, "exact": True, "fast": False}[args.fake_quant]
-    if args.learn_scales and exact:
-        raise ValueError("--learn-scales trains through the fast fake-quant: drop --fake-quant exact")
+    learn_scales = {"auto": None, "rule": False, "learned": True}[args.scales]
+    if learn_scales and exact:
+        raise ValueError("--scales learned trains through the fast fake-quant: drop --fake-quant exact")
     config = config_from_args(args)
     result = recipes.distill(loaded.model, data, config, init=args.init, calibration_batches=args.calibration_batches,
-                             train=train, loss=loss, exact=exact, learn_scales=args.learn_scales, resume=args.resume,
+                             train=train, loss=loss, exact=exact, learn_scales=learn_scales, resume=args.resume,
                              distributed=context)
     model_path = args.out / "model.safetensors"
     if context.is_main:
