@@ -167,12 +167,18 @@ def classnames() -> tuple[str, ...]:
 
 
 def _generated(count: int, seed: int) -> list[str]:
-    rng = random.Random(1000 + seed)
     names = classnames()
+    return _fill_frames(count, random.Random(1000 + seed), FRAMES, lambda rng: dict(
+        P=rng.choice(PEOPLE), V=rng.choice(VERBS), A=rng.choice(ADJS), A2=rng.choice(ADJS), N=rng.choice(names),
+        W=rng.choice(WHERE), T=rng.choice(WHEN)))
+
+
+def _fill_frames(count: int, rng: random.Random, frames, slots) -> list[str]:
+    """`count` distinct sentences: a frame of `frames` with `slots(rng)` filled in, "a" before a vowel
+    made "an", the first letter capitalized."""
     out, seen = [], set()
     while len(out) < count:
-        s = rng.choice(FRAMES).format(P=rng.choice(PEOPLE), V=rng.choice(VERBS), A=rng.choice(ADJS),
-                                      A2=rng.choice(ADJS), N=rng.choice(names), W=rng.choice(WHERE), T=rng.choice(WHEN))
+        s = rng.choice(frames).format(**slots(rng))
         s = re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", lambda m: m.group(1) + "n ", s)
         s = s[0].upper() + s[1:]
         if s not in seen:
@@ -284,19 +290,10 @@ def _wordnet_generated(count: int, seed: int) -> list[str]:
     """Sentences from the frames above, their slots filled with WordNet's common lemmas (a broad
     everyday vocabulary, chosen by frequency alone), times from the generated corpus's list."""
     vocabulary = _wordnet_vocabulary()
-    rng = random.Random(2000 + seed)
-    out, seen = [], set()
-    while len(out) < count:
-        s = rng.choice(WORDNET_FRAMES).format(
-            P=rng.choice(vocabulary["person"]), P2=rng.choice(vocabulary["person"]), V=rng.choice(vocabulary["verb"]),
-            A=rng.choice(vocabulary["adj"]), N=rng.choice(vocabulary["thing"]),
-            W=f"{rng.choice(_WHERE_WORDS)} {rng.choice(vocabulary['place'])}", T=rng.choice(WHEN))
-        s = re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", lambda m: m.group(1) + "n ", s)
-        s = s[0].upper() + s[1:]
-        if s not in seen:
-            seen.add(s)
-            out.append(s)
-    return out
+    return _fill_frames(count, random.Random(2000 + seed), WORDNET_FRAMES, lambda rng: dict(
+        P=rng.choice(vocabulary["person"]), P2=rng.choice(vocabulary["person"]), V=rng.choice(vocabulary["verb"]),
+        A=rng.choice(vocabulary["adj"]), N=rng.choice(vocabulary["thing"]),
+        W=f"{rng.choice(_WHERE_WORDS)} {rng.choice(vocabulary['place'])}", T=rng.choice(WHEN)))
 
 
 # ---------------------------------------------------------------- the corpora
