@@ -159,7 +159,7 @@ def distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", choices=("auto", "clip", "ptq", "rtn"), default="auto",
                         help="where the student starts: rtn (the float weights), clip (clamped to weight-MSE-optimal "
                              "scales), ptq (GPTQ + clip search on --calibration-batches batches); auto: rtn for "
-                             "ternary, clip for int8/int4/int2")
+                             "ternary, ptq for int4, clip for int8/int2")
     parser.add_argument("--calibration-batches", type=int, default=8)
     parser.add_argument("--fake-quant", choices=("auto", "exact", "fast"), default="auto",
                         help="fast: F.linear on dequantized operands; exact: the kernels' integer math; "
