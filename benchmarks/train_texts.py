@@ -1,7 +1,7 @@
 """Training texts for label-free distillation on a real text encoder, none of which downloads and none
 of which is an evaluation text of benchmarks/text_corpus.py.
 
-Three corpora (`training_texts(count, seed, corpus)`):
+The corpora (`training_texts(count, seed, corpus)`; `mixed_texts` takes equal shares of several):
 - "prose": English sentences of the prose shipped with Python itself: the language reference
   topics (``pydoc_data.topics``, what ``help("if")`` prints) and the docstrings of the standard
   library's pure-Python modules (read with ``ast``, not imported). A sentence is kept when it has
@@ -193,6 +193,23 @@ WORDNET_DIR = "/usr/share/wordnet"  # Debian's wordnet-base (apt-get install wor
 _QUOTED = re.compile(r'"([^"]+)"')
 
 
+def _wordnet_lines(name: str):
+    """The lines of WordNet's database file `name`, or an error saying how to install it."""
+    path = os.path.join(WORDNET_DIR, name)
+    if not os.path.isfile(path):
+        raise RuntimeError(f"the WordNet corpora read {path}: install Debian's wordnet-base (apt-get install wordnet-base)")
+    with open(path, encoding="latin-1") as f:
+        yield from f
+
+
+def _synsets(pos: str):
+    """(fields, gloss) of each synset line of data.{pos}: the fields before '|' split on spaces."""
+    for line in _wordnet_lines(f"data.{pos}"):
+        if not line.startswith("  ") and "|" in line:  # "  ": the license header
+            head, gloss = line.split("|", 1)
+            yield head.split(), gloss
+
+
 def _wordnet_sentence(text: str) -> str | None:
     text = " ".join(text.strip().strip(";").split())
     if not 4 <= len(text.split()) <= 40 or _BAD.search(text):
@@ -205,23 +222,16 @@ def _wordnet_sentence(text: str) -> str | None:
 def _wordnet() -> tuple[str, ...]:
     """WordNet 3.0's usage examples (everyday sentences written by lexicographers, about 35,000) and
     its glosses (definitions), as sentences: the part after '|' of each synset line of data.{pos}."""
-    if not os.path.isdir(WORDNET_DIR):
-        raise RuntimeError(f"the wordnet corpus reads WordNet from {WORDNET_DIR}: install Debian's wordnet-base "
-                           "(apt-get install wordnet-base)")
     found = set()
     for pos in ("noun", "verb", "adj", "adv"):
-        with open(os.path.join(WORDNET_DIR, f"data.{pos}"), encoding="latin-1") as f:
-            for line in f:
-                if line.startswith("  ") or "|" not in line:
-                    continue  # the license header
-                gloss = line.split("|", 1)[1]
-                for example in _QUOTED.findall(gloss):
-                    sentence = _wordnet_sentence(example)
-                    if sentence:
-                        found.add(sentence)
-                definition = _wordnet_sentence(_QUOTED.sub("", gloss).split(";")[0])
-                if definition:
-                    found.add(definition)
+        for _fields, gloss in _synsets(pos):
+            for example in _QUOTED.findall(gloss):
+                sentence = _wordnet_sentence(example)
+                if sentence:
+                    found.add(sentence)
+            definition = _wordnet_sentence(_QUOTED.sub("", gloss).split(";")[0])
+            if definition:
+                found.add(definition)
     return tuple(sorted(s for s in found if s.lower() not in _excluded()))
 
 
@@ -246,11 +256,6 @@ WORDNET_FRAMES = [
 _WHERE_WORDS = ("in the", "near the", "at the", "behind the", "outside the", "beside the")
 
 
-def _synset_lines(pos: str):
-    with open(os.path.join(WORDNET_DIR, f"data.{pos}"), encoding="latin-1") as f:
-        for line in f:
-            if not line.startswith("  "):  # the license header
-                yield line.split("|", 1)[0].split()
 
 
 @functools.lru_cache(maxsize=None)
@@ -260,14 +265,13 @@ def _wordnet_vocabulary(min_count: int = 3) -> dict[str, tuple[str, ...]]:
     transitive frame ("Somebody ----s something / somebody"), and when its senses were tagged at
     least `min_count` times in all (cntlist.rev: WordNet's corpus counts, the only frequency used)."""
     tagged: dict[str, int] = {}
-    with open(os.path.join(WORDNET_DIR, "cntlist.rev"), encoding="latin-1") as f:
-        for line in f:
-            key, _sense, count = line.split()
-            lemma = key.partition("%")[0]
-            tagged[lemma] = tagged.get(lemma, 0) + int(count)
+    for line in _wordnet_lines("cntlist.rev"):
+        key, _sense, count = line.split()
+        lemma = key.partition("%")[0]
+        tagged[lemma] = tagged.get(lemma, 0) + int(count)
     found: dict[str, set[str]] = {slot: set() for slot in _SLOT_LEXFILES}
     for pos, ss_digit in (("noun", 1), ("verb", 2), ("adj", 3)):
-        for fields in _synset_lines(pos):
+        for fields, _gloss in _synsets(pos):
             lexfile, count = int(fields[1]), int(fields[3], 16)
             words = [fields[4 + 2 * i] for i in range(count)]
             if pos == "verb":  # frames: f_cnt, then "+ f_num w_num" triples after the pointers
@@ -327,16 +331,12 @@ def training_texts(count: int, seed: int = 0, corpus: str = "mixed") -> list[str
     """`count` distinct training texts of `corpus` (see the module doc), shuffled by `seed`."""
     if corpus not in CORPORA:
         raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
-    if corpus == "prose":
-        pool = list(_prose())
+    if corpus in ("prose", "wordnet"):  # fixed pools
+        pool = list(_prose() if corpus == "prose" else _wordnet())
         if count > len(pool):
-            raise ValueError(f"only {len(pool)} prose texts are available, asked for {count}")
+            raise ValueError(f"only {len(pool)} {corpus} texts are available, asked for {count}")
     elif corpus == "generated":
         pool = [s for s in _generated(count + 2000, seed) if s.lower() not in _excluded()]
-    elif corpus == "wordnet":
-        pool = list(_wordnet())
-        if count > len(pool):
-            raise ValueError(f"only {len(pool)} WordNet texts are available, asked for {count}")
     elif corpus == "wordnet-generated":
         pool = [s for s in _wordnet_generated(count + 2000, seed) if s.lower() not in _excluded()]
     elif corpus == "templates":
@@ -353,7 +353,8 @@ def training_texts(count: int, seed: int = 0, corpus: str = "mixed") -> list[str
 
 
 def mixed_texts(count: int, seed: int, corpora: "list[str] | tuple[str, ...]") -> list[str]:
-    """`count` distinct texts, equal shares of each of `corpora`, shuffled by `seed`."""
+    """Equal shares of `count` texts from each of `corpora`, shuffled by `seed`; a text that two
+    corpora share is kept once (so there may be a few fewer than `count`)."""
     if not corpora:
         raise ValueError("corpora: name at least one corpus")
     out: list[str] = []

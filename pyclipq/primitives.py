@@ -259,8 +259,8 @@ def learnable_fake_quantize(weight: torch.Tensor, fmt, scale: torch.Tensor, grou
     rounding passes the gradient straight through, so d/dw is 1 inside the range and 0 where the
     level is clamped, and d/ds is level - w / s inside and the clamped level outside.
 
-    scale: > 0 everywhere, [N] or [N, G] as the format's scale shape; no padding or checks beyond
-    the shapes, for the training step.
+    scale: > 0 everywhere (not checked: this runs every training step), [N] or [N, G] as the
+    format's scale shape.
     """
     fmt = formats.as_format(fmt)
     n, k = weight.shape

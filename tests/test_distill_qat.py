@@ -164,12 +164,14 @@ def test_distillation_with_learned_scales_trains_them_and_exports_them(fmt, tmp_
     learners = {n: m for n, m in result.student.named_modules() if isinstance(m, FakeQuantLinear) and m.log_scale is not None}
     assert learners and not any(m.exact for m in learners.values())
     start = pyclipq.prepare_qat(teacher, fmt, exact=False, learn_scales=True)
-    if fmt == "int2":  # the clip start: the learned scales start at the clipped weights' rule scales
+    if fmt == "int2":  # the clip start: clipping moves the learned scales to the clipped weights' rule scales
+        from pyclipq.primitives import format_scales
         from pyclipq.train.qat import clip_latent_weights_
         clip_latent_weights_(start)
         for m in start.modules():
             if isinstance(m, FakeQuantLinear) and m.log_scale is not None:
-                m.reset_scales_()
+                rule = format_scales(m.weight, m.layer.spec, m.layer.group_size).clamp_min(1e-12)
+                torch.testing.assert_close(m.learned_scale().detach(), rule)
     started = dict(start.named_modules())
     assert all(not torch.equal(m.log_scale, started[n].log_scale) for n, m in learners.items())  # they trained
     matches = compare_layers(result.student, result.quantized,

@@ -482,5 +482,8 @@ def test_learned_scale_errors():
         FakeQuantLinear(8, 4, layer=LayerConfig("ternary"), exact=True, learn_scales=True)
     with pytest.raises(ValueError, match="learn_scales needs a quantized layer"):
         FakeQuantLinear(8, 4, layer=LayerConfig("float"), exact=False, learn_scales=True)
+    made = FakeQuantLinear(100, 6, layer=LayerConfig("int2", 64), exact=False, learn_scales=True)
+    assert made.log_scale.shape == (6, 2) and "learn_scales" in repr(made)
+    torch.testing.assert_close(made.learned_scale().detach(), primitives.format_scales(made.weight, "int2", 64))
     with pytest.raises(ValueError, match="does not learn its scales"):
         FakeQuantLinear(8, 4, layer=LayerConfig("ternary"), exact=False).reset_scales_()

@@ -346,8 +346,12 @@ class FakeQuantLinear(nn.Linear):
         if learn_scales and (layer.is_float or self.exact):
             raise ValueError("learn_scales needs a quantized layer and the float fake-quant path (exact=False): "
                              f"got format={layer.format!r}, exact={exact}")
-        self.learn_scales = bool(learn_scales)
         self.log_scale = None
+        if learn_scales:
+            shape = layer.spec.scale_shape(out_features, in_features, layer.group_size)
+            self.log_scale = nn.Parameter(torch.empty(shape, dtype=torch.float32, device=device))
+            if self.weight.device.type != "meta":  # from_parameters sets the weight, then the scales
+                self.reset_scales_()
         if layer.activation == "static":
             # 0 marks "not calibrated yet", as in QuantLinear.
             self.register_buffer("act_scale", torch.zeros((), dtype=torch.float32, device=device))
@@ -373,7 +377,7 @@ class FakeQuantLinear(nn.Linear):
                      device="meta", dtype=weight.dtype)
         module.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
         if learn_scales:
-            module.log_scale = nn.Parameter(torch.empty(0))
+            module.log_scale = nn.Parameter(torch.empty_like(module.log_scale, device=weight.device))
             module.reset_scales_()
         if bias is not None:
             module.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
@@ -425,7 +429,7 @@ class FakeQuantLinear(nn.Linear):
             raise ValueError("reset_scales_: this FakeQuantLinear does not learn its scales (learn_scales=False)")
         # all-zero rows or groups (scale 0) get a tiny scale: their weights still quantize to 0
         scale = format_scales(self.weight.detach(), self.layer.spec, self.layer.group_size, self.layer.threshold_rule)
-        self.log_scale.data = scale.clamp_min(1e-12).log().to(self.weight.device)
+        self.log_scale.copy_(scale.clamp_min(1e-12).log())
 
     def learned_scale(self) -> torch.Tensor | None:
         """The learned weight scales (exp of log_scale), or None when the format rule sets them."""
@@ -479,7 +483,7 @@ class FakeQuantLinear(nn.Linear):
         if self.layer.spec is not None and self.layer.spec.threshold_rule:
             text += f", threshold_rule={self.layer.threshold_rule}"
         text += f", activation={self.layer.activation}, exact={self.exact}"
-        if self.learn_scales:
+        if self.log_scale is not None:
             text += ", learn_scales"
         return text + (", frozen" if self.frozen else "")
 

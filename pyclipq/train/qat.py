@@ -210,9 +210,8 @@ def convert_qat(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     learned = {}  # module name -> (codes, scales) at the learned scales
     for name, m in model.named_modules():
         if isinstance(m, FakeQuantLinear) and m.log_scale is not None:
-            qw = m.quantized_weight()
-            learned[name] = (quantize_weight_with_scales(m.weight.detach(), m.layer.spec, qw.scale, m.layer.group_size).cpu(),
-                             qw.scale.cpu())
+            scale = m.learned_scale().detach().float()
+            learned[name] = (quantize_weight_with_scales(m.weight.detach(), m.layer.spec, scale, m.layer.group_size), scale)
     was_training = model.training
     float_model = strip(model, inplace=inplace)
     quantized = pyclipq_convert(float_model, config)
@@ -264,8 +263,9 @@ def clip_latent_weights_(student: nn.Module, observer: str = "omse") -> int:
     """In place, on a prepared student: clamp the latent weight of every FakeQuantLinear whose format
     takes its scale from the max (int8, int4, int2) to +-qmax times the `observer`'s scale, per
     channel or group (OMSE: the weight-MSE-optimal clip). The format rule then starts QAT at those
-    scales while the clipped latent keeps its unrounded values; no data is needed. Threshold-rule
-    layers (ternary) are left as they are. Returns how many layers were clipped."""
+    scales while the clipped latent keeps its unrounded values; no data is needed. Layers that learn
+    their scales start them there too. Threshold-rule layers (ternary) are left as they are.
+    Returns how many layers were clipped."""
     if not is_prepared(student):
         raise ValueError("student must be prepared for QAT (pyclipq.prepare_qat returns one)")
     clipped = 0
@@ -277,6 +277,8 @@ def clip_latent_weights_(student: nn.Module, observer: str = "omse") -> int:
         weight = module.weight
         scale = observed_weight_scales(weight, spec, group_size, observer)
         weight.copy_(primitives.clamp_to_scales(weight, spec, scale.to(weight.device), group_size).to(weight.dtype))
+        if module.log_scale is not None:
+            module.reset_scales_()
         clipped += 1
     return clipped
 

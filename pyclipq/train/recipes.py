@@ -26,7 +26,6 @@ from ..testbed import make_split
 from ..testbed.scenes import SceneAttributes
 from ..testbed.splits import TestbedSplit
 from .distill import DistillationLoss, EncoderDistillationLoss
-from .fake_quant import FakeQuantLinear
 from ..distributed import DistributedContext
 from .distributed import DistributedTrainer
 from .p4q import ExportedP4Q, FeatureBatches, P4QModel, P4QObjective, QAdapter, p4q_optimizers
@@ -217,10 +216,7 @@ def distill(
     init_seconds = time.perf_counter() - started
     student = prepare_qat(start, config, exact=exact, learn_scales=learn_scales)
     if init == "clip" and not resuming:
-        clip_latent_weights_(student)
-        for module in student.modules():  # the learned scales start at the clipped weights' rule scales
-            if isinstance(module, FakeQuantLinear) and module.log_scale is not None:
-                module.reset_scales_()
+        clip_latent_weights_(student)  # learned scales start at the clipped weights' rule scales
     # Parameters a batch does not reach (the logit scale; the image tower on texts alone) get no
     # gradient: DistributedDataParallel must be told to look for them.
     ddp = {"find_unused_parameters": True} if distributed is not None else {}
