@@ -334,6 +334,46 @@ void broadcast_tile(const int8_t* x, int64_t k_pad, const uint8_t* const (&w)[kT
   sink.finish(R);
 }
 
+// What the epilogue of a full one-group tile reads, resolved to plain pointers before its K loop.
+// Reached through the sinks' references instead (TileSpan, LinearEpilogue: ~30 scalar instructions
+// per output vector, reloaded after every store since a float store may alias them), the epilogue
+// was 10-15% of a linear at K = 512-768 (Zen 4, one thread: 362 GOP/s against 424 without it).
+struct FullTileOutput {
+  float* y;               // y[m0, n0], row stride ld
+  const float* residual;  // residual[m0, n0] (row stride ld) or nullptr
+  int64_t ld;
+  const float* w_scale;   // the tile's 64 column scales
+  const float* bias;      // bias[n0] or nullptr
+  const float* x_scale;   // x_scale[m0]
+  int32_t offsets[kTileRows];  // O * sum(x_q) of each row
+};
+
+// R rows x 64 columns of a one-group fp32 linear, K loop and epilogue in one function so that the
+// accumulators go from registers to y: the LinearSink sequence per output (bit-identical to it),
+// act, then the residual.
+template <int R, bool FLIP, Activation ACT, bool RESIDUAL>
+__attribute__((noinline)) void full_linear_tile(const int8_t* x, int64_t k_pad, const uint8_t* const (&w)[kTilePanels],
+                                                TilePrefetch pf, const FullTileOutput& o) {
+  __m512i acc[R][kTilePanels];
+  add_quads<R, FLIP>(acc, x, k_pad, w[0], w[1], w[2], w[3], 0, k_pad / 4, pf);
+  float* const y = o.y;
+  const float* const residual = o.residual;
+  const int64_t ld = o.ld;
+#pragma GCC unroll 4
+  for (int c = 0; c < kTilePanels; ++c) {
+    const __m512 ws = _mm512_loadu_ps(o.w_scale + 16 * c);
+    const __m512 bias = o.bias != nullptr ? _mm512_loadu_ps(o.bias + 16 * c) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][c], _mm512_set1_epi32(o.offsets[r])));
+      __m512 v = _mm512_fmadd_ps(_mm512_fmadd_ps(f, ws, _mm512_setzero_ps()), _mm512_set1_ps(o.x_scale[r]), bias);
+      if constexpr (ACT != Activation::None) v = activate<Avx512Vec>(v, ACT);
+      if constexpr (RESIDUAL) v = _mm512_add_ps(v, _mm512_loadu_ps(residual + r * ld + 16 * c));
+      _mm512_storeu_ps(y + r * ld + 16 * c, v);
+    }
+  }
+}
+
 // Grouped fused linears: R rows x 4 panels over all of K with each group's float step in
 // registers: facc += float(total - O * x_sums[g]) * w_scale[g] (the LinearSink sequence).
 // Flushing a group costs 4 instructions per accumulator where a memory round trip cost ~10, which
@@ -446,6 +486,24 @@ constexpr int64_t kL2OperandBytes = 384 * 1024;
 // int8 rows (a 12 KiB tile at K = 768) but not for ternary (3 KiB: the last lines arrived late;
 // measured at M = 1 from DRAM, ternary read 17 GB/s where int8 read 24).
 constexpr int64_t kDotPrefetchBytes = 12 * 1024;
+
+// The lines of y (and of the residual) that the tile at rows [m, m + rows), columns [n, n + cols)
+// will write, requested for writing before its K loop. The tiles walk down the rows of a column
+// block, so consecutive tiles' stores are N * 4 bytes apart and no hardware prefetcher follows
+// them: each line was a write-allocate miss (L3 or DRAM) at store time, stalling the epilogue.
+PQ_INLINE void prefetch_output_lines(const LinearEpilogue& e, int64_t N, int64_t m, int rows, int64_t n, int64_t cols) {
+  const int64_t y_bytes = e.y_type == FloatType::F32 ? 4 : 2;
+  const int64_t r_bytes = e.residual_type == FloatType::F32 ? 4 : 2;
+  for (int r = 0; r < rows; ++r) {
+    const int64_t i = (m + r) * N + n;
+    char* y = static_cast<char*>(e.y) + i * y_bytes;
+    for (int64_t b = 0; b < cols * y_bytes; b += 64) _m_prefetchw(y + b);
+    if (e.residual != nullptr) {
+      const char* res = static_cast<const char*>(e.residual) + i * r_bytes;
+      for (int64_t b = 0; b < cols * r_bytes; b += 64) _mm_prefetch(res + b, _MM_HINT_T0);
+    }
+  }
+}
 
 struct Scratch {
   std::vector<uint8_t> operands;  // the block's u8 operands (64-byte aligned inside)
@@ -566,8 +624,33 @@ void run_format(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int
         const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m1 - m));
         const uint8_t* wp[kTilePanels];
         panel_ptrs(n, wp);
+        if (e != nullptr) prefetch_output_lines(*e, p.N, m, rows, n, std::min<int64_t>(16 * kTilePanels, b1 - n));
         const TileSpan span{p, row_sums, G, operand_offset(KIND), m, n,
                             static_cast<int>(std::min<int64_t>(16 * kTilePanels, b1 - n))};
+        if (e != nullptr && G == 1 && rows == kTileRows && span.valid == 16 * kTilePanels && e->y_type == FloatType::F32 &&
+            (e->residual == nullptr || e->residual_type == FloatType::F32)) {
+          FullTileOutput o{static_cast<float*>(e->y) + m * p.N + n,
+                           e->residual != nullptr ? static_cast<const float*>(e->residual) + m * p.N + n : nullptr,
+                           p.N, sc.scales.data() + (n - b0), e->bias != nullptr ? e->bias + n : nullptr, e->x_scale + m, {}};
+          for (int r = 0; r < kTileRows; ++r) o.offsets[r] = span.offset * span.xsum(m + r, 0);
+          const int64_t k_pad = p.k_pad;
+          const int8_t* xr = p.x_q + m * k_pad;
+          const TilePrefetch pf = prefetch_share();
+          auto run_tile = [&]<bool FLIP, Activation ACT>() {
+            if (o.residual != nullptr) full_linear_tile<kTileRows, FLIP, ACT, true>(xr, k_pad, wp, pf, o);
+            else full_linear_tile<kTileRows, FLIP, ACT, false>(xr, k_pad, wp, pf, o);
+          };
+          auto with_act = [&]<bool FLIP>() {
+            switch (e->act) {
+              case Activation::None: return run_tile.template operator()<FLIP, Activation::None>();
+              case Activation::Gelu: return run_tile.template operator()<FLIP, Activation::Gelu>();
+              case Activation::QuickGelu: return run_tile.template operator()<FLIP, Activation::QuickGelu>();
+            }
+          };
+          if (tiles_given) with_act.template operator()<true>();
+          else with_act.template operator()<false>();
+          return;
+        }
         auto launch = [&]<int R>() {
           if (e != nullptr) {
             LinearSink<R, kTilePanels> sink{span, *e, sc.scales.data() + (n - b0), cols, sc.facc};
