@@ -620,25 +620,29 @@ void run_format(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int
         }
         continue;
       }
-      auto tile = [&](int64_t m, int64_t n) {
-        const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m1 - m));
+      auto tile = [&](int64_t m, int rows, int64_t n) {
         const uint8_t* wp[kTilePanels];
         panel_ptrs(n, wp);
         if (e != nullptr) prefetch_output_lines(*e, p.N, m, rows, n, std::min<int64_t>(16 * kTilePanels, b1 - n));
         const TileSpan span{p, row_sums, G, operand_offset(KIND), m, n,
                             static_cast<int>(std::min<int64_t>(16 * kTilePanels, b1 - n))};
-        if (e != nullptr && G == 1 && rows == kTileRows && span.valid == 16 * kTilePanels && e->y_type == FloatType::F32 &&
+        if (e != nullptr && G == 1 && rows >= kTileRows - 2 && span.valid == 16 * kTilePanels && e->y_type == FloatType::F32 &&
             (e->residual == nullptr || e->residual_type == FloatType::F32)) {
           FullTileOutput o{static_cast<float*>(e->y) + m * p.N + n,
                            e->residual != nullptr ? static_cast<const float*>(e->residual) + m * p.N + n : nullptr,
                            p.N, sc.scales.data() + (n - b0), e->bias != nullptr ? e->bias + n : nullptr, e->x_scale + m, {}};
-          for (int r = 0; r < kTileRows; ++r) o.offsets[r] = span.offset * span.xsum(m + r, 0);
+          for (int r = 0; r < rows; ++r) o.offsets[r] = span.offset * span.xsum(m + r, 0);
           const int64_t k_pad = p.k_pad;
           const int8_t* xr = p.x_q + m * k_pad;
           const TilePrefetch pf = prefetch_share();
+          auto with_rows = [&]<bool FLIP, Activation ACT, bool RESIDUAL>() {
+            if (rows == kTileRows) full_linear_tile<kTileRows, FLIP, ACT, RESIDUAL>(xr, k_pad, wp, pf, o);
+            else if (rows == kTileRows - 1) full_linear_tile<kTileRows - 1, FLIP, ACT, RESIDUAL>(xr, k_pad, wp, pf, o);
+            else full_linear_tile<kTileRows - 2, FLIP, ACT, RESIDUAL>(xr, k_pad, wp, pf, o);
+          };
           auto run_tile = [&]<bool FLIP, Activation ACT>() {
-            if (o.residual != nullptr) full_linear_tile<kTileRows, FLIP, ACT, true>(xr, k_pad, wp, pf, o);
-            else full_linear_tile<kTileRows, FLIP, ACT, false>(xr, k_pad, wp, pf, o);
+            if (o.residual != nullptr) with_rows.template operator()<FLIP, ACT, true>();
+            else with_rows.template operator()<FLIP, ACT, false>();
           };
           auto with_act = [&]<bool FLIP>() {
             switch (e->act) {
@@ -675,8 +679,17 @@ void run_format(const GemmProblem& p, const LinearEpilogue* e, int32_t* out, int
       // anew. Rows outer re-read the whole block's weights for every 6 rows. Measured on Zen 4, int8
       // in the tile layout, a CLIP layer's four linears, best of 3 alternating processes: M = 616
       // (K = 512) 6698 -> 5662 us, M = 400 (K = 768) 8040 -> 7319, M = 77 692 -> 663, M = 50 957 -> 956.
+      // The task's rows in balanced tiles of at most kTileRows (50 rows: 5 x 6 + 4 x 5, not
+      // 8 x 6 + 2): a tile's K loop streams its 64 columns' weights from L2 whatever its rows,
+      // and a 1-3 row tile does too little work per weight line to keep up with them.
+      const int64_t row_tiles = (m1 - m0 + kTileRows - 1) / kTileRows;
+      const int64_t base_rows = (m1 - m0) / row_tiles, taller = (m1 - m0) % row_tiles;
       for (int64_t n = b0; n < b1; n += 16 * kTilePanels)
-        for (int64_t m = m0; m < m1; m += kTileRows) tile(m, n);
+        for (int64_t t = 0, m = m0; t < row_tiles; ++t) {
+          const int rows = static_cast<int>(base_rows + (t < taller ? 1 : 0));
+          tile(m, rows, n);
+          m += rows;
+        }
     } else {
       if (b0 == n0)  // the task's first tiles, up to where the per-step prefetches start
         for (int64_t off = n0 * ldw; off < std::min(n1, n0 + 16 * dot_tiles_ahead) * ldw; off += 64)
