@@ -73,6 +73,14 @@ PQ_INLINE __m512i quantize16(__m512 v, __m512 inv) {
   return _mm512_cvtps_epi32(t);
 }
 
+// 64 codes in [-127, 127] (v0 | v1 | v2 | v3, 16 each) as 64 bytes in order: two packs (no
+// saturation happens) and one dword permute, where four vpmovdb cost two uops each.
+PQ_INLINE __m512i pack64_epi8(__m512i v0, __m512i v1, __m512i v2, __m512i v3) {
+  // after the packs, dword 4 L + j holds v_j[4 L, 4 L + 4): move it to dword 4 j + L
+  const __m512i packed = _mm512_packs_epi16(_mm512_packs_epi32(v0, v1), _mm512_packs_epi32(v2, v3));
+  return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), packed);
+}
+
 template <FloatType T>
 int64_t quantize_rows_t(const void* x, int64_t ldx, int64_t rows, int64_t k, int64_t k_pad, int64_t group_size,
                         const float* static_scale, int8_t* q, float* scale, int32_t* sums) {
@@ -82,24 +90,47 @@ int64_t quantize_rows_t(const void* x, int64_t ldx, int64_t rows, int64_t k, int
   int64_t bad_row = -1;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row0 = r * ldx;
-    __m512 vmax = _mm512_setzero_ps();
+    // four running maxima: one chained max per vector waited its latency every time
+    __m512 vmax[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     __mmask16 bad = 0;
-    for (int64_t i = 0; i < k; i += 16) {
+    int64_t i = 0;
+    for (; i + 64 <= k; i += 64) {
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        const __m512 a = _mm512_abs_ps(load16<T>(x, row0 + i + 16 * u, 0xFFFF));
+        vmax[u] = _mm512_max_ps(vmax[u], a);
+        bad |= _mm512_cmp_ps_mask(a, fmax, _CMP_NLE_UQ);  // NaN or Inf
+      }
+    }
+    for (; i < k; i += 16) {
       const __m512 a = _mm512_abs_ps(load16<T>(x, row0 + i, first_lanes16(k - i)));
-      vmax = _mm512_max_ps(vmax, a);
-      bad |= _mm512_cmp_ps_mask(a, fmax, _CMP_NLE_UQ);  // NaN or Inf
+      vmax[0] = _mm512_max_ps(vmax[0], a);
+      bad |= _mm512_cmp_ps_mask(a, fmax, _CMP_NLE_UQ);
     }
     if (bad != 0 && bad_row < 0) bad_row = r;
-    const RowScale rs = row_scale(_mm512_reduce_max_ps(vmax), static_scale);
+    const __m512 row_max = _mm512_max_ps(_mm512_max_ps(vmax[0], vmax[1]), _mm512_max_ps(vmax[2], vmax[3]));
+    const RowScale rs = row_scale(_mm512_reduce_max_ps(row_max), static_scale);
     scale[r] = rs.scale;
     const __m512 inv = _mm512_set1_ps(rs.inv);
     int8_t* qr = q + r * k_pad;
     int32_t* sr = sums + r * groups;
+    // lanes past K load as 0 and quantize to 0: the zero padding of the format
+    auto codes16 = [&](int64_t c) { return quantize16(load16<T>(x, row0 + c, c < k ? first_lanes16(k - c) : 0), inv); };
     __m512i gsum = _mm512_setzero_si512();
+    if (glen % 64 == 0) {
+      for (int64_t c = 0; c < k_pad; c += 64) {
+        const __m512i v0 = codes16(c), v1 = codes16(c + 16), v2 = codes16(c + 32), v3 = codes16(c + 48);
+        gsum = _mm512_add_epi32(gsum, _mm512_add_epi32(_mm512_add_epi32(v0, v1), _mm512_add_epi32(v2, v3)));
+        _mm512_storeu_si512(qr + c, pack64_epi8(v0, v1, v2, v3));
+        if ((c + 64) % glen == 0) {
+          sr[(c + 64) / glen - 1] = _mm512_reduce_add_epi32(gsum);
+          gsum = _mm512_setzero_si512();
+        }
+      }
+      continue;
+    }
     for (int64_t c = 0; c < k_pad; c += 32) {
-      // lanes past K load as 0 and quantize to 0: the zero padding of the format
-      const __m512i v0 = quantize16(load16<T>(x, row0 + c, c < k ? first_lanes16(k - c) : 0), inv);
-      const __m512i v1 = quantize16(load16<T>(x, row0 + c + 16, c + 16 < k ? first_lanes16(k - c - 16) : 0), inv);
+      const __m512i v0 = codes16(c), v1 = codes16(c + 16);
       gsum = _mm512_add_epi32(gsum, _mm512_add_epi32(v0, v1));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + c), _mm512_cvtepi32_epi8(v0));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + c + 16), _mm512_cvtepi32_epi8(v1));

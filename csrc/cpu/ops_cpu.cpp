@@ -74,7 +74,7 @@ QuantizedActivation quantize_in_tasks(int64_t m, int64_t k, int64_t group_size,
   float* sp = out.scale.data_ptr<float>();
   int32_t* gp = out.sums.data_ptr<int32_t>();
   at::parallel_for(0, m, kRowsPerTask, [&](int64_t r0, int64_t r1) {
-    std::vector<float> scratch;
+    thread_local std::vector<float> scratch;  // grown once per thread: a fresh vector cost a malloc and a memset per task
     const auto [rows, type] = rows_of(r0, r1, scratch);
     const int64_t bad = kt.quantize_rows(rows, type, k, r1 - r0, k, k_pad, group_size,
                                          act_scale.has_value() ? &static_scale : nullptr, qp + r0 * k_pad, sp + r0,
