@@ -85,6 +85,14 @@ def opcheck_samples(prefix: str = ""):
     yield "quantized_linear", (x_q, x_scale, sums, packed, scale, "int4", 32, None, None, "none", None, None)
     yield "attention", (torch.randn(2, 9, 3 * 32), 2, None, True, None)
     yield "attention", (torch.randn(2, 9, 3 * 32), 2, torch.randn(2, 1, 9, 9), False, 0.3)
+    for fmt, group, dtype, mask in (("int8", 0, torch.float32, None), ("int4", 32, torch.bfloat16, torch.randn(9, 9))):
+        linears = []
+        for n, k in ((96, 32), (32, 32), (64, 32), (32, 64)):  # q|k|v, out_proj, fc1, fc2 of width 32
+            packed, scale = make_layer(fmt, n, k, group)
+            linears += [packed, scale, torch.randn(n), None]
+        norms = [torch.randn(32), torch.randn(32), None, torch.randn(32)]
+        yield "transformer_block", (torch.randn(2, 9, 32, dtype=dtype), norms, 1e-5, 1e-6, linears, fmt, group, 2, mask,
+                                    mask is None, "gelu" if mask is None else "quick_gelu")
 
 
 def linear_args(fmt, packed, scale, group_size, bias=None, act_scale=None):

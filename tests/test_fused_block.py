@@ -154,6 +154,105 @@ def test_weight_only_blocks_stay_unfused():
     assert all("weight-only" in why for _, why in model.pyclipq_report.unfused_blocks)
 
 
+def _chain_forward(block, *args, **kwargs):
+    """The block's forward through the nine-call chain, the single op switched off."""
+    block._one_op_cache = ((), False)
+    original = type(block)._one_op
+    try:
+        type(block)._one_op = lambda self, resolved: False
+        return block(*args, **kwargs)
+    finally:
+        type(block)._one_op = original
+
+
+@pytest.mark.parametrize("name,dtype", [("open_clip", torch.float32), ("open_clip", torch.bfloat16),
+                                        ("openai", torch.float32)])
+@pytest.mark.parametrize("config", ["int8", "int4", "ternary", "int2-g32"])
+def test_the_one_op_block_equals_the_chain_bit_for_bit(name, config, dtype):
+    """transformer_block makes the chain's calls in C++: the same outputs exactly, the text towers'
+    causal masks and every block of both towers included. (Hugging Face's three projections keep
+    the chain: test_blocks_with_input_transforms_or_three_projections_keep_the_chain.)"""
+    _, fused = converted_pair(name, CONFIGS[config])
+    fused = fused.to(dtype)
+    images, tokens = sample_inputs(batch=3)
+    blocks = [m for m in fused.modules() if isinstance(m, FusedBlock)]
+    calls = []
+    for block in blocks:
+        block.register_forward_hook(lambda m, args, kwargs, out: calls.append((m, args, kwargs, out)), with_kwargs=True)
+    with torch.no_grad():
+        encode(fused, images.to(dtype), tokens)
+    assert len(calls) == 4
+    for block, args, kwargs, out in calls:
+        block._forward_hooks.clear()
+        with torch.no_grad():
+            assert block._one_op(block._resolved())
+            got = block(*args, **kwargs)
+            want = _chain_forward(block, *args, **kwargs)
+        got, want = (got[0], want[0]) if isinstance(got, tuple) else (got, want)
+        assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_blocks_with_input_transforms_or_three_projections_keep_the_chain():
+    _, hf = converted_pair("hf", "int8")
+    assert not any(m._one_op(m._resolved()) for m in hf.modules() if isinstance(m, FusedBlock))
+    _, fused = converted_pair("open_clip", CONFIGS["int8-rotated"])
+    block = fused.visual.transformer.resblocks[0]
+    assert not block._one_op(block._resolved())
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        assert torch.equal(block(x), _chain_forward(block, x))
+
+
+def test_the_one_op_block_runs_the_same_on_1_2_and_3_threads():
+    _, fused = converted_pair("open_clip", "int8")
+    block = fused.visual.transformer.resblocks[0]
+    x = torch.randn(3, 50, 64)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                outs.append(block(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_the_one_op_block_compiles_fullgraph():
+    """(opcheck: tests/test_ops.py's samples)"""
+    _, fused = converted_pair("open_clip", "int8")
+    block = fused.visual.transformer.resblocks[0]
+    x = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        want = block(x)
+        compiled = torch.compile(block, fullgraph=True, backend="eager")
+        assert torch.equal(compiled(x), want)
+
+
+def test_the_one_op_block_rejects_bad_inputs():
+    packed, scale = pyclipq.formats.random_packed_weight("int8", 3 * 64, 64, 0)
+    linears = [packed, scale, None, None] * 4
+    norms = [None] * 4
+    x = torch.randn(2, 9, 64)
+    with pytest.raises(RuntimeError, match="x must be 3-D"):
+        ops.transformer_block(x[0], norms, 1e-5, 1e-5, linears, "int8", 0, 2)
+    with pytest.raises(RuntimeError, match="norms must be 4 tensors or None"):
+        ops.transformer_block(x, norms[:3], 1e-5, 1e-5, linears, "int8", 0, 2)
+    with pytest.raises(RuntimeError, match="linears must be 16 entries"):
+        ops.transformer_block(x, norms, 1e-5, 1e-5, linears[:12], "int8", 0, 2)
+    with pytest.raises(RuntimeError, match="weight and weight_scale of linear 2\\) must be tensors"):
+        ops.transformer_block(x, norms, 1e-5, 1e-5, linears[:8] + [None, scale, None, None] + linears[12:], "int8", 0, 2)
+    with pytest.raises(RuntimeError, match="3 \\* embed_dim = 192 outputs"):
+        ops.transformer_block(x, norms, 1e-5, 1e-5, [packed[:64], scale[:64], None, None] * 4, "int8", 0, 2)
+    with pytest.raises(RuntimeError, match="eps must be finite and > 0"):
+        ops.transformer_block(x, norms, 0.0, 1e-5, linears, "int8", 0, 2)
+    with pytest.raises(RuntimeError, match="mask must be \\[T, T\\]"):
+        ops.transformer_block(x, norms, 1e-5, 1e-5, linears, "int8", 0, 2, torch.zeros(8, 8))
+    with pytest.raises(ValueError, match="runs on CPU tensors only"):
+        ops.transformer_block(x.to("meta"), norms, 1e-5, 1e-5, linears, "int8", 0, 2)
+
+
 def test_bf16_model_runs_fused_in_bf16():
     unfused, fused = converted_pair("open_clip", "int8")
     images, _ = sample_inputs()

@@ -2,7 +2,8 @@
 
 A block ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``, whose four linears (q|k|v, out, fc1,
 fc2) are packed QuantLinears, runs in eager PyTorch as about twenty ops, each a pass over
-memory. FusedBlock runs it as nine calls of four ops (``pyclipq.ops``):
+memory. FusedBlock runs it as nine calls of four ops (``pyclipq.ops``), made by one op,
+``transformer_block``, when its linears share one LayerConfig of plain dynamic quantization:
 
 1. ``layer_norm_quantize``: ln_1, the q|k|v layer's input rotation, per-token int8, one pass;
 2. ``quantized_linear``: q|k|v;
@@ -117,6 +118,7 @@ class FusedBlock(nn.Module):
         self.training = block.training
         self.parts = parts
         self._causal_masks: dict = {}
+        self._one_op_cache: tuple = ((), False)  # (the modules' and configs' ids, whether _one_op)
         # the modules a hook may wait on, listed once (walking the tree cost ~7 us a call)
         self._watched = tuple(m for m in self.modules() if m is not self)
 
@@ -212,11 +214,33 @@ class FusedBlock(nn.Module):
             additive = additive.reshape(batch, heads, tokens, tokens)
         return additive, False
 
+    def _one_op(self, resolved) -> bool:
+        """Whether the block runs as the single op ``transformer_block``: one packed q|k|v and four
+        linears of one LayerConfig quantizing their inputs per token as they come (dynamic, no
+        smoothing or rotation to apply); the chain below otherwise. Decided once per set of modules."""
+        attention, projections, ln_1, ln_2, fc1, fc2 = resolved
+        layers = (*projections, attention.out_proj, fc1, fc2)
+        key = tuple(id(m) for m in layers) + tuple(id(m.layer) for m in layers)
+        if not torch.compiler.is_compiling() and self._one_op_cache[0] == key:
+            return self._one_op_cache[1]
+        first = layers[0].layer
+        one = (len(projections) == 1 and first.activation == "dynamic"
+               and all(m.layer == first and not m.layer.has_input_transform for m in layers))
+        if not torch.compiler.is_compiling():
+            self._one_op_cache = (key, one)
+        return one
+
     def _fused(self, resolved, x: torch.Tensor, attn_mask, causal_hint: bool) -> torch.Tensor:
         attention, projections, ln_1, ln_2, fc1, fc2 = resolved
         batch, tokens, width = x.shape
         x = x.contiguous()
         mask, causal = self._mask(attn_mask, tokens, batch, attention.num_heads)
+        if self._one_op(resolved):
+            layers = (projections[0], attention.out_proj, fc1, fc2)
+            linears = [t for m in layers for t in (m.packed_weight, m.weight_scale, m.bias, m._tile_weight_for(None))]
+            return _ops.transformer_block(x, [ln_1.weight, ln_1.bias, ln_2.weight, ln_2.bias], ln_1.eps, ln_2.eps,
+                                          linears, layers[0].layer.format, layers[0].layer.activation_group_size,
+                                          attention.num_heads, mask, causal or causal_hint, self.parts.activation)
         qkv = _projected(projections, ln_1, x)
         attended = _ops.attention(qkv.view(batch, tokens, 3 * width), attention.num_heads, mask, causal or causal_hint,
                                   None)

@@ -248,3 +248,19 @@ def attention(qkv: torch.Tensor, num_heads: int, mask: torch.Tensor | None = Non
     [B or 1, heads or 1, T, T]; causal adds the upper-triangle -inf; scale defaults to head_dim^-0.5."""
     _cpu_only("attention", qkv)
     return _ops.attention(qkv, num_heads, mask, causal, scale)
+
+
+def transformer_block(x: torch.Tensor, norms, eps_1: float, eps_2: float, linears, fmt: formats.WeightFormat | str,
+                      group_size: int, num_heads: int, mask: torch.Tensor | None = None, causal: bool = False,
+                      activation: str = "gelu") -> torch.Tensor:
+    """A pre-LN transformer block x + attn(ln_1(x)), then + mlp(ln_2(x)), as one op: what
+    ``layer_norm_quantize``, ``quantized_linear``, ``attention`` and ``quantize_per_token`` give in
+    FusedBlock's chain, bit for bit. x [B, T, E] (float32 or bfloat16); norms: [ln_1 weight, ln_1 bias,
+    ln_2 weight, ln_2 bias] (None: 1 or 0); linears: (weight, weight_scale, bias, tile_weight) of
+    q|k|v, out_proj, fc1 and fc2, 16 entries, all of format `fmt` with activation groups `group_size`,
+    their inputs quantized per token as they come; activation: fc1's ("gelu" or "quick_gelu")."""
+    _cpu_only("transformer_block", x)
+    fmt = formats.as_format(fmt)
+    return _ops.transformer_block(x, list(norms), float(eps_1), float(eps_2), list(linears), fmt.name,
+                                  group_size if fmt.grouped else 0, num_heads, mask, causal, activation)
+

@@ -41,6 +41,10 @@ SCHEMAS = {
     "layer_norm_quantize": "layer_norm_quantize(Tensor x, Tensor? weight, Tensor? bias, float eps, int group_size, int rotation_block=1, Tensor? act_scale=None) -> (Tensor, Tensor, Tensor)",
     "quantized_linear": "quantized_linear(Tensor x_q, Tensor x_scale, Tensor x_sums, Tensor weight, Tensor weight_scale, str format, int group_size, Tensor? bias=None, Tensor? tile_weight=None, str activation=\"none\", Tensor? residual=None, ScalarType? out_dtype=None) -> Tensor",
     "attention": "attention(Tensor qkv, int num_heads, Tensor? mask=None, bool causal=False, float? scale=None) -> Tensor",
+    # a whole pre-LN block as the chain of the three ops above (nn/fused_block.py), for blocks whose
+    # linears share one format and plain dynamic quantization: norms = ln_1 weight, bias, ln_2
+    # weight, bias; linears = (weight, weight_scale, bias, tile_weight) of q|k|v, out_proj, fc1, fc2
+    "transformer_block": "transformer_block(Tensor x, Tensor?[] norms, float eps_1, float eps_2, Tensor?[] linears, str format, int group_size, int num_heads, Tensor? mask=None, bool causal=False, str activation=\"gelu\") -> Tensor",
 }
 
 # quantized_linear's `activation`: GELU in its erf form, QuickGELU x sigmoid(1.702 x)
@@ -48,7 +52,7 @@ EPILOGUE_ACTIVATIONS = ("none", "gelu", "quick_gelu")
 
 # The transformer-block ops have CPU kernels only (the fused block is a CPU path; on GPUs the
 # unfused modules run): no CUDA kernel and no Triton twin.
-CPU_ONLY = frozenset({"layer_norm_quantize", "quantized_linear", "attention"})
+CPU_ONLY = frozenset({"layer_norm_quantize", "quantized_linear", "attention", "transformer_block"})
 
 for _schema in SCHEMAS.values():
     lib.define(_schema)
@@ -143,6 +147,12 @@ def _(x_q, x_scale, x_sums, weight, weight_scale, format, group_size, bias=None,
 @torch.library.register_fake(f"{NAMESPACE}::attention")
 def _(qkv, num_heads, mask=None, causal=False, scale=None):
     return qkv.new_empty((qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::transformer_block")
+def _(x, norms, eps_1, eps_2, linears, format, group_size, num_heads, mask=None, causal=False, activation="gelu"):
+    _check_same_device("transformer_block", x, **{f"linears[{i}]": t for i, t in enumerate(linears)})
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::hadamard_rotate")
