@@ -123,6 +123,30 @@ struct Avx2Vec {
     return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2)));
   }
   static T erf(T x) { return erf_rational<Avx2Vec>(x); }
+  // kt[c * ld_kt + j] = k[j * ld_k + c] for an 8 x 8 block, rows j >= rows as zeros (the attention's
+  // K transpose; see Avx512Vec::transpose_block)
+  static void transpose_block(const float* k, int64_t ld_k, int64_t rows, float* kt, int64_t ld_kt) {
+    __m256 v[8], t[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) v[j] = j < rows ? _mm256_loadu_ps(k + j * ld_k) : _mm256_setzero_ps();
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+    }
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; ++i) {  // v[4 i + e], 128-bit lane L: element 4 L + e of rows 4 i .. 4 i + 3
+      v[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      v[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+      v[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+      v[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+#pragma GCC unroll 4
+    for (int e = 0; e < 4; ++e) {
+      _mm256_storeu_ps(kt + e * ld_kt, _mm256_permute2f128_ps(v[e], v[4 + e], 0x20));
+      _mm256_storeu_ps(kt + (4 + e) * ld_kt, _mm256_permute2f128_ps(v[e], v[4 + e], 0x31));
+    }
+  }
 };
 #endif
 
@@ -157,7 +181,7 @@ struct Avx512Vec {
   // kt[c * ld_kt + j] = k[j * ld_k + c] for a 16 x 16 block, rows j >= rows as zeros: the
   // unpack / shuffle transpose, ~4 shuffles an element row where the scalar copy made the K
   // transpose 2 of a head's 14.5 us (B = 8, T = 77 causal, one thread, Zen 4).
-  static void transpose16(const float* k, int64_t ld_k, int64_t rows, float* kt, int64_t ld_kt) {
+  static void transpose_block(const float* k, int64_t ld_k, int64_t rows, float* kt, int64_t ld_kt) {
     __m512 v[16], t[16];
 #pragma GCC unroll 16
     for (int j = 0; j < 16; ++j) v[j] = j < rows ? _mm512_loadu_ps(k + j * ld_k) : _mm512_setzero_ps();
@@ -414,11 +438,11 @@ void attention_head_t(const AttentionProblem& p, int64_t b, int64_t h, float* sc
   const float* k = base + width + h * d;
   const float* v = base + 2 * width + h * d;
   bool transposed = false;
-  if constexpr (W == 16) {
-    if (d % 16 == 0) {
-      for (int64_t j0 = 0; j0 < padded; j0 += 16)
-        for (int64_t c0 = 0; c0 < d; c0 += 16)
-          V::transpose16(k + j0 * p.ld_qkv + c0, p.ld_qkv, tokens - j0, kt + c0 * padded + j0, padded);
+  if constexpr (W > 1) {  // W x W register blocks (padded is a multiple of 16)
+    if (d % W == 0) {
+      for (int64_t j0 = 0; j0 < padded; j0 += W)
+        for (int64_t c0 = 0; c0 < d; c0 += W)
+          V::transpose_block(k + j0 * p.ld_qkv + c0, p.ld_qkv, tokens - j0, kt + c0 * padded + j0, padded);
       transposed = true;
     }
   }
