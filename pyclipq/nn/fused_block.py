@@ -118,7 +118,7 @@ class FusedBlock(nn.Module):
         self.training = block.training
         self.parts = parts
         self._causal_masks: dict = {}
-        self._one_op_cache: tuple = ((), False)  # (the modules' and configs' ids, whether _one_op)
+        self._one_op_cache: tuple = ((), False)  # (the linears' LayerConfigs, whether _one_op)
         # the modules a hook may wait on, listed once (walking the tree cost ~7 us a call)
         self._watched = tuple(m for m in self.modules() if m is not self)
 
@@ -217,17 +217,19 @@ class FusedBlock(nn.Module):
     def _one_op(self, resolved) -> bool:
         """Whether the block runs as the single op ``transformer_block``: one packed q|k|v and four
         linears of one LayerConfig quantizing their inputs per token as they come (dynamic, no
-        smoothing or rotation to apply); the chain below otherwise. Decided once per set of modules."""
+        smoothing or rotation to apply); the chain below otherwise. Decided once per set of configs."""
         attention, projections, ln_1, ln_2, fc1, fc2 = resolved
         layers = (*projections, attention.out_proj, fc1, fc2)
-        key = tuple(id(m) for m in layers) + tuple(id(m.layer) for m in layers)
-        if not torch.compiler.is_compiling() and self._one_op_cache[0] == key:
-            return self._one_op_cache[1]
+        configs = tuple(m.layer for m in layers)  # frozen: the same objects, the same answer
+        cached, answer = self._one_op_cache
+        if (not torch.compiler.is_compiling() and len(cached) == len(configs)
+                and all(a is b for a, b in zip(cached, configs))):
+            return answer
         first = layers[0].layer
         one = (len(projections) == 1 and first.activation == "dynamic"
                and all(m.layer == first and not m.layer.has_input_transform for m in layers))
         if not torch.compiler.is_compiling():
-            self._one_op_cache = (key, one)
+            self._one_op_cache = (configs, one)
         return one
 
     def _fused(self, resolved, x: torch.Tensor, attn_mask, causal_hint: bool) -> torch.Tensor:
