@@ -214,9 +214,12 @@ def test_the_one_op_block_runs_the_same_on_1_2_and_3_threads():
             torch.set_num_threads(n)
             with torch.no_grad():
                 outs.append(block(x))
+        with torch.no_grad():
+            want = block.unfused(x)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert (outs[0] - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 def test_the_one_op_block_compiles_fullgraph():
@@ -232,7 +235,9 @@ def test_the_one_op_block_compiles_fullgraph():
 
 def test_the_one_op_block_rejects_bad_inputs():
     packed, scale = pyclipq.formats.random_packed_weight("int8", 3 * 64, 64, 0)
-    linears = [packed, scale, None, None] * 4
+    linears = []
+    for n, k in ((3 * 64, 64), (64, 64), (128, 64), (64, 128)):  # q|k|v, out_proj, fc1, fc2
+        linears += [*pyclipq.formats.random_packed_weight("int8", n, k, 0), None, None]
     norms = [None] * 4
     x = torch.randn(2, 9, 64)
     with pytest.raises(RuntimeError, match="x must be 3-D"):
@@ -245,10 +250,17 @@ def test_the_one_op_block_rejects_bad_inputs():
         ops.transformer_block(x, norms, 1e-5, 1e-5, linears[:8] + [None, scale, None, None] + linears[12:], "int8", 0, 2)
     with pytest.raises(RuntimeError, match="3 \\* embed_dim = 192 outputs"):
         ops.transformer_block(x, norms, 1e-5, 1e-5, [packed[:64], scale[:64], None, None] * 4, "int8", 0, 2)
-    with pytest.raises(RuntimeError, match="eps must be finite and > 0"):
+    with pytest.raises(RuntimeError, match="in ln_1 \\(norms\\[0:2\\], eps_1\\): .*eps must be finite and > 0"):
         ops.transformer_block(x, norms, 0.0, 1e-5, linears, "int8", 0, 2)
-    with pytest.raises(RuntimeError, match="mask must be \\[T, T\\]"):
+    with pytest.raises(RuntimeError, match="in ln_2 \\(norms\\[2:4\\], eps_2\\): .*eps must be finite and > 0"):
+        ops.transformer_block(x, norms, 1e-5, float("nan"), linears, "int8", 0, 2)
+    narrow_fc2 = [*pyclipq.formats.random_packed_weight("int8", 32, 128, 0), None, None]  # 32 outputs, not 64
+    with pytest.raises(RuntimeError, match="in fc2 \\(linears\\[12:16\\]\\): .*residual must hold"):
+        ops.transformer_block(x, norms, 1e-5, 1e-5, linears[:12] + narrow_fc2, "int8", 0, 2)
+    with pytest.raises(RuntimeError, match="in attention: .*mask must be \\[T, T\\]"):
         ops.transformer_block(x, norms, 1e-5, 1e-5, linears, "int8", 0, 2, torch.zeros(8, 8))
+    with pytest.raises(RuntimeError, match="in ln_1 \\(norms\\[0:2\\], eps_1\\): .*weight must be"):
+        ops.transformer_block(x, [torch.ones(63), None, None, None], 1e-5, 1e-5, linears, "int8", 0, 2)
     with pytest.raises(ValueError, match="runs on CPU tensors only"):
         ops.transformer_block(x.to("meta"), norms, 1e-5, 1e-5, linears, "int8", 0, 2)
 

@@ -534,23 +534,41 @@ at::Tensor transformer_block(const at::Tensor& x, const std::vector<std::optiona
     TORCH_CHECK(linears[4 * i].has_value() && linears[4 * i + 1].has_value(), op, ": linears[", 4 * i, "] and [",
                 4 * i + 1, "] (the weight and weight_scale of linear ", i, ") must be tensors, got None");
   const int64_t batch = x.size(0), tokens = x.size(1), width = x.size(2);
+  // An inner op's error names its own arguments: say which step of the block it came from.
+  auto step = [&](const char* name, auto&& run) {
+    try {
+      return run();
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, op, ": in ", name, ": ", e.what_without_backtrace());
+      throw;  // not reached: TORCH_CHECK(false) throws
+    }
+  };
+  static constexpr const char* kLinearNames[4] = {"the q|k|v linear (linears[0:4])", "out_proj (linears[4:8])",
+                                                   "fc1 (linears[8:12])", "fc2 (linears[12:16])"};
   auto linear = [&](int i, const std::tuple<at::Tensor, at::Tensor, at::Tensor>& q, c10::string_view act,
                     const std::optional<at::Tensor>& residual) {
     const auto& [x_q, x_scale, x_sums] = q;
-    return quantized_linear(x_q, x_scale, x_sums, *linears[4 * i], *linears[4 * i + 1], format, group_size,
-                            linears[4 * i + 2], linears[4 * i + 3], act, residual,
-                            residual.has_value() ? std::optional<at::ScalarType>(x.scalar_type()) : std::nullopt);
+    return step(kLinearNames[i], [&] {
+      return quantized_linear(x_q, x_scale, x_sums, *linears[4 * i], *linears[4 * i + 1], format, group_size,
+                              linears[4 * i + 2], linears[4 * i + 3], act, residual,
+                              residual.has_value() ? std::optional<at::ScalarType>(x.scalar_type()) : std::nullopt);
+    });
+  };
+  auto norm = [&](const char* name, const at::Tensor& t, int i, double eps) {
+    return step(name, [&] { return layer_norm_quantize(t, norms[i], norms[i + 1], eps, group_size, 1, std::nullopt); });
+  };
+  auto quantize = [&](const char* name, const at::Tensor& t) {
+    return step(name, [&] { return quantize_per_token(t, group_size, std::nullopt); });
   };
   const at::Tensor input = x.contiguous();
-  const at::Tensor qkv = linear(0, layer_norm_quantize(input, norms[0], norms[1], eps_1, group_size, 1, std::nullopt),
-                                "none", std::nullopt);
+  const at::Tensor qkv = linear(0, norm("ln_1 (norms[0:2], eps_1)", input, 0, eps_1), "none", std::nullopt);
   TORCH_CHECK(qkv.size(-1) == 3 * width, op, ": the q|k|v linear must have 3 * embed_dim = ", 3 * width,
               " outputs, got ", qkv.size(-1));
-  const at::Tensor attended = attention(qkv.view({batch, tokens, 3 * width}), num_heads, mask, causal, std::nullopt);
-  const at::Tensor h = linear(1, quantize_per_token(attended, group_size, std::nullopt), "none", input);
-  const at::Tensor hidden = linear(2, layer_norm_quantize(h, norms[2], norms[3], eps_2, group_size, 1, std::nullopt),
-                                   activation, std::nullopt);
-  return linear(3, quantize_per_token(hidden, group_size, std::nullopt), "none", h).view({batch, tokens, width});
+  const at::Tensor attended =
+      step("attention", [&] { return attention(qkv.view({batch, tokens, 3 * width}), num_heads, mask, causal, std::nullopt); });
+  const at::Tensor h = linear(1, quantize("the quantization of the attention's output", attended), "none", input);
+  const at::Tensor hidden = linear(2, norm("ln_2 (norms[2:4], eps_2)", h, 2, eps_2), activation, std::nullopt);
+  return linear(3, quantize("the quantization of fc1's output", hidden), "none", h).view({batch, tokens, width});
 }
 
 }  // namespace
