@@ -100,7 +100,7 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
     train = TrainConfig(steps=steps, lr=args.lr or default_lr(config), warmup_steps=min(args.warmup, steps // 10), weight_decay=0.0,
                         progress=False, seed=args.seed)
     loss = EncoderDistillationLoss(args.embedding_weight, args.hidden_weight, hidden_blocks=args.hidden_blocks,
-                                   mask_padding=not args.keep_padding)
+                                   mask_padding=not args.keep_padding, attention_weight=args.attention_weight)
     model = copy.deepcopy(loaded.model)
     started = time.perf_counter()
 
@@ -180,6 +180,7 @@ def main(argv=None) -> int:
     parser.add_argument("--embedding-weight", type=float, default=1.0)
     parser.add_argument("--hidden-weight", type=float, default=1.0)
     parser.add_argument("--hidden-blocks", choices=("all", "last"), default="all")
+    parser.add_argument("--attention-weight", type=float, default=0.0, help="weight of the attention-map term")
     parser.add_argument("--fake-quant", choices=("auto", "exact", "fast"), default="auto")
     parser.add_argument("--init", choices=("auto", "clip", "ptq", "rtn"), default="auto",
                         help="where the student starts (pyclipq.train.recipes.distill)")

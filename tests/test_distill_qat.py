@@ -13,9 +13,9 @@ import pyclipq
 from pyclipq import data as train_data
 from pyclipq.cli.loading import load_model, sentence_transformers_settings
 from pyclipq.eval.encode import SentenceEncoder
-from pyclipq.models.base import repeated_blocks
+from pyclipq.models.base import attention_projections, repeated_blocks
 from pyclipq.train import TrainConfig
-from pyclipq.train.distill import EncoderDistillationLoss, hidden_state_loss
+from pyclipq.train.distill import EncoderDistillationLoss, attention_map_loss, hidden_state_loss
 from pyclipq.train.qat import compare_layers
 from pyclipq.configs import resolve_config
 from pyclipq.train.recipes import default_init, default_learn_scales, default_lr, distill, fast_fake_quant_default
@@ -123,6 +123,84 @@ def test_encoder_outputs_capture_each_tower_blocks_in_order():
     assert float(loss.detach()) < 1e-6 and set(parts) == {"text_embedding", "text_hidden"}
     with pytest.raises(ValueError, match="batch must be a dict with 'images' and/or 'tokens'"):
         objective(clip, clip, (images, tokens))
+
+
+
+def test_attention_map_loss_compares_the_distributions_over_real_keys():
+    torch.manual_seed(0)
+    t = torch.randn(2, 3, 5, 5)
+    assert float(attention_map_loss([t], [t])) == 0.0
+    # a row's scores shifted by a constant give the same distribution
+    assert float(attention_map_loss([t + 3.0], [t])) < 1e-6
+    s = torch.randn(2, 3, 5, 5)
+    p_t, p_s = t.softmax(-1), s.softmax(-1)
+    want = (p_t * (p_t.log() - p_s.log())).sum(-1).mean()
+    assert torch.allclose(attention_map_loss([s], [t]), want, rtol=1e-5)
+    # padding keys and padding query rows: whatever their scores, they change nothing
+    mask = torch.tensor([[True, True, True, False, False], [True] * 5])
+    junk = t.clone()
+    junk[0, :, :, 3:] += 50.0
+    junk[0, :, 3:, :] = torch.randn(3, 2, 5)
+    assert float(attention_map_loss([junk], [t], mask)) < 1e-6
+    assert float(attention_map_loss([junk], [t])) > 1.0
+    with pytest.raises(ValueError, match="same, non-zero number of attention maps"):
+        attention_map_loss([], [])
+    with pytest.raises(ValueError, match=r"one shape \[batch, heads, tokens, tokens\]"):
+        attention_map_loss([s[..., :4]], [t])
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of the scores' \[batch, tokens\]"):
+        attention_map_loss([s], [t], mask[:, :4])
+    with pytest.raises(ValueError, match="attention_weight must be a number >= 0"):
+        EncoderDistillationLoss(attention_weight=-1)
+
+
+def test_attention_scores_are_the_ones_the_encoder_uses(tmp_path):
+    """The captured Q K^T * scale, softmaxed under the padding mask, equal BERT's own attention
+    probabilities (transformers' eager attention, output_attentions=True)."""
+    from transformers import BertModel
+
+    path = tiny_bert(tmp_path)
+    loaded = load_model(f"hf:{path}")
+    encoder = loaded.model
+    blocks = repeated_blocks(encoder)
+    sources = attention_projections(encoder, blocks)
+    assert [(p.query, p.key, p.heads, p.head_dim) for p in sources] == [
+        (f"model.encoder.layer.{i}.attention.self.query", f"model.encoder.layer.{i}.attention.self.key", 2, 16)
+        for i in range(2)]
+    tokens = loaded.tokenize(SENTENCES[:4])
+    with torch.no_grad():
+        outputs = encoder_outputs(encoder, {"tokens": tokens}, blocks, sources)["text"]
+    mask = outputs["mask"]
+    bert = BertModel.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        want = bert(input_ids=tokens, attention_mask=mask.long(), output_attentions=True).attentions
+    assert len(outputs["attention"]) == 2
+    for got, probs in zip(outputs["attention"], want):
+        got = got.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
+        rows = mask[:, None, :, None].expand_as(got)  # BERT's padding query rows are not compared
+        assert torch.allclose(got[rows], probs[rows], atol=1e-6)
+    # an nn.MultiheadAttention keeps q and k in one packed projection: refused with the reason
+    clip = two_block_clip()
+    with pytest.raises(ValueError, match="nn.MultiheadAttention .* packs them into one in-projection"):
+        attention_projections(clip, repeated_blocks(clip))
+
+
+def test_distillation_of_attention_maps_lowers_their_loss(tmp_path):
+    loaded = load_model(f"hf:{tiny_bert(tmp_path)}")
+    encoder = loaded.model
+    with torch.no_grad():  # sharper maps than a random BERT's near-uniform ones, so that ternary moves them
+        for name, p in encoder.named_parameters():
+            if name.endswith(("query.weight", "key.weight")):
+                p.mul_(20.0)
+    batches = [{"tokens": loaded.tokenize(SENTENCES)}] * 4
+    loss = EncoderDistillationLoss(embedding_weight=0.0, hidden_weight=0.0, attention_weight=1.0)
+    student = pyclipq.prepare_qat(copy.deepcopy(encoder), "ternary")
+    objective = EncoderDistillation(loss)
+    before, parts = objective(student, encoder, batches[0])
+    assert set(parts) == {"text_attention"} and float(before) > 1e-3
+    result = distill(encoder, batches, "ternary", loss=loss, init="rtn",
+                     train=TrainConfig(steps=12, lr=1e-2, warmup_steps=0, weight_decay=0.0, progress=False))
+    after, _ = objective(result.student, encoder, batches[0])
+    assert float(after) < 0.5 * float(before), (float(before), float(after))
 
 
 # ---------------------------------------------------------------- the recipe

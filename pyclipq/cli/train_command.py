@@ -156,6 +156,9 @@ def distill_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight of the hidden-state term (0: the embedding alone)")
     parser.add_argument("--hidden-blocks", choices=HIDDEN_BLOCKS, default="all",
                         help="match every transformer block's output, or the last block's only")
+    parser.add_argument("--attention-weight", type=float, default=0.0,
+                        help="weight of the attention-map term: KL between every block's attention distributions "
+                             "(Hugging Face BERT-like and CLIP attention; 0: off, the default)")
     parser.add_argument("--init", choices=("auto", "clip", "ptq", "rtn"), default="auto",
                         help="where the student starts: rtn (the float weights), clip (clamped to weight-MSE-optimal "
                              "scales), ptq (GPTQ + clip search on --calibration-batches batches); auto: rtn for "
@@ -178,7 +181,7 @@ def _run_distill(args, loaded: LoadedModel, train, context: DistributedContext) 
         text_column=args.text_column, image_column=args.image_column, workers=args.workers, seed=args.seed,
         strict=args.strict_images, shuffle_buffer=args.shuffle_buffer)
     loss = EncoderDistillationLoss(args.embedding_weight, args.hidden_weight, args.embedding_kind, args.hidden_blocks,
-                                   mask_padding=not args.keep_padding)
+                                   mask_padding=not args.keep_padding, attention_weight=args.attention_weight)
     exact = {"auto": None, "exact": True, "fast": False}[args.fake_quant]
     learn_scales = {"auto": None, "rule": False, "learned": True}[args.scales]
     if learn_scales and exact:

@@ -8,6 +8,8 @@ the adapter what a module is and the config whether it is selected; the swap its
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -174,3 +176,48 @@ def repeated_blocks(model: nn.Module) -> list[str]:
             prefix = f"{name}." if name else ""
             names += [prefix + child_name for child_name, _ in children]
     return names
+
+
+@dataclass(frozen=True)
+class AttentionProjections:
+    """Where a block's attention gets its queries and keys: the modules whose outputs are Q and K
+    ([..., tokens, heads * head_dim]), and the scale its scores take (softmax(Q K^T * scale))."""
+
+    query: str
+    key: str
+    heads: int
+    head_dim: int
+    scale: float
+
+
+# (query, key, heads, head_dim, scale) attribute names of the attention modules whose query and key
+# projections are modules of their own: transformers' BERT family (BertSelfAttention and its
+# relatives) and CLIP (CLIPAttention).
+_QUERY_KEY_ATTRIBUTES = (("query", "key", "num_attention_heads", "attention_head_size", "scaling"),
+                         ("q_proj", "k_proj", "num_heads", "head_dim", "scale"))
+
+
+def attention_projections(model: nn.Module, blocks: list[str]) -> list[AttentionProjections]:
+    """The query / key projections of each block in `blocks` (names in `model`, as repeated_blocks
+    gives them), for distilling attention maps. A block must hold exactly one attention module with
+    separate query and key projections; open_clip's and OpenAI's nn.MultiheadAttention keep theirs
+    inside one packed in-projection and are refused with the reason."""
+    found = []
+    for block in blocks:
+        hits = []
+        for name, module in model.get_submodule(block).named_modules():
+            for q, k, heads, head_dim, scale in _QUERY_KEY_ATTRIBUTES:
+                if (isinstance(getattr(module, q, None), nn.Module) and isinstance(getattr(module, k, None), nn.Module)
+                        and isinstance(getattr(module, heads, None), int) and isinstance(getattr(module, head_dim, None), int)):
+                    prefix = f"{block}.{name}." if name else f"{block}."
+                    d = getattr(module, head_dim)
+                    hits.append(AttentionProjections(prefix + q, prefix + k, getattr(module, heads), d,
+                                                     float(getattr(module, scale, d ** -0.5))))
+        if len(hits) != 1:
+            raise ValueError(
+                f"attention maps: block {block!r} of {type(model).__name__} has {len(hits)} attention modules with "
+                "separate query and key projections (transformers' BERT-like .query/.key or CLIP's .q_proj/.k_proj); "
+                "exactly one is needed. nn.MultiheadAttention (open_clip, OpenAI CLIP) packs them into one "
+                "in-projection: distill those without attention maps (attention_weight=0)")
+        found.append(hits[0])
+    return found

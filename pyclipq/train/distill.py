@@ -173,10 +173,43 @@ def hidden_state_loss(student: list[torch.Tensor], teacher: list[torch.Tensor],
     return torch.stack(terms).mean()
 
 
+def attention_map_loss(student: list[torch.Tensor], teacher: list[torch.Tensor],
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over blocks of KL(teacher || student) between the attention distributions of each query
+    row, softmax over the keys of the scores [B, heads, T, T] (Q K^T * scale): the attention term of
+    TernaryBERT (its MSE on the scores) and MiniLM (KL on the maps), as a KL so that a row's
+    shift-invariant scores are compared as the distribution the model uses.
+
+    mask: optional bool [B, T], True at the real tokens: padding keys get no probability on either
+    side, and padding query rows are left out.
+    """
+    if len(student) != len(teacher) or not teacher:
+        raise ValueError(f"student ({len(student)}) and teacher ({len(teacher)}) must give the same, non-zero "
+                         "number of attention maps")
+    terms = []
+    for s, t in zip(student, teacher):
+        if s.shape != t.shape or s.dim() != 4 or s.shape[-1] != s.shape[-2]:
+            raise ValueError(f"student {list(s.shape)} and teacher {list(t.shape)} attention scores must have one "
+                             "shape [batch, heads, tokens, tokens]")
+        s, t = s.float(), t.detach().float()
+        if mask is not None:
+            if mask.dtype != torch.bool or tuple(mask.shape) != (t.shape[0], t.shape[-1]):
+                raise ValueError(f"mask must be a bool tensor of the scores' [batch, tokens] = "
+                                 f"{[t.shape[0], t.shape[-1]]}, got {mask.dtype} {list(mask.shape)}")
+            # a finite fill: exp underflows to exactly 0 and 0 * (log p_t - log p_s) stays 0 (-inf gives nan)
+            padding = ~mask[:, None, None, :]
+            s, t = s.masked_fill(padding, -1e4), t.masked_fill(padding, -1e4)
+        log_s, log_t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+        kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # [B, heads, T]
+        terms.append(kl.transpose(1, 2)[mask].mean() if mask is not None else kl.mean())
+    return torch.stack(terms).mean()
+
+
 @dataclass
 class EncoderDistillationLoss:
     """embedding_weight * feature loss of the output embeddings + hidden_weight * hidden_state_loss
-    of every block's output, per tower (image, text), averaged over the towers a batch has.
+    of every block's output + attention_weight * attention_map_loss of every block's attention,
+    per tower (image, text), averaged over the towers a batch has.
 
     Label-free: it needs only the teacher's outputs on the same inputs. A weight of 0 switches its
     term off (the block outputs are then not even captured).
@@ -189,24 +222,28 @@ class EncoderDistillationLoss:
     # match block outputs at the real tokens only, where the model says which are padding
     # (encoder_outputs' "mask": a SentenceEncoder's pad tokens)
     mask_padding: bool = True
+    # attention maps of every block (transformers' BERT-like and CLIP attention; not
+    # nn.MultiheadAttention); off by default: on MiniLM it did not help (benchmarks/README.md)
+    attention_weight: float = 0.0
 
     def __post_init__(self):
         if self.hidden_blocks not in HIDDEN_BLOCKS:
             raise ValueError(f"hidden_blocks must be one of {list(HIDDEN_BLOCKS)}, got {self.hidden_blocks!r}")
-        for name in ("embedding_weight", "hidden_weight"):
+        for name in ("embedding_weight", "hidden_weight", "attention_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         if self.embedding_kind not in FEATURE_KINDS:
             raise ValueError(f"embedding_kind must be one of {list(FEATURE_KINDS)}, got {self.embedding_kind!r}")
-        if self.embedding_weight == 0 and self.hidden_weight == 0:
-            raise ValueError("at least one of embedding_weight, hidden_weight must be > 0")
+        if self.embedding_weight == 0 and self.hidden_weight == 0 and self.attention_weight == 0:
+            raise ValueError("at least one of embedding_weight, hidden_weight, attention_weight must be > 0")
 
     needs_teacher = True
 
     def __call__(self, student: dict, teacher: dict):
-        """student / teacher: {tower: {"embedding": [B, D], "hidden": [block outputs], optional "mask":
-        bool [B, T] of the real tokens}}. Returns (loss, parts)."""
+        """student / teacher: {tower: {"embedding": [B, D], "hidden": [block outputs], optional
+        "attention": [block attention scores] and "mask": bool [B, T] of the real tokens}}.
+        Returns (loss, parts)."""
         if set(student) != set(teacher) or not student:
             raise ValueError(f"student towers {sorted(student)} and teacher towers {sorted(teacher)} must match")
         parts: dict[str, torch.Tensor] = {}
@@ -222,5 +259,9 @@ class EncoderDistillationLoss:
                 mask = t.get("mask") if self.mask_padding else None
                 parts[f"{tower}_hidden"] = hidden_state_loss(s["hidden"][pick], t["hidden"][pick], mask)
                 total = total + self.hidden_weight * parts[f"{tower}_hidden"]
+            if self.attention_weight > 0 and t.get("attention"):
+                mask = t.get("mask") if self.mask_padding else None
+                parts[f"{tower}_attention"] = attention_map_loss(s["attention"], t["attention"], mask)
+                total = total + self.attention_weight * parts[f"{tower}_attention"]
             totals.append(total)
         return torch.stack(totals).mean(), parts

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..eval.encode import as_clip_like
-from ..models.base import repeated_blocks
+from ..models.base import AttentionProjections, attention_projections, repeated_blocks
 from . import qat
 from .distill import DistillationLoss, EncoderDistillationLoss
 from .qat import deepcopy_model
@@ -195,22 +195,36 @@ def _first_tensor(output) -> torch.Tensor:
     return next(v for v in values if isinstance(v, torch.Tensor))
 
 
-def encoder_outputs(model: nn.Module, batch: dict, blocks: list[str] | None) -> dict:
-    """{tower: {"embedding", "hidden"[, "mask"]}} for every tower `batch` feeds ("images", "tokens"):
-    the model's own embedding (encode_image / encode_text), when `blocks` is given the output of
-    each named block that ran, in order, and for a text tower that tells its padding
-    (`padding_mask(tokens)`, a SentenceEncoder) the bool [B, T] mask of its real tokens."""
+def encoder_outputs(model: nn.Module, batch: dict, blocks: list[str] | None,
+                    attention: list[AttentionProjections] | None = None) -> dict:
+    """{tower: {"embedding", "hidden"[, "attention"][, "mask"]}} for every tower `batch` feeds ("images",
+    "tokens"): the model's own embedding (encode_image / encode_text), when `blocks` is given the
+    output of each named block that ran, in order, when `attention` is given each of those blocks'
+    attention scores (Q K^T * scale, [B, heads, T, T], before any mask and softmax), and for a text
+    tower that tells its padding (`padding_mask(tokens)`, a SentenceEncoder) the bool [B, T] mask of
+    its real tokens."""
     clip_like = as_clip_like(model)
     captured: list[torch.Tensor] = []
+    projected: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        return lambda m, a, out: projected.__setitem__(name, _first_tensor(out))
+
     hooks = [model.get_submodule(name).register_forward_hook(lambda m, a, out: captured.append(_first_tensor(out)))
              for name in (blocks or [])]
+    for source in attention or []:
+        hooks += [model.get_submodule(name).register_forward_hook(keep(name)) for name in (source.query, source.key)]
     try:
         outputs = {}
         for key, (tower, encode) in TOWERS.items():
             if key in batch:
                 captured.clear()
+                projected.clear()
                 embedding = getattr(clip_like, encode)(batch[key])
                 outputs[tower] = {"embedding": embedding, "hidden": list(captured)}
+                if attention:
+                    outputs[tower]["attention"] = [_attention_scores(projected, source) for source in attention
+                                                   if source.query in projected]
                 padding_mask = getattr(clip_like, "padding_mask", None)
                 if key == "tokens" and callable(padding_mask):
                     outputs[tower]["mask"] = padding_mask(batch[key])
@@ -218,6 +232,14 @@ def encoder_outputs(model: nn.Module, batch: dict, blocks: list[str] | None) -> 
         for hook in hooks:
             hook.remove()
     return outputs
+
+
+def _attention_scores(projected: dict, source: AttentionProjections) -> torch.Tensor:
+    q, k = projected[source.query], projected[source.key]
+    batch, tokens = q.shape[0], q.shape[-2]
+    q = q.reshape(batch, tokens, source.heads, source.head_dim).transpose(1, 2)
+    k = k.reshape(batch, tokens, source.heads, source.head_dim).transpose(1, 2)
+    return (q.float() @ k.float().transpose(-1, -2)) * source.scale
 
 
 class EncoderDistillation:
@@ -240,26 +262,34 @@ class EncoderDistillation:
         if not isinstance(self.loss, EncoderDistillationLoss):
             raise ValueError(f"loss must be an EncoderDistillationLoss, got {type(self.loss).__name__}")
         self._blocks: list[str] | None = None
+        self._attention: list[AttentionProjections] | None = None
 
     def blocks(self, teacher: nn.Module) -> list[str]:
         if self._blocks is None:
             self._blocks = repeated_blocks(teacher)
-            if not self._blocks and self.loss.hidden_weight > 0:
+            if not self._blocks and (self.loss.hidden_weight > 0 or self.loss.attention_weight > 0):
                 raise ValueError(f"{type(teacher).__name__} has no repeated transformer blocks whose hidden states "
-                                 "could be matched; set hidden_weight=0")
+                                 "or attention maps could be matched; set hidden_weight=0 and attention_weight=0")
         return self._blocks
+
+    def attention(self, teacher: nn.Module) -> list[AttentionProjections]:
+        """The query / key projections of the teacher's blocks (the student's have the same names)."""
+        if self._attention is None:
+            self._attention = attention_projections(teacher, self.blocks(teacher))
+        return self._attention
 
     def __call__(self, student, teacher, batch):
         if not isinstance(batch, dict) or not set(TOWERS) & set(batch):
             raise ValueError(f"batch must be a dict with 'images' and/or 'tokens', got {type(batch).__name__}"
                              + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else ""))
         blocks = self.blocks(teacher) if self.loss.hidden_weight > 0 else None
+        attention = self.attention(teacher) if self.loss.attention_weight > 0 else None
         if not self.dropout:
             student.eval()  # the trainer put it in train mode for this step
-        outputs = encoder_outputs(student, batch, blocks)
+        outputs = encoder_outputs(student, batch, blocks, attention)
         with torch.no_grad(), torch.autocast(next(iter(batch.values())).device.type, enabled=False):
             teacher_batch = {k: (v.float() if k == "images" else v) for k, v in batch.items() if k in TOWERS}
-            teacher_outputs = encoder_outputs(teacher, teacher_batch, blocks)
+            teacher_outputs = encoder_outputs(teacher, teacher_batch, blocks, attention)
         return self.loss(outputs, teacher_outputs)
 
 
