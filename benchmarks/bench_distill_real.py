@@ -36,7 +36,7 @@ from train_texts import CORPORA, mixed_texts  # noqa: E402
 
 import pyclipq  # noqa: E402
 from pyclipq.cli.loading import load_model  # noqa: E402
-from pyclipq.configs import resolve_config  # noqa: E402
+from pyclipq.configs import QuantConfig, resolve_config  # noqa: E402
 from pyclipq.data import TextCollate, Texts, train_loader  # noqa: E402
 from pyclipq.train import TrainConfig  # noqa: E402
 from pyclipq.train.distill import EncoderDistillationLoss  # noqa: E402
@@ -94,6 +94,8 @@ def text_batches(loaded, texts: list[str], batch: int, seed: int):
 
 def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]) -> dict:
     config = resolve_config(FORMATS[name])
+    if args.rotation:
+        config = QuantConfig.preset(FORMATS[name], rotation=args.rotation)
     exact = {"auto": None, "exact": True, "fast": False}[args.fake_quant]
     steps = args.steps[name] if isinstance(args.steps, dict) else args.steps
     learn_scales = learns_scales(args, name)
@@ -181,6 +183,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden-weight", type=float, default=1.0)
     parser.add_argument("--hidden-blocks", choices=("all", "last"), default="all")
     parser.add_argument("--attention-weight", type=float, default=0.0, help="weight of the attention-map term")
+    parser.add_argument("--rotation", type=int, default=0, help="Hadamard rotation block of every quantized linear (0: none)")
     parser.add_argument("--fake-quant", choices=("auto", "exact", "fast"), default="auto")
     parser.add_argument("--init", choices=("auto", "clip", "ptq", "rtn"), default="auto",
                         help="where the student starts (pyclipq.train.recipes.distill)")

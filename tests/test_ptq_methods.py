@@ -3,6 +3,8 @@ activation mode, output-aware clip search, SmoothQuant folds, and a slice of the
 from __future__ import annotations
 
 import copy
+import importlib
+import importlib.util
 import os
 import sys
 
@@ -18,7 +20,7 @@ from pyclipq.calibrate.gptq import HessianAccumulator, gptq_quantize, rtn_quanti
 from pyclipq.calibrate.weights import output_aware_scales
 from pyclipq.configs import LayerConfig, QuantConfig
 from pyclipq.nn import QuantLinear
-from pyclipq.nn.packed import pack_codes
+from pyclipq.nn.packed import pack_codes, unpack_codes
 from pyclipq.ops import reference
 
 # ---------------------------------------------------------------- primitives
@@ -166,10 +168,92 @@ def test_fake_quant_twin_refuses_transformed_layers():
     from pyclipq.train.fake_quant import FakeQuantLinear
 
     module = QuantLinear.from_float(nn.Linear(64, 8), LayerConfig("int8", rotation=64))
-    with pytest.raises(ValueError, match="input transform"):
+    with pytest.raises(ValueError, match="input transform"):  # a frozen twin keeps the packed codes: no rotation
         FakeQuantLinear.from_quant_linear(module)
-    with pytest.raises(ValueError, match="fake-quant modules .* do not support input transforms"):
-        pyclipq.prepare_qat(nn.Sequential(nn.Linear(64, 8)), QuantConfig("int8", rotation=64))
+    with pytest.raises(ValueError, match="does not support input transforms .*smoothing='online'.* models rotation"):
+        FakeQuantLinear(64, 8, layer=LayerConfig("int8", smoothing="online"))
+
+
+def test_the_rotation_op_backpropagates_the_rotated_gradient():
+    """hadamard_rotate is x H per block with H symmetric and orthonormal: its gradient is the same rotation."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 256, requires_grad=True)
+    upstream = torch.randn(5, 3, 256)
+    (pyclipq.ops.hadamard_rotate(x, 128) * upstream).sum().backward()
+    reference_x = x.detach().clone().requires_grad_(True)
+    (primitives.rotate_blocks(reference_x, 128) * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, reference_x.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, pyclipq.ops.hadamard_rotate(upstream, 128), rtol=0, atol=0)
+    if importlib.util.find_spec("triton") is not None:  # the GPU's op (here through Triton's interpreter)
+        importlib.import_module("pyclipq.ops.triton")  # registers the pyclipq::triton_* ops
+        x_t = x.detach().clone().requires_grad_(True)
+        (torch.ops.pyclipq.triton_hadamard_rotate(x_t, 128) * upstream).sum().backward()
+        torch.testing.assert_close(x_t.grad, reference_x.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int2", "ternary"])
+@pytest.mark.parametrize("exact", [True, False])
+def test_qat_trains_through_a_rotation_and_packs_what_it_trained(fmt, exact):
+    """A rotated QAT layer quantizes rotate(W) and multiplies rotate(x), as QuantLinear stores and runs
+    them: the packed model gives the fake-quant outputs, and the latent stays in the float model's
+    space (the float model is unchanged by prepare and strip)."""
+    from pyclipq.train.fake_quant import FakeQuantLinear, quantize_weight_codes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 64), nn.GELU(), nn.Linear(64, 48))
+    x = torch.randn(24, 256)
+    x[:, 5] *= 40.0  # an outlier channel: rotation spreads it
+    config = QuantConfig(fmt, rotation=128)
+    student = pyclipq.prepare_qat(copy.deepcopy(model), config, exact=exact)
+    first = student[0]
+    assert isinstance(first, FakeQuantLinear) and first.rotation_block == 128 and student[2].rotation_block == 64
+    with torch.no_grad():  # the latent starts as the float weight, unrotated: the student is the model, quantized
+        assert torch.equal(first.weight, model[0].weight)
+        error = float((student(x) - model(x)).norm() / model(x).norm())
+        assert error < {"int8": 0.03, "int4": 0.2}.get(fmt, 0.8), error
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+    for _ in range(3):  # the gradient reaches the latent through the rotation
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(student(x), model(x).detach()).backward()
+        assert first.weight.grad is not None and float(first.weight.grad.abs().sum()) > 0
+        optimizer.step()
+    with torch.no_grad():
+        qw = first.quantized_weight()  # the codes of the rotated latent
+        rotated = quantize_weight_codes(primitives.rotate_blocks(first.weight, 128), first.layer)
+        assert torch.equal(qw.levels, rotated.levels) and torch.equal(qw.scale, rotated.scale)
+        want = qw.dequantize()
+        fake = student(x)
+        packed = pyclipq.convert_qat(student)
+        assert packed[0].layer.rotation == 128 and torch.equal(packed[0].dequantize_weight(torch.float32), want)
+        matches = pyclipq.train.qat.compare_layers(student, packed, lambda m: m(x))
+        assert len(matches) == 2 and all(m.ok for m in matches), [m for m in matches if not m.ok]
+        # end to end: a last-bit difference can flip a later activation rounding (one step), no more
+        assert float(torch.nn.functional.cosine_similarity(packed(x), fake, dim=-1).min()) > 0.9999, fmt
+        # strip gives the latent back as the float model's weight, in the model's own space
+        latent = first.weight.detach().clone()
+        assert torch.equal(pyclipq.train.qat.strip(student)[0].weight, latent)
+
+
+def test_latent_from_a_rotated_ptq_model_gives_qat_the_same_codes():
+    from pyclipq.train.qat import latent_from_packed
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 32))
+    for fmt in ("int4", "int2", "ternary"):
+        config = QuantConfig(fmt, rotation=64)
+        packed = pyclipq.convert(copy.deepcopy(model), config)
+        student = pyclipq.prepare_qat(latent_from_packed(model, packed), config)
+        for i in (0, 2):
+            # the same codes; the scales up to the float rounding of rotating the latent back and forth
+            assert packed[i].layer.rotation == 64
+            fake = student[i].quantized_weight()
+            codes = unpack_codes(packed[i].packed_weight, fmt)
+            assert torch.equal(fake.levels, packed[i].layer.spec.level(codes).float()), fmt
+            assert torch.allclose(fake.scale, packed[i].weight_scale, rtol=1e-6, atol=0), fmt
+    smoothed = pyclipq.convert(copy.deepcopy(model), QuantConfig("int4"))
+    smoothed[0].layer = LayerConfig("int4", smoothing="folded")
+    with pytest.raises(ValueError, match=r"is smoothed .*\(rotation is fine\)"):
+        latent_from_packed(model, smoothed)
 
 
 # ---------------------------------------------------------------- clip search and GPTQ

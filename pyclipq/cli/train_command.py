@@ -164,6 +164,9 @@ def distill_arguments(parser: argparse.ArgumentParser) -> None:
                              "scales), ptq (GPTQ + clip search on --calibration-batches batches); auto: rtn for "
                              "ternary, ptq for int4, clip for int8/int2")
     parser.add_argument("--calibration-batches", type=int, default=8)
+    parser.add_argument("--rotation", type=int, default=0,
+                        help="block size of an online Hadamard rotation of every quantized linear's input (0: none); "
+                             "QAT trains through it and the packed model keeps it")
     parser.add_argument("--fake-quant", choices=("auto", "exact", "fast"), default="auto",
                         help="fast: F.linear on dequantized operands; exact: the kernels' integer math; "
                              "auto: fast for grouped formats (int4, int2), exact otherwise. The export is exact either way")

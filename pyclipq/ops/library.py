@@ -174,4 +174,20 @@ def _not_differentiable(name):
 # inside a model whose float parameters do) neither warns nor silently drops the graph;
 # backpropagating through it raises the error above.
 for _name in SCHEMAS:
-    torch.library.register_autograd(f"{NAMESPACE}::{_name}", _not_differentiable(_name))
+    if _name != "hadamard_rotate":
+        torch.library.register_autograd(f"{NAMESPACE}::{_name}", _not_differentiable(_name))
+
+
+# The rotation is linear, symmetric and orthonormal (x H with H = H^T = H^-1 per block): its
+# gradient is the same rotation of the incoming gradient. QAT rotates activations with this op, so
+# that its forward gives the very floats the packed layer quantizes.
+def _hadamard_rotate_context(ctx, inputs, output):
+    ctx.block = inputs[1]
+
+
+def _hadamard_rotate_backward(ctx, grad):
+    return torch.ops.pyclipq.hadamard_rotate(grad.contiguous(), ctx.block), None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::hadamard_rotate", _hadamard_rotate_backward,
+                                setup_context=_hadamard_rotate_context)

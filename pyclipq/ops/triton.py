@@ -564,4 +564,18 @@ def _not_differentiable(name):
 # As for the pyclipq::* ops (library.py): calling these on tensors that require grad
 # neither warns nor silently drops the graph; backpropagating through them raises.
 for _name in [*OPS, *(f"{n}_weight_only_linear" for n in WEIGHT_ONLY_OPS)]:
-    torch.library.register_autograd(f"pyclipq::triton_{_name}", _not_differentiable(_name))
+    if _name != "hadamard_rotate":
+        torch.library.register_autograd(f"pyclipq::triton_{_name}", _not_differentiable(_name))
+
+
+def _hadamard_rotate_context(ctx, inputs, output):
+    ctx.block = inputs[1]
+
+
+def _hadamard_rotate_backward(ctx, grad):
+    # symmetric and orthonormal per block: the gradient is rotated the same way (as pyclipq::hadamard_rotate's)
+    return torch.ops.pyclipq.triton_hadamard_rotate(grad.contiguous(), ctx.block), None
+
+
+torch.library.register_autograd("pyclipq::triton_hadamard_rotate", _hadamard_rotate_backward,
+                                setup_context=_hadamard_rotate_context)

@@ -35,6 +35,7 @@ from ..nn.attention import QuantMultiheadAttention, check_replaceable
 from ..nn.linear import QuantLinear, static_act_scale
 from ..nn.packed import unpack_codes
 from ..nn.parameter import LAYOUTS, to_rows
+from .. import ops
 from ..ops import reference
 from ..primitives import (
     dequantize_levels,
@@ -43,21 +44,26 @@ from ..primitives import (
     quantize_activation_rows,
     quantize_weight,
     quantize_weight_with_scales,
+    rotate_blocks,
+    rotation_block,
 )
 
 # Largest |integer accumulator| that float32 holds exactly (its 24-bit significand).
 _FP32_EXACT_INT = 2**24
 
 
-def _check_layer(layer) -> LayerConfig:
+def _check_layer(layer, rotation: bool = False) -> LayerConfig:
+    """`layer`, refused when its input transform has no fake-quant twin here: smoothing never (its
+    scales come from calibration data, not from training), rotation where `rotation` is False."""
     if not isinstance(layer, LayerConfig):
         raise ValueError(f"layer must be a pyclipq.configs.LayerConfig, got {type(layer).__name__}")
-    if layer.has_input_transform:
-        # The fake-quant math has no smoothing or rotation: training would not match the export.
+    if layer.smoothing != "none" or (layer.rotation and not rotation):
+        # training would not match the export
+        supported = "rotation, not smoothing" if rotation else "neither smoothing nor rotation"
         raise ValueError(
-            f"layer: fake-quant modules (QAT, differentiable twins) do not support input transforms "
-            f"(smoothing={layer.smoothing!r}, rotation={layer.rotation}); train without them (QuantConfig "
-            "rotation=0) or use them in post-training calibration only"
+            f"layer: this fake-quant module does not support input transforms "
+            f"(smoothing={layer.smoothing!r}, rotation={layer.rotation}; it models {supported}); train without "
+            "them or use them in post-training calibration only"
         )
     return layer
 
@@ -304,11 +310,14 @@ class _WeightCache:
         self.key = None
         self.value = None
 
-    def get(self, weight: torch.Tensor, layer: LayerConfig, scale: torch.Tensor | None = None) -> QuantizedWeight:
-        """The format rule's codes of `weight`, or with `scale` given (learned scales) its codes at those scales."""
-        key = (weight._version, weight.data_ptr(), weight.device, weight.dtype, layer,
+    def get(self, weight: torch.Tensor, layer: LayerConfig, scale: torch.Tensor | None = None,
+            block: int = 1) -> QuantizedWeight:
+        """The format rule's codes of `weight`, or with `scale` given (learned scales) its codes at those
+        scales; of `weight` rotated by blocks of `block` (rotate_blocks) when block > 1."""
+        key = (weight._version, weight.data_ptr(), weight.device, weight.dtype, layer, block,
                None if scale is None else (scale._version, scale.data_ptr()))
         if key != self.key:
+            weight = rotate_blocks(weight.detach(), block)
             if scale is None:
                 self.value = quantize_weight_codes(weight, layer)
             else:
@@ -336,12 +345,18 @@ class FakeQuantLinear(nn.Linear):
     of the weight when the module is made; the codes are each weight's nearest level at its
     learned scale (``primitives.learnable_fake_quantize``), which ``convert_qat`` packs with
     those scales. Float path only (exact=False).
+
+    A layer with a rotation (LayerConfig.rotation) keeps its latent weight W unrotated, as the
+    float model has it: every forward quantizes rotate(W) and multiplies rotate(x), as QuantLinear
+    stores (`primitives.rotate_blocks`) and runs them (`ops.hadamard_rotate`), so the STE gradient
+    reaches W through the rotation and `convert_qat` packs the codes trained.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, layer: LayerConfig, exact: bool = True,
                  learn_scales: bool = False, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.layer = _check_layer(layer)
+        self.layer = _check_layer(layer, rotation=True)
+        self.rotation_block = rotation_block(in_features, layer.rotation) if layer.rotation else 1
         self.exact = bool(exact)
         if learn_scales and (layer.is_float or self.exact):
             raise ValueError("learn_scales needs a quantized layer and the float fake-quant path (exact=False): "
@@ -391,7 +406,7 @@ class FakeQuantLinear(nn.Linear):
         if not isinstance(qlinear, QuantLinear):
             raise ValueError(f"qlinear must be a pyclipq QuantLinear, got {type(qlinear).__name__}")
         layer = qlinear.layer
-        _check_layer(layer)  # before dequantizing: a transformed layer has no fake-quant twin
+        _check_layer(layer)  # before dequantizing: a transformed layer has no frozen fake-quant twin
         weight = qlinear.dequantize_weight(torch.float32)
         bias = qlinear.bias.detach().clone() if qlinear.bias is not None else None
         module = cls.from_parameters(nn.Parameter(weight, requires_grad=False), None if bias is None else nn.Parameter(bias, requires_grad=False), layer, exact)
@@ -428,8 +443,19 @@ class FakeQuantLinear(nn.Linear):
         if self.log_scale is None:
             raise ValueError("reset_scales_: this FakeQuantLinear does not learn its scales (learn_scales=False)")
         # all-zero rows or groups (scale 0) get a tiny scale: their weights still quantize to 0
-        scale = format_scales(self.weight.detach(), self.layer.spec, self.layer.group_size, self.layer.threshold_rule)
+        scale = format_scales(self.stored_weight().detach(), self.layer.spec, self.layer.group_size,
+                              self.layer.threshold_rule)
         self.log_scale.copy_(scale.clamp_min(1e-12).log())
+
+    def stored_weight(self) -> torch.Tensor:
+        """The weight the codes quantize, as QuantLinear stores it: the latent, rotated when the layer
+        has a rotation (differentiable)."""
+        return rotate_blocks(self.weight, self.rotation_block)
+
+    def _rotate_input(self, x: torch.Tensor) -> torch.Tensor:
+        # QuantLinear's own op (differentiable: pyclipq.ops.library), not the block product of
+        # rotate_blocks: a last-bit difference in x would flip activation roundings at export
+        return ops.hadamard_rotate(x, self.rotation_block) if self.rotation_block > 1 else x
 
     def learned_scale(self) -> torch.Tensor | None:
         """The learned weight scales (exp of log_scale), or None when the format rule sets them."""
@@ -443,8 +469,8 @@ class FakeQuantLinear(nn.Linear):
                 self._frozen = QuantizedWeight(f.levels.to(self.weight.device), f.scale.to(self.weight.device), f.format, f.in_features)
             return self._frozen
         if self.log_scale is not None:
-            return self._cache.get(self.weight, self.layer, self.learned_scale())
-        return self._cache.get(self.weight, self.layer)
+            return self._cache.get(self.weight, self.layer, self.learned_scale(), self.rotation_block)
+        return self._cache.get(self.weight, self.layer, block=self.rotation_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x, None)
@@ -462,13 +488,16 @@ class FakeQuantLinear(nn.Linear):
         if self.log_scale is not None:
             return self._learned_scale_linear(x, rows)
         qw = self.quantized_weight()
+        if self.rotation_block > 1:
+            x, weight = self._rotate_input(x), self.stored_weight()
         if rows is not None:
             weight, bias = weight[rows], (bias[rows] if bias is not None else None)
             qw = QuantizedWeight(qw.levels[rows], qw.scale[rows], qw.format, qw.in_features)
         return fake_quant_linear(x, weight, bias, qw, self.layer, self._act_scale(), self.exact)
 
     def _learned_scale_linear(self, x: torch.Tensor, rows: slice | None) -> torch.Tensor:
-        weight, bias, scale = self.weight, self.bias, self.learned_scale()
+        weight, bias, scale = self.stored_weight(), self.bias, self.learned_scale()
+        x = self._rotate_input(x)
         if rows is not None:
             weight, bias, scale = weight[rows], (bias[rows] if bias is not None else None), scale[rows]
         w_fq = learnable_fake_quantize(weight, self.layer.spec, scale, self.layer.group_size).to(x.dtype)
@@ -483,6 +512,8 @@ class FakeQuantLinear(nn.Linear):
         if self.layer.spec is not None and self.layer.spec.threshold_rule:
             text += f", threshold_rule={self.layer.threshold_rule}"
         text += f", activation={self.layer.activation}, exact={self.exact}"
+        if self.rotation_block > 1:
+            text += f", rotation={self.rotation_block}"
         if self.log_scale is not None:
             text += ", learn_scales"
         return text + (", frozen" if self.frozen else "")

@@ -211,7 +211,8 @@ def convert_qat(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for name, m in model.named_modules():
         if isinstance(m, FakeQuantLinear) and m.log_scale is not None:
             scale = m.learned_scale().detach().float()
-            learned[name] = (quantize_weight_with_scales(m.weight.detach(), m.layer.spec, scale, m.layer.group_size), scale)
+            learned[name] = (quantize_weight_with_scales(m.stored_weight().detach(), m.layer.spec, scale, m.layer.group_size),
+                             scale)
     was_training = model.training
     float_model = strip(model, inplace=inplace)
     quantized = pyclipq_convert(float_model, config)
@@ -234,16 +235,17 @@ def latent_from_packed(float_model: nn.Module, packed: nn.Module, *, inplace: bo
     """A copy of `float_model` (unconverted) whose weights are the latent weights of `packed`'s
     (a converted copy, say after GPTQ or a scale search): `primitives.rule_latent` of each packed
     linear's codes and scales, so that `prepare_qat` of the result starts from that PTQ model.
-    Layers with an input transform (smoothing, rotation) are refused: QAT has none."""
+    A rotated layer's latent is rotated back (rotate_blocks is its own inverse): prepare_qat with the
+    same rotation quantizes it to those codes again. Smoothed layers are refused: QAT has no smoothing."""
     _check_model(float_model)
     latent = float_model if inplace else deepcopy_model(float_model)
     found = 0
     for name, module in packed.named_modules():
         if not isinstance(module, QuantLinear) or module.layer.is_float:
             continue
-        if module.layer.has_input_transform:
-            raise ValueError(f"packed: layer {module.layer_name or name} has an input transform (smoothing or "
-                             "rotation), which QAT does not model; start QAT from a PTQ model without one")
+        if module.layer.smoothing != "none":
+            raise ValueError(f"packed: layer {module.layer_name or name} is smoothed ({module.layer.smoothing!r}), "
+                             "which QAT does not model; start QAT from a PTQ model without smoothing (rotation is fine)")
         weight = float_weight_of_layer(latent, module.layer_name or name)
         if weight is None or tuple(weight.shape) != (module.out_features, module.in_features):
             raise ValueError(f"float_model has no float weight of shape {[module.out_features, module.in_features]} "
@@ -251,7 +253,7 @@ def latent_from_packed(float_model: nn.Module, packed: nn.Module, *, inplace: bo
         codes = unpack_codes(module.packed_weight, module.layer.format).cpu()
         value = primitives.rule_latent(codes, module.weight_scale.cpu(), module.layer.format, module.in_features,
                                        module.layer.threshold_rule)
-        weight.copy_(value.to(weight.dtype))
+        weight.copy_(primitives.rotate_blocks(value, module.rotation_block).to(weight.dtype))
         found += 1
     if not found:
         raise ValueError("packed: it holds no quantized QuantLinear (convert a copy of float_model first)")
