@@ -40,7 +40,8 @@ from pyclipq.configs import QuantConfig, resolve_config  # noqa: E402
 from pyclipq.data import TextCollate, Texts, train_loader  # noqa: E402
 from pyclipq.train import TrainConfig  # noqa: E402
 from pyclipq.train.distill import EncoderDistillationLoss  # noqa: E402
-from pyclipq.train.recipes import default_learn_scales, default_lr, distill, fast_fake_quant_default  # noqa: E402
+from pyclipq.train.recipes import (  # noqa: E402
+    default_learn_scales, default_lr, default_rotation, distill, fast_fake_quant_default)
 from pyclipq.train.trainer import EncoderDistillation, Trainer  # noqa: E402
 
 FORMATS = {"ternary": "ternary", "int2": "int2", "int4": "int4"}  # presets: ternary, int2 g64, int4 g128 W4A8
@@ -92,17 +93,26 @@ def text_batches(loaded, texts: list[str], batch: int, seed: int):
     return train_loader(Texts(texts), batch, TextCollate(loaded.tokenize), seed=seed)
 
 
-def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]) -> dict:
+def format_config(name: str, args) -> QuantConfig:
+    """Format `name`'s preset with the --rotation asked (auto: recipes.default_rotation)."""
     config = resolve_config(FORMATS[name])
-    if args.rotation:
-        config = QuantConfig.preset(FORMATS[name], rotation=args.rotation)
+    rotation = default_rotation(config) if args.rotation == "auto" else int(args.rotation)
+    return QuantConfig.preset(FORMATS[name], rotation=rotation) if rotation else config
+
+
+def distillation_loss(args) -> EncoderDistillationLoss:
+    return EncoderDistillationLoss(args.embedding_weight, args.hidden_weight, hidden_blocks=args.hidden_blocks,
+                                   mask_padding=not args.keep_padding, attention_weight=args.attention_weight)
+
+
+def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]) -> dict:
+    config = format_config(name, args)
     exact = {"auto": None, "exact": True, "fast": False}[args.fake_quant]
     steps = args.steps[name] if isinstance(args.steps, dict) else args.steps
     learn_scales = learns_scales(args, name)
     train = TrainConfig(steps=steps, lr=args.lr or default_lr(config), warmup_steps=min(args.warmup, steps // 10), weight_decay=0.0,
                         progress=False, seed=args.seed)
-    loss = EncoderDistillationLoss(args.embedding_weight, args.hidden_weight, hidden_blocks=args.hidden_blocks,
-                                   mask_padding=not args.keep_padding, attention_weight=args.attention_weight)
+    loss = distillation_loss(args)
     model = copy.deepcopy(loaded.model)
     started = time.perf_counter()
 
@@ -139,16 +149,16 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
 def step_times(args, loaded, texts: list[str]) -> list[dict]:
     """Seconds per distillation step (teacher forward included), fp32 student against each format's
     fake-quant student, exact, fast and with learned scales, same batches, best of --repeats
-    interleaved rounds."""
+    interleaved rounds. The students have the run's rotation and the objective its loss terms."""
     data = list(text_batches(loaded, texts[: args.batch_size * 8], args.batch_size, args.seed))
-    objective = EncoderDistillation(EncoderDistillationLoss(args.embedding_weight, args.hidden_weight))
+    objective = EncoderDistillation(distillation_loss(args))
     teacher = loaded.model
 
     def student_of(label):
         if label == "fp32":
             return copy.deepcopy(teacher)
         name, mode = label.split("/")
-        return pyclipq.prepare_qat(teacher, FORMATS[name], exact=mode == "exact", learn_scales=mode == "learned")
+        return pyclipq.prepare_qat(teacher, format_config(name, args), exact=mode == "exact", learn_scales=mode == "learned")
 
     labels = ["fp32"] + [f"{name}/{mode}" for name in args.formats for mode in ("exact", "fast", "learned")]
     best = {label: float("inf") for label in labels}
@@ -183,7 +193,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden-weight", type=float, default=1.0)
     parser.add_argument("--hidden-blocks", choices=("all", "last"), default="all")
     parser.add_argument("--attention-weight", type=float, default=0.0, help="weight of the attention-map term")
-    parser.add_argument("--rotation", type=int, default=0, help="Hadamard rotation block of every quantized linear (0: none)")
+    parser.add_argument("--rotation", default="auto",
+                        help="Hadamard rotation block of every quantized linear (0: none); auto: recipes.default_rotation")
     parser.add_argument("--fake-quant", choices=("auto", "exact", "fast"), default="auto")
     parser.add_argument("--init", choices=("auto", "clip", "ptq", "rtn"), default="auto",
                         help="where the student starts (pyclipq.train.recipes.distill)")

@@ -543,3 +543,22 @@ def test_the_command_learns_scales_when_asked(tmp_path):
                            "--scales", "learned", "--fake-quant", "exact", "--steps", "1", "--out", str(tmp_path / "r")],
                           capture_output=True, text=True, timeout=300, cwd="/")
     assert proc.returncode != 0 and "--scales learned trains through the fast fake-quant" in proc.stderr
+
+
+def test_the_command_rotates_int4_by_default_and_refuses_attention_maps_it_cannot_see(tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "star")))
+    for rotation, want in (("auto", 128), ("0", 0)):
+        out = tmp_path / f"run{rotation}"
+        run_cli(*COMMON, "--data", str(texts), "--format", "int4", "--rotation", rotation, "--steps", "1", "--out", str(out))
+        reloaded = pyclipq.load(out / "model.safetensors", load_model("testbed").model)
+        rotations = {m.layer.rotation for m in reloaded.modules() if type(m).__name__ == "QuantLinear" and not m.layer.is_float}
+        assert rotations == {want}, (rotation, rotations)
+    proc = subprocess.run([sys.executable, "-m", "pyclipq.cli", "train", "distill", *COMMON, "--data", str(texts),
+                           "--format", "ternary", "--attention-weight", "1", "--steps", "1", "--out", str(tmp_path / "a")],
+                          capture_output=True, text=True, timeout=300, cwd="/")
+    assert proc.returncode != 0 and "nn.MultiheadAttention" in proc.stderr and "attention_weight=0" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "pyclipq.cli", "train", "distill", *COMMON, "--data", str(texts),
+                           "--format", "int4", "--rotation", "some", "--steps", "1", "--out", str(tmp_path / "b")],
+                          capture_output=True, text=True, timeout=300, cwd="/")
+    assert proc.returncode != 0 and "--rotation: expected 'auto' or a block size" in proc.stderr

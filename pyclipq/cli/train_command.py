@@ -164,9 +164,10 @@ def distill_arguments(parser: argparse.ArgumentParser) -> None:
                              "scales), ptq (GPTQ + clip search on --calibration-batches batches); auto: rtn for "
                              "ternary, ptq for int4, clip for int8/int2")
     parser.add_argument("--calibration-batches", type=int, default=8)
-    parser.add_argument("--rotation", type=int, default=0,
+    parser.add_argument("--rotation", type=_rotation, default="auto",
                         help="block size of an online Hadamard rotation of every quantized linear's input (0: none); "
-                             "QAT trains through it and the packed model keeps it")
+                             "QAT trains through it and the packed model keeps it. auto: 128 for int4, none "
+                             "otherwise (recipes.default_rotation)")
     parser.add_argument("--fake-quant", choices=("auto", "exact", "fast"), default="auto",
                         help="fast: F.linear on dequantized operands; exact: the kernels' integer math; "
                              "auto: fast for grouped formats (int4, int2), exact otherwise. The export is exact either way")
@@ -229,6 +230,15 @@ def _total(count: int, context: DistributedContext) -> int:
     return int(total)
 
 
+def _rotation(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a block size (0: none), got {text!r}") from None
+
+
 def run_own_data(recipe: str, argv: list[str]) -> dict:
     """`pyclipq train RECIPE --model ... --data ...` (see the module doc); rank 0 writes results.json."""
     parser = argparse.ArgumentParser(prog=f"pyclipq train {recipe}", description=__doc__,
@@ -239,6 +249,8 @@ def run_own_data(recipe: str, argv: list[str]) -> dict:
     _arguments(parser, chosen.data_arguments)
     parser.set_defaults(threads=None)  # this machine's CPUs shared by its processes (the test bed's default is 1)
     args = parser.parse_args(argv)
+    if getattr(args, "rotation", None) == "auto":  # distill: the measured rotation of the format
+        args.rotation = recipes.default_rotation(config_from_args(argparse.Namespace(**{**vars(args), "rotation": 0})))
     if args.lr is None:  # distill: the measured rate of the format
         args.lr = recipes.default_lr(config_from_args(args))
     context = init_distributed(args.device)
