@@ -25,6 +25,15 @@ def _version_of(t: torch.Tensor) -> int:
     return -2 if t.is_inference() else t._version
 
 
+def rotate_weight(weight: torch.Tensor, block: int) -> torch.Tensor:
+    """weight [out, in] with its input dimension rotated by blocks of `block` (1: unchanged), as a
+    rotated layer stores it, and its own inverse: the fast Walsh-Hadamard op, differentiable, that
+    rotates the layer's input too (the dense product of primitives.rotate_blocks in real arithmetic).
+    The one definition that convert, calibration, QAT's fake-quant and its export share, so that
+    they quantize the very same floats."""
+    return ops.hadamard_rotate(weight.contiguous(), block) if block > 1 else weight
+
+
 class QuantLinear(PackedWeight):
     """y = x W^T + b with W packed in `layer.format`.
 
@@ -110,7 +119,7 @@ class QuantLinear(PackedWeight):
         """The stored (to be quantized) weight for an original float weight [out, in]."""
         if self.layer.smoothing != "none":
             weight = weight * self.smooth_scale.to(device=weight.device, dtype=weight.dtype)
-        return primitives.rotate_blocks(weight, self.rotation_block)
+        return rotate_weight(weight, self.rotation_block)
 
     @torch.no_grad()
     def load_float_weight(self, weight: torch.Tensor) -> None:

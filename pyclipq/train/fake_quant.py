@@ -32,7 +32,7 @@ from torch import nn
 from .. import formats
 from ..configs import LayerConfig
 from ..nn.attention import QuantMultiheadAttention, check_replaceable
-from ..nn.linear import QuantLinear, static_act_scale
+from ..nn.linear import QuantLinear, rotate_weight, static_act_scale
 from ..nn.packed import unpack_codes
 from ..nn.parameter import LAYOUTS, to_rows
 from .. import ops
@@ -44,7 +44,6 @@ from ..primitives import (
     quantize_activation_rows,
     quantize_weight,
     quantize_weight_with_scales,
-    rotate_blocks,
     rotation_block,
 )
 
@@ -313,11 +312,11 @@ class _WeightCache:
     def get(self, weight: torch.Tensor, layer: LayerConfig, scale: torch.Tensor | None = None,
             block: int = 1) -> QuantizedWeight:
         """The format rule's codes of `weight`, or with `scale` given (learned scales) its codes at those
-        scales; of `weight` rotated by blocks of `block` (rotate_blocks) when block > 1."""
+        scales; of `weight` rotated by blocks of `block` (nn.linear.rotate_weight) when block > 1."""
         key = (weight._version, weight.data_ptr(), weight.device, weight.dtype, layer, block,
                None if scale is None else (scale._version, scale.data_ptr()))
         if key != self.key:
-            weight = rotate_blocks(weight.detach(), block)
+            weight = rotate_weight(weight.detach(), block)
             if scale is None:
                 self.value = quantize_weight_codes(weight, layer)
             else:
@@ -348,7 +347,7 @@ class FakeQuantLinear(nn.Linear):
 
     A layer with a rotation (LayerConfig.rotation) keeps its latent weight W unrotated, as the
     float model has it: every forward quantizes rotate(W) and multiplies rotate(x), as QuantLinear
-    stores (`primitives.rotate_blocks`) and runs them (`ops.hadamard_rotate`), so the STE gradient
+    stores (`nn.linear.rotate_weight`) and runs them (`ops.hadamard_rotate`), so the STE gradient
     reaches W through the rotation and `convert_qat` packs the codes trained.
     """
 
@@ -450,11 +449,11 @@ class FakeQuantLinear(nn.Linear):
     def stored_weight(self) -> torch.Tensor:
         """The weight the codes quantize, as QuantLinear stores it: the latent, rotated when the layer
         has a rotation (differentiable)."""
-        return rotate_blocks(self.weight, self.rotation_block)
+        return rotate_weight(self.weight, self.rotation_block)
 
     def _rotate_input(self, x: torch.Tensor) -> torch.Tensor:
         # QuantLinear's own op (differentiable: pyclipq.ops.library), not the block product of
-        # rotate_blocks: a last-bit difference in x would flip activation roundings at export
+        # primitives.rotate_blocks: a last-bit difference in x would flip activation roundings at export
         return ops.hadamard_rotate(x, self.rotation_block) if self.rotation_block > 1 else x
 
     def learned_scale(self) -> torch.Tensor | None:

@@ -35,6 +35,7 @@ from ..models import detect_adapter
 from .. import primitives
 from ..calibrate.weights import load_quantized_weight, observed_weight_scales
 from ..nn import QuantLinear
+from ..nn.linear import rotate_weight
 from ..nn.packed import unpack_codes
 from ..nn.parameter import packed_parameters
 from ..primitives import quantize_weight_with_scales
@@ -235,7 +236,7 @@ def latent_from_packed(float_model: nn.Module, packed: nn.Module, *, inplace: bo
     """A copy of `float_model` (unconverted) whose weights are the latent weights of `packed`'s
     (a converted copy, say after GPTQ or a scale search): `primitives.rule_latent` of each packed
     linear's codes and scales, so that `prepare_qat` of the result starts from that PTQ model.
-    A rotated layer's latent is rotated back (rotate_blocks is its own inverse): prepare_qat with the
+    A rotated layer's latent is rotated back (the rotation is its own inverse): prepare_qat with the
     same rotation quantizes it to those codes again. Smoothed layers are refused: QAT has no smoothing."""
     _check_model(float_model)
     latent = float_model if inplace else deepcopy_model(float_model)
@@ -253,7 +254,7 @@ def latent_from_packed(float_model: nn.Module, packed: nn.Module, *, inplace: bo
         codes = unpack_codes(module.packed_weight, module.layer.format).cpu()
         value = primitives.rule_latent(codes, module.weight_scale.cpu(), module.layer.format, module.in_features,
                                        module.layer.threshold_rule)
-        weight.copy_(primitives.rotate_blocks(value, module.rotation_block).to(weight.dtype))
+        weight.copy_(rotate_weight(value, module.rotation_block).to(weight.dtype))
         found += 1
     if not found:
         raise ValueError("packed: it holds no quantized QuantLinear (convert a copy of float_model first)")
