@@ -284,8 +284,8 @@ def check_layer_norm_quantize_matches_reference():
 
 def check_quantized_linear_epilogues():
     """act(y) + residual against the kernel's own linear (itself checked against the reference above):
-    no epilogue is bit-identical to the fused linear; GELU (1.02e-6 |x|), QuickGELU and the
-    residual within 1.5e-6 of the magnitudes, 16-bit outputs within one rounding more."""
+    no epilogue is bit-identical to the fused linear; GELU (erf to 4.2e-7), QuickGELU and the
+    residual within 1e-6 of the magnitudes, 16-bit outputs within one rounding more."""
     gen = torch.Generator().manual_seed(12)
     for fmt, group in FORMAT_GROUPS:
         for m, n, k in RAGGED:
@@ -313,7 +313,7 @@ def check_quantized_linear_epilogues():
                         mag = want.abs() + plain.double().abs()
                         if res is not None:
                             want, mag = want + res.double(), mag + res.double().abs()
-                        tol = 1.5e-6 * mag + 1e-30
+                        tol = 1e-6 * mag + 1e-30
                         if out_dtype != torch.float32:
                             tol = tol + 2.0 ** -8 * want.abs()
                         res_type = None if res is None else res.dtype
@@ -354,9 +354,8 @@ def check_attention_matches_reference():
 
 
 def check_gelu_activation_over_its_range():
-    """The epilogue's GELU (a rational normal CDF, 1.02e-6 |x|) and QuickGELU (a vector exp) against
-    torch's over [-12, 12] and beyond: outputs y[m, n] = 127 * x_scale[m] * w_scale[n] of a one-tap
-    int8 linear cover the range densely. The bound is the approximation's plus float rounding."""
+    """The vector erf/exp of the epilogue against torch's GELU and sigmoid over [-12, 12] and beyond:
+    outputs y[m, n] = 127 * x_scale[m] * w_scale[n] of a one-tap int8 linear cover the range densely."""
     rows, cols = 2001, 128
     x_q = torch.zeros(rows, cols, dtype=torch.int8)
     x_q[:, 0] = 127
@@ -366,11 +365,11 @@ def check_gelu_activation_over_its_range():
     x_scale = torch.linspace(-12.0, 12.0, rows) / 127
     w_scale = torch.cat([torch.linspace(0.01, 1.0, cols - 4), torch.tensor([2.0, 4.0, 8.0, 1e-3])])
     plain = ops.quantized_linear("int8", x_q, x_scale, x_sums, weight, w_scale)
-    for activation, bound in (("gelu", 1.1e-6), ("quick_gelu", 4e-7)):
+    for activation in ("gelu", "quick_gelu"):
         got = ops.quantized_linear("int8", x_q, x_scale, x_sums, weight, w_scale, activation=activation).double()
         want = reference.activate(plain.double(), activation)
         err = (got - want).abs()
-        assert bool((err <= bound * plain.double().abs() + 2e-7 * want.abs() + 1e-30).all()), (
+        assert bool((err <= 4e-7 * plain.double().abs() + 2e-7 * want.abs() + 1e-30).all()), (
             f"{activation}: max error {float(err.max())}")
 
 

@@ -5,7 +5,7 @@
 // internal linkage, so no wide code can leak into a narrower table through the linker (ODR).
 //
 // V provides: T (the vector), W (lanes), load/store (unaligned), set1, add/sub/mul, recip, fma,
-// max/min, hsum/hmax, exp (exp(-inf) = 0; below -87.3 gives 0).
+// max/min, hsum/hmax, exp (exp(-inf) = 0; below -87.3 gives 0), erf.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -43,29 +43,31 @@ struct ScalarVec {
   static float hsum(T v) { return v; }
   static float hmax(T v) { return v; }
   static T exp(T v) { return std::exp(v); }
+  static T erf(T v) { return std::erf(v); }
 };
 
-// GELU(x) = x Phi(x) with Phi(x) = 0.5 + x P(x^2) / Q(x^2) on x clamped to [-4 sqrt 2, 4 sqrt 2]
-// (Phi is 0 or 1 in float beyond): a degree 5 / 3 rational fitted to the normal CDF (linearized
-// minimax; measured in float arithmetic over [-12, 12]: |GELU error| <= 1.02e-6 |x|). 14 multiply /
-// fma operations and a reciprocal where an erf(x / sqrt 2) of degree 13 / 8 (XLA's, 4.2e-7) took 19:
-// in fc1's epilogue that GELU cost 9-13% of the linear (Zen 4, one thread, K = 768 / 512).
+// erf(x) = x P(x^2) / Q(x^2) on x clamped to [-4, 4] (erf(4) is 1 in float): the rational
+// approximation XLA and Eigen use for float (degree 13 / 8; measured in float arithmetic: |error|
+// <= 4.2e-7 over the line). One reciprocal and 11 fmas: about half the work of Abramowitz-Stegun
+// 7.1.26 with its exp, which made the fused GELU cost as much as a GEMM tenth.
 template <class V>
-inline typename V::T gelu_rational(typename V::T x) {
+inline typename V::T erf_rational(typename V::T x) {
   using T = typename V::T;
-  const T xc = V::min(V::max(x, V::set1(-5.656854249f)), V::set1(5.656854249f));
-  const T x2 = V::mul(xc, xc);
-  T p = V::set1(-1.5463402780468982e-09f);
-  p = V::fma(p, x2, V::set1(8.521740824107837e-08f));
-  p = V::fma(p, x2, V::set1(3.3397420338587835e-05f));
-  p = V::fma(p, x2, V::set1(0.00390878040343523f));
-  p = V::fma(p, x2, V::set1(0.026521747931838036f));
-  p = V::fma(p, x2, V::set1(0.3989468514919281f));
-  T q = V::set1(0.0012080740416422486f);
-  q = V::fma(q, x2, V::set1(0.023590223863720894f));
-  q = V::fma(q, x2, V::set1(0.2332015484571457f));
-  q = V::fma(q, x2, V::set1(1.0f));
-  return V::mul(x, V::fma(V::mul(xc, p), V::recip(q), V::set1(0.5f)));
+  x = V::min(V::max(x, V::set1(-4.0f)), V::set1(4.0f));
+  const T x2 = V::mul(x, x);
+  T p = V::set1(-2.72614225801306e-10f);
+  p = V::fma(p, x2, V::set1(2.77068142495902e-08f));
+  p = V::fma(p, x2, V::set1(-2.10102402082508e-06f));
+  p = V::fma(p, x2, V::set1(-5.69250639462346e-05f));
+  p = V::fma(p, x2, V::set1(-7.34990630326855e-04f));
+  p = V::fma(p, x2, V::set1(-2.95459980854025e-03f));
+  p = V::fma(p, x2, V::set1(-1.60960333262415e-02f));
+  T q = V::set1(-1.45660718464996e-05f);
+  q = V::fma(q, x2, V::set1(-2.13374055278905e-04f));
+  q = V::fma(q, x2, V::set1(-1.68282697438203e-03f));
+  q = V::fma(q, x2, V::set1(-7.37332916720468e-03f));
+  q = V::fma(q, x2, V::set1(-1.42647390514189e-02f));
+  return V::mul(V::mul(x, p), V::recip(q));
 }
 
 // exp by Cephes' expf polynomial after n = round(x log2 e): e^x = 2^n e^r, |r| <= ln2 / 2
@@ -123,6 +125,7 @@ struct Avx2Vec {
     const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2)));
   }
+  static T erf(T x) { return erf_rational<Avx2Vec>(x); }
   // kt[c * ld_kt + j] = k[j * ld_k + c] for an 8 x 8 block, rows j >= rows as zeros (the attention's
   // K transpose; see Avx512Vec::transpose_block)
   static void transpose_block(const float* k, int64_t ld_k, int64_t rows, float* kt, int64_t ld_kt) {
@@ -177,6 +180,7 @@ struct Avx512Vec {
     const T p = exp_reduced<Avx512Vec>(x, &n);
     return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
   }
+  static T erf(T x) { return erf_rational<Avx512Vec>(x); }
   // kt[c * ld_kt + j] = k[j * ld_k + c] for a 16 x 16 block, rows j >= rows as zeros: a register
   // transpose. The scalar copy it replaces, one strided store per element, was a
   // third of a head (B = 8, T = 77 causal, one thread, Zen 4: 20.5 -> 13.8 us a head).
@@ -243,7 +247,8 @@ void layer_norm_row_t(const float* x, int64_t k, const float* weight, const floa
 
 template <class V>
 inline typename V::T activate(typename V::T v, Activation act) {
-  if (act == Activation::Gelu) return gelu_rational<V>(v);  // x Phi(x), the erf form
+  if (act == Activation::Gelu)  // 0.5 x (1 + erf(x / sqrt 2))
+    return V::mul(V::mul(v, V::set1(0.5f)), V::add(V::set1(1.0f), V::erf(V::mul(v, V::set1(0.70710678118654752f)))));
   if (act == Activation::QuickGelu)  // x / (1 + exp(-1.702 x))
     return V::mul(v, V::recip(V::add(V::set1(1.0f), V::exp(V::mul(v, V::set1(-1.702f))))));
   return v;
