@@ -562,3 +562,14 @@ def test_the_command_rotates_int4_by_default_and_refuses_attention_maps_it_canno
                            "--format", "int4", "--rotation", "some", "--steps", "1", "--out", str(tmp_path / "b")],
                           capture_output=True, text=True, timeout=300, cwd="/")
     assert proc.returncode != 0 and "--rotation: expected 'auto' or a block size" in proc.stderr
+
+
+def test_the_default_loss_reads_attention_maps_where_the_model_shows_them(tmp_path):
+    from pyclipq.train.recipes import DEFAULT_ATTENTION_WEIGHT, DEFAULT_HIDDEN_WEIGHT, default_loss
+
+    bert = load_model(f"hf:{tiny_bert(tmp_path)}").model
+    loss = default_loss(bert)
+    assert (loss.hidden_weight, loss.attention_weight) == (DEFAULT_HIDDEN_WEIGHT, DEFAULT_ATTENTION_WEIGHT) > (0, 0)
+    # nn.MultiheadAttention packs q and k into one in-projection: the default leaves the maps out
+    clip_loss = default_loss(two_block_clip())
+    assert clip_loss.attention_weight == 0.0 and clip_loss.hidden_weight == DEFAULT_HIDDEN_WEIGHT

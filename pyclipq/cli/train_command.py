@@ -152,13 +152,15 @@ def distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation", default=None, choices=["dynamic", "static", "none"])
     parser.add_argument("--embedding-weight", type=float, default=1.0, help="weight of the output-embedding term")
     parser.add_argument("--embedding-kind", choices=FEATURE_KINDS, default="cosine")
-    parser.add_argument("--hidden-weight", type=float, default=1.0,
-                        help="weight of the hidden-state term (0: the embedding alone)")
+    parser.add_argument("--hidden-weight", type=float, default=recipes.DEFAULT_HIDDEN_WEIGHT,
+                        help="weight of the hidden-state term, relative to the embedding's (0: the embedding alone)")
     parser.add_argument("--hidden-blocks", choices=HIDDEN_BLOCKS, default="all",
                         help="match every transformer block's output, or the last block's only")
-    parser.add_argument("--attention-weight", type=float, default=0.0,
-                        help="weight of the attention-map term: KL between every block's attention distributions "
-                             "(Hugging Face BERT-like and CLIP attention; 0: off, the default)")
+    parser.add_argument("--attention-weight", type=float, default=None,
+                        help="weight of the attention-map term: KL between every block's attention distributions, "
+                             "for Hugging Face BERT-like and CLIP attention (0: off). Default: "
+                             f"{recipes.DEFAULT_ATTENTION_WEIGHT:g} where the model's attention shows its queries and keys, "
+                             "0 for nn.MultiheadAttention (open_clip, OpenAI)")
     parser.add_argument("--init", choices=("auto", "clip", "ptq", "rtn"), default="auto",
                         help="where the student starts: rtn (the float weights), clip (clamped to weight-MSE-optimal "
                              "scales), ptq (GPTQ + clip search on --calibration-batches batches); auto: rtn for "
@@ -184,8 +186,11 @@ def _run_distill(args, loaded: LoadedModel, train, context: DistributedContext) 
         args.data, tokenizer=loaded.tokenize, transform=loaded.preprocess, global_batch=args.batch_size,
         text_column=args.text_column, image_column=args.image_column, workers=args.workers, seed=args.seed,
         strict=args.strict_images, shuffle_buffer=args.shuffle_buffer)
+    attention_weight = args.attention_weight
+    if attention_weight is None:
+        attention_weight = recipes.DEFAULT_ATTENTION_WEIGHT if recipes.attention_maps_visible(loaded.model) else 0.0
     loss = EncoderDistillationLoss(args.embedding_weight, args.hidden_weight, args.embedding_kind, args.hidden_blocks,
-                                   mask_padding=not args.keep_padding, attention_weight=args.attention_weight)
+                                   mask_padding=not args.keep_padding, attention_weight=attention_weight)
     exact = {"auto": None, "exact": True, "fast": False}[args.fake_quant]
     learn_scales = {"auto": None, "rule": False, "learned": True}[args.scales]
     if learn_scales and exact:
