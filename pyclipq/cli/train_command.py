@@ -168,8 +168,8 @@ def distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-batches", type=int, default=8)
     parser.add_argument("--rotation", type=_rotation, default="auto",
                         help="block size of an online Hadamard rotation of every quantized linear's input (0: none); "
-                             "QAT trains through it and the packed model keeps it. auto: 128 for int4, none "
-                             "otherwise (recipes.default_rotation)")
+                             "QAT trains through it and the packed model keeps it. auto: 128 for int4 and ternary, "
+                             "none otherwise (recipes.default_rotation)")
     parser.add_argument("--fake-quant", choices=("auto", "exact", "fast"), default="auto",
                         help="fast: F.linear on dequantized operands; exact: the kernels' integer math; "
                              "auto: fast for grouped formats (int4, int2), exact otherwise. The export is exact either way")

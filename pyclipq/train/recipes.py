@@ -143,12 +143,17 @@ def default_learn_scales(config: QuantConfig) -> bool:
 
 def default_rotation(config: QuantConfig) -> int:
     """The input rotation (QuantConfig.rotation) distillation should use. Measured on all-MiniLM-L6-v2
-    (benchmarks/README.md, "Distillation QAT", 300 steps): a 128-block Hadamard rotation lifts int4
-    g128 W4A8 from 0.9853 to 0.9898 cosine (its PTQ start from 0.973 to 0.981: the rotation spreads
-    the outlier channels that cost the per-token int8 activations most); ternary gains 0.002, and
-    int2 g64 loses 0.04 (0.858 against 0.898). So: 128 for int4, none otherwise."""
+    (benchmarks/README.md, "Distillation QAT"): a 128-block Hadamard rotation lifts int4 g128 W4A8
+    from 0.9853 to 0.9898 cosine at 300 steps (its PTQ start from 0.973 to 0.981: the rotation
+    spreads the outlier channels that cost the per-token int8 activations most) and to 0.9929 after
+    30 minutes (0.990 without); ternary gains 0.002 at 300 steps and R@1 (drop 6.5 -> 3.5 points),
+    and its 30-minute run (0.934) had it; int2 g64 loses 0.04 (0.858 against 0.898 at 300 steps).
+    So: 128 for int4 and ternary, none otherwise. The packed model then runs the rotation too (one
+    fast Walsh-Hadamard pass per linear input)."""
     spec = config.layer.spec
-    return 128 if spec is not None and spec.grouped and spec.bits == 4 else 0
+    if spec is None:
+        return 0
+    return 128 if spec.threshold_rule or (spec.grouped and spec.bits == 4) else 0
 
 
 def ptq_start(model: nn.Module, config: QuantConfig, batches, num_batches: int = 8) -> nn.Module:
