@@ -178,16 +178,19 @@ for _name in SCHEMAS:
         torch.library.register_autograd(f"{NAMESPACE}::{_name}", _not_differentiable(_name))
 
 
-# The rotation is linear, symmetric and orthonormal (x H with H = H^T = H^-1 per block): its
-# gradient is the same rotation of the incoming gradient. QAT rotates activations with this op, so
-# that its forward gives the very floats the packed layer quantizes.
-def _hadamard_rotate_context(ctx, inputs, output):
-    ctx.block = inputs[1]
+def register_rotation_gradient(op_name: str) -> None:
+    """Give the rotation op `op_name` (a hadamard_rotate: x H per block, H = H^T = H^-1) its gradient:
+    the same rotation of the incoming gradient, by the op itself. QAT rotates activations with the
+    op so that its forward gives the very floats the packed layer quantizes."""
+    namespace, name = op_name.split("::")
+
+    def setup_context(ctx, inputs, output):
+        ctx.block = inputs[1]
+
+    def backward(ctx, grad):
+        return getattr(getattr(torch.ops, namespace), name)(grad.contiguous(), ctx.block), None
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
 
 
-def _hadamard_rotate_backward(ctx, grad):
-    return torch.ops.pyclipq.hadamard_rotate(grad.contiguous(), ctx.block), None
-
-
-torch.library.register_autograd(f"{NAMESPACE}::hadamard_rotate", _hadamard_rotate_backward,
-                                setup_context=_hadamard_rotate_context)
+register_rotation_gradient(f"{NAMESPACE}::hadamard_rotate")

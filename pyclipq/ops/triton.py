@@ -27,6 +27,7 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from .. import formats, primitives
+from .library import register_rotation_gradient
 # The kernels are a sibling top-level package (installed beside pyclipq by the wheel, and
 # beside it in a source checkout), importable without pyclipq.
 from pyclipq_triton import autotune, gemm_int8, gemm_lowbit, gemv_weight_only, hadamard, pack, quantize, unpack
@@ -568,14 +569,4 @@ for _name in [*OPS, *(f"{n}_weight_only_linear" for n in WEIGHT_ONLY_OPS)]:
         torch.library.register_autograd(f"pyclipq::triton_{_name}", _not_differentiable(_name))
 
 
-def _hadamard_rotate_context(ctx, inputs, output):
-    ctx.block = inputs[1]
-
-
-def _hadamard_rotate_backward(ctx, grad):
-    # symmetric and orthonormal per block: the gradient is rotated the same way (as pyclipq::hadamard_rotate's)
-    return torch.ops.pyclipq.triton_hadamard_rotate(grad.contiguous(), ctx.block), None
-
-
-torch.library.register_autograd("pyclipq::triton_hadamard_rotate", _hadamard_rotate_backward,
-                                setup_context=_hadamard_rotate_context)
+register_rotation_gradient("pyclipq::triton_hadamard_rotate")
