@@ -40,9 +40,9 @@ from pyclipq.configs import QuantConfig, resolve_config  # noqa: E402
 from pyclipq.data import TextCollate, Texts, train_loader  # noqa: E402
 from pyclipq.train import TrainConfig  # noqa: E402
 from pyclipq.train.distill import EncoderDistillationLoss  # noqa: E402
-from pyclipq.train import recipes  # noqa: E402
 from pyclipq.train.recipes import (  # noqa: E402
-    default_learn_scales, default_lr, default_rotation, distill, fast_fake_quant_default)
+    DEFAULT_ATTENTION_WEIGHT, DEFAULT_HIDDEN_WEIGHT, default_learn_scales, default_lr, default_rotation, distill,
+    fast_fake_quant_default)
 from pyclipq.train.trainer import EncoderDistillation, Trainer  # noqa: E402
 
 FORMATS = {"ternary": "ternary", "int2": "int2", "int4": "int4"}  # presets: ternary, int2 g64, int4 g128 W4A8
@@ -191,9 +191,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=50, help="warm-up steps (at most a tenth of the steps)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--embedding-weight", type=float, default=1.0)
-    parser.add_argument("--hidden-weight", type=float, default=recipes.DEFAULT_HIDDEN_WEIGHT)
+    parser.add_argument("--hidden-weight", type=float, default=DEFAULT_HIDDEN_WEIGHT)
     parser.add_argument("--hidden-blocks", choices=("all", "last"), default="all")
-    parser.add_argument("--attention-weight", type=float, default=recipes.DEFAULT_ATTENTION_WEIGHT,
+    parser.add_argument("--attention-weight", type=float, default=DEFAULT_ATTENTION_WEIGHT,
                         help="weight of the attention-map term (MiniLM's BERT attention shows its maps)")
     parser.add_argument("--rotation", default="auto",
                         help="Hadamard rotation block of every quantized linear (0: none); auto: recipes.default_rotation")

@@ -120,9 +120,9 @@ def test_layer_config_validates_the_transforms():
 @pytest.mark.parametrize("smoothing", ["none", "online"])
 def test_transformed_layer_equals_the_reference_on_transformed_operands(fmt, group_size, smoothing):
     """Bit-exact: the layer stores quantize(rotate(W * s)) and runs the fused op on rotate(x / s); the
-    weight's rotation is nn.linear.rotate_weight (the fast op QAT trains through), the block product
+    weight's rotation is nn.linear.rotate_input_dim (the fast op QAT trains through), the block product
     of primitives.rotate_blocks up to float rounding."""
-    from pyclipq.nn.linear import rotate_weight
+    from pyclipq.nn.linear import rotate_input_dim
 
     torch.manual_seed(0)
     linear = nn.Linear(96, 40)
@@ -139,7 +139,7 @@ def test_transformed_layer_equals_the_reference_on_transformed_operands(fmt, gro
     xt = x / s if smoothing == "online" else x
     xt = pyclipq.ops.hadamard_rotate(xt, 32)
     wt = linear.weight.detach() * (s if smoothing == "online" else 1)
-    rotated = rotate_weight(wt, 32)
+    rotated = rotate_input_dim(wt, 32)
     torch.testing.assert_close(rotated, primitives.rotate_blocks(wt, 32), rtol=1e-6, atol=1e-7)
     codes, scale = primitives.quantize_weight(rotated, fmt, group_size)
     packed = pack_codes(codes, fmt)
@@ -203,7 +203,7 @@ def test_qat_trains_through_a_rotation_and_packs_what_it_trained(fmt, exact):
     """A rotated QAT layer quantizes rotate(W) and multiplies rotate(x), as QuantLinear stores and runs
     them: the packed model gives the fake-quant outputs, and the latent stays in the float model's
     space (the float model is unchanged by prepare and strip)."""
-    from pyclipq.nn.linear import rotate_weight
+    from pyclipq.nn.linear import rotate_input_dim
     from pyclipq.train.fake_quant import FakeQuantLinear, quantize_weight_codes
 
     torch.manual_seed(0)
@@ -226,7 +226,7 @@ def test_qat_trains_through_a_rotation_and_packs_what_it_trained(fmt, exact):
         optimizer.step()
     with torch.no_grad():
         qw = first.quantized_weight()  # the codes of the rotated latent
-        rotated = quantize_weight_codes(rotate_weight(first.weight, 128), first.layer)
+        rotated = quantize_weight_codes(rotate_input_dim(first.weight, 128), first.layer)
         assert torch.equal(qw.levels, rotated.levels) and torch.equal(qw.scale, rotated.scale)
         want = qw.dequantize()
         fake = student(x)

@@ -25,13 +25,13 @@ def _version_of(t: torch.Tensor) -> int:
     return -2 if t.is_inference() else t._version
 
 
-def rotate_weight(weight: torch.Tensor, block: int) -> torch.Tensor:
-    """weight [out, in] with its input dimension rotated by blocks of `block` (1: unchanged), as a
-    rotated layer stores it, and its own inverse: the fast Walsh-Hadamard op, differentiable, that
-    rotates the layer's input too (the dense product of primitives.rotate_blocks in real arithmetic).
-    The one definition that convert, calibration, QAT's fake-quant and its export share, so that
-    they quantize the very same floats."""
-    return ops.hadamard_rotate(weight.contiguous(), block) if block > 1 else weight
+def rotate_input_dim(t: torch.Tensor, block: int) -> torch.Tensor:
+    """t [..., in] with its last (input) dimension rotated by blocks of `block` (1: unchanged): a
+    rotated layer's input as it runs it, and its weight [out, in] as it stores it. The fast
+    Walsh-Hadamard op, differentiable and its own inverse (the dense product of
+    primitives.rotate_blocks in real arithmetic). The one definition that convert, calibration, the
+    packed forward, QAT's fake-quant and its export share, so that they quantize the very same floats."""
+    return ops.hadamard_rotate(t.contiguous(), block) if block > 1 else t
 
 
 class QuantLinear(PackedWeight):
@@ -112,14 +112,13 @@ class QuantLinear(PackedWeight):
         """What the stored weight multiplies: x smoothed (online) and rotated, as the layer runs it."""
         if self.layer.smoothing == "online":
             x = x / self.smooth_scale.to(x.dtype)
-        # the op: a fast Walsh-Hadamard kernel on the CPU (the same product as rotate_blocks)
-        return ops.hadamard_rotate(x, self.rotation_block) if self.rotation_block > 1 else x
+        return rotate_input_dim(x, self.rotation_block)
 
     def transform_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The stored (to be quantized) weight for an original float weight [out, in]."""
         if self.layer.smoothing != "none":
             weight = weight * self.smooth_scale.to(device=weight.device, dtype=weight.dtype)
-        return rotate_weight(weight, self.rotation_block)
+        return rotate_input_dim(weight, self.rotation_block)
 
     @torch.no_grad()
     def load_float_weight(self, weight: torch.Tensor) -> None:

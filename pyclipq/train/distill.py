@@ -181,7 +181,9 @@ def attention_map_loss(student: list[torch.Tensor], teacher: list[torch.Tensor],
     shift-invariant scores are compared as the distribution the model uses.
 
     mask: optional bool [B, T], True at the real tokens: padding keys get no probability on either
-    side, and padding query rows are left out.
+    side, and padding query rows are left out. No causal mask is applied: in a causal text tower
+    (transformers' CLIP text model) the scores of future keys, which the model masks, are matched
+    too; they are the teacher's, so this costs signal, not correctness.
     """
     if len(student) != len(teacher) or not teacher:
         raise ValueError(f"student ({len(student)}) and teacher ({len(teacher)}) must give the same, non-zero "
@@ -223,7 +225,8 @@ class EncoderDistillationLoss:
     # (encoder_outputs' "mask": a SentenceEncoder's pad tokens)
     mask_padding: bool = True
     # attention maps of every block (transformers' BERT-like and CLIP attention; not
-    # nn.MultiheadAttention); off by default: on MiniLM it did not help (benchmarks/README.md)
+    # nn.MultiheadAttention). Off here; recipes.default_loss turns it on where the model shows its
+    # maps (MiniLM ternary at 300 steps: 0.8688 -> 0.8725, benchmarks/README.md)
     attention_weight: float = 0.0
 
     def __post_init__(self):

@@ -32,10 +32,9 @@ from torch import nn
 from .. import formats
 from ..configs import LayerConfig
 from ..nn.attention import QuantMultiheadAttention, check_replaceable
-from ..nn.linear import QuantLinear, rotate_weight, static_act_scale
+from ..nn.linear import QuantLinear, rotate_input_dim, static_act_scale
 from ..nn.packed import unpack_codes
 from ..nn.parameter import LAYOUTS, to_rows
-from .. import ops
 from ..ops import reference
 from ..primitives import (
     dequantize_levels,
@@ -312,11 +311,11 @@ class _WeightCache:
     def get(self, weight: torch.Tensor, layer: LayerConfig, scale: torch.Tensor | None = None,
             block: int = 1) -> QuantizedWeight:
         """The format rule's codes of `weight`, or with `scale` given (learned scales) its codes at those
-        scales; of `weight` rotated by blocks of `block` (nn.linear.rotate_weight) when block > 1."""
+        scales; of `weight` rotated by blocks of `block` (nn.linear.rotate_input_dim) when block > 1."""
         key = (weight._version, weight.data_ptr(), weight.device, weight.dtype, layer, block,
                None if scale is None else (scale._version, scale.data_ptr()))
         if key != self.key:
-            weight = rotate_weight(weight.detach(), block)
+            weight = rotate_input_dim(weight.detach(), block)
             if scale is None:
                 self.value = quantize_weight_codes(weight, layer)
             else:
@@ -347,7 +346,8 @@ class FakeQuantLinear(nn.Linear):
 
     A layer with a rotation (LayerConfig.rotation) keeps its latent weight W unrotated, as the
     float model has it: every forward quantizes rotate(W) and multiplies rotate(x), as QuantLinear
-    stores (`nn.linear.rotate_weight`) and runs them (`ops.hadamard_rotate`), so the STE gradient
+    stores and runs them (`nn.linear.rotate_input_dim`, the very op: a last-bit difference in x
+    would flip activation roundings at export), so the STE gradient
     reaches W through the rotation and `convert_qat` packs the codes trained.
     """
 
@@ -449,12 +449,7 @@ class FakeQuantLinear(nn.Linear):
     def stored_weight(self) -> torch.Tensor:
         """The weight the codes quantize, as QuantLinear stores it: the latent, rotated when the layer
         has a rotation (differentiable)."""
-        return rotate_weight(self.weight, self.rotation_block)
-
-    def _rotate_input(self, x: torch.Tensor) -> torch.Tensor:
-        # QuantLinear's own op (differentiable: pyclipq.ops.library), not the block product of
-        # primitives.rotate_blocks: a last-bit difference in x would flip activation roundings at export
-        return ops.hadamard_rotate(x, self.rotation_block) if self.rotation_block > 1 else x
+        return rotate_input_dim(self.weight, self.rotation_block)
 
     def learned_scale(self) -> torch.Tensor | None:
         """The learned weight scales (exp of log_scale), or None when the format rule sets them."""
@@ -488,7 +483,7 @@ class FakeQuantLinear(nn.Linear):
             return self._learned_scale_linear(x, rows)
         qw = self.quantized_weight()
         if self.rotation_block > 1:
-            x, weight = self._rotate_input(x), self.stored_weight()
+            x, weight = rotate_input_dim(x, self.rotation_block), self.stored_weight()
         if rows is not None:
             weight, bias = weight[rows], (bias[rows] if bias is not None else None)
             qw = QuantizedWeight(qw.levels[rows], qw.scale[rows], qw.format, qw.in_features)
@@ -496,7 +491,7 @@ class FakeQuantLinear(nn.Linear):
 
     def _learned_scale_linear(self, x: torch.Tensor, rows: slice | None) -> torch.Tensor:
         weight, bias, scale = self.stored_weight(), self.bias, self.learned_scale()
-        x = self._rotate_input(x)
+        x = rotate_input_dim(x, self.rotation_block)
         if rows is not None:
             weight, bias, scale = weight[rows], (bias[rows] if bias is not None else None), scale[rows]
         w_fq = learnable_fake_quantize(weight, self.layer.spec, scale, self.layer.group_size).to(x.dtype)

@@ -35,7 +35,7 @@ from ..models import detect_adapter
 from .. import primitives
 from ..calibrate.weights import load_quantized_weight, observed_weight_scales
 from ..nn import QuantLinear
-from ..nn.linear import rotate_weight
+from ..nn.linear import rotate_input_dim
 from ..nn.packed import unpack_codes
 from ..nn.parameter import packed_parameters
 from ..primitives import quantize_weight_with_scales
@@ -254,7 +254,7 @@ def latent_from_packed(float_model: nn.Module, packed: nn.Module, *, inplace: bo
         codes = unpack_codes(module.packed_weight, module.layer.format).cpu()
         value = primitives.rule_latent(codes, module.weight_scale.cpu(), module.layer.format, module.in_features,
                                        module.layer.threshold_rule)
-        weight.copy_(rotate_weight(value, module.rotation_block).to(weight.dtype))
+        weight.copy_(rotate_input_dim(value, module.rotation_block).to(weight.dtype))
         found += 1
     if not found:
         raise ValueError("packed: it holds no quantized QuantLinear (convert a copy of float_model first)")
