@@ -90,8 +90,9 @@ def learns_scales(args, name: str) -> bool:
     return {"auto": default_learn_scales(resolve_config(FORMATS[name])), "rule": False, "learned": True}[args.scales]
 
 
-def text_batches(loaded, texts: list[str], batch: int, seed: int):
-    return train_loader(Texts(texts), batch, TextCollate(loaded.tokenize), seed=seed)
+def text_batches(loaded, texts: list[str], batch: int, seed: int, group_by_length: bool = True):
+    lengths = [len(text) for text in texts] if group_by_length else None
+    return train_loader(Texts(texts), batch, TextCollate(loaded.tokenize), seed=seed, lengths=lengths)
 
 
 def format_config(name: str, args) -> QuantConfig:
@@ -127,8 +128,9 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
               f"(drop {record['r1_drop']:+.1f})  {time.perf_counter() - started:7.0f}s wall", flush=True)
         return record
 
-    result = distill(model, text_batches(loaded, texts, args.batch_size, args.seed), config, init=args.init,
-                     train=train, loss=loss, exact=exact, learn_scales=learn_scales, evaluate=evaluate, evaluate_every=args.eval_every)
+    result = distill(model, text_batches(loaded, texts, args.batch_size, args.seed, args.group_by_length), config, init=args.init,
+                     train=train, loss=loss, exact=exact, learn_scales=learn_scales, evaluate=evaluate, evaluate_every=args.eval_every,
+                     freeze_embeddings=args.freeze_embeddings)
     packed = evaluation(result.quantized)
     out = args.out / f"{name}.safetensors" if args.out else None
     reload_equal = None
@@ -151,7 +153,7 @@ def step_times(args, loaded, texts: list[str]) -> list[dict]:
     """Seconds per distillation step (teacher forward included), fp32 student against each format's
     fake-quant student, exact, fast and with learned scales, same batches, best of --repeats
     interleaved rounds. The students have the run's rotation and the objective its loss terms."""
-    data = list(text_batches(loaded, texts[: args.batch_size * 8], args.batch_size, args.seed))
+    data = list(text_batches(loaded, texts[: args.batch_size * 8], args.batch_size, args.seed, args.group_by_length))
     objective = EncoderDistillation(distillation_loss(args))
     teacher = loaded.model
 
@@ -204,6 +206,9 @@ def main(argv=None) -> int:
                         help="training texts (benchmarks/train_texts.py); several: equal shares of each")
     parser.add_argument("--scales", choices=("auto", "rule", "learned"), default="auto",
                         help="weight scales: the format rule's or learned (LSQ); auto: recipes.default_learn_scales")
+    parser.add_argument("--freeze-embeddings", action="store_true", help="the student keeps the teacher's token embeddings")
+    parser.add_argument("--no-length-grouping", dest="group_by_length", action="store_false",
+                        help="random batches (default: texts of similar length batched together, as `train distill` does)")
     parser.add_argument("--keep-padding", action="store_true", help="match block outputs at padding tokens too")
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--texts", type=int, default=20000, help="training texts to draw (at least 5000)")

@@ -294,6 +294,54 @@ class ResumableDistributedSampler(DistributedSampler):
         return iter(indices)
 
 
+class LengthGroupedSampler(ResumableDistributedSampler):
+    """A shuffled epoch whose global batches each hold examples of similar length, so that batches
+    padded to their longest text carry little padding (one random batch of 16 of the distillation
+    benchmark's training texts is 35% padding tokens).
+
+    The epoch's shuffled order is cut into pools of `pool_batches` global batches; each pool is
+    sorted by length and cut into global batches, and the epoch's batches are shuffled. Rank r
+    reads the r-th slice of each global batch. Like the DistributedSampler it extends, the order
+    depends only on (seed, epoch), and `start_at` resumes part-way through an epoch.
+    """
+
+    def __init__(self, lengths: Sequence[int], global_batch: int, *, num_replicas: int, rank: int, seed: int = 0,
+                 pool_batches: int = 64):
+        if global_batch < 1 or global_batch % num_replicas:
+            raise ValueError(f"global_batch must be a positive multiple of num_replicas ({num_replicas}), got {global_batch}")
+        if pool_batches < 1:
+            raise ValueError(f"pool_batches must be >= 1, got {pool_batches}")
+        if len(lengths) < global_batch:
+            raise ValueError(f"lengths: {len(lengths)} examples, fewer than one global batch of {global_batch}")
+        super().__init__(lengths, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.lengths = [int(n) for n in lengths]
+        self.global_batch = global_batch
+        self.local_batch = global_batch // num_replicas
+        self.pool_batches = pool_batches
+
+    def __len__(self) -> int:
+        return len(self.lengths) // self.global_batch * self.local_batch
+
+    def global_batches(self) -> list[list[int]]:
+        """This epoch's global batches, in training order."""
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        usable = len(self.lengths) // self.global_batch * self.global_batch
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()[:usable]
+        pool = self.pool_batches * self.global_batch
+        batches = []
+        for start in range(0, usable, pool):
+            by_length = sorted(order[start:start + pool], key=self.lengths.__getitem__)
+            batches += [by_length[i:i + self.global_batch] for i in range(0, len(by_length), self.global_batch)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+    def __iter__(self):
+        first = self.rank * self.local_batch
+        indices = [i for batch in self.global_batches() for i in batch[first:first + self.local_batch]][self._start:]
+        self._start = 0
+        return iter(indices)
+
+
 def per_rank_batch(global_batch: int, argument: str = "--batch-size") -> int:
     """A global batch split evenly over the ranks (the contrastive loss sees the global batch)."""
     _, size = world()
@@ -304,13 +352,19 @@ def per_rank_batch(global_batch: int, argument: str = "--batch-size") -> int:
 
 
 def train_loader(dataset: Dataset, global_batch: int, collate: Callable, *, workers: int = 0, seed: int = 0,
-                 pin_memory: bool = False) -> DataLoader:
-    """Shuffled batches of this rank's slice of `dataset`; the last partial global batch of an epoch is dropped."""
+                 pin_memory: bool = False, lengths: Sequence[int] | None = None) -> DataLoader:
+    """Shuffled batches of this rank's slice of `dataset`; the last partial global batch of an epoch is dropped.
+    lengths: one per example: batch examples of similar length together (LengthGroupedSampler)."""
     rank, size = world()
     local = per_rank_batch(global_batch)
     if len(dataset) < global_batch:
         raise ValueError(f"--batch-size: the dataset has {len(dataset)} examples, fewer than one global batch of {global_batch}")
-    sampler = ResumableDistributedSampler(dataset, num_replicas=size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    if lengths is None:
+        sampler = ResumableDistributedSampler(dataset, num_replicas=size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    elif len(lengths) != len(dataset):
+        raise ValueError(f"lengths: {len(lengths)} lengths for a dataset of {len(dataset)} examples")
+    else:
+        sampler = LengthGroupedSampler(lengths, global_batch, num_replicas=size, rank=rank, seed=seed)
     return DataLoader(dataset, batch_size=local, sampler=sampler, collate_fn=collate, num_workers=workers,
                       drop_last=True, pin_memory=pin_memory, persistent_workers=False)
 
@@ -476,19 +530,23 @@ class ZippedBatches:
 
 def unlabelled_batches(specs: Sequence[str], *, tokenizer: Callable | None, transform: Callable | None,
                        global_batch: int, text_column: str | None = None, image_column: str | None = None,
-                       workers: int = 0, seed: int = 0, strict: bool = False, shuffle_buffer: int = 1000):
+                       workers: int = 0, seed: int = 0, strict: bool = False, shuffle_buffer: int = 1000,
+                       group_by_length: bool = True):
     """Batches {"tokens"} / {"images", "skipped"} / both, from every source in `specs` (see
     `parse_data_spec`): a .txt file gives texts; a CSV gives the text column, the image column,
     or both as pairs (the columns named; at least one); a folder or ImageFolder gives its images
     (recursively); webdataset shards give their images. A model without a text tower
-    (tokenizer None) or an image tower (transform None) cannot take that kind of source."""
+    (tokenizer None) or an image tower (transform None) cannot take that kind of source.
+    group_by_length: batch texts of similar length (in characters) together, so that a tokenizer
+    that pads to the batch's longest text pads little (LengthGroupedSampler)."""
     if not specs:
         raise ValueError("--data: give at least one source (a .txt file, a CSV, a folder of images, wds shards)")
 
     def texts_of(dataset: Texts):
         if tokenizer is None:
             raise ValueError("--data: the model has no text tower (no tokenizer), but a text source was given")
-        return train_loader(dataset, global_batch, TextCollate(tokenizer), workers=workers, seed=seed)
+        lengths = [len(text) for text in dataset.texts] if group_by_length else None
+        return train_loader(dataset, global_batch, TextCollate(tokenizer), workers=workers, seed=seed, lengths=lengths)
 
     def images_of(dataset: Images):
         if transform is None:

@@ -179,15 +179,14 @@ def _levels_with_scales(weight: torch.Tensor, fmt: WeightFormat, scale: torch.Te
         raise ValueError(f"scale must have shape {list(expected)} for format {fmt.name!r}, got {getattr(scale, 'shape', scale)}")
     if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
         raise ValueError("scale must be finite and >= 0")
-    w = _padded(weight)
-    k_pad = w.shape[1]
-    inverse = safe_inverse(scale.to(device=w.device, dtype=torch.float32))
-    if fmt.grouped:
+    k_pad = formats.padded_k(k)
+    inverse = safe_inverse(scale.to(device=weight.device, dtype=torch.float32))
+    if fmt.grouped:  # the groups are cut from the padded row
         g = scale.shape[1]
-        ratio = (w.view(n, g, k_pad // g) * inverse[:, :, None]).view(n, k_pad)
+        ratio = (_padded(weight).view(n, g, k_pad // g) * inverse[:, :, None]).view(n, k_pad)[:, :k]
     else:
-        ratio = w * inverse[:, None]
-    return nearest_levels(ratio[:, :k], fmt), k_pad
+        ratio = weight.detach().to(torch.float32) * inverse[:, None]
+    return nearest_levels(ratio, fmt), k_pad
 
 
 def quantize_weight_with_scales(weight: torch.Tensor, fmt, scale: torch.Tensor, group_size: int = 0) -> torch.Tensor:
@@ -196,6 +195,16 @@ def quantize_weight_with_scales(weight: torch.Tensor, fmt, scale: torch.Tensor, 
     fmt = formats.as_format(fmt)
     levels, k_pad = _levels_with_scales(weight, fmt, scale, group_size)
     return codes_from_levels(levels, fmt, k_pad)
+
+
+def quantize_weight_levels(weight: torch.Tensor, fmt, scale: torch.Tensor, group_size: int = 0) -> torch.Tensor:
+    """float32 integer levels [N, K_pad] of `weight` at `scale`, the padding columns at the pad
+    code's level: ``fmt.level`` of `quantize_weight_with_scales`' codes, without forming the codes
+    (QAT's fake-quant reads levels, every step)."""
+    fmt = formats.as_format(fmt)
+    levels, k_pad = _levels_with_scales(weight, fmt, scale, group_size)
+    pad_level = float(fmt.level_mul * fmt.pad_code - fmt.level_offset)
+    return torch.nn.functional.pad(levels, (0, k_pad - levels.shape[1]), value=pad_level)
 
 
 def fake_quantize_with_scales(weight: torch.Tensor, fmt, scale: torch.Tensor, group_size: int = 0) -> torch.Tensor:

@@ -14,7 +14,7 @@ from calibration_fixtures import one_intra_op_thread  # noqa: F401  (autouse)
 from torch import nn
 
 import pyclipq
-from pyclipq import primitives
+from pyclipq import formats, primitives
 from pyclipq.calibrate import calibrate
 from pyclipq.calibrate.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
 from pyclipq.calibrate.weights import output_aware_scales
@@ -100,6 +100,10 @@ def test_fake_quantize_with_scales_is_the_dequantized_codes(fmt, group_size):
     codes = primitives.quantize_weight_with_scales(w, fmt, scale, group_size)
     assert torch.equal(primitives.fake_quantize_with_scales(w, fmt, scale, group_size),
                        primitives.dequantize_codes(codes, scale, fmt, 100))
+    # QAT's levels, padding columns included (K = 100 pads to 128), are the codes' levels exactly
+    levels = primitives.quantize_weight_levels(w, fmt, scale, group_size)
+    assert levels.dtype == torch.float32 and levels.shape == codes.shape
+    assert torch.equal(levels, formats.as_format(fmt).level(codes).to(torch.float32))
 
 
 # ---------------------------------------------------------------- configs and QuantLinear

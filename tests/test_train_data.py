@@ -11,8 +11,8 @@ from PIL import Image
 import pyclipq
 from pyclipq import cli
 from pyclipq.nn import QuantLinear
-from pyclipq.data import (BadImageError, CaptionPairs, LabelledCollate, LabelledImages, PairCollate,
-                                parse_data_spec, train_loader)
+from pyclipq.data import (BadImageError, CaptionPairs, LabelledCollate, LabelledImages, LengthGroupedSampler,
+                          PairCollate, ResumableDistributedSampler, TextCollate, Texts, parse_data_spec, train_loader)
 from test_distributed import write_pairs
 from train_helpers import tiny_tokenizer
 
@@ -87,3 +87,74 @@ def test_train_ternary_on_own_csv_exports_the_packed_model(capsys, tmp_path):
     assert code == 2 and "not an open_clip architecture" in capsys.readouterr().err
     code = cli.main(["train", "p4q", "--model", "testbed", "--data", f"csv:{csv}", "--out", str(tmp_path / "x")])
     assert code == 2 and "P4Q trains on labelled images" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- length-grouped batches
+
+
+def _grouped_epoch(lengths, global_batch, *, replicas=1, seed=0, epoch=0, pool_batches=64):
+    """Every rank's index order of one epoch, as lists."""
+    orders = []
+    for rank in range(replicas):
+        sampler = LengthGroupedSampler(lengths, global_batch, num_replicas=replicas, rank=rank, seed=seed,
+                                       pool_batches=pool_batches)
+        sampler.set_epoch(epoch)
+        orders.append(list(sampler))
+        assert len(sampler) == len(orders[-1])
+    return orders
+
+
+def test_length_grouped_batches_are_sorted_runs_in_shuffled_order():
+    generator = torch.Generator().manual_seed(1)
+    lengths = torch.randperm(200, generator=generator).tolist()  # distinct lengths: a unique sorted order
+    # one pool holds the whole epoch: the batches are the length-sorted runs of 8, in shuffled order
+    (order,) = _grouped_epoch(lengths, 8, pool_batches=64)
+    assert sorted(order) == list(range(200))
+    batches = [order[i:i + 8] for i in range(0, 200, 8)]
+    by_length = sorted(range(200), key=lengths.__getitem__)
+    runs = [by_length[i:i + 8] for i in range(0, 200, 8)]
+    assert sorted(map(sorted, batches)) == sorted(map(sorted, runs))
+    assert [min(lengths[i] for i in b) for b in batches] != sorted(min(lengths[i] for i in b) for b in batches)
+    # pools of 5 batches: a partial sort, still far less padding than the plain sampler's random batches
+    (pooled,) = _grouped_epoch(lengths + [0, 0, 0], 8, pool_batches=5)  # 203 examples: the last 3 dropped
+    assert len(pooled) == 200 and len(set(pooled)) == 200
+
+    def padded(indices):
+        return sum(max((lengths + [0, 0, 0])[i] for i in indices[j:j + 8]) * 8 for j in range(0, len(indices), 8))
+
+    plain = list(ResumableDistributedSampler(lengths, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True))
+    assert padded(pooled) < 0.8 * padded(plain)
+
+
+def test_length_grouped_order_is_seeded_by_epoch_and_split_over_ranks():
+    lengths = [(7 * i) % 31 + 1 for i in range(96)]
+    first, again = _grouped_epoch(lengths, 8)[0], _grouped_epoch(lengths, 8)[0]
+    assert first == again
+    assert _grouped_epoch(lengths, 8, epoch=1)[0] != first
+    assert _grouped_epoch(lengths, 8, seed=5)[0] != first
+    # two ranks read the halves of the one-rank global batches
+    rank0, rank1 = _grouped_epoch(lengths, 8, replicas=2)
+    whole = [first[i:i + 8] for i in range(0, 96, 8)]
+    assert [rank0[i:i + 4] for i in range(0, 48, 4)] == [b[:4] for b in whole]
+    assert [rank1[i:i + 4] for i in range(0, 48, 4)] == [b[4:] for b in whole]
+    # resuming part-way reads the rest of the same epoch
+    sampler = LengthGroupedSampler(lengths, 8, num_replicas=1, rank=0)
+    sampler.start_at(24)
+    assert list(sampler) == first[24:] and list(sampler) == first  # start_at holds for one epoch
+
+
+def test_length_grouped_loader_and_errors():
+    texts = Texts([f"text {'x' * (i % 13)}" for i in range(40)])
+    tokens = lambda batch: torch.tensor([[len(t)] for t in batch])  # noqa: E731
+    loader = train_loader(texts, 8, TextCollate(tokens), lengths=[len(t) for t in texts.texts])
+    batches = [b["tokens"].flatten().tolist() for b in loader]
+    assert len(batches) == 5 and sum(len(b) for b in batches) == 40
+    assert sum(max(b) - min(b) for b in batches) <= 13  # the 5 batches cut one sorted pool
+    with pytest.raises(ValueError, match="lengths: 3 lengths for a dataset of 40 examples"):
+        train_loader(texts, 8, TextCollate(tokens), lengths=[1, 2, 3])
+    with pytest.raises(ValueError, match="global_batch must be a positive multiple of num_replicas"):
+        LengthGroupedSampler([1] * 10, 3, num_replicas=2, rank=0)
+    with pytest.raises(ValueError, match="pool_batches must be >= 1"):
+        LengthGroupedSampler([1] * 10, 2, num_replicas=1, rank=0, pool_batches=0)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        LengthGroupedSampler([1] * 3, 4, num_replicas=1, rank=0)

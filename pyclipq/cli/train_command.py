@@ -52,6 +52,9 @@ def _unlabelled_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-column", default=None, help="CSV column of texts")
     parser.add_argument("--image-column", default=None, help="CSV column of image paths (relative to the CSV)")
     parser.add_argument("--shuffle-buffer", type=int, default=1000, help="webdataset sample shuffle buffer")
+    parser.add_argument("--no-length-grouping", dest="group_by_length", action="store_false",
+                        help="batch texts in plain random order (default: texts of similar length share a batch, "
+                             "which cuts a padded text encoder's step time)")
 
 
 def _pair_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -185,7 +188,7 @@ def _run_distill(args, loaded: LoadedModel, train, context: DistributedContext) 
     data = train_data.unlabelled_batches(
         args.data, tokenizer=loaded.tokenize, transform=loaded.preprocess, global_batch=args.batch_size,
         text_column=args.text_column, image_column=args.image_column, workers=args.workers, seed=args.seed,
-        strict=args.strict_images, shuffle_buffer=args.shuffle_buffer)
+        strict=args.strict_images, shuffle_buffer=args.shuffle_buffer, group_by_length=args.group_by_length)
     attention_weight = args.attention_weight
     if attention_weight is None:
         attention_weight = recipes.DEFAULT_ATTENTION_WEIGHT if recipes.attention_maps_visible(loaded.model) else 0.0

@@ -111,8 +111,6 @@ class DistributedTrainer(Trainer):
 
     def _epoch_iterator(self, epoch: int, skip: int):
         sampler = getattr(self.data, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
         if skip and isinstance(sampler, ResumableDistributedSampler):
             # start the epoch past the consumed samples instead of reading and dropping them
             sampler.start_at(skip * self.data.batch_size)

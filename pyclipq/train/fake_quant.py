@@ -41,8 +41,7 @@ from ..primitives import (
     format_scales,
     learnable_fake_quantize,
     quantize_activation_rows,
-    quantize_weight,
-    quantize_weight_with_scales,
+    quantize_weight_levels,
     rotation_block,
 )
 
@@ -131,11 +130,15 @@ class QuantizedWeight:
         return dequantize_levels(self.levels, self.scale, self.in_features)
 
 
-def quantize_weight_codes(weight: torch.Tensor, layer: LayerConfig) -> QuantizedWeight:
-    """primitives.quantize_weight of `weight` (no gradient), as integer levels, on the weight's device."""
-    fmt = layer.spec
-    codes, scale = quantize_weight(weight.detach(), fmt, layer.group_size, layer.threshold_rule)
-    return codes_to_quantized(codes, scale, layer.format, weight.shape[1], weight.device)
+def quantize_weight_codes(weight: torch.Tensor, layer: LayerConfig, scale: torch.Tensor | None = None) -> QuantizedWeight:
+    """primitives.quantize_weight of `weight` (no gradient), as integer levels, on the weight's device;
+    at `scale` (primitives.quantize_weight_with_scales) when given, else at the format rule's scales."""
+    fmt, weight = layer.spec, weight.detach()
+    group_size = layer.group_size if fmt.grouped else 0
+    if scale is None:
+        scale = format_scales(weight, fmt, group_size, layer.threshold_rule)
+    scale = scale.detach().to(torch.float32)
+    return QuantizedWeight(quantize_weight_levels(weight, fmt, scale, group_size), scale, layer.format, weight.shape[1])
 
 
 def codes_to_quantized(codes: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int, device=None) -> QuantizedWeight:
@@ -315,13 +318,7 @@ class _WeightCache:
         key = (weight._version, weight.data_ptr(), weight.device, weight.dtype, layer, block,
                None if scale is None else (scale._version, scale.data_ptr()))
         if key != self.key:
-            weight = rotate_input_dim(weight.detach(), block)
-            if scale is None:
-                self.value = quantize_weight_codes(weight, layer)
-            else:
-                scale = scale.detach().to(torch.float32)
-                codes = quantize_weight_with_scales(weight.detach(), layer.spec, scale, layer.group_size)
-                self.value = codes_to_quantized(codes, scale, layer.format, weight.shape[1], weight.device)
+            self.value = quantize_weight_codes(rotate_input_dim(weight.detach(), block), layer, scale)
             self.key = key
         return self.value
 

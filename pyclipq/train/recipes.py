@@ -203,6 +203,15 @@ def default_lr(config: QuantConfig) -> float:
     return 1e-3 if spec is not None and (spec.threshold_rule or spec.bits <= 2) else 2e-4
 
 
+def freeze_float_embeddings_(model: nn.Module) -> int:
+    """Stop training `model`'s float embedding tables (nn.Embedding, not a quantized one): the
+    student then looks its tokens up in the teacher's own table. Returns how many it froze."""
+    frozen = [m for m in model.modules() if type(m) is nn.Embedding]
+    for table in frozen:
+        table.weight.requires_grad_(False)
+    return len(frozen)
+
+
 def distill(
     model: nn.Module,
     data,
@@ -219,6 +228,7 @@ def distill(
     distributed: DistributedContext | None = None,
     evaluate: Callable[[nn.Module], dict] | None = None,
     evaluate_every: int = 0,
+    freeze_embeddings: bool = False,
 ) -> DistillResult:
     """Label-free distillation QAT, in one call: the fake-quant student of `model` learns to give the
     float teacher's embeddings and block outputs on unlabelled images and/or texts.
@@ -264,6 +274,8 @@ def distill(
     student = prepare_qat(start, config, exact=exact, learn_scales=learn_scales)
     if init == "clip" and not resuming:
         clip_latent_weights_(student)  # learned scales start at the clipped weights' rule scales
+    if freeze_embeddings:
+        freeze_float_embeddings_(student)
     # Parameters a batch does not reach (the logit scale; the image tower on texts alone) get no
     # gradient: DistributedDataParallel must be told to look for them.
     ddp = {"find_unused_parameters": True} if distributed is not None else {}
