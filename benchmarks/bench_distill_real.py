@@ -42,7 +42,7 @@ from pyclipq.train import TrainConfig  # noqa: E402
 from pyclipq.train.distill import EncoderDistillationLoss  # noqa: E402
 from pyclipq.train.recipes import (  # noqa: E402
     DEFAULT_ATTENTION_WEIGHT, DEFAULT_HIDDEN_WEIGHT, default_learn_scales, default_lr, default_rotation, distill,
-    fast_fake_quant_default)
+    fast_fake_quant_default, freeze_float_embeddings_)
 from pyclipq.train.trainer import EncoderDistillation, Trainer  # noqa: E402
 
 FORMATS = {"ternary": "ternary", "int2": "int2", "int4": "int4"}  # presets: ternary, int2 g64, int4 g128 W4A8
@@ -130,7 +130,7 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
 
     result = distill(model, text_batches(loaded, texts, args.batch_size, args.seed, args.group_by_length), config, init=args.init,
                      train=train, loss=loss, exact=exact, learn_scales=learn_scales, evaluate=evaluate, evaluate_every=args.eval_every,
-                     freeze_embeddings=args.freeze_embeddings)
+                     freeze_embeddings=not args.train_embeddings)
     packed = evaluation(result.quantized)
     out = args.out / f"{name}.safetensors" if args.out else None
     reload_equal = None
@@ -152,16 +152,22 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
 def step_times(args, loaded, texts: list[str]) -> list[dict]:
     """Seconds per distillation step (teacher forward included), fp32 student against each format's
     fake-quant student, exact, fast and with learned scales, same batches, best of --repeats
-    interleaved rounds. The students have the run's rotation and the objective its loss terms."""
+    interleaved rounds. The students have the run's rotation, length-grouped batches and frozen
+    token embeddings as the run's have them, and the objective its loss terms."""
     data = list(text_batches(loaded, texts[: args.batch_size * 8], args.batch_size, args.seed, args.group_by_length))
     objective = EncoderDistillation(distillation_loss(args))
     teacher = loaded.model
 
     def student_of(label):
         if label == "fp32":
-            return copy.deepcopy(teacher)
-        name, mode = label.split("/")
-        return pyclipq.prepare_qat(teacher, format_config(name, args), exact=mode == "exact", learn_scales=mode == "learned")
+            student = copy.deepcopy(teacher)
+        else:
+            name, mode = label.split("/")
+            student = pyclipq.prepare_qat(teacher, format_config(name, args), exact=mode == "exact",
+                                          learn_scales=mode == "learned")
+        if not args.train_embeddings:  # as the run's students (and the fp32 one the same)
+            freeze_float_embeddings_(student)
+        return student
 
     labels = ["fp32"] + [f"{name}/{mode}" for name in args.formats for mode in ("exact", "fast", "learned")]
     best = {label: float("inf") for label in labels}
@@ -206,7 +212,8 @@ def main(argv=None) -> int:
                         help="training texts (benchmarks/train_texts.py); several: equal shares of each")
     parser.add_argument("--scales", choices=("auto", "rule", "learned"), default="auto",
                         help="weight scales: the format rule's or learned (LSQ); auto: recipes.default_learn_scales")
-    parser.add_argument("--freeze-embeddings", action="store_true", help="the student keeps the teacher's token embeddings")
+    parser.add_argument("--train-embeddings", action="store_true",
+                        help="train the student's token embeddings too (default: the teacher's are kept, as `train distill` does)")
     parser.add_argument("--no-length-grouping", dest="group_by_length", action="store_false",
                         help="random batches (default: texts of similar length batched together, as `train distill` does)")
     parser.add_argument("--keep-padding", action="store_true", help="match block outputs at padding tokens too")

@@ -22,6 +22,7 @@ from . import formats
 from .formats import WeightFormat
 
 __all__ = [
+    "all_finite",
     "safe_inverse",
     "quantize_activation_rows",
     "quantize_per_token",
@@ -45,6 +46,19 @@ __all__ = [
     "range_to_qparams",
 ]
 
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of the floating-point tensor `t` is finite. One reduction, with no
+    [t.shape] bool tensor (isfinite(t).all() costs ten elementwise passes): a float32, float16 or
+    bfloat16 tensor's sum in float64 cannot overflow, and a NaN or Inf reaches it; float64 tensors
+    take their absmax, which NaN reaches too."""
+    t = t.detach()
+    if t.numel() == 0:
+        return True
+    if t.dtype == torch.float64:
+        return bool(torch.isfinite(t.abs().amax()))
+    return bool(torch.isfinite(t.sum(dtype=torch.float64)))
 
 
 def safe_inverse(scale: torch.Tensor) -> torch.Tensor:
@@ -100,7 +114,7 @@ def _check_weight(weight: torch.Tensor) -> None:
         raise ValueError(f"weight must be a 2-D tensor [N, K], got {getattr(weight, 'shape', type(weight).__name__)}")
     if not weight.is_floating_point():
         raise ValueError(f"weight must be floating point, got {weight.dtype}")
-    if not bool(torch.isfinite(weight).all()):
+    if not all_finite(weight):
         raise ValueError("weight contains NaN or Inf")
 
 
@@ -147,11 +161,21 @@ def nearest_levels(ratio: torch.Tensor, fmt, straight_through: bool = False) -> 
     the range: LSQ's gradient, 1 where |w / s| <= qmax and 0 beyond (the values are the same).
     """
     fmt = formats.as_format(fmt)
-    rounding = _round_straight_through if straight_through else torch.round
+    if not straight_through:
+        return _nearest_levels_(ratio.clone(), fmt)
     if fmt.level_mul == 1:
-        return rounding(torch.clamp(ratio, -fmt.qmax, fmt.qmax))
-    codes = rounding(torch.clamp((ratio + fmt.level_offset) / fmt.level_mul, 0, fmt.max_code))
+        return _round_straight_through(torch.clamp(ratio, -fmt.qmax, fmt.qmax))
+    codes = _round_straight_through(torch.clamp((ratio + fmt.level_offset) / fmt.level_mul, 0, fmt.max_code))
     return fmt.level_mul * codes - fmt.level_offset
+
+
+def _nearest_levels_(ratio: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
+    """nearest_levels in place on `ratio` (a tensor of its caller's own): the same operations, no
+    new [N, K] tensor per step (QAT quantizes every weight every step)."""
+    if fmt.level_mul == 1:
+        return ratio.clamp_(-fmt.qmax, fmt.qmax).round_()
+    ratio.add_(fmt.level_offset).div_(fmt.level_mul).clamp_(0, fmt.max_code).round_()
+    return ratio.mul_(fmt.level_mul).sub_(fmt.level_offset)
 
 
 def codes_from_levels(levels: torch.Tensor, fmt, k_pad: int | None = None) -> torch.Tensor:
@@ -164,7 +188,8 @@ def codes_from_levels(levels: torch.Tensor, fmt, k_pad: int | None = None) -> to
     if bool((lv.abs() > fmt.qmax).any()) or (fmt.level_mul == 2 and bool(((lv + fmt.level_offset) % 2).any())):
         raise ValueError(f"levels must be levels of format {fmt.name!r} (|level| <= {fmt.qmax}, step {fmt.level_mul})")
     codes = torch.full((n, k_pad), fmt.pad_code, dtype=fmt.code_dtype, device=levels.device)
-    codes[:, :k] = ((lv + fmt.level_offset) // fmt.level_mul).to(fmt.code_dtype)
+    shifted = lv + fmt.level_offset
+    codes[:, :k] = (shifted if fmt.level_mul == 1 else shifted // fmt.level_mul).to(fmt.code_dtype)
     return codes
 
 
@@ -186,7 +211,7 @@ def _levels_with_scales(weight: torch.Tensor, fmt: WeightFormat, scale: torch.Te
         ratio = (_padded(weight).view(n, g, k_pad // g) * inverse[:, :, None]).view(n, k_pad)[:, :k]
     else:
         ratio = weight.detach().to(torch.float32) * inverse[:, None]
-    return nearest_levels(ratio, fmt), k_pad
+    return _nearest_levels_(ratio, fmt), k_pad
 
 
 def quantize_weight_with_scales(weight: torch.Tensor, fmt, scale: torch.Tensor, group_size: int = 0) -> torch.Tensor:

@@ -315,10 +315,11 @@ def test_the_clip_start_gives_max_scaled_formats_their_weight_mse_scales():
         clip_latent_weights_(model)
 
 
-def test_the_fast_fake_quant_is_the_default_only_for_grouped_formats():
+def test_the_fast_fake_quant_is_the_default_for_every_quantized_format():
 
     assert fast_fake_quant_default(resolve_config("int2")) and fast_fake_quant_default(resolve_config("int4"))
-    assert not fast_fake_quant_default(resolve_config("ternary")) and not fast_fake_quant_default(resolve_config("int8"))
+    assert fast_fake_quant_default(resolve_config("ternary")) and fast_fake_quant_default(resolve_config("int8"))
+    assert not fast_fake_quant_default(resolve_config("passthrough"))
     # the measured defaults: ternary from RTN at 1e-3, int2 clipped at 1e-3, int4 from its PTQ at 2e-4
     assert [default_init(resolve_config(f)) for f in ("ternary", "int2", "int4", "int8")] == ["rtn", "clip", "ptq", "clip"]
     assert [default_lr(resolve_config(f)) for f in ("ternary", "int2", "int4", "int8")] == [1e-3, 1e-3, 2e-4, 2e-4]

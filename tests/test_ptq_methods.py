@@ -106,6 +106,31 @@ def test_fake_quantize_with_scales_is_the_dequantized_codes(fmt, group_size):
     assert torch.equal(levels, formats.as_format(fmt).level(codes).to(torch.float32))
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int2", "ternary"])
+def test_nearest_levels_leaves_its_input_and_matches_the_straight_through_form(fmt):
+    ratio = torch.randn(7, 33) * 4
+    before = ratio.clone()
+    levels = primitives.nearest_levels(ratio, fmt)
+    assert torch.equal(ratio, before)  # the in-place core works on a copy
+    assert torch.equal(levels, primitives.nearest_levels(ratio, fmt, straight_through=True))
+    spec = formats.as_format(fmt)
+    assert bool((levels.abs() <= spec.qmax).all()) and torch.equal(levels, levels.round())
+
+
+def test_all_finite_sees_every_nan_and_inf():
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        t = torch.randn(50, 40).to(dtype)
+        assert primitives.all_finite(t) and primitives.all_finite(t[:0])
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            u = t.clone()
+            u[17, 3] = bad
+            assert not primitives.all_finite(u), (dtype, bad)
+    # the largest finite float32 values do not overflow the check
+    assert primitives.all_finite(torch.full((1000,), torch.finfo(torch.float32).max))
+    with pytest.raises(ValueError, match="weight contains NaN or Inf"):
+        primitives.quantize_weight(torch.tensor([[1.0, float("nan")]]), "int8")
+
+
 # ---------------------------------------------------------------- configs and QuantLinear
 
 

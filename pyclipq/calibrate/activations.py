@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .. import formats
+from .. import formats, primitives
 from .observers import Grid, make_observer
 
 
@@ -45,7 +45,7 @@ def calibrate_activations(model, linears, source, run, observer, observer_kwargs
                 order.append(name)
             if obs is None:
                 return None
-            if not bool(torch.isfinite(x).all()):
+            if not primitives.all_finite(x):
                 raise ValueError(
                     f"batches: the activations entering {name} contain NaN or Inf (calibration batch {batch_index[0]}); "
                     "static scales need finite activations - check the inputs and the float model"

@@ -67,7 +67,7 @@ class HessianAccumulator:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have {self.in_features} features in its last dimension, got shape {list(x.shape)}")
         rows = x.detach().reshape(-1, self.in_features).to(device="cpu", dtype=torch.float32)
-        if not bool(torch.isfinite(rows).all()):
+        if not primitives.all_finite(rows):
             raise ValueError("x contains NaN or Inf")
         m = rows.shape[0]
         if m == 0:
@@ -90,7 +90,7 @@ class GPTQResult:
 def _check_inputs(weight, hessian, fmt, group_size):
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"weight must be a floating-point 2-D tensor [N, K], got {getattr(weight, 'shape', type(weight).__name__)}")
-    if not bool(torch.isfinite(weight).all()):
+    if not primitives.all_finite(weight):
         raise ValueError("weight contains NaN or Inf")
     k = weight.shape[1]
     if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (k, k):

@@ -9,7 +9,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
-from ..primitives import Grid, QParams, range_to_qparams
+from ..primitives import Grid, QParams, all_finite, range_to_qparams
 from ._threads import one_thread
 
 
@@ -57,7 +57,7 @@ class RangeObserver:
         if x.numel() == 0:
             raise ValueError(f"x must not be empty, got shape {list(x.shape)}")
         x = x.detach().to(torch.float32)
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise ValueError("x contains NaN or Inf: the observed activations or weights are not finite")
         if self.axis is None:
             x2d = x.reshape(1, -1)

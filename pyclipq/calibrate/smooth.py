@@ -66,7 +66,7 @@ class _InputStats:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
-        if not bool(torch.isfinite(x).all()):
+        if not primitives.all_finite(x):
             raise ValueError(f"batches: the activations entering {self.name} contain NaN or Inf; smoothing needs "
                              "finite calibration inputs")
         amax = x.abs().amax(dim=0)

@@ -175,13 +175,16 @@ def distill_arguments(parser: argparse.ArgumentParser) -> None:
                              "none otherwise (recipes.default_rotation)")
     parser.add_argument("--fake-quant", choices=("auto", "exact", "fast"), default="auto",
                         help="fast: F.linear on dequantized operands; exact: the kernels' integer math; "
-                             "auto: fast for grouped formats (int4, int2), exact otherwise. The export is exact either way")
+                             "auto: fast (measured faster for every format, and as good). The export is exact either way")
     parser.add_argument("--scales", choices=("auto", "rule", "learned"), default="auto",
                         help="weight scales: the format rule's, or learned (LSQ, started at the rule's; trains through "
                              "the fast fake-quant; the export packs the learned scales); auto: learned for int2, the "
                              "rule otherwise")
     parser.add_argument("--keep-padding", action="store_true",
                         help="match block outputs at a text encoder's padding tokens too (default: real tokens only)")
+    parser.add_argument("--train-embeddings", action="store_true",
+                        help="train the student's float token-embedding tables too (default: the teacher's are kept, "
+                             "which measured as good and makes a step cheaper)")
 
 
 def _run_distill(args, loaded: LoadedModel, train, context: DistributedContext) -> dict:
@@ -201,7 +204,7 @@ def _run_distill(args, loaded: LoadedModel, train, context: DistributedContext) 
     config = config_from_args(args)
     result = recipes.distill(loaded.model, data, config, init=args.init, calibration_batches=args.calibration_batches,
                              train=train, loss=loss, exact=exact, learn_scales=learn_scales, resume=args.resume,
-                             distributed=context)
+                             distributed=context, freeze_embeddings=not args.train_embeddings)
     model_path = args.out / "model.safetensors"
     if context.is_main:
         pyclipq.save(result.quantized, model_path)
