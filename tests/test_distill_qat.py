@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import pyclipq
 from pyclipq import data as train_data
@@ -18,7 +19,8 @@ from pyclipq.train import TrainConfig
 from pyclipq.train.distill import EncoderDistillationLoss, attention_map_loss, hidden_state_loss
 from pyclipq.train.qat import compare_layers
 from pyclipq.configs import resolve_config
-from pyclipq.train.recipes import default_init, default_learn_scales, default_lr, distill, fast_fake_quant_default
+from pyclipq.train.recipes import (default_init, default_learn_scales, default_lr, distill, fast_fake_quant_default,
+                                    freeze_float_embeddings_)
 from pyclipq.train.trainer import EncoderDistillation, encoder_outputs
 
 from train_helpers import tiny_batch, tiny_clip, tiny_tokenizer
@@ -227,6 +229,25 @@ def test_distillation_lowers_the_loss_raises_the_cosine_and_exports_what_it_trai
     reloaded = pyclipq.load(tmp_path / "m.safetensors", two_block_clip(seed=5))
     with torch.no_grad():
         assert torch.equal(reloaded.encode_text(held_tokens), result.quantized.encode_text(held_tokens))
+
+
+def test_distillation_keeps_the_teachers_token_embeddings_unless_asked(tmp_path):
+    teacher = two_block_clip()
+    _, tokens = tiny_batch(32, seed=1)
+    data = [{"tokens": tokens[i:i + 8]} for i in range(0, 32, 8)]
+    train = TrainConfig(steps=4, lr=3e-3, progress=False)
+    tables = [name for name, m in teacher.named_modules() if type(m) is nn.Embedding]
+    assert tables  # the token embedding
+
+    def table(model, name):
+        return model.get_submodule(name).weight.detach()
+
+    frozen = distill(teacher, data, "ternary", train=train)
+    trained = distill(teacher, data, "ternary", train=train, freeze_embeddings=False)
+    for name in tables:
+        assert torch.equal(table(frozen.student, name), table(teacher, name))
+        assert not torch.equal(table(trained.student, name), table(teacher, name))
+    assert freeze_float_embeddings_(pyclipq.prepare_qat(teacher, "ternary")) == len(tables)
 
 
 @pytest.mark.parametrize("fmt", ["ternary", "int2"])
@@ -520,6 +541,18 @@ def test_the_command_resumes_from_its_checkpoint(tmp_path):
     run_cli(*args, "--steps", "4", "--resume")
     assert [r["step"] for r in logged_steps(tmp_path / "run")] == [1, 2, 3, 4]  # one log, appended on resume
     assert json.loads((tmp_path / "run" / "results.json").read_text())["loss_last"] is not None
+
+
+def test_the_command_takes_plain_batches_and_trained_embeddings(tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "star")))
+    out = tmp_path / "run"
+    run_cli(*COMMON, "--data", str(texts), "--format", "ternary", "--steps", "3", "--out", str(out),
+            "--no-length-grouping", "--train-embeddings")
+    assert [r["step"] for r in logged_steps(out)] == [1, 2, 3]
+    help_text = subprocess.run([sys.executable, "-m", "pyclipq.cli", "train", "distill", "--help"], capture_output=True,
+                               text=True, timeout=300, cwd="/").stdout
+    assert "--no-length-grouping" in help_text and "--train-embeddings" in help_text
 
 
 def test_the_command_rejects_bad_data(tmp_path):
