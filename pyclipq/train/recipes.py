@@ -116,8 +116,8 @@ def fast_fake_quant_default(config: QuantConfig) -> bool:
     the latent weights either way. The exact path reproduces the kernels' integer math with
     per-group partial sums, which makes a grouped format's step several times slower; for the
     per-channel formats it forms float64 accumulators. Measured on all-MiniLM-L6-v2 (Zen 4, 2
-    threads, benchmarks/README.md "Distillation QAT"): a ternary step costs 0.239 s fast against
-    0.260 s exact, and 600 steps reach the same cosine (0.9058 fast, 0.9067 exact). So: the fast
+    threads, benchmarks/README.md "Distillation QAT"): a ternary step costs 0.267 s fast against
+    0.276 s exact (`--step-times`), and 600 steps reach the same cosine (0.9058 fast, 0.9067 exact). So: the fast
     path for every quantized format.
     """
     return config.layer.spec is not None
@@ -257,7 +257,8 @@ def distill(
     freeze_embeddings: the student keeps the teacher's float token-embedding tables
     (`freeze_float_embeddings_`). Measured on all-MiniLM-L6-v2 (benchmarks/README.md, "Distillation
     QAT"): ternary reaches the same cosine at 600 steps (0.9067 frozen, 0.9055 trained) and a step
-    costs 17% less (AdamW and the dense gradient of the 30522 x 384 table are gone).
+    costs 14% less (an ad-hoc timing, Zen 4, 2 threads: AdamW and the dense gradient of the
+    30522 x 384 table are gone).
     evaluate: called with the fake-quant student (in eval mode, under no_grad) before training
     and every `evaluate_every` steps and at the end; its dicts, with "step" and "seconds" of
     training so far (evaluation excluded), are the result's `evaluations`.

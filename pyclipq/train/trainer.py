@@ -447,11 +447,11 @@ class Trainer:
     # ------------------------------------------------------------ data
 
     def _epoch_iterator(self, epoch: int, skip: int):
-        # A fixed seed per epoch makes a shuffling loader repeat its order on resume;
-        # fork_rng keeps that seeding from touching the training RNG stream.
         sampler = getattr(self.data, "sampler", None)
         if hasattr(sampler, "set_epoch"):  # a DistributedSampler reshuffles by epoch, not by the global RNG
             sampler.set_epoch(epoch)
+        # A fixed seed per epoch makes a shuffling loader repeat its order on resume;
+        # fork_rng keeps that seeding from touching the training RNG stream.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed * 1_000_003 + epoch)
             iterator = iter(self.data)
