@@ -219,6 +219,8 @@ def main(argv=None) -> int:
     parser.add_argument("--keep-padding", action="store_true", help="match block outputs at padding tokens too")
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--texts", type=int, default=20000, help="training texts to draw (at least 5000)")
+    parser.add_argument("--join-texts", type=float, default=0.0,
+                        help="the fraction of training texts followed by a second one (pyclipq.data.Texts.joined)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step-times", action="store_true", help="only measure the step cost against the fp32 step")
@@ -231,6 +233,8 @@ def main(argv=None) -> int:
     args.model_dir = minilm_path()
     loaded = load_model(f"hf:{args.model_dir}")
     texts = mixed_texts(args.texts, args.seed, args.corpus)
+    if args.join_texts:
+        texts = Texts(texts).joined(args.join_texts, args.seed).texts
     evaluation = Evaluation(loaded)
     overlap = evaluation.sentences & set(texts)
     if overlap or len(texts) < 5000:

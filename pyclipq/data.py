@@ -240,6 +240,19 @@ class Texts(Dataset):
     def __getitem__(self, index: int) -> str:
         return self.texts[index]
 
+    def joined(self, fraction: float, seed: int = 0) -> "Texts":
+        """The same number of texts, `fraction` of them (chosen by `seed`) followed by another text
+        of the set drawn at random: longer sequences. A text encoder's later positions are
+        trained only by texts that reach them, and a set of short texts (captions, one-line
+        sentences) leaves them far from the teacher (see the README, "Distillation")."""
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"join_texts (--join-texts): expected a fraction in [0, 1], got {fraction!r}")
+        rng = random.Random(seed)
+        texts = list(self.texts)
+        for i in rng.sample(range(len(texts)), round(fraction * len(texts))):
+            texts[i] = f"{self.texts[i]} {self.texts[rng.randrange(len(self.texts))]}"
+        return Texts(texts)
+
 
 class Images(Dataset):
     """Unlabelled image files; an item is the preprocessed image, or None when it cannot be read."""
@@ -531,20 +544,22 @@ class ZippedBatches:
 def unlabelled_batches(specs: Sequence[str], *, tokenizer: Callable | None, transform: Callable | None,
                        global_batch: int, text_column: str | None = None, image_column: str | None = None,
                        workers: int = 0, seed: int = 0, strict: bool = False, shuffle_buffer: int = 1000,
-                       group_by_length: bool = True):
+                       group_by_length: bool = True, join_texts: float = 0.0):
     """Batches {"tokens"} / {"images", "skipped"} / both, from every source in `specs` (see
     `parse_data_spec`): a .txt file gives texts; a CSV gives the text column, the image column,
     or both as pairs (the columns named; at least one); a folder or ImageFolder gives its images
     (recursively); webdataset shards give their images. A model without a text tower
     (tokenizer None) or an image tower (transform None) cannot take that kind of source.
     group_by_length: batch texts of similar length (in characters) together, so that a tokenizer
-    that pads to the batch's longest text pads little (LengthGroupedSampler)."""
+    that pads to the batch's longest text pads little (LengthGroupedSampler).
+    join_texts: the fraction of each text source's texts followed by a second one (`Texts.joined`)."""
     if not specs:
         raise ValueError("--data: give at least one source (a .txt file, a CSV, a folder of images, wds shards)")
 
     def texts_of(dataset: Texts):
         if tokenizer is None:
             raise ValueError("--data: the model has no text tower (no tokenizer), but a text source was given")
+        dataset = dataset.joined(join_texts, seed) if join_texts else dataset
         lengths = [len(text) for text in dataset.texts] if group_by_length else None
         return train_loader(dataset, global_batch, TextCollate(tokenizer), workers=workers, seed=seed, lengths=lengths)
 

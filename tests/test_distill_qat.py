@@ -548,11 +548,11 @@ def test_the_command_takes_plain_batches_and_trained_embeddings(tmp_path):
     texts.write_text("\n".join(f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "star")))
     out = tmp_path / "run"
     run_cli(*COMMON, "--data", str(texts), "--format", "ternary", "--steps", "3", "--out", str(out),
-            "--no-length-grouping", "--train-embeddings")
+            "--no-length-grouping", "--train-embeddings", "--join-texts", "0.5")
     assert [r["step"] for r in logged_steps(out)] == [1, 2, 3]
     help_text = subprocess.run([sys.executable, "-m", "pyclipq.cli", "train", "distill", "--help"], capture_output=True,
                                text=True, timeout=300, cwd="/").stdout
-    assert "--no-length-grouping" in help_text and "--train-embeddings" in help_text
+    assert all(flag in help_text for flag in ("--no-length-grouping", "--train-embeddings", "--join-texts"))
 
 
 def test_the_command_rejects_bad_data(tmp_path):
@@ -561,6 +561,12 @@ def test_the_command_rejects_bad_data(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pyclipq.cli", "train", "distill", *COMMON, "--data", str(empty),
                            "--steps", "1", "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=300, cwd="/")
     assert proc.returncode != 0 and "holds no text" in proc.stderr
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a red circle\na blue square\n")
+    proc = subprocess.run([sys.executable, "-m", "pyclipq.cli", "train", "distill", *COMMON, "--data", str(texts),
+                           "--join-texts", "2", "--steps", "1", "--out", str(tmp_path / "r")], capture_output=True,
+                          text=True, timeout=300, cwd="/")
+    assert proc.returncode != 0 and "--join-texts): expected a fraction in [0, 1], got 2.0" in proc.stderr
 
 
 def test_the_command_learns_scales_when_asked(tmp_path):

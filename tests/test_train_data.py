@@ -158,3 +158,27 @@ def test_length_grouped_loader_and_errors():
         LengthGroupedSampler([1] * 10, 2, num_replicas=1, rank=0, pool_batches=0)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         LengthGroupedSampler([1] * 3, 4, num_replicas=1, rank=0)
+
+
+def test_joined_texts_follow_a_fraction_of_the_texts_by_another(tmp_path):
+    texts = Texts([f"text {i}." for i in range(100)])
+    joined = texts.joined(0.4, seed=3)
+    assert len(joined) == 100 and texts.texts == [f"text {i}." for i in range(100)]  # the source is unchanged
+    changed = [i for i in range(100) if joined[i] != texts[i]]
+    assert len(changed) == 40
+    for i in changed:  # the text itself, then one of the set
+        first, second = joined[i][:len(texts[i])], joined[i][len(texts[i]) + 1:]
+        assert first == texts[i] and second in texts.texts
+    assert joined.texts == texts.joined(0.4, seed=3).texts and joined.texts != texts.joined(0.4, seed=4).texts
+    assert texts.joined(0.0).texts == texts.texts and all(t != s for t, s in zip(texts.joined(1.0).texts, texts.texts))
+    for bad in (-0.1, 1.5, float("nan"), "half", True):
+        with pytest.raises(ValueError, match=r"join_texts \(--join-texts\): expected a fraction in \[0, 1\]"):
+            texts.joined(bad)
+    # unlabelled_batches joins each text source before batching
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(texts.texts))
+    tokens = lambda batch: torch.tensor([[len(t)] for t in batch])  # noqa: E731
+    lengths = sorted(n for b in pyclipq.data.unlabelled_batches([str(source)], tokenizer=tokens, transform=None,
+                                                                global_batch=10, join_texts=0.4, seed=3)
+                     for n in b["tokens"].flatten().tolist())
+    assert lengths == sorted(len(t) for t in joined.texts)

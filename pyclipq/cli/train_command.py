@@ -40,6 +40,7 @@ from .loading import LoadedModel, config_from_args, load_model
 # 6000 steps: 27 minutes for all-MiniLM-L6-v2 on 2 vCPUs (benchmarks/README.md, "Distillation QAT");
 # int2 gained from 2860 to 6230 steps, ternary and int4 held. lr None: recipes.default_lr of the format
 DISTILL_DEFAULTS = {"steps": 6000, "lr": None, "batch": 16}
+DISTILL_JOIN_TEXTS = 0.0
 
 
 def wants_own_data(argv: list[str]) -> bool:
@@ -57,6 +58,10 @@ def _unlabelled_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-length-grouping", dest="group_by_length", action="store_false",
                         help="batch texts in plain random order (default: texts of similar length share a batch, "
                              "which cuts a padded text encoder's step time)")
+    parser.add_argument("--join-texts", type=float, default=DISTILL_JOIN_TEXTS, metavar="FRACTION",
+                        help="the fraction of each text source's texts that are followed by a second text of the "
+                             "source, so that the student also sees sequences longer than the source's own "
+                             f"(0: the texts as given; default {DISTILL_JOIN_TEXTS:g})")
 
 
 def _pair_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,7 +198,8 @@ def _run_distill(args, loaded: LoadedModel, train, context: DistributedContext) 
     data = train_data.unlabelled_batches(
         args.data, tokenizer=loaded.tokenize, transform=loaded.preprocess, global_batch=args.batch_size,
         text_column=args.text_column, image_column=args.image_column, workers=args.workers, seed=args.seed,
-        strict=args.strict_images, shuffle_buffer=args.shuffle_buffer, group_by_length=args.group_by_length)
+        strict=args.strict_images, shuffle_buffer=args.shuffle_buffer, group_by_length=args.group_by_length,
+        join_texts=args.join_texts)
     attention_weight = args.attention_weight
     if attention_weight is None:
         attention_weight = recipes.DEFAULT_ATTENTION_WEIGHT if recipes.attention_maps_visible(loaded.model) else 0.0
