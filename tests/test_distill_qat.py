@@ -258,7 +258,8 @@ def test_distillation_with_learned_scales_trains_them_and_exports_them(fmt, tmp_
     images, tokens = tiny_batch(32, seed=1)
     data = [{"images": images[i:i + 16], "tokens": tokens[i:i + 16]} for i in range(0, 32, 16)]
     held_images, held_tokens = tiny_batch(16, seed=99)
-    assert default_learn_scales(resolve_config(fmt)) == (fmt == "int2")  # int2 learns them by default
+    assert default_learn_scales(resolve_config(fmt)) == (fmt == "int2")  # int2 learns them by default, ternary not
+    assert default_learn_scales(resolve_config("int4")) and not default_learn_scales(resolve_config("int8"))
     result = distill(teacher, data, fmt, learn_scales=True,
                      train=TrainConfig(steps=12, lr=3e-3, warmup_steps=2, progress=False))
     learners = {n: m for n, m in result.student.named_modules() if isinstance(m, FakeQuantLinear) and m.log_scale is not None}

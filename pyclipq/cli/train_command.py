@@ -185,7 +185,7 @@ def distill_arguments(parser: argparse.ArgumentParser) -> None:
                              "auto: fast (measured faster for every format, and as good). The export is exact either way")
     parser.add_argument("--scales", choices=("auto", "rule", "learned"), default="auto",
                         help="weight scales: the format rule's, or learned (LSQ, started at the rule's; trains through "
-                             "the fast fake-quant; the export packs the learned scales); auto: learned for int2, the "
+                             "the fast fake-quant; the export packs the learned scales); auto: learned for int2 and int4, the "
                              "rule otherwise")
     parser.add_argument("--keep-padding", action="store_true",
                         help="match block outputs at a text encoder's padding tokens too (default: real tokens only)")
