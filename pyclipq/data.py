@@ -242,9 +242,10 @@ class Texts(Dataset):
 
     def joined(self, fraction: float, seed: int = 0) -> "Texts":
         """The same number of texts, `fraction` of them (chosen by `seed`) followed by another text
-        of the set drawn at random: longer sequences. A text encoder's later positions are
-        trained only by texts that reach them, and a set of short texts (captions, one-line
-        sentences) leaves them far from the teacher (see the README, "Distillation")."""
+        of the set drawn at random: longer, multi-sentence sequences. Measured on all-MiniLM-L6-v2
+        (ternary, 1500 steps; benchmarks/README.md, "What limits the cosine"): 0.4 lifts two joined
+        held-out sentences from 0.921 to 0.947 cosine, and leaves single sentences, long ones
+        included, where they were; hence an opt-in for texts shorter than what will be embedded."""
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
             raise ValueError(f"join_texts (--join-texts): expected a fraction in [0, 1], got {fraction!r}")
         rng = random.Random(seed)
