@@ -161,16 +161,40 @@ def check_tile_weight_gives_the_same_outputs():
 
 
 def check_quantize_bit_exact():
+    """Ragged and whole-vector K, every group size, dynamic and static scales. Row 2 is all zeros
+    (scale 0, codes 0); row 4 holds -amax and amax exactly (codes -127 and 127, which the dynamic
+    path reaches without a clamp)."""
     gen = torch.Generator().manual_seed(2)
-    for k in (1, 7, 31, 33, 200, 1000):
+    for k in (1, 7, 31, 33, 64, 200, 768, 1000, 3072):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             x = (torch.randn(6, k, generator=gen) * torch.rand(6, 1, generator=gen) * 50).to(dtype)
             x[2] = 0  # all-zero row: scale 0, codes 0
+            x[4, 0], x[4, -1] = -x[4].abs().max(), x[4].abs().max()
             for group in (0, 32, 64, 128):
                 for act_scale in (None, torch.tensor([0.05])):  # static: values beyond 6.35 clip
                     got = ops.quantize_per_token(x, group, act_scale)
                     want = reference.quantize_per_token(x, group, act_scale)
                     assert all(torch.equal(a, b) for a, b in zip(got, want)), f"K={k} {dtype} g{group} {act_scale}"
+
+
+def check_quantize_finds_non_finite_rows():
+    """NaN, Inf and -Inf anywhere in a row (a whole 64-value block or the ragged tail, fp32 and 16-bit
+    inputs) are an error naming the first such row; the rows before it do not matter."""
+    gen = torch.Generator().manual_seed(14)
+    for k in (5, 64, 70, 768):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                for col in sorted({0, k // 2, k - 1}):
+                    x = torch.randn(5, k, generator=gen).to(dtype)
+                    x[3, col] = bad
+                    x[4, 0] = bad
+                    what = f"K={k} {dtype} {bad} at column {col}"
+                    try:
+                        ops.quantize_per_token(x, 0)
+                    except RuntimeError as e:
+                        assert "x contains NaN or Inf (row 3" in str(e), what
+                    else:
+                        raise AssertionError(f"{what}: no error")
 
 
 def check_quantize_rounding_and_clipping():
@@ -375,7 +399,7 @@ def check_gelu_activation_over_its_range():
 
 CHECKS = {f.__name__: f for f in (check_gemm_bit_exact, check_gemm_uses_the_given_sums, check_worst_case_accumulation,
                                   check_worst_case_fused_linear, check_tile_weight_gives_the_same_outputs,
-                                  check_quantize_bit_exact,
+                                  check_quantize_bit_exact, check_quantize_finds_non_finite_rows,
                                   check_quantize_rounding_and_clipping, check_fused_linear_matches_reference,
                                   check_threads_do_not_change_results, check_rows_do_not_depend_on_the_batch,
                                   check_hadamard_matches_reference, check_layer_norm_quantize_matches_reference,

@@ -81,64 +81,82 @@ PQ_INLINE __m512i pack64_epi8(__m512i v0, __m512i v1, __m512i v2, __m512i v3) {
   return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), packed);
 }
 
+// |x| of a row's values: vrangeps takes the larger magnitude of two vectors in one operation (abs +
+// max were two); it drops NaN like max does, so NaN and Inf are caught apart: x * 0 is NaN for
+// them and 0 otherwise, summed into one vector (one FMA, where a compare into a mask and its OR
+// were two).
+struct RowMagnitude {
+  __m512 vmax[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  __m512 nonfinite[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  PQ_INLINE void add(int u, __m512 v) {
+    vmax[u] = _mm512_range_ps(vmax[u], v, 0x0B);  // imm 0b10'11: the larger |.|, sign cleared
+    nonfinite[u & 1] = _mm512_fmadd_ps(v, _mm512_setzero_ps(), nonfinite[u & 1]);
+  }
+  PQ_INLINE float max() const {
+    return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(vmax[0], vmax[1]), _mm512_max_ps(vmax[2], vmax[3])));
+  }
+  PQ_INLINE bool finite() const {
+    const __m512 s = _mm512_add_ps(nonfinite[0], nonfinite[1]);
+    return _mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q) == 0;
+  }
+};
+
 template <FloatType T>
 int64_t quantize_rows_t(const void* x, int64_t ldx, int64_t rows, int64_t k, int64_t k_pad, int64_t group_size,
                         const float* static_scale, int8_t* q, float* scale, int32_t* sums) {
   const int64_t groups = num_groups(k_pad, group_size);
   const int64_t glen = k_pad / groups;  // a multiple of 32
-  const __m512 fmax = _mm512_set1_ps(std::numeric_limits<float>::max());
   int64_t bad_row = -1;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row0 = r * ldx;
-    // four running maxima: one chained max per vector waited its latency every time
-    __m512 vmax[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    __mmask16 bad = 0;
+    RowMagnitude mag;  // four running maxima: one chained max per vector waited its latency every time
     int64_t i = 0;
     for (; i + 64 <= k; i += 64) {
 #pragma GCC unroll 4
-      for (int u = 0; u < 4; ++u) {
-        const __m512 a = _mm512_abs_ps(load16<T>(x, row0 + i + 16 * u, 0xFFFF));
-        vmax[u] = _mm512_max_ps(vmax[u], a);
-        bad |= _mm512_cmp_ps_mask(a, fmax, _CMP_NLE_UQ);  // NaN or Inf
-      }
+      for (int u = 0; u < 4; ++u) mag.add(u, load16<T>(x, row0 + i + 16 * u, 0xFFFF));
     }
-    for (; i < k; i += 16) {
-      const __m512 a = _mm512_abs_ps(load16<T>(x, row0 + i, first_lanes16(k - i)));
-      vmax[0] = _mm512_max_ps(vmax[0], a);
-      bad |= _mm512_cmp_ps_mask(a, fmax, _CMP_NLE_UQ);
-    }
-    if (bad != 0 && bad_row < 0) bad_row = r;
-    const __m512 row_max = _mm512_max_ps(_mm512_max_ps(vmax[0], vmax[1]), _mm512_max_ps(vmax[2], vmax[3]));
-    const RowScale rs = row_scale(_mm512_reduce_max_ps(row_max), static_scale);
+    for (; i < k; i += 16) mag.add(0, load16<T>(x, row0 + i, first_lanes16(k - i)));
+    if (!mag.finite() && bad_row < 0) bad_row = r;
+    const RowScale rs = row_scale(mag.max(), static_scale);
     scale[r] = rs.scale;
     const __m512 inv = _mm512_set1_ps(rs.inv);
     int8_t* qr = q + r * k_pad;
     int32_t* sr = sums + r * groups;
-    // lanes past K load as 0 and quantize to 0: the zero padding of the format
-    auto codes16 = [&](int64_t c) { return quantize16(load16<T>(x, row0 + c, c < k ? first_lanes16(k - c) : 0), inv); };
-    __m512i gsum = _mm512_setzero_si512();
-    if (glen % 64 == 0) {
-      for (int64_t c = 0; c < k_pad; c += 64) {
-        const __m512i v0 = codes16(c), v1 = codes16(c + 16), v2 = codes16(c + 32), v3 = codes16(c + 48);
-        gsum = _mm512_add_epi32(gsum, _mm512_add_epi32(_mm512_add_epi32(v0, v1), _mm512_add_epi32(v2, v3)));
-        _mm512_storeu_si512(qr + c, pack64_epi8(v0, v1, v2, v3));
-        if ((c + 64) % glen == 0) {
-          sr[(c + 64) / glen - 1] = _mm512_reduce_add_epi32(gsum);
-          gsum = _mm512_setzero_si512();
+    // A dynamic scale maps every |x| <= amax to at most 127 (1 + 2^-23) < 127.5, so its codes need no
+    // clamp; a static scale, or 127 / amax overflowing to inf (amax < 3.7e-37), does.
+    auto quantize_row = [&]<bool CLAMP>() {
+      auto codes = [&](int64_t c, __mmask16 lanes) {
+        const __m512 v = load16<T>(x, row0 + c, lanes);
+        if constexpr (CLAMP) return quantize16(v, inv);
+        else return _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));  // rounds half to even, like nearbyintf
+      };
+      // lanes past K load as 0 and quantize to 0: the zero padding of the format
+      auto codes16 = [&](int64_t c) { return codes(c, c + 16 <= k ? __mmask16(0xFFFF) : c < k ? first_lanes16(k - c) : 0); };
+      // group by group: a group-end test per step (`%`, a 64-bit division) was a third of this pass
+      for (int64_t g = 0; g < groups; ++g) {
+        __m512i gsum = _mm512_setzero_si512();
+        if (glen % 64 == 0) {
+          for (int64_t c = g * glen; c < (g + 1) * glen; c += 64) {
+            __m512i v0, v1, v2, v3;
+            if (c + 64 <= k) v0 = codes(c, 0xFFFF), v1 = codes(c + 16, 0xFFFF), v2 = codes(c + 32, 0xFFFF), v3 = codes(c + 48, 0xFFFF);
+            else v0 = codes16(c), v1 = codes16(c + 16), v2 = codes16(c + 32), v3 = codes16(c + 48);
+            const __m512i packed = pack64_epi8(v0, v1, v2, v3);
+            gsum = _mm512_dpbusd_epi32(gsum, _mm512_set1_epi8(1), packed);  // the group's sum: one op per 64 codes
+            _mm512_storeu_si512(qr + c, packed);
+          }
+        } else {
+          for (int64_t c = g * glen; c < (g + 1) * glen; c += 32) {
+            const __m512i v0 = codes16(c), v1 = codes16(c + 16);
+            gsum = _mm512_add_epi32(gsum, _mm512_add_epi32(v0, v1));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + c), _mm512_cvtepi32_epi8(v0));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + c + 16), _mm512_cvtepi32_epi8(v1));
+          }
         }
+        sr[g] = _mm512_reduce_add_epi32(gsum);
       }
-      continue;
-    }
-    for (int64_t c = 0; c < k_pad; c += 32) {
-      const __m512i v0 = codes16(c), v1 = codes16(c + 16);
-      gsum = _mm512_add_epi32(gsum, _mm512_add_epi32(v0, v1));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + c), _mm512_cvtepi32_epi8(v0));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + c + 16), _mm512_cvtepi32_epi8(v1));
-      if ((c + 32) % glen == 0) {
-        sr[(c + 32) / glen - 1] = _mm512_reduce_add_epi32(gsum);
-        gsum = _mm512_setzero_si512();
-      }
-    }
+    };
+    if (static_scale != nullptr || !std::isfinite(rs.inv)) quantize_row.template operator()<true>();
+    else quantize_row.template operator()<false>();
   }
   return bad_row;
 }
