@@ -14,8 +14,9 @@ from . import ops  # noqa: E402
 from .configs import QuantConfig  # noqa: E402
 from .convert import convert, summary  # noqa: E402
 from .io import load, save  # noqa: E402
+from .models import pooled_only  # noqa: E402
 from .calibrate import calibrate  # noqa: E402
 from .train.qat import convert_qat, prepare_qat  # noqa: E402
 
-__all__ = ["__version__", "build_info", "formats", "ops", "QuantConfig", "convert", "summary", "save", "load", "calibrate",
+__all__ = ["__version__", "build_info", "formats", "ops", "QuantConfig", "convert", "summary", "save", "load", "pooled_only", "calibrate",
            "prepare_qat", "convert_qat"]

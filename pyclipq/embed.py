@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from ._version import __version__
 from .eval.datasets import read_csv_columns
 from .eval.encode import as_clip_like
+from .models import pooled_only
 from .data import IMAGE_EXTENSIONS, parse_data_spec, read_image, shard_urls
 from .distributed import barrier, init_distributed
 
@@ -273,10 +274,15 @@ def embed(model, units: list[Unit], out, *, transform: Callable | None = None,
     mine = [u for u in units if u.id % context.world_size == context.rank]
     done = [u for u in mine if (out / index_name(u.id)).is_file()]
     todo = [u for u in mine if not (out / index_name(u.id)).is_file()]
+    converted = model
     model = as_clip_like(model)
     if isinstance(model, torch.nn.Module):
         model.to(device).eval()
-    encode = model.encode_image if modality == "image" else model.encode_text
+    family_encode = model.encode_image if modality == "image" else model.encode_text
+
+    def encode(inputs):  # the final block at the pooled rows only, where the adapter knows them
+        with pooled_only(converted, **{"images" if modality == "image" else "tokens": inputs}):
+            return family_encode(inputs)
     loader = torch.utils.data.DataLoader(UnitBatches(todo, transform, tokenizer, batch_size, strict),
                                          batch_size=None, num_workers=min(workers, len(todo)))
     buffers: dict[int, list] = {}

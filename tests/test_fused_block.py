@@ -148,6 +148,66 @@ def test_blocks_deepcopy_and_pickle_as_fused_blocks():
             assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("config", ["int8", "ternary", "int8-rotated"])
+def test_pooled_rows_give_the_same_embeddings_bit_for_bit(config, monkeypatch):
+    """pyclipq.pooled_only: the final block of each open_clip tower computed at the pooled rows only
+    (class token; end-of-text by argmax at a different position in every sequence, first, last)
+    gives the embeddings of the whole block exactly, and its rows path ran."""
+    _, model = converted_pair("open_clip", CONFIGS[config])
+    calls = []
+    rows_path = FusedBlock._fused_rows
+    monkeypatch.setattr(FusedBlock, "_fused_rows", lambda self, *a: (calls.append(self), rows_path(self, *a))[1])
+    images, tokens = sample_inputs(batch=4)
+    for b in range(4):  # end-of-text at another position in each sequence
+        tokens[b, -3], tokens[b, 3 + 2 * b] = tokens[b, 3 + 2 * b], tokens[b, -3]
+    with torch.no_grad():
+        want_image, want_text = model.encode_image(images), model.encode_text(tokens)
+        assert not calls
+        with pyclipq.pooled_only(model, images=images):
+            assert torch.equal(model.encode_image(images), want_image)
+        assert calls == [model.visual.transformer.resblocks[-1]]
+        for pool in ("argmax", "first", "last"):
+            model.text_pool_type = pool
+            want = model.encode_text(tokens)
+            with pyclipq.pooled_only(model, tokens=tokens):
+                assert torch.equal(model.encode_text(tokens), want), pool
+            assert calls[-1] is model.transformer.resblocks[-1], pool
+        # outside the context the whole block runs again
+        calls.clear()
+        model.encode_text(tokens)
+        assert not calls
+
+
+def test_pooled_rows_are_used_only_where_the_tower_reads_the_pooled_token(monkeypatch):
+    """Average pooling, output tokens, an unfused final block or another family: pooled_only is a
+    no-op and the embeddings stay those of the whole tower. Bad arguments get a clear error."""
+    _, model = converted_pair("open_clip", "int8")
+    calls = []
+    monkeypatch.setattr(FusedBlock, "_fused_rows", lambda self, *a: calls.append(self))
+    images, tokens = sample_inputs(batch=2)
+    with torch.no_grad():
+        model.visual.pool_type = "avg"
+        want = model.encode_image(images)
+        with pyclipq.pooled_only(model, images=images):
+            assert torch.equal(model.encode_image(images), want)
+        model.visual.pool_type, model.visual.output_tokens = "tok", True
+        with pyclipq.pooled_only(model, images=images):
+            model.encode_image(images)
+        model.text_pool_type = "none"
+        with pyclipq.pooled_only(model, tokens=tokens):
+            model.encode_text(tokens)
+        unfused, _ = converted_pair("open_clip", "int8")
+        with pyclipq.pooled_only(unfused, tokens=tokens):
+            unfused.encode_text(tokens)
+        _, hf = converted_pair("hf", "int8")
+        with pyclipq.pooled_only(hf, tokens=tokens):
+            hf.get_text_features(input_ids=tokens)
+    assert not calls
+    for kwargs in ({}, {"images": images, "tokens": tokens}):
+        with pytest.raises(ValueError, match="exactly one of images and tokens"):
+            pyclipq.pooled_only(model, **kwargs)
+
+
 def test_weight_only_blocks_stay_unfused():
     model = pyclipq.convert(BUILDERS["open_clip"](), "int8-weight-only")
     assert not fused_blocks(model)

@@ -7,6 +7,7 @@ how many Linear layers run quantized, and fidelity vs the fp32 model. It is what
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import io
@@ -33,6 +34,7 @@ from .. import formats
 from ..convert import linear_inventory
 from ..eval.encode import as_clip_like
 from ..io import save
+from ..models import pooled_only
 from .loading import LoadedModel, encode, load_model, random_inputs
 from .peers.forced_isa import ForcedIsaWorkspace, check_isas, isa_label
 from .peers.runtimes import (
@@ -284,6 +286,23 @@ def _time_forced_isas(model: nn.Module, isas, settings: dict, inputs: dict, refe
     return results, failed
 
 
+class _PooledEncoder:
+    """encode_image / encode_text of a contender, in pyclipq.pooled_only of `model` (the final block
+    at the pooled rows only, where pyclipq fused it; a no-op for the float contenders), as `pyclipq
+    embed` runs them. model None (torch.compile'd towers): the plain calls."""
+
+    def __init__(self, clip, model: nn.Module | None):
+        self.clip, self.model = clip, model
+
+    def encode_image(self, images):
+        with pooled_only(self.model, images=images) if self.model is not None else contextlib.nullcontext():
+            return self.clip.encode_image(images)
+
+    def encode_text(self, tokens):
+        with pooled_only(self.model, tokens=tokens) if self.model is not None else contextlib.nullcontext():
+            return self.clip.encode_text(tokens)
+
+
 def time_torch_contenders(fp32: nn.Module, names, inputs: dict, batches, towers, fidelity_batch: int,
                           reference: dict, reps: int, warmup: int, bar=None, rounds: int = 1) -> list[ContenderResult]:
     """Build each named torch contender from `fp32` (build_contender), measure its size and fidelity,
@@ -299,7 +318,7 @@ def time_torch_contenders(fp32: nn.Module, names, inputs: dict, batches, towers,
         r.linears_quantized, r.linears_total = linear_inventory(module)
         r.size_bytes = _size_on_disk(name, module)
         bar.update()
-        clip = as_clip_like(candidate)
+        clip = _PooledEncoder(as_clip_like(candidate), None if isinstance(candidate, CompiledTowers) else candidate)
         dtype = INPUT_DTYPES.get(name, torch.float32)
         feed = {b: (images.to(dtype), tokens) for b, (images, tokens) in inputs.items()}
         with torch.inference_mode():

@@ -23,6 +23,7 @@ import torch
 
 from ..configs import QuantConfig, resolve_config
 from ..eval.encode import SentenceEncoder, as_clip_like
+from ..models import pooled_only
 from ..testbed import load_testbed
 
 
@@ -208,7 +209,8 @@ def random_inputs(loaded: LoadedModel, batch: int, seed: int = 0) -> tuple[torch
 def encode(loaded: LoadedModel, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> Any:
     """Image or text embeddings through the family's own API (a transformers CLIPModel is wrapped)."""
     model = as_clip_like(loaded.model)
-    return model.encode_image(images) if images is not None else model.encode_text(tokens)
+    with pooled_only(loaded.model, images=images, tokens=tokens):
+        return model.encode_image(images) if images is not None else model.encode_text(tokens)
 
 
 def config_from_args(args) -> QuantConfig:

@@ -1,8 +1,12 @@
 """Per-implementation adapters: the CLIP-specific names convert needs."""
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from torch import nn
 
+from ..nn.fused_block import pooled_rows_only
 from ..nn.open_clip_attention import QuantOpenClipAttention
 from .base import Adapter
 from .hf import HuggingFaceClipAdapter
@@ -29,3 +33,19 @@ def get_adapter(name: str) -> Adapter:
 
 
 __all__ = ["ADAPTERS", "Adapter", "QuantOpenClipAttention", "detect_adapter", "get_adapter"]
+
+
+def pooled_only(model: nn.Module, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None):
+    """A context for one ``model.encode_image(images)`` or ``model.encode_text(tokens)`` call of a
+    converted model: where its adapter knows which token the tower pools (open_clip's class token
+    and text pools), the tower's final fused block computes only that row of each sequence
+    (pyclipq.nn.fused_block.pooled_rows_only): the same embeddings bit for bit, three quarters of
+    one block's linear work saved. Elsewhere a no-op. `pyclipq bench` and `pyclipq embed` use it.
+
+        with pyclipq.pooled_only(qmodel, images=images):
+            features = qmodel.encode_image(images)
+    """
+    if (images is None) == (tokens is None):
+        raise ValueError("pooled_only: give exactly one of images and tokens")
+    found = detect_adapter(model).pooled_rows(model, images=images, tokens=tokens)
+    return contextlib.nullcontext() if found is None else pooled_rows_only(*found)

@@ -41,6 +41,12 @@ class Adapter:
     def matches(self, model: nn.Module) -> bool:
         return True
 
+    def pooled_rows(self, model: nn.Module, images=None, tokens=None) -> tuple[nn.Module, torch.Tensor] | None:
+        """(the tower's final block, the row of each sequence its encode_image / encode_text pools)
+        when that call reads nothing else of the final block's output and the block is fused; None
+        otherwise (the generic adapter: always)."""
+        return None
+
     def norm_folds(self, model: nn.Module):
         """(LayerNorm name, [names of the linears it alone feeds]) for every pre-LN block of `model`."""
         for name, module in model.named_modules():

@@ -10,8 +10,19 @@ QuantLinear.int8_original_dtype.
 """
 from __future__ import annotations
 
+import torch
+
+from ..nn.fused_block import FusedBlock
 from ..nn.open_clip_attention import is_open_clip_attention
 from .base import Adapter
+
+# open_clip's text_global_pool: the token each pool type reads (eos: the first eos_token_id)
+_TEXT_POOL_ROWS = {
+    "argmax": lambda tokens, eos: tokens.argmax(dim=-1),
+    "first": lambda tokens, eos: torch.zeros(tokens.shape[0], dtype=torch.long),
+    "last": lambda tokens, eos: torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long),
+    "eos": lambda tokens, eos: (tokens == eos).int().argmax(dim=-1),
+}
 
 
 class OpenClipAdapter(Adapter):
@@ -28,5 +39,30 @@ class OpenClipAdapter(Adapter):
             c.__module__.startswith("open_clip.") for c in type(model).__mro__
         )
 
+    def pooled_rows(self, model, images=None, tokens=None):
+        """CLIP.encode_image with a VisionTransformer pooling its class token (no attention pooling,
+        no output tokens): row 0. CLIP.encode_text: the row of its text_pool_type. CustomTextCLIP's
+        text tower and other pools: None."""
+        if images is not None:
+            visual = getattr(model, "visual", None)
+            if (visual is None or getattr(visual, "pool_type", None) != "tok" or getattr(visual, "attn_pool", None) is not None
+                    or getattr(visual, "output_tokens", True)):
+                return None
+            final = _final_block(getattr(visual, "transformer", None))
+            return None if final is None else (final, torch.zeros(images.shape[0], dtype=torch.long))
+        pool = _TEXT_POOL_ROWS.get(getattr(model, "text_pool_type", None))
+        final = _final_block(getattr(model, "transformer", None)) if hasattr(model, "token_embedding") else None
+        if tokens is None or pool is None or final is None or tokens.dim() != 2:
+            return None
+        eos = getattr(model, "text_eos_id", None)
+        return None if pool is _TEXT_POOL_ROWS["eos"] and eos is None else (final, pool(tokens, eos).cpu())
+
     def attention_kind(self, module):
         return "open_clip_attention" if is_open_clip_attention(module) else super().attention_kind(module)
+
+
+def _final_block(transformer) -> FusedBlock | None:
+    """The last of an open_clip Transformer's resblocks, if it is fused."""
+    blocks = getattr(transformer, "resblocks", None)
+    final = blocks[-1] if blocks is not None and len(blocks) else None
+    return final if isinstance(final, FusedBlock) else None

@@ -22,6 +22,8 @@ cross-attention arguments) it calls the original block, which computes with the 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +42,25 @@ _FUSED_CLASSES: dict[type, type] = {}  # original block class -> its Fused<Class
 # True = masked), OpenAI's ResidualAttentionBlock(x) (its mask an attribute), Hugging Face's
 # CLIPEncoderLayer(hidden_states, attention_mask, is_causal=...) (bool masks: True = attends).
 CONVENTIONS = ("open_clip", "openai", "hf")
+# (final block, rows): set by `pooled_rows_only` for a caller that reads one row per sequence of
+# that block's output (the pooled token); FusedBlock.forward reads it.
+_POOLED_ROWS: contextvars.ContextVar = contextvars.ContextVar("pyclipq_pooled_rows", default=None)
+
+
+@contextlib.contextmanager
+def pooled_rows_only(block: nn.Module, rows: torch.Tensor):
+    """Inside, the FusedBlock `block` computes its output only at row rows[b] of each sequence b:
+    the attention's keys and values from every row, the out projection, LayerNorm and MLP for those
+    rows alone (three quarters of a block's linear work saved); the other rows of the tensor it
+    returns hold its input, not its output. For callers that pool the last block's output at one
+    token (the class token, the end-of-text token) and read nothing else: each op computes a row
+    the same whatever the other rows, so the rows computed equal the whole block's bit for bit.
+    Anywhere the fused path does not apply, the block runs whole."""
+    token = _POOLED_ROWS.set((block, rows))
+    try:
+        yield
+    finally:
+        _POOLED_ROWS.reset(token)
 
 
 @dataclass(frozen=True)
@@ -188,9 +209,11 @@ class FusedBlock(nn.Module):
         resolved = self._resolved() if applies else None
         if resolved is None or self._hooked(resolved):
             return self.unfused(*args, **kwargs)
+        pooled = _POOLED_ROWS.get()
+        rows = pooled[1] if pooled is not None and pooled[0] is self else None
         if self.parts.sequence_first:
-            return self._fused(resolved, x.transpose(0, 1), mask, causal).transpose(0, 1)
-        return self._fused(resolved, x, mask, causal)
+            return self._fused(resolved, x.transpose(0, 1), mask, causal, rows).transpose(0, 1)
+        return self._fused(resolved, x, mask, causal, rows)
 
     def _mask(self, mask: torch.Tensor | None, tokens: int, batch: int, heads: int):
         """(additive float32 mask or None, causal): a causal mask is recognised once per tensor version."""
@@ -232,11 +255,13 @@ class FusedBlock(nn.Module):
             self._one_op_cache = (configs, one)
         return one
 
-    def _fused(self, resolved, x: torch.Tensor, attn_mask, causal_hint: bool) -> torch.Tensor:
+    def _fused(self, resolved, x: torch.Tensor, attn_mask, causal_hint: bool, rows=None) -> torch.Tensor:
         attention, projections, ln_1, ln_2, fc1, fc2 = resolved
         batch, tokens, width = x.shape
         x = x.contiguous()
         mask, causal = self._mask(attn_mask, tokens, batch, attention.num_heads)
+        if rows is not None:
+            return self._fused_rows(resolved, x, mask, causal or causal_hint, rows)
         if self._one_op(resolved):
             layers = (projections[0], attention.out_proj, fc1, fc2)
             linears = [t for m in layers for t in (m.packed_weight, m.weight_scale, m.bias, m._tile_weight_for(None))]
@@ -250,6 +275,23 @@ class FusedBlock(nn.Module):
         hidden = _linear(fc1, _norm_quantize(ln_2, fc1, x), activation=self.parts.activation)
         x = _linear(fc2, _quantize(fc2, hidden), residual=x, out_dtype=x.dtype)
         return x.view(batch, tokens, width)
+
+    def _fused_rows(self, resolved, x: torch.Tensor, mask, causal: bool, rows: torch.Tensor) -> torch.Tensor:
+        """The block at rows[b] of each sequence b only (pooled_rows_only): q|k|v and the attention
+        over every row, then the ops of the chain on the B rows picked."""
+        attention, projections, ln_1, ln_2, fc1, fc2 = resolved
+        batch, tokens, width = x.shape
+        qkv = _projected(projections, ln_1, x)
+        attended = _ops.attention(qkv.view(batch, tokens, 3 * width), attention.num_heads, mask, causal, None)
+        index = torch.arange(batch)
+        picked = x[index, rows]
+        picked = _linear(attention.out_proj, _quantize(attention.out_proj, attended[index, rows]), residual=picked,
+                         out_dtype=x.dtype)
+        hidden = _linear(fc1, _norm_quantize(ln_2, fc1, picked), activation=self.parts.activation)
+        picked = _linear(fc2, _quantize(fc2, hidden), residual=picked, out_dtype=x.dtype)
+        out = x.clone()
+        out[index, rows] = picked.view(batch, width)
+        return out
 
     def extra_repr(self) -> str:
         return f"{type(self.unfused).__name__}, activation={self.parts.activation}"
