@@ -85,6 +85,7 @@ def opcheck_samples(prefix: str = ""):
     yield "quantized_linear", (x_q, x_scale, sums, packed, scale, "int4", 32, None, None, "none", None, None)
     yield "attention", (torch.randn(2, 9, 3 * 32), 2, None, True, None)
     yield "attention", (torch.randn(2, 9, 3 * 32), 2, torch.randn(2, 1, 9, 9), False, 0.3)
+    yield "attention", (torch.randn(2, 9, 3 * 32), 2, torch.randn(9, 9), True, None, torch.tensor([8, 3]))  # pooled rows
     for fmt, group, dtype, mask in (("int8", 0, torch.float32, None), ("int4", 32, torch.bfloat16, torch.randn(9, 9))):
         linears = []
         for n, k in ((96, 32), (32, 32), (64, 32), (32, 64)):  # q|k|v, out_proj, fc1, fc2 of width 32

@@ -354,7 +354,8 @@ ATTENTION_CASES = [(1, 50, 12, 64, False), (2, 77, 8, 64, True), (3, 7, 3, 40, F
 def check_attention_matches_reference():
     """Every head of every sequence against the float64 reference, with and without masks (2-D, 4-D
     broadcast over heads, per head), causal, ragged T and head widths, 1/2/3 threads: within
-    1e-5 of the largest |v| of the head (softmax weights sum to 1)."""
+    1e-5 of the largest |v| of the head (softmax weights sum to 1). One query row per sequence
+    (`rows`) equals that row of the whole result exactly."""
     gen = torch.Generator().manual_seed(13)
     for batch, tokens, heads, head_dim, causal in ATTENTION_CASES:
         qkv = torch.randn(batch, tokens, 3 * heads * head_dim, generator=gen)
@@ -372,6 +373,11 @@ def check_attention_matches_reference():
                 shape = None if mask is None else list(mask.shape)
                 what = f"B={batch} T={tokens} H={heads} d={head_dim} causal={causal} mask {shape} {threads} threads"
                 assert got.shape == want.shape and bool(((got - want).abs() <= bound).all()), what
+                # one query row per sequence: that row of the whole result, bit for bit
+                rows = torch.randint(0, tokens, (batch,), generator=gen)
+                rows[0] = tokens - 1
+                picked = ops.attention(qkv, heads, mask, causal, rows=rows)
+                assert torch.equal(picked, got[torch.arange(batch), rows].unsqueeze(1)), f"{what} rows {rows.tolist()}"
     torch.set_num_threads(2)
     every_key_masked = torch.full((4, 4), float("-inf"))
     got = ops.attention(torch.randn(1, 4, 3 * 16, generator=gen), 1, every_key_masked)

@@ -161,7 +161,7 @@ def test_pooled_rows_give_the_same_embeddings_bit_for_bit(config, monkeypatch):
     for b in range(4):  # end-of-text at another position in each sequence
         tokens[b, -3], tokens[b, 3 + 2 * b] = tokens[b, 3 + 2 * b], tokens[b, -3]
     with torch.no_grad():
-        want_image, want_text = model.encode_image(images), model.encode_text(tokens)
+        want_image = model.encode_image(images)
         assert not calls
         with pyclipq.pooled_only(model, images=images):
             assert torch.equal(model.encode_image(images), want_image)
@@ -398,6 +398,12 @@ def test_block_ops_reject_bad_inputs():
         ops.attention(torch.randn(2, 9, 0), 2)
     with pytest.raises(RuntimeError, match="qkv must be 3-D"):
         ops.attention(qkv[0], 2)
+    for rows in (torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0]), torch.zeros(2, 1, dtype=torch.long)):
+        with pytest.raises(RuntimeError, match="rows must be int64 \\[B\\] with B = 2"):
+            ops.attention(qkv, 2, rows=rows)
+    for rows in (torch.tensor([0, 9]), torch.tensor([-1, 3])):
+        with pytest.raises(RuntimeError, match="rows must be query rows in \\[0, T\\) with T = 9"):
+            ops.attention(qkv, 2, rows=rows)
     x = torch.randn(4, 64)
     with pytest.raises(RuntimeError, match="weight must be a floating-point vector of x's K = 64"):
         ops.layer_norm_quantize(x, torch.ones(63), None, 1e-5)

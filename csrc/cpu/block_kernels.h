@@ -461,12 +461,17 @@ void attention_head_t(const AttentionProblem& p, int64_t b, int64_t h, float* sc
       for (int64_t j = tokens; j < padded; ++j) kt[c * padded + j] = 0.0f;
   }
   const float* mask_bh = p.mask ? p.mask + b * p.mask_sb + h * p.mask_sh : nullptr;
-  float* out_bh = p.out + b * tokens * p.ld_out + h * d;
+  // one query row (p.rows): the same tiles with one row, so that row comes out as the whole
+  // computation gives it
+  const int64_t only = p.rows != nullptr ? p.rows[b] : -1;
+  float* out_bh = p.out + b * (only >= 0 ? 1 : tokens) * p.ld_out + h * d;
   const int64_t d_vecs = d / W;
 
-  for (int64_t i0 = 0; i0 < tokens; i0 += R) {
-    const int64_t rows = std::min<int64_t>(R, tokens - i0);
-    const int64_t keys = p.causal ? i0 + rows : tokens;  // the keys any row of the block sees
+  for (int64_t i0 = only >= 0 ? only : 0; i0 < (only >= 0 ? only + 1 : tokens); i0 += R) {
+    const int64_t rows = only >= 0 ? 1 : std::min<int64_t>(R, tokens - i0);
+    // the keys any row of the block sees; one row takes its whole block's count, so that its P V sums
+    // run over the same keys (the extra ones with weight 0) as the whole computation's
+    const int64_t keys = !p.causal ? tokens : only >= 0 ? std::min(tokens, only / R * R + R) : i0 + rows;
     const int64_t key_vecs = (keys + W - 1) / W;
     const float* qrow[R];
     for (int r = 0; r < R; ++r) qrow[r] = q + std::min<int64_t>(i0 + r, tokens - 1) * p.ld_qkv;
@@ -477,7 +482,7 @@ void attention_head_t(const AttentionProblem& p, int64_t b, int64_t h, float* sc
       softmax_row<V>(scores + r * padded, p.causal ? i + 1 : tokens, key_vecs * W, p.scale,
                      mask_bh ? mask_bh + i * p.mask_si : nullptr);
     }
-    float* out_rows = out_bh + i0 * p.ld_out;
+    float* out_rows = out_bh + (only >= 0 ? 0 : i0) * p.ld_out;
     for (int64_t cv0 = 0; cv0 < d_vecs; cv0 += J)
       value_tiles<V, R, J>(std::min<int64_t>(J, d_vecs - cv0), scores, padded, v, p.ld_qkv, keys, cv0 * W, out_rows,
                            p.ld_out, rows);

@@ -355,7 +355,7 @@ at::Tensor quantized_linear(const at::Tensor& x_q, const at::Tensor& x_scale, co
 }
 
 at::Tensor attention(const at::Tensor& qkv_in, int64_t num_heads, const std::optional<at::Tensor>& mask_in,
-                     bool causal, std::optional<double> scale) {
+                     bool causal, std::optional<double> scale, const std::optional<at::Tensor>& rows_in) {
   const char* op = "pyclipq.attention";
   check_device_type(qkv_in, kCPU, "qkv", op);
   TORCH_CHECK(qkv_in.scalar_type() == at::kFloat, op, ": qkv must be float32, got ", qkv_in.scalar_type());
@@ -384,12 +384,21 @@ at::Tensor attention(const at::Tensor& qkv_in, int64_t num_heads, const std::opt
       sb = ms[0] == 1 ? 0 : ms[1] * tokens * tokens;
     }
   }
-  at::Tensor out = at::empty({batch, tokens, width}, qkv.options());
+  at::Tensor rows;
+  if (rows_in.has_value()) {
+    check_beside(qkv, *rows_in, kCPU, "rows", op);
+    TORCH_CHECK(rows_in->scalar_type() == at::kLong && rows_in->dim() == 1 && rows_in->size(0) == batch, op,
+                ": rows must be int64 [B] with B = ", batch, ", got ", rows_in->scalar_type(), " of shape ", rows_in->sizes());
+    rows = rows_in->contiguous();
+    TORCH_CHECK(batch == 0 || (rows.min().item<int64_t>() >= 0 && rows.max().item<int64_t>() < tokens), op,
+                ": rows must be query rows in [0, T) with T = ", tokens);
+  }
+  at::Tensor out = at::empty({batch, rows.defined() ? 1 : tokens, width}, qkv.options());
   TORCH_CHECK(!scale.has_value() || std::isfinite(*scale), op, ": scale must be finite, got ", scale.value_or(0.0));
   const float sc = scale.has_value() ? static_cast<float>(*scale) : 1.0f / std::sqrt(static_cast<float>(head_dim));
   const AttentionProblem p{qkv.data_ptr<float>(), batch, tokens, num_heads, head_dim, 3 * width, sc,
                            mask.defined() ? mask.data_ptr<float>() : nullptr, sb, sh, si, causal,
-                           out.data_ptr<float>(), width};
+                           out.data_ptr<float>(), width, rows.defined() ? rows.data_ptr<int64_t>() : nullptr};
   const KernelTable& kt = active_kernels();
   const int64_t scratch = attention_scratch_floats(tokens, head_dim);
   at::parallel_for(0, batch * num_heads, 1, [&](int64_t t0, int64_t t1) {
@@ -565,7 +574,9 @@ at::Tensor transformer_block(const at::Tensor& x, const std::vector<std::optiona
   TORCH_CHECK(qkv.size(-1) == 3 * width, op, ": the q|k|v linear must have 3 * embed_dim = ", 3 * width,
               " outputs, got ", qkv.size(-1));
   const at::Tensor attended =
-      step("attention", [&] { return attention(qkv.view({batch, tokens, 3 * width}), num_heads, mask, causal, std::nullopt); });
+      step("attention", [&] {
+        return attention(qkv.view({batch, tokens, 3 * width}), num_heads, mask, causal, std::nullopt, std::nullopt);
+      });
   const at::Tensor h = linear(1, quantize("the quantization of the attention's output", attended), "none", input);
   const at::Tensor hidden = linear(2, norm("ln_2 (norms[2:4], eps_2)", h, 2, eps_2), activation, std::nullopt);
   return linear(3, quantize("the quantization of fc1's output", hidden), "none", h).view({batch, tokens, width});

@@ -50,8 +50,8 @@ _POOLED_ROWS: contextvars.ContextVar = contextvars.ContextVar("pyclipq_pooled_ro
 @contextlib.contextmanager
 def pooled_rows_only(block: nn.Module, rows: torch.Tensor):
     """Inside, the FusedBlock `block` computes its output only at row rows[b] of each sequence b:
-    the attention's keys and values from every row, the out projection, LayerNorm and MLP for those
-    rows alone (three quarters of a block's linear work saved); the other rows of the tensor it
+    the attention's keys and values from every row, its queries, the out projection, LayerNorm and
+    MLP for those rows alone (three quarters of a block's linear work saved); the other rows of the tensor it
     returns hold its input, not its output. For callers that pool the last block's output at one
     token (the class token, the end-of-text token) and read nothing else: each op computes a row
     the same whatever the other rows, so the rows computed equal the whole block's bit for bit.
@@ -277,15 +277,15 @@ class FusedBlock(nn.Module):
         return x.view(batch, tokens, width)
 
     def _fused_rows(self, resolved, x: torch.Tensor, mask, causal: bool, rows: torch.Tensor) -> torch.Tensor:
-        """The block at rows[b] of each sequence b only (pooled_rows_only): q|k|v and the attention
-        over every row, then the ops of the chain on the B rows picked."""
+        """The block at rows[b] of each sequence b only (pooled_rows_only): q|k|v of every row, the
+        attention of the rows picked, then the ops of the chain on those B rows."""
         attention, projections, ln_1, ln_2, fc1, fc2 = resolved
         batch, tokens, width = x.shape
         qkv = _projected(projections, ln_1, x)
-        attended = _ops.attention(qkv.view(batch, tokens, 3 * width), attention.num_heads, mask, causal, None)
+        attended = _ops.attention(qkv.view(batch, tokens, 3 * width), attention.num_heads, mask, causal, None, rows)
         index = torch.arange(batch)
         picked = x[index, rows]
-        picked = _linear(attention.out_proj, _quantize(attention.out_proj, attended[index, rows]), residual=picked,
+        picked = _linear(attention.out_proj, _quantize(attention.out_proj, attended.view(batch, width)), residual=picked,
                          out_dtype=x.dtype)
         hidden = _linear(fc1, _norm_quantize(ln_2, fc1, picked), activation=self.parts.activation)
         picked = _linear(fc2, _quantize(fc2, hidden), residual=picked, out_dtype=x.dtype)

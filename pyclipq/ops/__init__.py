@@ -242,12 +242,14 @@ def quantized_linear(fmt: formats.WeightFormat | str, x_q, x_scale, x_sums, weig
 
 
 def attention(qkv: torch.Tensor, num_heads: int, mask: torch.Tensor | None = None, causal: bool = False,
-              scale: float | None = None) -> torch.Tensor:
+              scale: float | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head self-attention on packed projections: qkv [B, T, 3 E] (q | k | v, heads contiguous
     within each) -> [B, T, E], one call for every head. mask: additive float32 [T, T] or
-    [B or 1, heads or 1, T, T]; causal adds the upper-triangle -inf; scale defaults to head_dim^-0.5."""
+    [B or 1, heads or 1, T, T]; causal adds the upper-triangle -inf; scale defaults to head_dim^-0.5.
+    rows (int64 [B]): only query row rows[b] of each sequence, -> [B, 1, E], bit-identical to that
+    row of the whole result (a pooled token's attention)."""
     _cpu_only("attention", qkv)
-    return _ops.attention(qkv, num_heads, mask, causal, scale)
+    return _ops.attention(qkv, num_heads, mask, causal, scale, rows)
 
 
 def transformer_block(x: torch.Tensor, norms, eps_1: float, eps_2: float, linears, fmt: formats.WeightFormat | str,

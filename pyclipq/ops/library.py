@@ -40,7 +40,7 @@ SCHEMAS = {
     # epilogue; the multi-head self-attention core on the packed q | k | v projections
     "layer_norm_quantize": "layer_norm_quantize(Tensor x, Tensor? weight, Tensor? bias, float eps, int group_size, int rotation_block=1, Tensor? act_scale=None) -> (Tensor, Tensor, Tensor)",
     "quantized_linear": "quantized_linear(Tensor x_q, Tensor x_scale, Tensor x_sums, Tensor weight, Tensor weight_scale, str format, int group_size, Tensor? bias=None, Tensor? tile_weight=None, str activation=\"none\", Tensor? residual=None, ScalarType? out_dtype=None) -> Tensor",
-    "attention": "attention(Tensor qkv, int num_heads, Tensor? mask=None, bool causal=False, float? scale=None) -> Tensor",
+    "attention": "attention(Tensor qkv, int num_heads, Tensor? mask=None, bool causal=False, float? scale=None, Tensor? rows=None) -> Tensor",
     # a whole pre-LN block as the chain of the three ops above (nn/fused_block.py), for blocks whose
     # linears share one format and plain dynamic quantization: norms = ln_1 weight, bias, ln_2
     # weight, bias; linears = (weight, weight_scale, bias, tile_weight) of q|k|v, out_proj, fc1, fc2
@@ -145,8 +145,8 @@ def _(x_q, x_scale, x_sums, weight, weight_scale, format, group_size, bias=None,
 
 
 @torch.library.register_fake(f"{NAMESPACE}::attention")
-def _(qkv, num_heads, mask=None, causal=False, scale=None):
-    return qkv.new_empty((qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3))
+def _(qkv, num_heads, mask=None, causal=False, scale=None, rows=None):
+    return qkv.new_empty((qkv.shape[0], 1 if rows is not None else qkv.shape[1], qkv.shape[2] // 3))
 
 
 @torch.library.register_fake(f"{NAMESPACE}::transformer_block")

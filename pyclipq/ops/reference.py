@@ -143,8 +143,9 @@ def quantized_linear(x_q, x_scale, x_sums, weight, weight_scale, format, group_s
     return y.to(out_dtype or torch.float32)
 
 
-def attention(qkv, num_heads, mask=None, causal=False, scale=None):
-    """softmax(q k^T * scale + mask [+ causal]) v per head, in float64, on qkv [B, T, 3 E] -> [B, T, E]."""
+def attention(qkv, num_heads, mask=None, causal=False, scale=None, rows=None):
+    """softmax(q k^T * scale + mask [+ causal]) v per head, in float64, on qkv [B, T, 3 E] -> [B, T, E];
+    rows [B]: row rows[b] of each sequence, [B, 1, E]."""
     batch, tokens, three_e = qkv.shape
     e = three_e // 3
     q, k, v = qkv.double().view(batch, tokens, 3, num_heads, e // num_heads).permute(2, 0, 3, 1, 4)
@@ -154,4 +155,5 @@ def attention(qkv, num_heads, mask=None, causal=False, scale=None):
     if causal:
         scores = scores.masked_fill(torch.ones(tokens, tokens, dtype=torch.bool).triu(1), float("-inf"))
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with every key masked: zeros
-    return (weights @ v).transpose(1, 2).reshape(batch, tokens, e).to(qkv.dtype)
+    out = (weights @ v).transpose(1, 2).reshape(batch, tokens, e).to(qkv.dtype)
+    return out if rows is None else out[torch.arange(batch), rows].unsqueeze(1)

@@ -116,6 +116,9 @@ struct AttentionProblem {
   bool causal;
   float* out;
   int64_t ld_out;
+  // rows[b]: the one query row of sequence b to compute, written as row 0 of out's sequence b
+  // (out [B, 1, E]); nullptr: every row (out [B, T, E])
+  const int64_t* rows = nullptr;
 };
 // Floats of scratch one (b, h) task needs.
 inline int64_t attention_scratch_floats(int64_t tokens, int64_t head_dim) {
