@@ -151,7 +151,7 @@ def test_blocks_deepcopy_and_pickle_as_fused_blocks():
 @pytest.mark.parametrize("config", ["int8", "ternary", "int8-rotated"])
 def test_pooled_rows_give_the_same_embeddings_bit_for_bit(config, monkeypatch):
     """pyclipq.pooled_only: the final block of each open_clip tower computed at the pooled rows only
-    (class token; end-of-text by argmax at a different position in every sequence, first, last)
+    (class token; end-of-text by argmax or eos id at a different position in every sequence; first, last)
     gives the embeddings of the whole block exactly, and its rows path ran."""
     _, model = converted_pair("open_clip", CONFIGS[config])
     calls = []
@@ -166,7 +166,8 @@ def test_pooled_rows_give_the_same_embeddings_bit_for_bit(config, monkeypatch):
         with pyclipq.pooled_only(model, images=images):
             assert torch.equal(model.encode_image(images), want_image)
         assert calls == [model.visual.transformer.resblocks[-1]]
-        for pool in ("argmax", "first", "last"):
+        model.text_eos_id = tokens.max().item()  # what 'eos' pooling looks for
+        for pool in ("argmax", "first", "last", "eos"):
             model.text_pool_type = pool
             want = model.encode_text(tokens)
             with pyclipq.pooled_only(model, tokens=tokens):

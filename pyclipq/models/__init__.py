@@ -32,7 +32,7 @@ def get_adapter(name: str) -> Adapter:
     return ADAPTERS[name]
 
 
-__all__ = ["ADAPTERS", "Adapter", "QuantOpenClipAttention", "detect_adapter", "get_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "QuantOpenClipAttention", "detect_adapter", "get_adapter", "pooled_only"]
 
 
 def pooled_only(model: nn.Module, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None):

@@ -16,14 +16,6 @@ from ..nn.fused_block import FusedBlock
 from ..nn.open_clip_attention import is_open_clip_attention
 from .base import Adapter
 
-# open_clip's text_global_pool: the token each pool type reads (eos: the first eos_token_id)
-_TEXT_POOL_ROWS = {
-    "argmax": lambda tokens, eos: tokens.argmax(dim=-1),
-    "first": lambda tokens, eos: torch.zeros(tokens.shape[0], dtype=torch.long),
-    "last": lambda tokens, eos: torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long),
-    "eos": lambda tokens, eos: (tokens == eos).int().argmax(dim=-1),
-}
-
 
 class OpenClipAdapter(Adapter):
     name = "open_clip"
@@ -41,8 +33,9 @@ class OpenClipAdapter(Adapter):
 
     def pooled_rows(self, model, images=None, tokens=None):
         """CLIP.encode_image with a VisionTransformer pooling its class token (no attention pooling,
-        no output tokens): row 0. CLIP.encode_text: the row of its text_pool_type. CustomTextCLIP's
-        text tower and other pools: None."""
+        no output tokens): row 0. CLIP.encode_text: the row its text_pool_type reads, found by
+        open_clip's own text_global_pool applied to the token positions. CustomTextCLIP's text
+        tower and pools over every token: None."""
         if images is not None:
             visual = getattr(model, "visual", None)
             if (visual is None or getattr(visual, "pool_type", None) != "tok" or getattr(visual, "attn_pool", None) is not None
@@ -50,12 +43,18 @@ class OpenClipAdapter(Adapter):
                 return None
             final = _final_block(getattr(visual, "transformer", None))
             return None if final is None else (final, torch.zeros(images.shape[0], dtype=torch.long))
-        pool = _TEXT_POOL_ROWS.get(getattr(model, "text_pool_type", None))
         final = _final_block(getattr(model, "transformer", None)) if hasattr(model, "token_embedding") else None
-        if tokens is None or pool is None or final is None or tokens.dim() != 2:
+        pool_type, eos = getattr(model, "text_pool_type", None), getattr(model, "text_eos_id", None)
+        if tokens is None or final is None or tokens.dim() != 2 or pool_type is None or (pool_type == "eos" and eos is None):
             return None
-        eos = getattr(model, "text_eos_id", None)
-        return None if pool is _TEXT_POOL_ROWS["eos"] and eos is None else (final, pool(tokens, eos).cpu())
+        try:
+            from open_clip.transformer import text_global_pool
+        except ImportError:  # an open_clip that pools inline: nothing to ask
+            return None
+        tokens = tokens.cpu()
+        positions = torch.arange(tokens.shape[1]).expand(tokens.shape).unsqueeze(-1)  # [B, T, 1]: each token's row
+        picked = text_global_pool(positions, tokens, pool_type, eos_token_id=eos)
+        return (final, picked[:, 0]) if picked.dim() == 2 else None  # [B, T, 1]: the pool reads every token
 
     def attention_kind(self, module):
         return "open_clip_attention" if is_open_clip_attention(module) else super().attention_kind(module)
