@@ -179,9 +179,44 @@ def test_pooled_rows_give_the_same_embeddings_bit_for_bit(config, monkeypatch):
         assert not calls
 
 
+@pytest.mark.parametrize("family", ["hf", "openai"])
+def test_pooled_rows_of_transformers_and_openai_clips_are_bit_exact(family, monkeypatch):
+    """pyclipq.pooled_only on a transformers CLIPModel (get_*_features: the class token; end-of-text by
+    the legacy argmax rule and by the first eos_token_id) and an OpenAI CLIP (class token; argmax):
+    the embeddings of the whole final block exactly, through the rows path of each tower's last block."""
+    _, model = converted_pair(family, "int8")
+    calls = []
+    rows_path = FusedBlock._fused_rows
+    monkeypatch.setattr(FusedBlock, "_fused_rows", lambda self, *a: (calls.append(self), rows_path(self, *a))[1])
+    images, tokens = sample_inputs(batch=4)
+    for b in range(4):  # the largest id, also the eos id, at another position in each sequence
+        tokens[b, -3], tokens[b, 3 + 2 * b] = tokens[b, 3 + 2 * b], tokens[b, -3]
+    tokens[1, -1] = tokens[1, 3 + 2]  # a second eos after the first: HF's eos rule reads the first
+    want_image, want_text = encode(model, images, tokens)
+    if family == "hf":
+        vision, text = model.vision_model.encoder.layers[-1], model.text_model.encoder.layers[-1]
+        rules = {"first eos": tokens.max().item(), "legacy argmax": 2}
+    else:
+        vision, text = model.visual.transformer.resblocks[-1], model.transformer.resblocks[-1]
+        rules = {"argmax": None}
+    with torch.no_grad():
+        with pyclipq.pooled_only(model, images=images):
+            got_image = model.get_image_features(pixel_values=images) if family == "hf" else model.encode_image(images)
+        assert torch.equal(getattr(got_image, "pooler_output", got_image), want_image)
+        assert calls == [vision]
+        for rule, eos in rules.items():
+            if family == "hf":
+                model.text_model.eos_token_id = eos
+                want_text = encode(model, images, tokens)[1]
+            with pyclipq.pooled_only(model, tokens=tokens):
+                got = model.get_text_features(input_ids=tokens) if family == "hf" else model.encode_text(tokens)
+            assert torch.equal(getattr(got, "pooler_output", got), want_text), rule
+            assert calls[-1] is text, rule
+    assert len(calls) == 1 + len(rules)
+
+
 def test_pooled_rows_are_used_only_where_the_tower_reads_the_pooled_token(monkeypatch):
-    """Average pooling, output tokens, an unfused final block or another family: pooled_only is a
-    no-op and the embeddings stay those of the whole tower. Bad arguments get a clear error."""
+    """Average pooling, output tokens or an unfused final block: pooled_only is a no-op and the embeddings stay those of the whole tower. Bad arguments get a clear error."""
     _, model = converted_pair("open_clip", "int8")
     calls = []
     monkeypatch.setattr(FusedBlock, "_fused_rows", lambda self, *a: calls.append(self))
@@ -200,9 +235,6 @@ def test_pooled_rows_are_used_only_where_the_tower_reads_the_pooled_token(monkey
         unfused, _ = converted_pair("open_clip", "int8")
         with pyclipq.pooled_only(unfused, tokens=tokens):
             unfused.encode_text(tokens)
-        _, hf = converted_pair("hf", "int8")
-        with pyclipq.pooled_only(hf, tokens=tokens):
-            hf.get_text_features(input_ids=tokens)
     assert not calls
     for kwargs in ({}, {"images": images, "tokens": tokens}):
         with pytest.raises(ValueError, match="exactly one of images and tokens"):

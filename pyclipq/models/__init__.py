@@ -37,10 +37,13 @@ __all__ = ["ADAPTERS", "Adapter", "QuantOpenClipAttention", "detect_adapter", "g
 
 def pooled_only(model: nn.Module, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None):
     """A context for one ``model.encode_image(images)`` or ``model.encode_text(tokens)`` call of a
-    converted model: where its adapter knows which token the tower pools (open_clip's class token
-    and text pools), the tower's final fused block computes only that row of each sequence
+    converted model (``get_image_features`` / ``get_text_features`` of a transformers CLIP): where
+    its adapter knows which token the tower pools (the class token; the end-of-text token by the
+    family's own rule), the tower's final fused block computes only that row of each sequence
     (pyclipq.nn.fused_block.pooled_rows_only): the same embeddings bit for bit, three quarters of
-    one block's linear work saved. Elsewhere a no-op. `pyclipq bench` and `pyclipq embed` use it.
+    one block's linear work saved. The other rows of that block's output hold its input, so only
+    the pooled embedding of the call is meaningful (not, say, a last_hidden_state it also returns).
+    Elsewhere a no-op. `pyclipq bench` and `pyclipq embed` use it.
 
         with pyclipq.pooled_only(qmodel, images=images):
             features = qmodel.encode_image(images)

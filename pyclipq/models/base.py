@@ -21,6 +21,14 @@ from ..transform import existing_module
 
 # ------------------------------------------------------------------ adapters
 
+
+def final_fused_block(blocks) -> FusedBlock | None:
+    """The last of a tower's blocks (an nn.ModuleList or None), if it is fused: where
+    `Adapter.pooled_rows` can compute the pooled rows only."""
+    final = blocks[-1] if blocks is not None and len(blocks) else None
+    return final if isinstance(final, FusedBlock) else None
+
+
 QKV_LEAVES = ("q_proj", "k_proj", "v_proj")
 MLP_LEAVES = ("c_fc", "fc1", "fc2")
 

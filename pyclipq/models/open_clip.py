@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..nn.fused_block import FusedBlock
 from ..nn.open_clip_attention import is_open_clip_attention
-from .base import Adapter
+from .base import Adapter, final_fused_block
 
 
 class OpenClipAdapter(Adapter):
@@ -60,8 +59,6 @@ class OpenClipAdapter(Adapter):
         return "open_clip_attention" if is_open_clip_attention(module) else super().attention_kind(module)
 
 
-def _final_block(transformer) -> FusedBlock | None:
+def _final_block(transformer):
     """The last of an open_clip Transformer's resblocks, if it is fused."""
-    blocks = getattr(transformer, "resblocks", None)
-    final = blocks[-1] if blocks is not None and len(blocks) else None
-    return final if isinstance(final, FusedBlock) else None
+    return final_fused_block(getattr(transformer, "resblocks", None))

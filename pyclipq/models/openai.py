@@ -9,7 +9,9 @@ weights directly, so those stay float.
 """
 from __future__ import annotations
 
-from .base import Adapter
+import torch
+
+from .base import Adapter, final_fused_block
 
 
 def _is_openai_clip(cls: type) -> bool:
@@ -27,6 +29,20 @@ class OpenAIClipAdapter(Adapter):
     def matches(self, model) -> bool:
         return any(_is_openai_clip(c) for c in type(model).__mro__)
 
+    def pooled_rows(self, model, images=None, tokens=None):
+        """CLIP.encode_image with a VisionTransformer tower: its class token, row 0 (a ResNet
+        tower: None). CLIP.encode_text: the end-of-text token, the largest id of each sequence
+        (its own ``text.argmax(dim=-1)``)."""
+        if images is not None:
+            if not self.patch_embedding_applies(model):
+                return None
+            final = _final_block(model.visual.transformer)
+            return None if final is None else (final, torch.zeros(images.shape[0], dtype=torch.long))
+        final = _final_block(getattr(model, "transformer", None))
+        if tokens is None or final is None or tokens.dim() != 2:
+            return None
+        return final, tokens.cpu().argmax(dim=-1)
+
     def skip_reason(self, name, module):
         if type(module).__name__ == "AttentionPool2d" and _is_openai_clip(type(module)):
             return "AttentionPool2d passes its q/k/v/c_proj weights to F.multi_head_attention_forward directly"
@@ -34,5 +50,10 @@ class OpenAIClipAdapter(Adapter):
 
     def patch_embedding_applies(self, model) -> bool:
         # Only the ViT tower's conv1 is a patch embedding; a ResNet's conv1 is a 3x3 stem.
-        visual = getattr(model, "visual", None)
-        return type(visual).__name__ == "VisionTransformer"
+        # by the class's MRO: a converted tower is a Parametrized<Class> (its packed conv1)
+        return any(c.__name__ == "VisionTransformer" for c in type(getattr(model, "visual", None)).__mro__)
+
+
+def _final_block(transformer):
+    """The last of a clip.model.Transformer's resblocks, if it is fused."""
+    return final_fused_block(getattr(transformer, "resblocks", None))
