@@ -155,9 +155,10 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
               f"(drop {record['r1_drop']:+.1f}){domains}  {time.perf_counter() - started:7.0f}s wall", flush=True)
         return record
 
+    calibration = {} if args.calibration_batches is None else {"calibration_batches": args.calibration_batches}
     result = distill(model, text_batches(loaded, texts, args.batch_size, args.seed, args.group_by_length), config, init=args.init,
                      train=train, loss=loss, exact=exact, learn_scales=learn_scales, evaluate=evaluate, evaluate_every=args.eval_every,
-                     freeze_embeddings=not args.train_embeddings)
+                     freeze_embeddings=not args.train_embeddings, **calibration)
     packed = evaluation(result.quantized)
     out = args.out / f"{name}.safetensors" if args.out else None
     reload_equal = None
@@ -173,6 +174,7 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
         "packed_minus_fake_cos": round(packed["cos"] - result.evaluations[-1]["cos"], 6),
         "reload_equal": reload_equal, "train_seconds": result.evaluations[-1]["seconds"],
         "init": args.init, "init_seconds": round(result.init_seconds, 1), "corpus": args.corpus,
+        "calibration_batches": args.calibration_batches,
     }
 
 
@@ -233,6 +235,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rotation", default="auto",
                         help="Hadamard rotation block of every quantized linear (0: none); auto: recipes.default_rotation")
     parser.add_argument("--fake-quant", choices=("auto", "exact", "fast"), default="auto")
+    parser.add_argument("--calibration-batches", type=int, default=None,
+                        help="training batches the ptq start calibrates on (default: recipes.distill's)")
     parser.add_argument("--init", choices=("auto", "clip", "ptq", "rtn"), default="auto",
                         help="where the student starts (pyclipq.train.recipes.distill)")
     parser.add_argument("--corpus", choices=CORPORA, nargs="+", default=list(DEFAULT_CORPORA),
