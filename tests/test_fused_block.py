@@ -263,8 +263,8 @@ def _chain_forward(block, *args, **kwargs):
 @pytest.mark.parametrize("config", ["int8", "int4", "ternary", "int2-g32"])
 def test_the_one_op_block_equals_the_chain_bit_for_bit(name, config, dtype):
     """transformer_block makes the chain's calls in C++: the same outputs exactly, the text towers'
-    causal masks and every block of both towers included. (Hugging Face's three projections keep
-    the chain: test_blocks_with_input_transforms_or_three_projections_keep_the_chain.)"""
+    causal masks and every block of both towers included. (Hugging Face's three projections join
+    into one first: test_hugging_face_projections_join_into_one_linear.)"""
     _, fused = converted_pair(name, CONFIGS[config])
     fused = fused.to(dtype)
     images, tokens = sample_inputs(batch=3)
@@ -285,15 +285,81 @@ def test_the_one_op_block_equals_the_chain_bit_for_bit(name, config, dtype):
         assert got.dtype == dtype and torch.equal(got, want)
 
 
-def test_blocks_with_input_transforms_or_three_projections_keep_the_chain():
-    _, hf = converted_pair("hf", "int8")
-    assert not any(m._one_op(m._resolved()) for m in hf.modules() if isinstance(m, FusedBlock))
+def test_blocks_with_input_transforms_keep_the_chain():
     _, fused = converted_pair("open_clip", CONFIGS["int8-rotated"])
     block = fused.visual.transformer.resblocks[0]
     assert not block._one_op(block._resolved())
     x = torch.randn(2, 5, 64)
     with torch.no_grad():
         assert torch.equal(block(x), _chain_forward(block, x))
+
+
+def _three_projection_outputs(model, images, tokens, monkeypatch):
+    """The embeddings with Hugging Face's q, k, v run as three linears (not joined)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(FusedBlock, "_joined_projection", lambda self, projections: None)
+        return encode(model, images, tokens)
+
+
+def _shares_storage(*tensors) -> bool:
+    return len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+
+
+@pytest.mark.parametrize("config", ["int8", "int4", "ternary", "int8-rotated"])
+def test_hugging_face_projections_join_into_one_linear(config, monkeypatch):
+    """Hugging Face's q, k, v projections run as one q|k|v linear whose storage they view: the same
+    embeddings bit for bit as three linears, the same state dict, no weight held twice; with plain
+    dynamic int8 / int4 / ternary the block is then the one op transformer_block."""
+    _, model = converted_pair("hf", CONFIGS[config])
+    images, tokens = sample_inputs(batch=3)
+    want = _three_projection_outputs(model, images, tokens, monkeypatch)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    got = encode(model, images, tokens)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    blocks = [m for m in model.modules() if isinstance(m, FusedBlock)]
+    assert len(blocks) == 4
+    for block in blocks:
+        attention = block.self_attn
+        q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
+        joined = block._joined_projection(block._resolved()[1])
+        assert joined is not None and joined.out_features == 3 * q.out_features
+        for name in ("packed_weight", "weight_scale", "bias"):
+            assert _shares_storage(getattr(q, name), getattr(k, name), getattr(v, name), getattr(joined, name)), name
+        if joined.tile_weight is not None:
+            assert _shares_storage(q.tile_weight, k.tile_weight, v.tile_weight, joined.tile_weight)
+        resolved = block._resolved()
+        assert block._one_op((resolved[0], (joined,), *resolved[2:])) == (config != "int8-rotated")
+
+
+def test_joined_projections_follow_writes_moves_copies_and_loads(tmp_path, monkeypatch):
+    """A write through one projection, a dtype move, a deep copy and a save / load: the joined q|k|v
+    follows each (joined again where the views were broken) and equals three linears bit for bit."""
+    _, model = converted_pair("hf", "int8")
+    images, tokens = sample_inputs(batch=2)
+    encode(model, images, tokens)  # joins
+
+    def check(m, *inputs):
+        for got, want in zip(encode(m, *inputs), _three_projection_outputs(m, *inputs, monkeypatch)):
+            assert torch.equal(got, want)
+
+    q = model.vision_model.encoder.layers[0].self_attn.q_proj
+    q.load_float_weight(torch.randn(q.out_features, q.in_features))  # in place, through the view
+    check(model, images, tokens)
+    copied = copy.deepcopy(model)
+    copy_q = copied.vision_model.encoder.layers[0].self_attn.q_proj
+    assert copy_q.packed_weight.untyped_storage().data_ptr() != q.packed_weight.untyped_storage().data_ptr()
+    check(copied, images, tokens)
+    pyclipq.save(model, tmp_path / "m.safetensors")
+    loaded = pyclipq.load(tmp_path / "m.safetensors", BUILDERS["hf"]())
+    for got, want in zip(encode(loaded, images, tokens), encode(model, images, tokens)):
+        assert torch.equal(got, want)
+    model = model.to(torch.bfloat16)  # new scale and bias tensors: the views are gone
+    check(model, images.to(torch.bfloat16), tokens)
+    block = model.vision_model.encoder.layers[0]
+    assert _shares_storage(block.self_attn.q_proj.weight_scale, block.self_attn.v_proj.weight_scale)
 
 
 def test_the_one_op_block_runs_the_same_on_1_2_and_3_threads():

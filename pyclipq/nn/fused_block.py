@@ -30,9 +30,9 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_state
 
-from .. import ops
+from .. import formats, ops
 from .attention import additive_mask
-from .linear import QuantLinear
+from .linear import QuantLinear, _version_of
 
 _ops = ops._ops  # torch.ops.pyclipq, called directly: the typed wrappers' checks cost ~2 us a call
 
@@ -140,6 +140,8 @@ class FusedBlock(nn.Module):
         self.parts = parts
         self._causal_masks: dict = {}
         self._one_op_cache: tuple = ((), False)  # (the linears' LayerConfigs, whether _one_op)
+        # (q|k|v of separate projections as one QuantLinear, their buffers' addresses): _joined_projection
+        object.__setattr__(self, "_joined", None)
         # the modules a hook may wait on, listed once (walking the tree cost ~7 us a call)
         self._watched = tuple(m for m in self.modules() if m is not self)
 
@@ -209,11 +211,36 @@ class FusedBlock(nn.Module):
         resolved = self._resolved() if applies else None
         if resolved is None or self._hooked(resolved):
             return self.unfused(*args, **kwargs)
+        joined = self._joined_projection(resolved[1])
+        if joined is not None:
+            resolved = (resolved[0], (joined,), *resolved[2:])
         pooled = _POOLED_ROWS.get()
         rows = pooled[1] if pooled is not None and pooled[0] is self else None
         if self.parts.sequence_first:
             return self._fused(resolved, x.transpose(0, 1), mask, causal, rows).transpose(0, 1)
         return self._fused(resolved, x, mask, causal, rows)
+
+    def _joined_projection(self, projections) -> QuantLinear | None:
+        """Separate q, k, v projections (Hugging Face's) as one q|k|v QuantLinear, or None where they
+        stay apart (one packed projection already; per-layer input transforms or static scales; under
+        torch.compile). The joined layer holds the storage: the three layers' buffers become row views
+        of its weight, scales, bias and tile layout, so no weight is held twice, the state dict and
+        every write through the three layers stay as they were, and the block runs as the one-op
+        ``transformer_block`` (one GEMM of 3 E columns, no concatenation). Checked every call: a move,
+        a load with assign or a rebuilt tile layout breaks the views, and the next call joins again."""
+        if len(projections) == 1 or torch.compiler.is_compiling():
+            return None
+        if self._joined is not None and self._joined[1] == _buffer_addresses(projections):
+            return self._joined[0]
+        first = projections[0]
+        layer = first.layer
+        if not (all(p.layer == layer and p.in_features == first.in_features and (p.bias is None) == (first.bias is None)
+                    and p.out_features % formats.TILE_COLUMNS == 0 for p in projections)
+                and layer.activation == "dynamic" and layer.smoothing != "online" and not layer.is_float):
+            return None
+        joined = _join(projections)
+        object.__setattr__(self, "_joined", (joined, _buffer_addresses(projections)))
+        return joined
 
     def _mask(self, mask: torch.Tensor | None, tokens: int, batch: int, heads: int):
         """(additive float32 mask or None, causal): a causal mask is recognised once per tensor version."""
@@ -309,6 +336,40 @@ def _is_causal(mask: torch.Tensor) -> bool:
     """An additive [T, T] mask that is -inf exactly above the diagonal and 0 elsewhere."""
     upper = torch.ones_like(mask, dtype=torch.bool).triu(1)
     return bool(torch.isneginf(mask[upper]).all()) and bool((mask[~upper] == 0).all())
+
+
+@torch.no_grad()
+def _join(projections) -> QuantLinear:
+    """One QuantLinear whose rows are `projections`' in order, and those layers' buffers made row
+    views of its own (see FusedBlock._joined_projection). Normal tensors even when first called
+    under inference_mode: the layers' buffers must keep taking in-place writes."""
+    first = projections[0]
+    with torch.inference_mode(False):
+        joined = QuantLinear(first.in_features, sum(p.out_features for p in projections), first.bias is not None,
+                             layer=first.layer, dtype=first.float_dtype, device=first.packed_weight.device)
+        joined.packed_weight = torch.cat([p.packed_weight for p in projections])
+        joined.weight_scale = torch.cat([p.weight_scale for p in projections])
+        if first.bias is not None:
+            joined.bias = torch.cat([p.bias for p in projections])
+        joined.refresh_tile_weight()
+        start = 0
+        for p in projections:
+            rows = slice(start, start + p.out_features)
+            p.packed_weight, p.weight_scale = joined.packed_weight[rows], joined.weight_scale[rows]
+            if p.bias is not None:
+                p.bias = joined.bias[rows]
+            if joined.tile_weight is not None:
+                p.tile_weight = joined.tile_weight[rows.start // formats.TILE_COLUMNS: rows.stop // formats.TILE_COLUMNS]
+            p._tile_source_version = _version_of(p.packed_weight)  # the views share the joined tensors' counter
+            start = rows.stop
+    return joined
+
+
+def _buffer_addresses(projections) -> tuple:
+    """Where each projection's weight, scales, bias and tile layout live: equal to the addresses
+    recorded at _join while they are still its views."""
+    return tuple(t.data_ptr() if t is not None else 0 for p in projections
+                 for t in (p.packed_weight, p.weight_scale, p.bias, p.tile_weight))
 
 
 def _projected(projections, ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
