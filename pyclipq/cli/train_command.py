@@ -175,7 +175,8 @@ def distill_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the student starts: rtn (the float weights), clip (clamped to weight-MSE-optimal "
                              "scales), ptq (GPTQ + clip search on --calibration-batches batches); auto: rtn for "
                              "ternary, ptq for int4, clip for int8/int2")
-    parser.add_argument("--calibration-batches", type=int, default=8)
+    parser.add_argument("--calibration-batches", type=int, default=recipes.DEFAULT_CALIBRATION_BATCHES,
+                        help="batches the ptq start calibrates on (default: %(default)s)")
     parser.add_argument("--rotation", type=_rotation, default="auto",
                         help="block size of an online Hadamard rotation of every quantized linear's input (0: none); "
                              "QAT trains through it and the packed model keeps it. auto: 128 for int4 and ternary, "
