@@ -233,10 +233,9 @@ class FusedBlock(nn.Module):
         if self._joined is not None and self._joined[1] == _buffer_addresses(projections):
             return self._joined[0]
         first = projections[0]
-        layer = first.layer
-        if not (all(p.layer == layer and p.in_features == first.in_features and (p.bias is None) == (first.bias is None)
-                    and p.out_features % formats.TILE_COLUMNS == 0 for p in projections)
-                and layer.activation == "dynamic" and layer.smoothing != "online" and not layer.is_float):
+        if not (_quantize_alike(projections) and not first.layer.is_float
+                and all(p.in_features == first.in_features and (p.bias is None) == (first.bias is None)
+                        and p.out_features % formats.TILE_COLUMNS == 0 for p in projections)):
             return None
         joined = _join(projections)
         object.__setattr__(self, "_joined", (joined, _buffer_addresses(projections)))
@@ -358,11 +357,18 @@ def _join(projections) -> QuantLinear:
             p.packed_weight, p.weight_scale = joined.packed_weight[rows], joined.weight_scale[rows]
             if p.bias is not None:
                 p.bias = joined.bias[rows]
-            if joined.tile_weight is not None:
-                p.tile_weight = joined.tile_weight[rows.start // formats.TILE_COLUMNS: rows.stop // formats.TILE_COLUMNS]
+            if joined.tile_weight is not None:  # whole panels: every part's rows are a multiple of TILE_COLUMNS
+                p.tile_weight = joined._tile_weight_for(rows)
             p._tile_source_version = _version_of(p.packed_weight)  # the views share the joined tensors' counter
             start = rows.stop
     return joined
+
+
+def _quantize_alike(projections) -> bool:
+    """Whether the projections quantize their shared input alike: one config, dynamic activations,
+    no per-layer (online) smoothing; so one quantized input serves them all, or one joined layer."""
+    layer = projections[0].layer
+    return all(p.layer == layer for p in projections) and layer.smoothing != "online" and layer.activation == "dynamic"
 
 
 def _buffer_addresses(projections) -> tuple:
@@ -378,8 +384,7 @@ def _projected(projections, ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     if len(projections) == 1:
         return _linear(projections[0], _norm_quantize(ln, projections[0], x))
     first = projections[0]
-    shared = (all(p.layer == first.layer for p in projections) and first.layer.smoothing != "online"
-              and first.layer.activation == "dynamic")
+    shared = _quantize_alike(projections)
     quantized = _norm_quantize(ln, first, x) if shared else None
     return torch.cat([_linear(p, quantized if shared else _norm_quantize(ln, p, x)) for p in projections], dim=-1)
 
