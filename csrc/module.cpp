@@ -46,6 +46,7 @@ PYBIND11_MODULE(_C, m) {
     constants["k_block"] = pyclipq::kKBlock;
     constants["vector_bytes"] = pyclipq::kVectorBytes;
     constants["act_qmax"] = pyclipq::kActQmax;
+    constants["act_min_absmax"] = pyclipq::kActMinAbsmax;
     constants["trits_per_byte"] = pyclipq::kTritsPerByte;
     constants["max_trit_byte"] = pyclipq::kMaxTritByte;
     constants["tile_columns"] = pyclipq::kTileColumns;

@@ -18,6 +18,10 @@ THRESHOLD_RULES = ("absmean", "twice_mean")
 TRITS_PER_BYTE = 5
 MAX_TRIT_BYTE = 3**TRITS_PER_BYTE - 1  # 242: the largest byte of the base-3 storage layout
 ACT_QMAX = 127
+# A dynamic row whose absmax is below this quantizes to zero codes, as an all-zero row does:
+# 127 / absmax overflows fp32 to inf below ~3.7e-37 (and inf * 0 is NaN), and 2^-100 leaves
+# every scale absmax / 127 a normal float, which flush-to-zero hardware keeps too.
+ACT_MIN_ABSMAX = 2.0**-100
 
 
 @dataclass(frozen=True)

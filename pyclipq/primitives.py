@@ -62,8 +62,10 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def safe_inverse(scale: torch.Tensor) -> torch.Tensor:
-    """1 / scale, and 0 where scale is 0 (an all-zero row or group quantizes to its zero code)."""
-    return torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(scale))
+    """1 / scale, and 0 where scale is 0 (an all-zero row or group quantizes to its zero code) or so
+    small (below ~2.9e-39) that 1 / scale overflows: codes of w * inf would be +-qmax, or NaN at 0."""
+    inverse = 1.0 / torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.where((scale > 0) & torch.isfinite(inverse), inverse, torch.zeros_like(scale))
 
 
 # ---------------------------------------------------------------- activations
@@ -72,7 +74,8 @@ def safe_inverse(scale: torch.Tensor) -> torch.Tensor:
 def quantize_activation_rows(rows: torch.Tensor, act_scale: torch.Tensor | None = None):
     """float32 rows [M, K] -> (integer-valued float32 q [M, K], float32 scale [M]).
 
-    Dynamic: the row's fp32 absmax, ``inv = 127 / absmax`` as a tensor / tensor division (a
+    Dynamic: the row's fp32 absmax, ``inv = 127 / absmax`` as a tensor / tensor division (``inv = 0``,
+    so zero codes, for an absmax below formats.ACT_MIN_ABSMAX) (a
     Python-scalar operand may be applied as a multiplication by its reciprocal, which rounds
     differently from the kernels); static: ``inv = 1 / S``. Then round half to even and
     clamp to [-127, 127].
@@ -80,7 +83,8 @@ def quantize_activation_rows(rows: torch.Tensor, act_scale: torch.Tensor | None 
     absmax = rows.abs().amax(dim=1) if rows.shape[0] else rows.new_zeros(0)
     if act_scale is None:
         qmax = torch.full_like(absmax, float(formats.ACT_QMAX))
-        inv = torch.where(absmax > 0, qmax / torch.where(absmax > 0, absmax, qmax), torch.zeros_like(absmax))
+        usable = absmax >= formats.ACT_MIN_ABSMAX  # below it, 127 / absmax may overflow: zero codes
+        inv = torch.where(usable, qmax / torch.where(usable, absmax, qmax), torch.zeros_like(absmax))
         scale = absmax / qmax
     else:
         s = act_scale.to(device=rows.device, dtype=torch.float32).reshape(())

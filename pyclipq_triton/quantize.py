@@ -22,7 +22,7 @@ def round_half_even(v):
 
 @triton.jit
 def _row_scales(x_ptr, act_scale_ptr, rows, row_ok, stride_xm, K,
-                STATIC: tl.constexpr, QMAX: tl.constexpr, BLOCK_K: tl.constexpr):
+                STATIC: tl.constexpr, QMAX: tl.constexpr, MIN_ABSMAX: tl.constexpr, BLOCK_K: tl.constexpr):
     """(inv, scale) per row; a row with a NaN or Inf gets scale NaN (its results are NaN)."""
     if STATIC:
         s = tl.load(act_scale_ptr).to(tl.float32)
@@ -40,8 +40,9 @@ def _row_scales(x_ptr, act_scale_ptr, rows, row_ok, stride_xm, K,
             # max() may drop NaNs, so non-finite values are counted on the side
             bad += tl.sum((~(ax <= 3.4028234663852886e38)).to(tl.int32), axis=1)
         qmax = tl.full([1], QMAX, tl.float32)
-        safe = tl.where(amax > 0, amax, 1.0)
-        inv = tl.where(amax > 0, tl.math.div_rn(qmax + tl.zeros_like(safe), safe), 0.0)
+        usable = amax >= MIN_ABSMAX  # below it, QMAX / amax may overflow: zero codes
+        safe = tl.where(usable, amax, 1.0)
+        inv = tl.where(usable, tl.math.div_rn(qmax + tl.zeros_like(safe), safe), 0.0)
         scale = tl.math.div_rn(amax, qmax + tl.zeros_like(amax))
         scale = tl.where(bad > 0, float("nan"), scale)
     return inv, scale
@@ -50,7 +51,7 @@ def _row_scales(x_ptr, act_scale_ptr, rows, row_ok, stride_xm, K,
 @triton.jit
 def quantize_per_token_kernel(x_ptr, q_ptr, scale_ptr, sums_ptr, act_scale_ptr,
                               M, K, K_PAD, G, stride_xm,
-                              GROUP_SIZE: tl.constexpr, STATIC: tl.constexpr, QMAX: tl.constexpr,
+                              GROUP_SIZE: tl.constexpr, STATIC: tl.constexpr, QMAX: tl.constexpr, MIN_ABSMAX: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """x float [M, K] (row stride stride_xm) -> q int8 [M, K_PAD], scale fp32 [M], sums int32 [M, G].
 
@@ -59,7 +60,7 @@ def quantize_per_token_kernel(x_ptr, q_ptr, scale_ptr, sums_ptr, act_scale_ptr,
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    inv, scale = _row_scales(x_ptr, act_scale_ptr, rows, row_ok, stride_xm, K, STATIC, QMAX, BLOCK_K)
+    inv, scale = _row_scales(x_ptr, act_scale_ptr, rows, row_ok, stride_xm, K, STATIC, QMAX, MIN_ABSMAX, BLOCK_K)
     tl.store(scale_ptr + rows, scale, mask=row_ok)
     total = tl.zeros_like(rows)
     for k0 in range(0, K_PAD, BLOCK_K):

@@ -117,3 +117,19 @@ def alternating_extremes(fmt, m, n, k, group_size):
         packed = formats.pack_codes_reference(codes, f.bits)
     sums = x_q.to(torch.int32).view(m, -1, group_size or k).sum(dim=2, dtype=torch.int32)
     return x_q, sums, packed
+
+
+# Row absmaxes below formats.ACT_MIN_ABSMAX (the first TINY_ROWS), at it, and above it.
+TINY_ROWS = 4
+
+
+def tiny_rows(k: int) -> torch.Tensor:
+    """fp32 [7, K]: rows of absmax 1e-38, 3e-38, 1e-40, 2^-101 (below ACT_MIN_ABSMAX: codes 0), then
+    2^-100, 1.5 * 2^-100 and 1 (quantized as usual), each with zeros between its nonzeros (where
+    inf * 0 once made NaN codes)."""
+    edge = formats.ACT_MIN_ABSMAX
+    x = torch.zeros(7, k)
+    x[:, 1::3] = torch.linspace(-1, 1, len(range(1, k, 3)))
+    for row, amax in enumerate((1e-38, 3e-38, 1e-40, edge / 2, edge, edge * 1.5, 1.0)):
+        x[row] *= amax / x[row].abs().max()
+    return x

@@ -35,7 +35,7 @@ from pyclipq import formats, ops
 from pyclipq.ops import reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import linear_tolerance, reference_accumulators  # noqa: E402
+from helpers import TINY_ROWS, linear_tolerance, reference_accumulators, tiny_rows  # noqa: E402
 
 FORMAT_GROUPS = [("int8", 0), ("ternary", 0)] + [(f, g) for f in ("int4", "int2") for g in (0, 32, 64, 128)]
 # M: 1 (single-row kernel), 2, 3 (2-row tile + single row), 5 (4-row tile + single row),
@@ -204,6 +204,26 @@ def check_quantize_rounding_and_clipping():
     want = reference.quantize_per_token(x, 0, torch.tensor([1.0]))
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert got[0][0, :12].tolist() == [0, 2, 2, 0, -2, -2, 126, -126, 127, -127, 127, 127]
+
+
+def check_tiny_rows_quantize_to_zero_codes():
+    """Rows whose absmax lies below formats.ACT_MIN_ABSMAX (2^-100) get codes 0, as an all-zero row
+    does, in every lane position; rows at and just above it quantize normally; a fused linear gives
+    exactly its bias there. 127 / absmax overflowed to inf below ~3.7e-37 once, and inf * 0 made
+    NaN codes (garbage int8) for the zeros of such a row, and +-127 for the rest."""
+    for k in (5, 64, 70, 768):
+        x = tiny_rows(k)
+        for group in (0, 64):
+            q, s, sums = ops.quantize_per_token(x, group)
+            want = reference.quantize_per_token(x, group)
+            assert all(torch.equal(a, b) for a, b in zip((q, s, sums), want)), f"K={k} g{group}"
+            assert int(q[:TINY_ROWS].abs().max()) == 0 and int(sums[:TINY_ROWS].abs().max()) == 0, f"K={k}: tiny rows"
+            assert int(q[TINY_ROWS:].abs().max(dim=1).values.min()) == 127, f"K={k}: rows at and above the edge"
+        for dtype in (torch.float32, torch.bfloat16):
+            packed, scale = random_layer("int8", 9, k, 0, torch.Generator().manual_seed(k))
+            bias = torch.arange(9, dtype=torch.float32)
+            y = linear("int8", x[:TINY_ROWS].to(dtype), packed, scale, 0, bias)
+            assert torch.equal(y.float(), bias.to(dtype).float().expand(TINY_ROWS, 9)), f"K={k} {dtype}: bias only"
 
 
 def check_fused_linear_matches_reference():
@@ -407,7 +427,8 @@ def check_gelu_activation_over_its_range():
 CHECKS = {f.__name__: f for f in (check_gemm_bit_exact, check_gemm_uses_the_given_sums, check_worst_case_accumulation,
                                   check_worst_case_fused_linear, check_tile_weight_gives_the_same_outputs,
                                   check_quantize_bit_exact, check_quantize_finds_non_finite_rows,
-                                  check_quantize_rounding_and_clipping, check_fused_linear_matches_reference,
+                                  check_quantize_rounding_and_clipping, check_tiny_rows_quantize_to_zero_codes,
+                                  check_fused_linear_matches_reference,
                                   check_threads_do_not_change_results, check_rows_do_not_depend_on_the_batch,
                                   check_hadamard_matches_reference, check_layer_norm_quantize_matches_reference,
                                   check_quantized_linear_epilogues, check_attention_matches_reference,

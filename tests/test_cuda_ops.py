@@ -14,7 +14,7 @@ import pyclipq
 from pyclipq import formats, ops, primitives
 from pyclipq.ops import reference
 
-from helpers import alternating_extremes, linear_tolerance, make_layer
+from helpers import TINY_ROWS, alternating_extremes, linear_tolerance, make_layer, tiny_rows
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
@@ -127,6 +127,18 @@ def test_non_finite_rows_give_nan():
     x[1, 3] = float("nan")
     y = P.int8_linear(x.cuda(), packed.cuda(), scale.cuda(), None, None).cpu()
     assert torch.isnan(y[1]).all() and torch.isfinite(y[0]).all() and torch.isfinite(y[2]).all()
+
+
+def test_tiny_rows_quantize_to_zero_codes():
+    """Rows below formats.ACT_MIN_ABSMAX get codes 0 (127 / amax would overflow), the rest as the
+    reference quantizes them, and a fused linear gives just its bias for the tiny rows."""
+    x = tiny_rows(300)
+    got = P.quantize_per_token(x.cuda(), 64)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, reference.quantize_per_token(x, 64)))
+    packed, scale = make_layer("int8", 8, 300)
+    bias = torch.arange(8, dtype=torch.float32)
+    y = P.int8_linear(x[:TINY_ROWS].cuda(), packed.cuda(), scale.cuda(), bias.cuda(), None).cpu()
+    assert torch.equal(y, bias.expand(TINY_ROWS, 8))
 
 
 def test_runs_on_the_current_stream():

@@ -74,6 +74,21 @@ def test_all_zero_rows_and_groups_get_the_documented_codes_and_stay_zero(fmt, gr
     assert (back[1] == 0).all() and (not group or (back[2, 32:64] == 0).all())
 
 
+@pytest.mark.parametrize("fmt, group, code", [("int8", 0, 0), ("int4", 32, 8), ("int2", 32, 2), ("ternary", 0, 1)])
+def test_rows_too_small_to_invert_get_the_zero_code(fmt, group, code):
+    """A scale so small that 1 / scale overflows (an absmax of 1e-40, subnormal) gives the zero code
+    like a scale of 0, not +-qmax and NaN codes; a small but invertible row quantizes as usual."""
+    w = torch.zeros(3, 96)
+    w[:, 1::2] = torch.linspace(-1, 1, 48)  # zeros between nonzeros: 0 * inf was NaN
+    w[0] *= 1e-40
+    w[1] *= 1e-30
+    codes, scale = primitives.quantize_weight(w, fmt, group)
+    assert (codes[0, :96] == code).all()
+    assert torch.equal(codes[1], codes[2])  # scale-free: 1e-30 quantizes like 1
+    back = primitives.dequantize_codes(codes, scale, fmt, 96)
+    assert bool(torch.isfinite(back).all()) and float(back[0].abs().max()) <= 1e-40
+
+
 def test_block_planar_layout_by_hand():
     # int2: byte j of block 0 holds elements j, 32+j, 64+j, 96+j in bits 0-1, 2-3, 4-5, 6-7.
     codes = torch.zeros(1, 128, dtype=torch.uint8)
@@ -156,6 +171,7 @@ def test_cpp_format_traits_agree_with_formats_py():
                           "pad_code": f.pad_code, "max_code": f.max_code}, name
     assert cpp["constants"] == {"format_version": formats.FORMAT_VERSION, "k_block": formats.K_BLOCK,
                                 "vector_bytes": formats.VECTOR_BYTES, "act_qmax": formats.ACT_QMAX,
+                                "act_min_absmax": formats.ACT_MIN_ABSMAX,
                                 "trits_per_byte": formats.TRITS_PER_BYTE, "max_trit_byte": formats.MAX_TRIT_BYTE,
                                 "tile_columns": formats.TILE_COLUMNS, "tile_k": formats.TILE_K}
 

@@ -79,6 +79,21 @@ def test_quantize_marks_non_finite_rows_with_nan_scale():
     assert torch.isfinite(s[0]) and torch.isnan(s[1]) and torch.isnan(s[2])
 
 
+@pytest.mark.parametrize("group", [0, 64])
+def test_quantize_gives_tiny_rows_zero_codes(group):
+    """Rows below formats.ACT_MIN_ABSMAX quantize to codes 0 (QMAX / amax would overflow to inf),
+    the others as the reference does, and a fused linear returns just its bias for them."""
+    x = helpers.tiny_rows(300)
+    got = T.quantize_per_token(dev(x), group)
+    want = reference.quantize_per_token(x, group)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want))
+    assert int(want[0][:helpers.TINY_ROWS].abs().max()) == 0
+    packed, scale = make_layer("int8", 9, 300)
+    bias = torch.arange(9, dtype=torch.float32)
+    y = T.linear("int8", dev(x[:helpers.TINY_ROWS]), dev(packed), dev(scale), 0, dev(bias), None).cpu()
+    assert torch.equal(y, bias.expand(helpers.TINY_ROWS, 9))
+
+
 # ---------------------------------------------------------------- integer GEMMs (exact)
 
 @pytest.mark.parametrize("fmt,group", FMT_GROUPS)

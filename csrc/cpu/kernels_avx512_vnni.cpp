@@ -123,7 +123,7 @@ int64_t quantize_rows_t(const void* x, int64_t ldx, int64_t rows, int64_t k, int
     int8_t* qr = q + r * k_pad;
     int32_t* sr = sums + r * groups;
     // A dynamic scale maps every |x| <= amax to at most 127 (1 + 2^-23) < 127.5, so its codes need no
-    // clamp; a static scale, or 127 / amax overflowing to inf (amax < 3.7e-37), does.
+    // clamp (inv is 0 below kActMinAbsmax, never inf); a static scale's do.
     auto quantize_row = [&]<bool CLAMP>() {
       auto codes = [&](int64_t c, __mmask16 lanes) {
         const __m512 v = load16<T>(x, row0 + c, lanes);
@@ -155,7 +155,7 @@ int64_t quantize_rows_t(const void* x, int64_t ldx, int64_t rows, int64_t k, int
         sr[g] = _mm512_reduce_add_epi32(gsum);
       }
     };
-    if (static_scale != nullptr || !std::isfinite(rs.inv)) quantize_row.template operator()<true>();
+    if (static_scale != nullptr) quantize_row.template operator()<true>();
     else quantize_row.template operator()<false>();
   }
   return bad_row;

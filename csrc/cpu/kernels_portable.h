@@ -113,7 +113,7 @@ struct RowScale {
 };
 inline RowScale row_scale(float amax, const float* static_scale) {
   if (static_scale != nullptr) return {*static_scale, 1.0f / *static_scale};
-  return {amax / 127.0f, amax > 0.0f ? 127.0f / amax : 0.0f};
+  return {amax / 127.0f, amax >= kActMinAbsmax ? 127.0f / amax : 0.0f};
 }
 
 int64_t portable_quantize_rows(const void* x, FloatType x_type, int64_t ldx, int64_t rows, int64_t k, int64_t k_pad,

@@ -4,12 +4,13 @@
 #include <cfloat>
 
 #include "device_utils.cuh"
+#include "pyclipq/formats.h"
 
 namespace pyclipq::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr float kQmax = 127.0f;
+constexpr float kQmax = static_cast<float>(kActQmax);
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v) {
@@ -60,7 +61,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(QuantizeArgs a) {
     }
     amax = block_reduce(amax, fmax_op, fscratch);
     bad = block_reduce(bad, or_op, iscratch);
-    inv = amax > 0.0f ? __fdiv_rn(kQmax, amax) : 0.0f;
+    inv = amax >= kActMinAbsmax ? __fdiv_rn(kQmax, amax) : 0.0f;
     scale = bad ? __int_as_float(0x7fc00000) : __fdiv_rn(amax, kQmax);  // NaN marks a non-finite row
   }
   __syncthreads();  // group_sums zeroed

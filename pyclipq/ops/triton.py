@@ -182,7 +182,8 @@ def quantize_per_token(x: Tensor, group_size: int = 0, act_scale: Optional[Tenso
         wrap_triton(quantize.quantize_per_token_kernel)[(triton.cdiv(m, meta["BLOCK_M"]),)](
             rows, q, scale, sums, act_scale if act_scale is not None else scale,
             m, k, k_pad, groups, rows.stride(0),
-            GROUP_SIZE=group_size, STATIC=act_scale is not None, QMAX=formats.ACT_QMAX, **meta)
+            GROUP_SIZE=group_size, STATIC=act_scale is not None, QMAX=formats.ACT_QMAX,
+            MIN_ABSMAX=formats.ACT_MIN_ABSMAX, **meta)
     return q, scale, sums
 
 

@@ -9,6 +9,8 @@ inline constexpr int kFormatVersion = 1;
 inline constexpr int64_t kKBlock = 128;       // K is zero-padded to a multiple of this
 inline constexpr int64_t kVectorBytes = 32;   // block-planar packing unit
 inline constexpr int kActQmax = 127;          // symmetric int8 activations in [-127, 127]
+// A dynamic row whose absmax is below this quantizes to zero codes (docs/FORMATS.md, "Activations").
+inline constexpr float kActMinAbsmax = 0x1p-100f;
 inline constexpr int kTritsPerByte = 5;       // ternary storage layout: base 3
 inline constexpr int kMaxTritByte = 242;      // 3^kTritsPerByte - 1, the largest byte of that layout
 
