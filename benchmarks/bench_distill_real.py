@@ -133,23 +133,24 @@ def distillation_loss(args) -> EncoderDistillationLoss:
                                    mask_padding=not args.keep_padding, attention_weight=args.attention_weight)
 
 
+# The schedule's end until a `minutes` budget fixes it (recipes.BUDGET_PROBE_STEPS into the run).
+PROVISIONAL_STEPS = 1_000_000
+
+
 def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]) -> dict:
     config = format_config(name, args)
     exact = {"auto": None, "exact": True, "fast": False}[args.fake_quant]
-    steps = args.steps[name] if isinstance(args.steps, dict) else args.steps
+    # without --steps, the recipe's `minutes` budget fixes the count from the run's own first steps
+    steps = args.steps if args.steps is not None else PROVISIONAL_STEPS
     learn_scales = learns_scales(args, name)
     train = TrainConfig(steps=steps, lr=args.lr or default_lr(config), warmup_steps=min(args.warmup, steps // 10), weight_decay=0.0,
-                        progress=False, seed=args.seed)
+                        progress=False, seed=args.seed, precision=args.precision)
     loss = distillation_loss(args)
     model = copy.deepcopy(loaded.model)
     started = time.perf_counter()
 
-    calls = []
-
-    def evaluate(student):  # the recipe calls it at step 0, every --eval-every steps, and at the end
+    def evaluate(student, step):  # the recipe calls it at step 0, every --eval-every steps, and at the end
         record = evaluation(student)
-        step = min(len(calls) * args.eval_every, train.steps)
-        calls.append(step)
         domains = "".join(f"  {key[4:].replace('_', ' ')} {value:.4f}" for key, value in record.items() if key.startswith("cos_"))
         print(f"  {name:8s} step {step:5d}  cos {record['cos']:.4f}  R@1 {record['r1']:5.1f} "
               f"(drop {record['r1_drop']:+.1f}){domains}  {time.perf_counter() - started:7.0f}s wall", flush=True)
@@ -158,7 +159,8 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
     calibration = {} if args.calibration_batches is None else {"calibration_batches": args.calibration_batches}
     result = distill(model, text_batches(loaded, texts, args.batch_size, args.seed, args.group_by_length), config, init=args.init,
                      train=train, loss=loss, exact=exact, learn_scales=learn_scales, evaluate=evaluate, evaluate_every=args.eval_every,
-                     freeze_embeddings=not args.train_embeddings, **calibration)
+                     freeze_embeddings=not args.train_embeddings, minutes=None if args.steps is not None else args.minutes,
+                     **calibration)
     packed = evaluation(result.quantized)
     out = args.out / f"{name}.safetensors" if args.out else None
     reload_equal = None
@@ -167,7 +169,7 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
         reloaded = pyclipq.load(out, load_model(f"hf:{args.model_dir}").model)
         reload_equal = bool(torch.equal(evaluation.embed(reloaded), evaluation.embed(result.quantized)))
     return {
-        "format": name, "config": config.layer.to_dict(), "steps": train.steps, "lr": train.lr, "batch": args.batch_size,
+        "format": name, "config": config.layer.to_dict(), "steps": result.trainer.config.steps, "lr": train.lr, "batch": args.batch_size,
         "exact_fake_quant": exact if exact is not None else not (learn_scales or fast_fake_quant_default(config)),
         "learn_scales": learn_scales,
         "curve": result.evaluations, "packed": packed,
@@ -200,7 +202,7 @@ def step_times(args, loaded, texts: list[str]) -> list[dict]:
 
     labels = ["fp32"] + [f"{name}/{mode}" for name in args.formats for mode in ("exact", "fast", "learned")]
     best = {label: float("inf") for label in labels}
-    trainers = {label: Trainer(student_of(label), data, TrainConfig(steps=10_000, lr=1e-5, progress=False),
+    trainers = {label: Trainer(student_of(label), data, TrainConfig(steps=10_000, lr=1e-5, progress=False, precision=args.precision),
                                teacher=teacher, objective=objective) for label in labels}
     for label in labels:  # warm-up
         trainers[label].fit(until=trainers[label].position.step + 2)
@@ -222,11 +224,13 @@ def step_times(args, loaded, texts: list[str]) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
-    parser.add_argument("--steps", type=int, default=None, help="steps per format (default: --minutes from a measured step)")
-    parser.add_argument("--minutes", type=float, default=30.0, help="training time per format, when --steps is not given")
+    parser.add_argument("--steps", type=int, default=None, help="steps per format (default: as many as --minutes of training fit, counted from the run's own first steps)")
+    parser.add_argument("--minutes", type=float, default=30.0, help="training time per format (evaluations excluded), when --steps is not given")
     parser.add_argument("--lr", type=float, default=None, help="default: the format's (recipes.default_lr)")
     parser.add_argument("--warmup", type=int, default=50, help="warm-up steps (at most a tenth of the steps)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="the training step's autocast (teacher and student forward, and the backward)")
     parser.add_argument("--embedding-weight", type=float, default=1.0)
     parser.add_argument("--hidden-weight", type=float, default=DEFAULT_HIDDEN_WEIGHT)
     parser.add_argument("--hidden-blocks", choices=("all", "last"), default="all")
@@ -281,14 +285,7 @@ def main(argv=None) -> int:
         results["step_times"] = step_times(args, loaded, texts)
     else:
         if args.steps is None:
-            times = {row["student"]: row["seconds_per_step"] for row in step_times(
-                argparse.Namespace(**{**vars(args), "repeats": 1}), loaded, texts)}
-            modes = {name: ("exact" if (args.fake_quant == "exact" or (args.fake_quant == "auto" and not learns_scales(args, name) and not
-                                        fast_fake_quant_default(resolve_config(FORMATS[name])))) else "fast")
-                     for name in args.formats}
-            args.steps = {name: max(args.eval_every, int(args.minutes * 60 / times[f"{name}/{modes[name]}"]))
-                          for name in args.formats}
-            print(f"steps for {args.minutes:g} minutes each: {args.steps}", flush=True)
+            print(f"{args.minutes:g} minutes of training each (the step count: recipes.distill's `minutes` budget)", flush=True)
         results["formats"] = []
         for name in args.formats:
             row = run_format(name, args, loaded, evaluation, texts)

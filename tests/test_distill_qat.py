@@ -4,6 +4,7 @@ import copy
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -19,8 +20,9 @@ from pyclipq.train import TrainConfig
 from pyclipq.train.distill import EncoderDistillationLoss, attention_map_loss, hidden_state_loss
 from pyclipq.train.qat import compare_layers
 from pyclipq.configs import resolve_config
-from pyclipq.train.recipes import (default_init, default_learn_scales, default_lr, distill, fast_fake_quant_default,
-                                    freeze_float_embeddings_)
+from pyclipq.train.recipes import (BUDGET_PROBE_STEPS, budget_steps, default_init, default_learn_scales, default_lr, distill,
+                                    fast_fake_quant_default, freeze_float_embeddings_)
+from pyclipq.train.trainer import Trainer, lr_factor
 from pyclipq.train.trainer import EncoderDistillation, encoder_outputs
 
 from train_helpers import tiny_batch, tiny_clip, tiny_tokenizer
@@ -229,6 +231,57 @@ def test_distillation_lowers_the_loss_raises_the_cosine_and_exports_what_it_trai
     reloaded = pyclipq.load(tmp_path / "m.safetensors", two_block_clip(seed=5))
     with torch.no_grad():
         assert torch.equal(reloaded.encode_text(held_tokens), result.quantized.encode_text(held_tokens))
+
+
+TRAIN_STEP = Trainer.train_step
+
+
+class StepClock:
+    """A perf_counter that only training steps advance, by `pace` seconds each: a time budget's
+    step count then follows from the numbers alone."""
+
+    def __init__(self, monkeypatch, pace: float, stop_at: int | None = None):
+        self.now, self.pace, self.stop_at, self.steps = 0.0, pace, stop_at, 0
+
+        def train_step(trainer, batch):
+            if self.stop_at is not None and trainer.position.step >= self.stop_at:
+                raise Interrupted(f"step {trainer.position.step}")
+            self.now += self.pace
+            self.steps += 1
+            return TRAIN_STEP(trainer, batch)
+
+        monkeypatch.setattr(Trainer, "train_step", train_step)
+        monkeypatch.setattr(time, "perf_counter", lambda: self.now)
+
+
+def test_a_minutes_budget_sets_the_step_count_from_the_runs_own_pace(tmp_path, monkeypatch):
+    """`minutes`: the probe's pace fixes the count (1 minute at 0.5 s a step: 120 steps), the cosine
+    ends there, evaluations see the right steps, and a resumed run keeps the count its checkpoint
+    decided even when its own pace differs."""
+    teacher = two_block_clip()
+    _, tokens = tiny_batch(32, seed=1)
+    data = [{"tokens": tokens[i:i + 8]} for i in range(0, 32, 8)]
+    train = TrainConfig(steps=10, lr=3e-3, warmup_steps=5, progress=False, checkpoint_every=10, output_dir=str(tmp_path))
+    StepClock(monkeypatch, pace=0.5, stop_at=70)
+    seen = []
+    with pytest.raises(Interrupted):
+        distill(teacher, data, "ternary", train=train, minutes=1.0, evaluate=lambda m, step: seen.append(step) or {},
+                evaluate_every=25)
+    assert train.steps == 10  # the caller's config is left alone
+    assert seen == [0, 25, 50]
+    clock = StepClock(monkeypatch, pace=2.0)  # a different pace: a new probe would pick another count
+    seen.clear()
+    result = distill(teacher, data, "ternary", train=train, minutes=1.0, resume=True,
+                     evaluate=lambda m, step: seen.append(step) or {}, evaluate_every=25)
+    assert result.trainer.config.steps == 120 and result.trainer.position.step == 120
+    assert clock.steps == 50 and seen == [70, 75, 100, 120]
+    assert result.history[-1]["lr"] == pytest.approx(3e-3 * lr_factor(119, 120, 5))
+    assert BUDGET_PROBE_STEPS <= 70
+    # the count itself: what was spent plus the rest of the budget at the pace, never fewer than done
+    assert budget_steps(60.0, 15.0, 0.5, 30) == 120
+    assert budget_steps(60.0, 70.0, 0.5, 30) == 30
+    with pytest.raises(ValueError, match="minutes must be a number > 0"):
+        distill(teacher, data, "ternary", train=train, minutes=0)
 
 
 def test_distillation_keeps_the_teachers_token_embeddings_unless_asked(tmp_path):
@@ -499,6 +552,20 @@ def test_the_command_distills_texts_images_or_both(tmp_path, sources):
         assert results["skipped_images"] >= 1  # the broken PNG: counted and skipped
     reloaded = pyclipq.load(out / "model.safetensors", load_model("testbed").model)
     assert any(type(m).__name__ == "QuantLinear" for m in reloaded.modules())
+
+
+def test_the_command_takes_a_minutes_budget(tmp_path):
+    """--minutes replaces --steps: a budget the probe alone spends ends the run at the probe."""
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "star")))
+    out = tmp_path / "run"
+    run_cli(*COMMON, "--data", str(texts), "--format", "int8", "--steps", "40", "--minutes", "0.0001", "--out", str(out))
+    assert json.loads((out / "results.json").read_text())["steps"] == BUDGET_PROBE_STEPS
+    assert logged_steps(out)[-1]["step"] == BUDGET_PROBE_STEPS
+    for bad in ("0", "-1", "soon", "inf"):
+        proc = subprocess.run([sys.executable, "-m", "pyclipq.cli", "train", "distill", *COMMON, "--data", str(texts),
+                               "--minutes", bad, "--out", str(out)], capture_output=True, text=True, cwd="/", timeout=600)
+        assert proc.returncode == 2 and f"--minutes must be a number > 0, got {bad!r}" in proc.stderr, proc.stderr
 
 
 class Interrupted(RuntimeError):

@@ -154,6 +154,16 @@ def _run_p4q(args, loaded: LoadedModel, train, context: DistributedContext) -> d
             "head": str(args.out / "p4q_head.safetensors"), "history": result.history}
 
 
+def _positive_minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"--minutes must be a number > 0, got {text!r}")
+    return value
+
+
 def distill_arguments(parser: argparse.ArgumentParser) -> None:
     """Label-free distillation QAT's options: the format and the loss."""
     parser.add_argument("--format", default="ternary",
@@ -188,6 +198,10 @@ def distill_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight scales: the format rule's, or learned (LSQ, started at the rule's; trains through "
                              "the fast fake-quant; the export packs the learned scales); auto: learned for int2 and int4, the "
                              "rule otherwise")
+    parser.add_argument("--minutes", type=_positive_minutes, default=None,
+                        help="a training-time budget in place of --steps: the run times its own first steps and "
+                             "trains as many as fit, the warm-up + cosine schedule ending there (the evaluations and "
+                             "the ptq start are not counted)")
     parser.add_argument("--keep-padding", action="store_true",
                         help="match block outputs at a text encoder's padding tokens too (default: real tokens only)")
     parser.add_argument("--train-embeddings", action="store_true",
@@ -213,11 +227,11 @@ def _run_distill(args, loaded: LoadedModel, train, context: DistributedContext) 
     config = config_from_args(args)
     result = recipes.distill(loaded.model, data, config, init=args.init, calibration_batches=args.calibration_batches,
                              train=train, loss=loss, exact=exact, learn_scales=learn_scales, resume=args.resume,
-                             distributed=context, freeze_embeddings=not args.train_embeddings)
+                             distributed=context, freeze_embeddings=not args.train_embeddings, minutes=args.minutes)
     model_path = args.out / "model.safetensors"
     if context.is_main:
         pyclipq.save(result.quantized, model_path)
-    return {"recipe": f"distill-{args.format}", "model": str(model_path), "history": result.history,
+    return {"recipe": f"distill-{args.format}", "model": str(model_path), "steps": result.trainer.config.steps, "history": result.history,
             "skipped_images": _total(result.trainer.skipped, context)}
 
 
