@@ -20,7 +20,7 @@ from pyclipq.train import TrainConfig
 from pyclipq.train.distill import EncoderDistillationLoss, attention_map_loss, hidden_state_loss
 from pyclipq.train.qat import compare_layers
 from pyclipq.configs import resolve_config
-from pyclipq.train.recipes import (BUDGET_PROBE_STEPS, budget_steps, default_init, default_learn_scales, default_lr, distill,
+from pyclipq.train.recipes import (BUDGET_PROBE_STEPS, ParameterAverage, budget_steps, default_init, default_learn_scales, default_lr, distill,
                                     fast_fake_quant_default, freeze_float_embeddings_)
 from pyclipq.train.trainer import Trainer, lr_factor
 from pyclipq.train.trainer import EncoderDistillation, encoder_outputs
@@ -282,6 +282,47 @@ def test_a_minutes_budget_sets_the_step_count_from_the_runs_own_pace(tmp_path, m
     assert budget_steps(60.0, 70.0, 0.5, 30) == 30
     with pytest.raises(ValueError, match="minutes must be a number > 0"):
         distill(teacher, data, "ternary", train=train, minutes=0)
+
+
+def test_the_parameter_average_follows_each_step_and_swaps_in_and_out():
+    """average_k = decay * average_(k-1) + (1 - decay) * p_k after every optimizer step, by hand."""
+    p = nn.Parameter(torch.tensor([1.0, -2.0]))
+    frozen = nn.Parameter(torch.tensor([5.0]), requires_grad=False)
+    optimizer = torch.optim.SGD([p], lr=0.5)
+    averaged = ParameterAverage([p, frozen], optimizer, 0.75)
+    want = p.detach().clone()
+    for grad in ([1.0, 1.0], [-2.0, 0.0], [0.5, 4.0]):
+        p.grad = torch.tensor(grad)
+        optimizer.step()
+        want = 0.75 * want + 0.25 * p.detach()
+    assert torch.allclose(averaged.average[0], want) and len(averaged.average) == 1
+    trained = p.detach().clone()
+    with averaged.swapped():
+        assert torch.allclose(p.detach(), want)
+    assert torch.equal(p.detach(), trained)
+    averaged.close(keep_average=True)
+    p.grad = torch.tensor([1.0, 1.0])
+    optimizer.step()  # no longer averaged
+    assert torch.allclose(averaged.average[0], want) and torch.allclose(p.detach(), want - 0.5)
+
+
+def test_distillation_exports_and_evaluates_the_average(tmp_path):
+    teacher = two_block_clip()
+    _, tokens = tiny_batch(32, seed=1)
+    data = [{"tokens": tokens[i:i + 8]} for i in range(0, 32, 8)]
+    train = TrainConfig(steps=6, lr=3e-3, progress=False)
+
+    def weights(model):
+        return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+
+    seen = []
+    averaged = distill(teacher, data, "ternary", train=train, average=0.5, evaluate=lambda m, step: seen.append(weights(m)) or {},
+                       evaluate_every=3)
+    plain = distill(teacher, data, "ternary", train=train)
+    assert len(seen) == 3 and torch.equal(seen[-1], weights(averaged.student))
+    assert not torch.equal(weights(averaged.student), weights(plain.student))
+    with pytest.raises(ValueError, match="average must be a decay in"):
+        distill(teacher, data, "ternary", train=train, average=1.0)
 
 
 def test_distillation_keeps_the_teachers_token_embeddings_unless_asked(tmp_path):
