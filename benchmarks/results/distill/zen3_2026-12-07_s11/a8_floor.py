@@ -1,7 +1,7 @@
 """The activation side's share of int4 W4A8's error on all-MiniLM-L6-v2: the evaluation cosine of
 W8A8 (int8 weights, per-channel, are near-lossless) with and without the 128-block rotation, of
 the weights alone at int4 g128 (activations float), and of the fake-quant A8 alone (weights fp32).
-Run from the repository root: python benchmarks/results/distill/zen4_2026-12-07_s11/a8_floor.py"""
+Run from the repository root: python benchmarks/results/distill/zen3_2026-12-07_s11/a8_floor.py"""
 import copy
 import sys
 from pathlib import Path
