@@ -280,8 +280,9 @@ def test_a_minutes_budget_sets_the_step_count_from_the_runs_own_pace(tmp_path, m
     # the count itself: what was spent plus the rest of the budget at the pace, never fewer than done
     assert budget_steps(60.0, 15.0, 0.5, 30) == 120
     assert budget_steps(60.0, 70.0, 0.5, 30) == 30
-    with pytest.raises(ValueError, match="minutes must be a number > 0"):
-        distill(teacher, data, "ternary", train=train, minutes=0)
+    for bad in (0, -1.0, float("inf"), float("nan"), True, "30"):
+        with pytest.raises(ValueError, match="minutes must be a finite number > 0"):
+            distill(teacher, data, "ternary", train=train, minutes=bad)
 
 
 def test_the_parameter_average_follows_each_step_and_swaps_in_and_out():

@@ -105,3 +105,23 @@ def test_distillation_runs_on_two_gloo_ranks_with_replicas_in_step(tmp_path):
         assert torch.equal(ranks[1]["student"][name], value), name
     losses = [r["loss"] for r in ranks[0]["history"]]
     assert len(losses) == STEPS and losses[-1] < losses[0]
+
+
+def _budget_ranks(rank: int, world: int, store: str, out):
+    """recipes.budget_steps on 2 gloo ranks that spent different times at different paces."""
+    from pyclipq.train.recipes import budget_steps
+
+    context = init_distributed("cpu", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        steps = budget_steps(60.0, spent_s=10.0 + rank, pace_s=0.5 if rank == 0 else 0.4, done=30, distributed=context)
+    finally:
+        shutdown_distributed()
+    (out / f"budget{rank}.txt").write_text(str(steps))
+
+
+def test_a_time_budget_gives_every_rank_the_same_step_count(tmp_path):
+    """The largest time spent (11 s) and the slowest pace (0.5 s) on both ranks: 30 + 49 / 0.5 = 128
+    steps (rank 1 alone would say 30 + 49 / 0.4 = 152, rank 0 alone 130): a rank that stepped once
+    more than the others would hang DistributedDataParallel."""
+    mp.spawn(_budget_ranks, args=(2, str(tmp_path / "store"), tmp_path), nprocs=2, join=True)
+    assert [int((tmp_path / f"budget{r}.txt").read_text()) for r in range(2)] == [128, 128]

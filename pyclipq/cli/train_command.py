@@ -12,6 +12,7 @@ Without --model/--data, ternary and p4q run on the shipped test bed (testbed_rec
 from __future__ import annotations
 
 import argparse
+import math
 import itertools
 import json
 import shlex
@@ -158,8 +159,8 @@ def _positive_minutes(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
+        value = math.nan
+    if not 0 < value < math.inf:  # NaN fails too
         raise argparse.ArgumentTypeError(f"--minutes must be a number > 0, got {text!r}")
     return value
 
