@@ -12,9 +12,9 @@ Without --model/--data, ternary and p4q run on the shipped test bed (testbed_rec
 from __future__ import annotations
 
 import argparse
-import math
 import itertools
 import json
+import math
 import shlex
 import time
 from collections.abc import Callable

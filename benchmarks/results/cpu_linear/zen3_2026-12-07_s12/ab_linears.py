@@ -9,7 +9,7 @@ import json, os, statistics, subprocess, sys
 
 CHILD = r'''
 import json, sys, time, torch, pyclipq
-sys.path.insert(0, "/work/main/benchmarks")
+sys.path.insert(0, BENCH_DIR)
 from shapes import block_linears
 from pyclipq.configs import LayerConfig
 from pyclipq.nn import QuantLinear
@@ -34,7 +34,8 @@ print(json.dumps(out))
 switch, side, ms = sys.argv[1], sys.argv[2], sys.argv[3]
 runs = int(sys.argv[4]) if len(sys.argv) > 4 else 3
 name, value = switch.split("=", 1)
-child = CHILD.replace("MS", f"({ms},)")
+bench_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..")  # benchmarks/
+child = CHILD.replace("MS", f"({ms},)").replace("BENCH_DIR", repr(os.path.normpath(bench_dir)))
 res = {"base": [], "change": []}
 for _ in range(runs):
     for label in ("base", "change"):
