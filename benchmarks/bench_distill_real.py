@@ -160,7 +160,7 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
     result = distill(model, text_batches(loaded, texts, args.batch_size, args.seed, args.group_by_length), config, init=args.init,
                      train=train, loss=loss, exact=exact, learn_scales=learn_scales, evaluate=evaluate, evaluate_every=args.eval_every,
                      freeze_embeddings=not args.train_embeddings, minutes=None if args.steps is not None else args.minutes,
-                     average=args.average,
+                     average=args.average, dampen=args.dampen,
                      **calibration)
     packed = evaluation(result.quantized)
     out = args.out / f"{name}.safetensors" if args.out else None
@@ -177,7 +177,7 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
         "packed_minus_fake_cos": round(packed["cos"] - result.evaluations[-1]["cos"], 6),
         "reload_equal": reload_equal, "train_seconds": result.evaluations[-1]["seconds"],
         "init": args.init, "init_seconds": round(result.init_seconds, 1), "corpus": args.corpus,
-        "calibration_batches": args.calibration_batches, "average": args.average,
+        "calibration_batches": args.calibration_batches, "average": args.average, "dampen": args.dampen,
     }
 
 
@@ -232,6 +232,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--average", type=float, default=None,
                         help="decay of a moving average of the trained parameters, which the evaluations and the export use")
+    parser.add_argument("--dampen", type=float, default=None,
+                        help="final strength of the oscillation-dampening term (recipes.distill's dampen; default: none)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="the training step's autocast (teacher and student forward, and the backward)")
     parser.add_argument("--embedding-weight", type=float, default=1.0)

@@ -14,6 +14,11 @@ The corpora (`training_texts(count, seed, corpus)`; `mixed_texts` takes equal sh
   read from /usr/share/wordnet).
 - "wordnet-generated": frames of everyday sentences whose people, things, places, verbs and
   adjectives are WordNet's common lemmas (by WordNet's own sense counts): a broad vocabulary.
+- "synonyms": texts of the generated, wordnet and wordnet-generated corpora with about a third of
+  their content words replaced by WordNet synonyms (another lemma of one of the word's two most
+  frequent senses): the word-replacement augmentation of TinyBERT and TernaryBERT, and EDA's
+  synonym replacement, with WordNet standing in for a masked language model. The teacher embeds
+  words the student would otherwise only meet in the evaluation's paraphrases.
 - "mixed": half prose, half generated (all of the prose, about 7,000 sentences, when it is short).
 - "templates": text_corpus.py's own generator with other seeds: the evaluation's vocabulary
   and sentence forms, sentences disjoint from the evaluation's. It measures what in-domain
@@ -31,7 +36,7 @@ import sysconfig
 
 from text_corpus import calibration_sentences, evaluation_pairs, sentence_pairs
 
-CORPORA = ("mixed", "prose", "generated", "wordnet", "wordnet-generated", "templates")
+CORPORA = ("mixed", "prose", "generated", "wordnet", "wordnet-generated", "synonyms", "templates")
 
 
 # ---------------------------------------------------------------- prose shipped with Python
@@ -300,6 +305,78 @@ def _wordnet_generated(count: int, seed: int) -> list[str]:
         W=f"{rng.choice(_WHERE_WORDS)} {rng.choice(vocabulary['place'])}", T=rng.choice(WHEN)))
 
 
+# ---------------------------------------------------------------- synonym replacement
+
+# Function words (several are also WordNet lemmas: "in" the inch, "an" the element, "will" the noun)
+_STOPWORDS = frozenset("""a an the and or but if then than so as of at by for from in into on onto to with
+without about above after before behind below beneath beside between beyond during near over under
+through up down out off again once here there when where why how what which who whom whose this that
+these those i me my we our you your he him his she her it its they them their is are was were be been
+being am have has had do does did will would shall should can could may might must not no nor all any
+both each few more most other some such only own same too very just also even still yet ago one two""".split())
+_TOKEN = re.compile(r"[A-Za-z][A-Za-z'-]*")
+
+
+@functools.lru_cache(maxsize=None)
+def _wordnet_synonyms(senses: int = 2) -> dict[str, tuple[str, ...]]:
+    """Lower-case word -> the other lemmas of its `senses` most frequent synsets (index.{pos} lists a
+    word's synsets by frequency) in its most frequent part of speech (the most tagged senses), so
+    that "light" the noun is not swapped for "unaccented". Inflected forms WordNet lists (*.exc:
+    "saw" of "see") are left out, as are lemmas with capitals (names) or characters other than
+    letters, spaces and hyphens."""
+    lemmas: dict[tuple[str, str], list[str]] = {}
+    for pos in ("noun", "verb", "adj", "adv"):
+        for fields, _gloss in _synsets(pos):
+            count = int(fields[3], 16)
+            lemmas[(pos, fields[0])] = [re.sub(r"\(.*\)$", "", fields[4 + 2 * i]).replace("_", " ") for i in range(count)]
+    inflected = {line.split()[0] for pos in ("noun", "verb", "adj", "adv") for line in _wordnet_lines(f"{pos}.exc")}
+    best: dict[str, tuple[int, list[str]]] = {}  # word -> (tagged senses, synonyms) of its most tagged pos
+    for pos in ("noun", "verb", "adj", "adv"):
+        for line in _wordnet_lines(f"index.{pos}"):
+            if line.startswith("  "):
+                continue
+            fields = line.split()
+            word, synsets = fields[0], int(fields[2])
+            tagged = int(fields[len(fields) - synsets - 1])
+            if not word.isalpha() or word in _STOPWORDS or word in inflected or tagged <= best.get(word, (-1,))[0]:
+                continue
+            synonyms = []
+            for offset in fields[len(fields) - synsets:][:senses]:
+                synonyms += [lemma for lemma in lemmas[(pos, offset)]
+                             if lemma != word and re.fullmatch(r"[a-z][a-z -]*", lemma) and lemma not in synonyms]
+            best[word] = (tagged, synonyms)
+    return {word: tuple(synonyms) for word, (_tagged, synonyms) in best.items() if synonyms}
+
+
+def synonym_variant(text: str, rng: random.Random, rate: float = 0.3) -> str:
+    """`text` with each content word that WordNet lists (in that form: no inflection is undone)
+    replaced, with probability `rate`, by one of its synonyms; the first letter's case kept."""
+    synonyms = _wordnet_synonyms()
+
+    def replace(match):
+        word = match.group(0)
+        choices = synonyms.get(word.lower())
+        if not choices or word.lower() in _STOPWORDS or rng.random() >= rate:
+            return word
+        new = rng.choice(choices)
+        return new[0].upper() + new[1:] if word[0].isupper() else new
+
+    return _TOKEN.sub(replace, text)
+
+
+def _synonym_texts(count: int, seed: int) -> list[str]:
+    """Synonym variants of texts drawn (with another seed) from the three corpora above."""
+    rng = random.Random(3000 + seed)
+    out, seen = [], set()
+    sources = mixed_texts(count + 2000, 3000 + seed, ("generated", "wordnet", "wordnet-generated"))
+    for text in sources:
+        variant = synonym_variant(text, rng)
+        if variant != text and variant not in seen and variant.lower() not in _excluded():
+            seen.add(variant)
+            out.append(variant)
+    return out
+
+
 # ---------------------------------------------------------------- the corpora
 
 
@@ -339,6 +416,8 @@ def training_texts(count: int, seed: int = 0, corpus: str = "mixed") -> list[str
         pool = [s for s in _generated(count + 2000, seed) if s.lower() not in _excluded()]
     elif corpus == "wordnet-generated":
         pool = [s for s in _wordnet_generated(count + 2000, seed) if s.lower() not in _excluded()]
+    elif corpus == "synonyms":
+        pool = _synonym_texts(count, seed)
     elif corpus == "templates":
         pool = _templates(count, seed)
         while len(pool) < count:

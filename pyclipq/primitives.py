@@ -32,6 +32,7 @@ __all__ = [
     "quantize_weight_with_scales",
     "fake_quantize_with_scales",
     "learnable_fake_quantize",
+    "grid_distance",
     "quantize_weight",
     "dequantize_levels",
     "dequantize_codes",
@@ -309,6 +310,35 @@ def learnable_fake_quantize(weight: torch.Tensor, fmt, scale: torch.Tensor, grou
     groups = torch.nn.functional.pad(w, (0, k_pad - k)).view(n, g, k_pad // g)
     levels = nearest_levels(groups / scale[:, :, None], fmt, straight_through=True)
     return (levels * scale[:, :, None]).view(n, k_pad)[:, :k]
+
+
+def grid_distance(weight: torch.Tensor, fmt, scale: torch.Tensor, group_size: int = 0) -> torch.Tensor:
+    """mean((w / s - level)^2) over the [N, K] weights: how far, in units of its scale, each weight
+    sits from the level it quantizes to (its nearest level at `scale`, as
+    `quantize_weight_with_scales` picks it; beyond the last level, the distance to that level).
+    Differentiable in `weight` only: the levels and `scale` are constants. 0 when every weight
+    is a level times its scale; 1/12 for weights spread evenly inside the range.
+
+    The oscillation-dampening term of Nagel et al. (2022), "Overcoming Oscillations in
+    Quantization-Aware Training": in QAT it pulls each latent weight toward its level, so that late
+    in training the latents stop flipping across rounding boundaries.
+    scale: > 0 everywhere (not checked: this runs every training step), the format's scale shape.
+    """
+    fmt = formats.as_format(fmt)
+    n, k = weight.shape
+    expected = fmt.scale_shape(n, k, group_size)
+    if tuple(scale.shape) != expected:
+        raise ValueError(f"scale must have shape {list(expected)} for format {fmt.name!r}, got {list(scale.shape)}")
+    inverse = safe_inverse(scale.detach().to(device=weight.device, dtype=torch.float32))
+    w = weight.to(torch.float32)
+    if fmt.grouped:  # the groups are cut from the padded row, as quantize_weight_with_scales cuts them
+        k_pad = formats.padded_k(k)
+        g = scale.shape[1]
+        padded = torch.nn.functional.pad(w, (0, k_pad - k)).view(n, g, k_pad // g)
+        ratio = (padded * inverse[:, :, None]).view(n, k_pad)[:, :k]
+    else:
+        ratio = w * inverse[:, None]
+    return (ratio - _nearest_levels_(ratio.detach().clone(), fmt)).square().mean()
 
 
 def rule_latent(codes: torch.Tensor, scale: torch.Tensor, fmt: str | WeightFormat, k: int,

@@ -20,8 +20,8 @@ from pyclipq.train import TrainConfig
 from pyclipq.train.distill import EncoderDistillationLoss, attention_map_loss, hidden_state_loss
 from pyclipq.train.qat import compare_layers
 from pyclipq.configs import resolve_config
-from pyclipq.train.recipes import (BUDGET_PROBE_STEPS, ParameterAverage, budget_steps, default_init, default_learn_scales, default_lr, distill,
-                                    fast_fake_quant_default, freeze_float_embeddings_)
+from pyclipq.train.recipes import (BUDGET_PROBE_STEPS, GridDampening, ParameterAverage, budget_steps, default_init, default_learn_scales,
+                                    default_lr, distill, fast_fake_quant_default, freeze_float_embeddings_)
 from pyclipq.train.trainer import Trainer, lr_factor
 from pyclipq.train.trainer import EncoderDistillation, encoder_outputs
 
@@ -326,6 +326,45 @@ def test_distillation_exports_and_evaluates_the_average(tmp_path):
         distill(teacher, data, "ternary", train=train, average=1.0)
 
 
+def test_the_dampening_term_rises_along_half_a_cosine_and_adds_the_grid_distance():
+    from pyclipq.train.qat import grid_distance
+
+    teacher = two_block_clip()
+    student = pyclipq.prepare_qat(teacher, "ternary", exact=False)
+    _, tokens = tiny_batch(8, seed=1)
+    progress = [0.0]
+    objective = EncoderDistillation(EncoderDistillationLoss())
+    dampened = GridDampening(objective, student, 2.0, lambda: progress[0])
+    assert dampened.strength() == 0.0
+    plain_loss, plain_parts = objective(student, teacher, {"tokens": tokens})
+    loss, parts = dampened(student, teacher, {"tokens": tokens})
+    assert torch.equal(loss, plain_loss) and "grid_distance" not in parts
+    for at, want in ((0.5, 1.0), (1.0, 2.0), (1.5, 2.0)):
+        progress[0] = at
+        assert dampened.strength() == pytest.approx(want)
+    loss, parts = dampened(student, teacher, {"tokens": tokens})
+    distance = grid_distance(student)
+    torch.testing.assert_close(parts["grid_distance"], distance.detach())
+    torch.testing.assert_close(loss, plain_loss + 2.0 * distance)
+
+
+def test_distillation_with_dampening_pulls_the_latent_weights_onto_their_levels(tmp_path):
+    from pyclipq.train.qat import grid_distance
+
+    teacher = two_block_clip()
+    _, tokens = tiny_batch(32, seed=1)
+    data = [{"tokens": tokens[i:i + 8]} for i in range(0, 32, 8)]
+    train = TrainConfig(steps=24, lr=3e-3, warmup_steps=2, progress=False)
+    plain = distill(teacher, data, "int4", train=train)
+    dampened = distill(teacher, data, "int4", train=train, dampen=50.0)
+    assert "grid_distance" in dampened.history[-1] and "grid_distance" not in plain.history[-1]
+    assert float(grid_distance(dampened.student).detach()) < 0.5 * float(grid_distance(plain.student).detach())
+    with pytest.raises(ValueError, match="dampen must be a finite number > 0"):
+        distill(teacher, data, "int4", train=train, dampen=0.0)
+    with pytest.raises(ValueError, match="dampen must be a finite number > 0"):
+        distill(teacher, data, "int4", train=train, dampen=True)
+
+
 def test_distillation_keeps_the_teachers_token_embeddings_unless_asked(tmp_path):
     teacher = two_block_clip()
     _, tokens = tiny_batch(32, seed=1)
@@ -608,6 +647,19 @@ def test_the_command_takes_a_minutes_budget(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "pyclipq.cli", "train", "distill", *COMMON, "--data", str(texts),
                                "--minutes", bad, "--out", str(out)], capture_output=True, text=True, cwd="/", timeout=600)
         assert proc.returncode == 2 and f"--minutes must be a number > 0, got {bad!r}" in proc.stderr, proc.stderr
+
+
+def test_the_command_dampens_when_asked(tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "star")))
+    out = tmp_path / "run"
+    run_cli(*COMMON, "--data", str(texts), "--format", "ternary", "--steps", "4", "--dampen", "2", "--out", str(out))
+    history = logged_steps(out)
+    assert [r["step"] for r in history] == [1, 2, 3, 4] and all("grid_distance" in r for r in history[1:])
+    for bad in ("0", "-1", "strong", "nan"):
+        proc = subprocess.run([sys.executable, "-m", "pyclipq.cli", "train", "distill", *COMMON, "--data", str(texts),
+                               "--dampen", bad, "--out", str(out)], capture_output=True, text=True, cwd="/", timeout=600)
+        assert proc.returncode == 2 and f"--dampen must be a number > 0, got {bad!r}" in proc.stderr, proc.stderr
 
 
 class Interrupted(RuntimeError):

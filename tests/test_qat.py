@@ -442,6 +442,47 @@ def test_learnable_fake_quantize_has_the_values_and_lsq_gradients(layer):
         primitives.learnable_fake_quantize(weight, fmt, scale.reshape(-1)[:5], layer.group_size)
 
 
+@pytest.mark.parametrize("layer", LAYERS[:5], ids=IDS[:5])
+def test_grid_distance_is_the_mean_squared_distance_to_the_levels_in_scale_units(layer):
+    torch.manual_seed(0)
+    fmt = formats.get_format(layer.format)
+    weight = torch.randn(12, 100)
+    scale = primitives.format_scales(weight, fmt, layer.group_size, layer.threshold_rule) * (0.6 + torch.rand(1))
+    # by hand: the dequantized weight is level x scale, so (w - dequantized) / scale = w / s - level
+    per_weight_scale = (scale[:, :, None].expand(-1, -1, formats.padded_k(100) // scale.shape[1]).reshape(12, -1)[:, :100]
+                        if scale.dim() == 2 else scale[:, None].expand(-1, 100))
+    offset = (weight - primitives.fake_quantize_with_scales(weight, fmt, scale, layer.group_size)) / per_weight_scale
+    w = weight.clone().requires_grad_(True)
+    distance = primitives.grid_distance(w, fmt, scale, layer.group_size)
+    torch.testing.assert_close(distance, offset.square().mean())
+    distance.backward()  # d/dw (w / s - level)^2 / numel, the level and the scale held
+    torch.testing.assert_close(w.grad, 2 * offset / per_weight_scale / weight.numel())
+    on_grid = primitives.fake_quantize_with_scales(weight, fmt, scale, layer.group_size)
+    assert float(primitives.grid_distance(on_grid, fmt, scale, layer.group_size)) < 1e-10
+    with pytest.raises(ValueError, match="scale must have shape"):
+        primitives.grid_distance(weight, fmt, scale.reshape(-1)[:5], layer.group_size)
+
+
+@pytest.mark.parametrize("preset", ["ternary-qall", "int4"])
+def test_a_fake_quant_layers_grid_distance_is_that_of_the_weight_it_quantizes(preset):
+    model = tiny_clip().eval()
+    fake = qat.prepare_qat(model, QuantConfig.preset(preset, rotation=32), exact=False, learn_scales=preset == "int4")
+    layers = [m for m in fake.modules() if isinstance(m, FakeQuantLinear) and not m.layer.is_float]
+    assert layers and all(m.rotation_block > 1 for m in layers)
+    for m in layers:
+        group_size = m.layer.group_size if m.layer.spec.grouped else 0
+        stored = m.stored_weight().detach()
+        scale = m.learned_scale() if m.log_scale is not None else primitives.format_scales(stored, m.layer.spec, group_size)
+        want = primitives.grid_distance(stored, m.layer.spec, scale, group_size)
+        torch.testing.assert_close(m.grid_distance(), want)
+    total = qat.grid_distance(fake)
+    torch.testing.assert_close(total, torch.stack([m.grid_distance() for m in layers]).mean())
+    total.backward()
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in layers)
+    with pytest.raises(ValueError, match="prepared for QAT"):
+        qat.grid_distance(model)
+
+
 @pytest.mark.parametrize("preset", ["ternary-qall", "int2", "int4"])
 def test_learned_scales_train_and_convert_to_the_same_codes(preset):
     model = tiny_clip().eval()

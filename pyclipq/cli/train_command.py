@@ -155,14 +155,17 @@ def _run_p4q(args, loaded: LoadedModel, train, context: DistributedContext) -> d
             "head": str(args.out / "p4q_head.safetensors"), "history": result.history}
 
 
-def _positive_minutes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"--minutes must be a number > 0, got {text!r}")
-    return value
+def _positive(flag: str):
+    """An argparse type: a finite number > 0, refused with `flag` named."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0 < value < math.inf:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{flag} must be a number > 0, got {text!r}")
+        return value
+    return parse
 
 
 def distill_arguments(parser: argparse.ArgumentParser) -> None:
@@ -199,10 +202,14 @@ def distill_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight scales: the format rule's, or learned (LSQ, started at the rule's; trains through "
                              "the fast fake-quant; the export packs the learned scales); auto: learned for int2 and int4, the "
                              "rule otherwise")
-    parser.add_argument("--minutes", type=_positive_minutes, default=None,
+    parser.add_argument("--minutes", type=_positive("--minutes"), default=None,
                         help="a training-time budget in place of --steps: the run times its own first steps and "
                              "trains as many as fit, the warm-up + cosine schedule ending there (the evaluations and "
                              "the ptq start are not counted)")
+    parser.add_argument("--dampen", type=_positive("--dampen"), default=None, metavar="STRENGTH",
+                        help="oscillation dampening: add the latent weights' mean squared distance from their levels "
+                             "(in units of their scales) to the loss, its weight rising from 0 to STRENGTH along the run "
+                             "(recipes.distill's dampen). Default: off")
     parser.add_argument("--keep-padding", action="store_true",
                         help="match block outputs at a text encoder's padding tokens too (default: real tokens only)")
     parser.add_argument("--train-embeddings", action="store_true",
@@ -228,7 +235,8 @@ def _run_distill(args, loaded: LoadedModel, train, context: DistributedContext) 
     config = config_from_args(args)
     result = recipes.distill(loaded.model, data, config, init=args.init, calibration_batches=args.calibration_batches,
                              train=train, loss=loss, exact=exact, learn_scales=learn_scales, resume=args.resume,
-                             distributed=context, freeze_embeddings=not args.train_embeddings, minutes=args.minutes)
+                             distributed=context, freeze_embeddings=not args.train_embeddings, minutes=args.minutes,
+                             dampen=args.dampen)
     model_path = args.out / "model.safetensors"
     if context.is_main:
         pyclipq.save(result.quantized, model_path)

@@ -39,6 +39,7 @@ from ..ops import reference
 from ..primitives import (
     dequantize_levels,
     format_scales,
+    grid_distance,
     learnable_fake_quantize,
     quantize_activation_rows,
     quantize_weight_levels,
@@ -451,6 +452,19 @@ class FakeQuantLinear(nn.Linear):
     def learned_scale(self) -> torch.Tensor | None:
         """The learned weight scales (exp of log_scale), or None when the format rule sets them."""
         return self.log_scale.exp() if self.log_scale is not None else None
+
+    def grid_distance(self) -> torch.Tensor:
+        """`primitives.grid_distance` of the weight the codes quantize (`stored_weight`) at the scales
+        it quantizes with (learned, or the format rule's of the latent as it is now): 0 for a float
+        or frozen layer, whose latent weight does not train. Differentiable in the latent weight."""
+        if self.layer.is_float or self._frozen is not None:
+            return torch.zeros((), dtype=torch.float32, device=self.weight.device)
+        weight = self.stored_weight()
+        group_size = self.layer.group_size if self.layer.spec.grouped else 0
+        scale = self.learned_scale()
+        if scale is None:
+            scale = format_scales(weight.detach(), self.layer.spec, group_size, self.layer.threshold_rule)
+        return grid_distance(weight, self.layer.spec, scale, group_size)
 
     def quantized_weight(self) -> QuantizedWeight:
         """The codes this layer computes with right now."""

@@ -286,6 +286,20 @@ def clip_latent_weights_(student: nn.Module, observer: str = "omse") -> int:
     return clipped
 
 
+def grid_distance(student: nn.Module) -> torch.Tensor:
+    """The mean of `FakeQuantLinear.grid_distance` over the prepared `student`'s quantized, trainable
+    projections: how far their latent weights sit from their levels, in units of their scales
+    (`primitives.grid_distance`). Differentiable in the latent weights; what
+    `recipes.distill(dampen=...)` adds to the loss."""
+    if not is_prepared(student):
+        raise ValueError("student must be prepared for QAT (pyclipq.prepare_qat returns one)")
+    distances = [m.grid_distance() for m in student.modules()
+                 if isinstance(m, FakeQuantLinear) and not m.layer.is_float and not m.frozen]
+    if not distances:
+        raise ValueError("student has no quantized FakeQuantLinear whose latent weight trains")
+    return torch.stack(distances).mean()
+
+
 # ---------------------------------------------------------------- checking an export
 
 

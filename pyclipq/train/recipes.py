@@ -33,7 +33,7 @@ from ..distributed import DistributedContext
 from .distributed import DistributedTrainer
 from .p4q import ExportedP4Q, FeatureBatches, P4QModel, P4QObjective, QAdapter, p4q_optimizers
 from .prompt import PromptLearner
-from .qat import clip_latent_weights_, convert_qat, deepcopy_model, latent_from_packed, prepare_qat
+from .qat import clip_latent_weights_, convert_qat, deepcopy_model, grid_distance, latent_from_packed, prepare_qat
 from .trainer import CHECKPOINT_FILE, CLIPDistillation, EncoderDistillation, TrainConfig, Trainer, encoder_outputs
 
 TERNARY_PRESETS = {"qall": "ternary-qall", "qffn": "ternary-qffn"}
@@ -287,6 +287,34 @@ class ParameterAverage:
                 p.copy_(a)
 
 
+class GridDampening:
+    """`objective`'s loss plus strength x `qat.grid_distance(student)`: oscillation dampening (Nagel
+    et al., 2022), each latent weight pulled toward the level it quantizes to. The strength rises
+    from 0 to `weight` along half a cosine of the run's progress (`progress()`, 0 at the start and
+    1 at the last step), so the early steps train as without it and the last ones settle the
+    latents on their levels, where the plain straight-through estimator leaves them flipping across
+    rounding boundaries until the learning rate has decayed."""
+
+    def __init__(self, objective, student: nn.Module, weight: float, progress: Callable[[], float]):
+        self.objective = objective
+        self.student = student
+        self.weight = weight
+        self.progress = progress
+        self.needs_teacher = getattr(objective, "needs_teacher", True)
+
+    def strength(self) -> float:
+        return self.weight * 0.5 * (1.0 - math.cos(math.pi * min(1.0, max(0.0, self.progress()))))
+
+    def __call__(self, student, teacher, batch):
+        loss, parts = self.objective(student, teacher, batch)
+        strength = self.strength()
+        if strength > 0:
+            distance = grid_distance(self.student)
+            loss = loss + strength * distance
+            parts = {**parts, "grid_distance": distance.detach()}
+        return loss, parts
+
+
 def _steady_pace(records: list[dict]) -> float:
     """Seconds a step over the last two thirds of the last fit call's step records (their "seconds"
     count from that call's start), past the first steps' one-off costs."""
@@ -321,6 +349,7 @@ def distill(
     freeze_embeddings: bool = True,
     minutes: float | None = None,
     average: float | None = None,
+    dampen: float | None = None,
 ) -> DistillResult:
     """Label-free distillation QAT, in one call: the fake-quant student of `model` learns to give the
     float teacher's embeddings and block outputs on unlabelled images and/or texts.
@@ -359,6 +388,9 @@ def distill(
     the cosine schedule the average ends lower than the last step (int4 0.9921 at decay 0.995
     against 0.9943, ternary 0.9227 at 0.99 against 0.9326), as the schedule's low-lr tail already
     settles the weights; hence None by default.
+    dampen: the final strength of the oscillation-dampening term (`GridDampening`: the mean squared
+    distance of the latent weights from their levels, in units of their scales, added to the loss
+    with a weight that rises from 0 to `dampen` over the run); None: no such term. DAMPEN_MEASURED_NOTE
     evaluate: called with the fake-quant student (in eval mode, under no_grad) and the steps it has
     trained, before training, every `evaluate_every` steps and at the end; its dicts, with "step" and "seconds" of
     training so far (evaluation excluded), are the result's `evaluations`.
@@ -372,6 +404,9 @@ def distill(
     if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
                                 or not (0 < minutes < math.inf)):
         raise ValueError(f"minutes must be a finite number > 0 or None, got {minutes!r}")
+    if dampen is not None and (isinstance(dampen, bool) or not isinstance(dampen, (int, float))
+                               or not (0 < dampen < math.inf)):
+        raise ValueError(f"dampen must be a finite number > 0 or None, got {dampen!r}")
     config = resolve_config(config)
     init = default_init(config) if init == "auto" else init
     learn_scales = default_learn_scales(config) if learn_scales is None else bool(learn_scales)
@@ -397,7 +432,10 @@ def distill(
     # gradient: DistributedDataParallel must be told to look for them.
     ddp = {"find_unused_parameters": True} if distributed is not None else {}
     loss = loss if loss is not None else default_loss(model)
-    trainer = _trainer(student, data, train, distributed, teacher=teacher, objective=EncoderDistillation(loss), **ddp)
+    objective = EncoderDistillation(loss)
+    if dampen is not None:  # the trainer and its schedule exist by the first step
+        objective = GridDampening(objective, student, float(dampen), lambda: trainer.position.step / schedule.steps)
+    trainer = _trainer(student, data, train, distributed, teacher=teacher, objective=objective, **ddp)
     checkpoint = trainer.checkpoint_path()
     schedule = trainer.config  # under torchrun a copy of `train`: the step count the schedule reads
     budget_decided = minutes is None
