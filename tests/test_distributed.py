@@ -80,7 +80,8 @@ def test_two_gloo_ranks_equal_one_process_and_resume_exactly(tmp_path):
 
 
 def _distill_ranks(rank: int, world: int, store: str, csv, out):
-    """Label-free distillation QAT (recipes.distill) on 2 gloo ranks: each rank saves its student."""
+    """Label-free distillation QAT (recipes.distill, with the dampening term, whose gradient joins the
+    forward's outside DistributedDataParallel's forward) on 2 gloo ranks: each rank saves its student."""
     from pyclipq.train.recipes import distill
 
     torch.set_num_threads(1)
@@ -89,7 +90,7 @@ def _distill_ranks(rank: int, world: int, store: str, csv, out):
         data = train_loader(CaptionPairs.from_csv(csv, T.ToTensor()), GLOBAL_BATCH, PairCollate(tiny_tokenizer()), seed=3)
         config = TrainConfig(steps=STEPS, lr=3e-3, warmup_steps=1, progress=False, output_dir=str(out), log_every=1)
         result = distill(tiny_clip(0), data, "int2", init="ptq", calibration_batches=2, train=config,
-                         distributed=context)
+                         distributed=context, dampen=1.0)
     finally:
         shutdown_distributed()
     torch.save({"student": result.student.state_dict(), "history": result.history}, out / f"rank{rank}.pt")
@@ -105,6 +106,7 @@ def test_distillation_runs_on_two_gloo_ranks_with_replicas_in_step(tmp_path):
         assert torch.equal(ranks[1]["student"][name], value), name
     losses = [r["loss"] for r in ranks[0]["history"]]
     assert len(losses) == STEPS and losses[-1] < losses[0]
+    assert "grid_distance" in ranks[0]["history"][-1]
 
 
 def _budget_ranks(rank: int, world: int, store: str, out):
