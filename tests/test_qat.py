@@ -413,12 +413,21 @@ def test_qat_covers_open_clip_custom_attention_as_convert_does(block):
 # ---------------------------------------------------------------- learned scales (LSQ)
 
 
-@pytest.mark.parametrize("layer", LAYERS[:5], ids=IDS[:5])
-def test_learnable_fake_quantize_has_the_values_and_lsq_gradients(layer):
+def weight_off_its_rule_scale(layer: LayerConfig):
+    """(format, a random [12, 100] weight, scales 0.6-1.6x its rule's, each weight's own scale [12, 100])."""
     torch.manual_seed(0)
     fmt = formats.get_format(layer.format)
     weight = torch.randn(12, 100)
     scale = primitives.format_scales(weight, fmt, layer.group_size, layer.threshold_rule) * (0.6 + torch.rand(1))
+    k_pad = formats.padded_k(100)
+    per_weight_scale = (scale[:, :, None].expand(-1, -1, k_pad // scale.shape[1]).reshape(12, k_pad)[:, :100]
+                        if scale.dim() == 2 else scale[:, None].expand(-1, 100))
+    return fmt, weight, scale, per_weight_scale
+
+
+@pytest.mark.parametrize("layer", LAYERS[:5], ids=IDS[:5])
+def test_learnable_fake_quantize_has_the_values_and_lsq_gradients(layer):
+    fmt, weight, scale, per_weight_scale = weight_off_its_rule_scale(layer)
     w = weight.clone().requires_grad_(True)
     s = scale.clone().requires_grad_(True)
     out = primitives.learnable_fake_quantize(w, fmt, s, layer.group_size)
@@ -428,8 +437,6 @@ def test_learnable_fake_quantize_has_the_values_and_lsq_gradients(layer):
     # LSQ: d/dw = 1 where the level is not clamped, else 0; d/ds = level - w/s inside, the level outside
     k_pad = formats.padded_k(100)
     groups = scale.shape[1] if scale.dim() == 2 else 1
-    per_weight_scale = (scale[:, :, None].expand(-1, -1, k_pad // groups).reshape(12, k_pad)[:, :100]
-                        if scale.dim() == 2 else scale[:, None].expand(-1, 100))
     ratio = weight / per_weight_scale
     levels = primitives.nearest_levels(ratio, fmt)
     inside = ratio.abs() <= fmt.qmax
@@ -444,13 +451,8 @@ def test_learnable_fake_quantize_has_the_values_and_lsq_gradients(layer):
 
 @pytest.mark.parametrize("layer", LAYERS[:5], ids=IDS[:5])
 def test_grid_distance_is_the_mean_squared_distance_to_the_levels_in_scale_units(layer):
-    torch.manual_seed(0)
-    fmt = formats.get_format(layer.format)
-    weight = torch.randn(12, 100)
-    scale = primitives.format_scales(weight, fmt, layer.group_size, layer.threshold_rule) * (0.6 + torch.rand(1))
+    fmt, weight, scale, per_weight_scale = weight_off_its_rule_scale(layer)
     # by hand: the dequantized weight is level x scale, so (w - dequantized) / scale = w / s - level
-    per_weight_scale = (scale[:, :, None].expand(-1, -1, formats.padded_k(100) // scale.shape[1]).reshape(12, -1)[:, :100]
-                        if scale.dim() == 2 else scale[:, None].expand(-1, 100))
     offset = (weight - primitives.fake_quantize_with_scales(weight, fmt, scale, layer.group_size)) / per_weight_scale
     w = weight.clone().requires_grad_(True)
     distance = primitives.grid_distance(w, fmt, scale, layer.group_size)
