@@ -317,7 +317,8 @@ def grid_distance(weight: torch.Tensor, fmt, scale: torch.Tensor, group_size: in
     sits from the level it quantizes to (its nearest level at `scale`, as
     `quantize_weight_with_scales` picks it; beyond the last level, the distance to that level).
     Differentiable in `weight` only: the levels and `scale` are constants. 0 when every weight
-    is a level times its scale; 1/12 for weights spread evenly inside the range.
+    is a level times its scale; for weights spread evenly inside the range, the level step squared
+    over 12 (1/12 for the unit-step formats, 1/3 for int2's odd levels).
 
     The oscillation-dampening term of Nagel et al. (2022), "Overcoming Oscillations in
     Quantization-Aware Training": in QAT it pulls each latent weight toward its level, so that late
