@@ -209,14 +209,20 @@ def _levels_with_scales(weight: torch.Tensor, fmt: WeightFormat, scale: torch.Te
         raise ValueError(f"scale must have shape {list(expected)} for format {fmt.name!r}, got {getattr(scale, 'shape', scale)}")
     if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
         raise ValueError("scale must be finite and >= 0")
-    k_pad = formats.padded_k(k)
     inverse = safe_inverse(scale.to(device=weight.device, dtype=torch.float32))
-    if fmt.grouped:  # the groups are cut from the padded row
-        g = scale.shape[1]
-        ratio = (_padded(weight).view(n, g, k_pad // g) * inverse[:, :, None]).view(n, k_pad)[:, :k]
-    else:
-        ratio = weight.detach().to(torch.float32) * inverse[:, None]
-    return _nearest_levels_(ratio, fmt), k_pad
+    return _nearest_levels_(_times_inverse_scale(weight.detach(), inverse, fmt.grouped), fmt), formats.padded_k(k)
+
+
+def _times_inverse_scale(weight: torch.Tensor, inverse: torch.Tensor, grouped: bool) -> torch.Tensor:
+    """float32 [N, K]: each weight times the reciprocal of its scale (`inverse`, [N] or [N, G]; the
+    groups are cut from the row padded with zeros to K_pad). Differentiable in `weight`."""
+    n, k = weight.shape
+    w = weight.to(torch.float32)
+    if not grouped:
+        return w * inverse[:, None]
+    k_pad = formats.padded_k(k)
+    g = inverse.shape[1]
+    return (torch.nn.functional.pad(w, (0, k_pad - k)).view(n, g, k_pad // g) * inverse[:, :, None]).view(n, k_pad)[:, :k]
 
 
 def quantize_weight_with_scales(weight: torch.Tensor, fmt, scale: torch.Tensor, group_size: int = 0) -> torch.Tensor:
@@ -330,15 +336,9 @@ def grid_distance(weight: torch.Tensor, fmt, scale: torch.Tensor, group_size: in
     expected = fmt.scale_shape(n, k, group_size)
     if tuple(scale.shape) != expected:
         raise ValueError(f"scale must have shape {list(expected)} for format {fmt.name!r}, got {list(scale.shape)}")
-    inverse = safe_inverse(scale.detach().to(device=weight.device, dtype=torch.float32))
-    w = weight.to(torch.float32)
-    if fmt.grouped:  # the groups are cut from the padded row, as quantize_weight_with_scales cuts them
-        k_pad = formats.padded_k(k)
-        g = scale.shape[1]
-        padded = torch.nn.functional.pad(w, (0, k_pad - k)).view(n, g, k_pad // g)
-        ratio = (padded * inverse[:, :, None]).view(n, k_pad)[:, :k]
-    else:
-        ratio = w * inverse[:, None]
+    # the ratio quantize_weight_with_scales rounds, here with the weight's gradient kept
+    ratio = _times_inverse_scale(weight, safe_inverse(scale.detach().to(device=weight.device, dtype=torch.float32)),
+                                 fmt.grouped)
     return (ratio - _nearest_levels_(ratio.detach().clone(), fmt)).square().mean()
 
 
