@@ -19,6 +19,10 @@ The corpora (`training_texts(count, seed, corpus)`; `mixed_texts` takes equal sh
   frequent senses): the word-replacement augmentation of TinyBERT and TernaryBERT, and EDA's
   synonym replacement, with WordNet standing in for a masked language model. The teacher embeds
   words the student would otherwise only meet in the evaluation's paraphrases.
+- "fortunes": the sentences of the fortune cookies Debian's fortunes and fortunes-min ship
+  (`apt-get install fortunes fortunes-min`, read from /usr/share/games/fortunes): about 17,000
+  sentences people wrote (quotations, jokes, proverbs, verse, questions), the one natural,
+  varied English prose here that is neither documentation nor a dictionary.
 - "mixed": half prose, half generated (all of the prose, about 7,000 sentences, when it is short).
 - "templates": text_corpus.py's own generator with other seeds: the evaluation's vocabulary
   and sentence forms, sentences disjoint from the evaluation's. It measures what in-domain
@@ -36,7 +40,7 @@ import sysconfig
 
 from text_corpus import calibration_sentences, evaluation_pairs, sentence_pairs
 
-CORPORA = ("mixed", "prose", "generated", "wordnet", "wordnet-generated", "synonyms", "templates")
+CORPORA = ("mixed", "prose", "generated", "wordnet", "wordnet-generated", "synonyms", "fortunes", "templates")
 
 
 # ---------------------------------------------------------------- prose shipped with Python
@@ -377,6 +381,33 @@ def _synonym_texts(count: int, seed: int) -> list[str]:
     return out
 
 
+# ---------------------------------------------------------------- fortune cookies
+
+FORTUNES_DIR = "/usr/share/games/fortunes"  # Debian's fortunes + fortunes-min
+_ATTRIBUTION = re.compile(r"\s*--")  # a fortune's "-- Author, Work" line
+
+
+@functools.lru_cache(maxsize=None)
+def _fortunes() -> tuple[str, ...]:
+    """The sentences of every fortune file: entries are separated by '%' lines; attribution lines are
+    dropped, the rest joined and split into sentences that pass the prose filter."""
+    if not os.path.isdir(FORTUNES_DIR):
+        raise RuntimeError(f"the fortunes corpus reads {FORTUNES_DIR}: install Debian's fortunes and fortunes-min "
+                           "(apt-get install fortunes fortunes-min)")
+    found = set()
+    for name in sorted(os.listdir(FORTUNES_DIR)):
+        path = os.path.join(FORTUNES_DIR, name)
+        if name.endswith((".dat", ".u8")) or os.path.islink(path) or not os.path.isfile(path):
+            continue  # .dat: strfile's index; .u8: links to the same text
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for entry in f.read().split("\n%\n"):
+                body = " ".join(line for line in entry.splitlines() if not _ATTRIBUTION.match(line))
+                for sentence in _SENT_SPLIT.split(" ".join(body.split())):
+                    if _good(sentence):
+                        found.add(sentence)
+    return tuple(sorted(s for s in found if s.lower() not in _excluded()))
+
+
 # ---------------------------------------------------------------- the corpora
 
 
@@ -404,12 +435,15 @@ def _templates(count: int, seed: int) -> list[str]:
     return out
 
 
+_FIXED_POOLS = {"prose": _prose, "wordnet": _wordnet, "fortunes": _fortunes}
+
+
 def training_texts(count: int, seed: int = 0, corpus: str = "mixed") -> list[str]:
     """`count` distinct training texts of `corpus` (see the module doc), shuffled by `seed`."""
     if corpus not in CORPORA:
         raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
-    if corpus in ("prose", "wordnet"):  # fixed pools
-        pool = list(_prose() if corpus == "prose" else _wordnet())
+    if corpus in _FIXED_POOLS:
+        pool = list(_FIXED_POOLS[corpus]())
         if count > len(pool):
             raise ValueError(f"only {len(pool)} {corpus} texts are available, asked for {count}")
     elif corpus == "generated":
@@ -453,7 +487,7 @@ if __name__ == "__main__":
 
     for corpus in CORPORA:
         started = time.perf_counter()
-        texts = training_texts(20000 if corpus != "prose" else 5000, 0, corpus)
+        texts = training_texts(5000 if corpus in ("prose", "fortunes") else 20000, 0, corpus)
         print(f"{corpus}: {len(texts)} texts in {time.perf_counter() - started:.1f}s, e.g.")
         for s in texts[:3]:
             print("   ", s)

@@ -483,6 +483,9 @@ def test_a_fake_quant_layers_grid_distance_is_that_of_the_weight_it_quantizes(pr
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in layers)
     with pytest.raises(ValueError, match="prepared for QAT"):
         qat.grid_distance(model)
+    nothing_quantized = qat.prepare_qat(model, QuantConfig.preset(preset, exclude=("*",)), exact=False)
+    with pytest.raises(ValueError, match="no quantized FakeQuantLinear whose latent weight trains"):
+        qat.grid_distance(nothing_quantized)
 
 
 @pytest.mark.parametrize("preset", ["ternary-qall", "int2", "int4"])
