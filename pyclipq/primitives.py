@@ -131,6 +131,21 @@ def _padded(weight: torch.Tensor) -> torch.Tensor:
     return w
 
 
+def _in_groups(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """[N, K] (or already [N, K_pad]) -> [N, G, K_pad / G]: the row padded with zeros to K_pad, cut
+    into its `groups` scale groups (the grouped formats' layout; `_from_groups` undoes it)."""
+    n, k = weight.shape
+    k_pad = formats.padded_k(k)
+    if k_pad != k:
+        weight = torch.nn.functional.pad(weight, (0, k_pad - k))
+    return weight.view(n, groups, k_pad // groups)
+
+
+def _from_groups(grouped: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, G, K_pad / G] -> [N, K]: the rows joined again, the padding cut off."""
+    return grouped.reshape(grouped.shape[0], -1)[:, :k]
+
+
 def format_scales(weight: torch.Tensor, fmt, group_size: int = 0, threshold_rule: str = "absmean") -> torch.Tensor:
     """The format's own scale rule: absmax / qmax per output channel or K group (over the padded
     row: padding is 0), or for a threshold-rule format (ternary) mean|w| over the true K, times 2
@@ -147,8 +162,7 @@ def format_scales(weight: torch.Tensor, fmt, group_size: int = 0, threshold_rule
     if not fmt.grouped:
         return (w.abs().amax(dim=1) / fmt.qmax).contiguous()
     formats.check_group_size(group_size)
-    g = formats.num_groups(k_pad, group_size)
-    return (w.view(n, g, k_pad // g).abs().amax(dim=2) / fmt.qmax).contiguous()
+    return (_in_groups(w, formats.num_groups(k_pad, group_size)).abs().amax(dim=2) / fmt.qmax).contiguous()
 
 
 def _round_straight_through(x: torch.Tensor) -> torch.Tensor:
@@ -214,15 +228,12 @@ def _levels_with_scales(weight: torch.Tensor, fmt: WeightFormat, scale: torch.Te
 
 
 def _times_inverse_scale(weight: torch.Tensor, inverse: torch.Tensor, grouped: bool) -> torch.Tensor:
-    """float32 [N, K]: each weight times the reciprocal of its scale (`inverse`, [N] or [N, G]; the
-    groups are cut from the row padded with zeros to K_pad). Differentiable in `weight`."""
-    n, k = weight.shape
+    """float32 [N, K]: each weight times the reciprocal of its scale (`inverse`, [N] or [N, G]).
+    Differentiable in `weight`."""
     w = weight.to(torch.float32)
     if not grouped:
         return w * inverse[:, None]
-    k_pad = formats.padded_k(k)
-    g = inverse.shape[1]
-    return (torch.nn.functional.pad(w, (0, k_pad - k)).view(n, g, k_pad // g) * inverse[:, :, None]).view(n, k_pad)[:, :k]
+    return _from_groups(_in_groups(w, inverse.shape[1]) * inverse[:, :, None], w.shape[1])
 
 
 def quantize_weight_with_scales(weight: torch.Tensor, fmt, scale: torch.Tensor, group_size: int = 0) -> torch.Tensor:
@@ -268,10 +279,9 @@ def quantize_weight(
 
 def dequantize_levels(levels: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor:
     """Integer levels [N, K_pad] (float32) + scales [N] or [N, G] -> float32 weight [N, K]."""
-    n, k_pad = levels.shape
+    n = levels.shape[0]
     g = 1 if scale.dim() == 1 else scale.shape[1]
-    w = (levels.view(n, g, k_pad // g) * scale.reshape(n, g, 1)).view(n, k_pad)
-    return w[:, :k]
+    return _from_groups(_in_groups(levels, g) * scale.reshape(n, g, 1), k)
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, fmt: str | WeightFormat, k: int) -> torch.Tensor:
@@ -287,11 +297,10 @@ def clamp_to_scales(weight: torch.Tensor, fmt: str | WeightFormat, scale: torch.
     if fmt.threshold_rule:
         raise ValueError(f"format {fmt.name!r} sets its scale from the mean, not the max: clamping cannot choose it")
     w = _padded(weight.to(torch.float32))
-    n, k_pad = w.shape
+    n = w.shape[0]
     g = 1 if scale.dim() == 1 else scale.shape[1]
     bound = (scale.to(torch.float32).reshape(n, g, 1) * fmt.qmax)
-    clamped = torch.maximum(torch.minimum(w.view(n, g, k_pad // g), bound), -bound).view(n, k_pad)
-    return clamped[:, : weight.shape[1]]
+    return _from_groups(torch.maximum(torch.minimum(_in_groups(w, g), bound), -bound), weight.shape[1])
 
 
 def learnable_fake_quantize(weight: torch.Tensor, fmt, scale: torch.Tensor, group_size: int = 0) -> torch.Tensor:
@@ -311,11 +320,10 @@ def learnable_fake_quantize(weight: torch.Tensor, fmt, scale: torch.Tensor, grou
     w = weight.to(torch.float32)
     if not fmt.grouped:
         return nearest_levels(w / scale[:, None], fmt, straight_through=True) * scale[:, None]
-    k_pad = formats.padded_k(k)
-    g = scale.shape[1]
-    groups = torch.nn.functional.pad(w, (0, k_pad - k)).view(n, g, k_pad // g)
+    # divided by the scale (not times its reciprocal, as the quantizers do): d/ds is LSQ's
+    groups = _in_groups(w, scale.shape[1])
     levels = nearest_levels(groups / scale[:, :, None], fmt, straight_through=True)
-    return (levels * scale[:, :, None]).view(n, k_pad)[:, :k]
+    return _from_groups(levels * scale[:, :, None], k)
 
 
 def grid_distance(weight: torch.Tensor, fmt, scale: torch.Tensor, group_size: int = 0) -> torch.Tensor:
