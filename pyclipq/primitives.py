@@ -146,6 +146,14 @@ def _from_groups(grouped: torch.Tensor, k: int) -> torch.Tensor:
     return grouped.reshape(grouped.shape[0], -1)[:, :k]
 
 
+def _check_scale_shape(scale, fmt: WeightFormat, n: int, k: int, group_size: int) -> None:
+    """`scale` must be a tensor of the format's scale shape for an [n, k] weight ([N] or [N, G])."""
+    expected = fmt.scale_shape(n, k, group_size)
+    if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != expected:
+        got = list(scale.shape) if isinstance(scale, torch.Tensor) else repr(scale)
+        raise ValueError(f"scale must have shape {list(expected)} for format {fmt.name!r}, got {got}")
+
+
 def format_scales(weight: torch.Tensor, fmt, group_size: int = 0, threshold_rule: str = "absmean") -> torch.Tensor:
     """The format's own scale rule: absmax / qmax per output channel or K group (over the padded
     row: padding is 0), or for a threshold-rule format (ternary) mean|w| over the true K, times 2
@@ -218,9 +226,7 @@ def _levels_with_scales(weight: torch.Tensor, fmt: WeightFormat, scale: torch.Te
     n, k = weight.shape
     if not fmt.grouped and group_size != 0:
         raise ValueError(f"group_size must be 0 for format {fmt.name!r}, got {group_size}")
-    expected = fmt.scale_shape(n, k, group_size)
-    if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != expected:
-        raise ValueError(f"scale must have shape {list(expected)} for format {fmt.name!r}, got {getattr(scale, 'shape', scale)}")
+    _check_scale_shape(scale, fmt, n, k, group_size)
     if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
         raise ValueError("scale must be finite and >= 0")
     inverse = safe_inverse(scale.to(device=weight.device, dtype=torch.float32))
@@ -314,9 +320,7 @@ def learnable_fake_quantize(weight: torch.Tensor, fmt, scale: torch.Tensor, grou
     """
     fmt = formats.as_format(fmt)
     n, k = weight.shape
-    expected = fmt.scale_shape(n, k, group_size)
-    if tuple(scale.shape) != expected:
-        raise ValueError(f"scale must have shape {list(expected)} for format {fmt.name!r}, got {list(scale.shape)}")
+    _check_scale_shape(scale, fmt, n, k, group_size)
     w = weight.to(torch.float32)
     if not fmt.grouped:
         return nearest_levels(w / scale[:, None], fmt, straight_through=True) * scale[:, None]
@@ -341,9 +345,7 @@ def grid_distance(weight: torch.Tensor, fmt, scale: torch.Tensor, group_size: in
     """
     fmt = formats.as_format(fmt)
     n, k = weight.shape
-    expected = fmt.scale_shape(n, k, group_size)
-    if tuple(scale.shape) != expected:
-        raise ValueError(f"scale must have shape {list(expected)} for format {fmt.name!r}, got {list(scale.shape)}")
+    _check_scale_shape(scale, fmt, n, k, group_size)
     # the ratio quantize_weight_with_scales rounds, here with the weight's gradient kept
     ratio = _times_inverse_scale(weight, safe_inverse(scale.detach().to(device=weight.device, dtype=torch.float32)),
                                  fmt.grouped)
