@@ -20,7 +20,6 @@ for name, m in packed.named_modules():
     if isinstance(m, QuantLinear) and not m.layer.is_float:
         assert m.layer.smoothing == "none"
         equivalents[name] = (rotate_input_dim(m.dequantize_weight(torch.float32), m.rotation_block), m.bias)
-teacher_linears = dict(loaded.model.named_modules())
 
 def with_weights(names):
     model = copy.deepcopy(loaded.model)
