@@ -42,8 +42,8 @@ from pyclipq.data import TextCollate, Texts, train_loader  # noqa: E402
 from pyclipq.train import TrainConfig  # noqa: E402
 from pyclipq.train.distill import EncoderDistillationLoss  # noqa: E402
 from pyclipq.train.recipes import (  # noqa: E402
-    DEFAULT_ATTENTION_WEIGHT, DEFAULT_HIDDEN_WEIGHT, default_learn_scales, default_lr, default_rotation, distill,
-    fast_fake_quant_default, freeze_float_embeddings_)
+    DEFAULT_ATTENTION_WEIGHT, DEFAULT_HIDDEN_WEIGHT, PROGRESSIVE_ORDERS, default_learn_scales, default_lr,
+    default_rotation, distill, fast_fake_quant_default, freeze_float_embeddings_)
 from pyclipq.train.trainer import EncoderDistillation, Trainer  # noqa: E402
 
 FORMATS = {"ternary": "ternary", "int2": "int2", "int4": "int4"}  # presets: ternary, int2 g64, int4 g128 W4A8
@@ -160,8 +160,8 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
     result = distill(model, text_batches(loaded, texts, args.batch_size, args.seed, args.group_by_length), config, init=args.init,
                      train=train, loss=loss, exact=exact, learn_scales=learn_scales, evaluate=evaluate, evaluate_every=args.eval_every,
                      freeze_embeddings=not args.train_embeddings, minutes=None if args.steps is not None else args.minutes,
-                     average=args.average, dampen=args.dampen,
-                     **calibration)
+                     average=args.average, dampen=args.dampen, progressive=args.progressive,
+                     progressive_fraction=args.progressive_fraction, **calibration)
     packed = evaluation(result.quantized)
     out = args.out / f"{name}.safetensors" if args.out else None
     reload_equal = None
@@ -178,6 +178,7 @@ def run_format(name: str, args, loaded, evaluation: Evaluation, texts: list[str]
         "reload_equal": reload_equal, "train_seconds": result.evaluations[-1]["seconds"],
         "init": args.init, "init_seconds": round(result.init_seconds, 1), "corpus": args.corpus,
         "calibration_batches": args.calibration_batches, "average": args.average, "dampen": args.dampen,
+        "progressive": args.progressive, "progressive_fraction": args.progressive_fraction if args.progressive else None,
     }
 
 
@@ -234,6 +235,10 @@ def main(argv=None) -> int:
                         help="decay of a moving average of the trained parameters, which the evaluations and the export use")
     parser.add_argument("--dampen", type=float, default=None,
                         help="final strength of the oscillation-dampening term (recipes.distill's dampen; default: none)")
+    parser.add_argument("--progressive", choices=PROGRESSIVE_ORDERS, default=None,
+                        help="bring the quantization in over the first --progressive-fraction of the steps "
+                             "(recipes.distill's progressive; default: quantized from the first step)")
+    parser.add_argument("--progressive-fraction", type=float, default=0.3)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="the training step's autocast (teacher and student forward, and the backward)")
     parser.add_argument("--embedding-weight", type=float, default=1.0)

@@ -20,8 +20,9 @@ from pyclipq.train import TrainConfig
 from pyclipq.train.distill import EncoderDistillationLoss, attention_map_loss, hidden_state_loss
 from pyclipq.train.qat import compare_layers
 from pyclipq.configs import resolve_config
-from pyclipq.train.recipes import (BUDGET_PROBE_STEPS, GridDampening, ParameterAverage, budget_steps, default_init, default_learn_scales,
-                                    default_lr, distill, fast_fake_quant_default, freeze_float_embeddings_)
+from pyclipq.train.recipes import (BUDGET_PROBE_STEPS, GridDampening, ParameterAverage, ProgressiveQuantization, budget_steps,
+                                    default_init, default_learn_scales, default_lr, distill, fast_fake_quant_default,
+                                    freeze_float_embeddings_)
 from pyclipq.train.trainer import Trainer, lr_factor
 from pyclipq.train.trainer import EncoderDistillation, encoder_outputs
 
@@ -365,6 +366,68 @@ def test_distillation_with_dampening_pulls_the_latent_weights_onto_their_levels(
         distill(teacher, data, "int4", train=train, dampen=True)
 
 
+def test_progressive_quantization_brings_the_weights_in_on_its_schedule():
+    from pyclipq.train.qat import quantized_weights
+
+    teacher = two_block_clip()
+    student = pyclipq.prepare_qat(teacher, "ternary", exact=False)
+    _, tokens = tiny_batch(8, seed=1)
+    objective = EncoderDistillation(EncoderDistillationLoss())
+    in_order = quantized_weights(student)
+    n = len(in_order)
+    assert n >= 8 and n % 2 == 0
+    progress = [0.0]
+    for order in ("together", "bottom-up", "top-down"):
+        phase = ProgressiveQuantization(objective, student, order, 0.5, lambda: progress[0])
+        assert phase.weights == (in_order[::-1] if order == "top-down" else in_order)
+        assert phase.blends(0.0) == [0.0] * n
+        assert phase.blends(0.5) == phase.blends(0.9) == [1.0] * n  # quantized after the phase
+        if order == "together":
+            assert phase.blends(0.25) == [0.5] * n
+        else:  # half the phase: the first half of the weights (in the order's direction) in, the rest float
+            assert phase.blends(0.25) == [1.0] * (n // 2) + [0.0] * (n // 2)
+            assert phase.blends(0.5 / n / 2) == [0.5] + [0.0] * (n - 1)
+    phase = ProgressiveQuantization(objective, student, "together", 0.5, lambda: progress[0])
+    quantized_loss = objective(student, teacher, {"tokens": tokens})[0].detach()
+    float_loss = phase(student, teacher, {"tokens": tokens})[0].detach()  # progress 0: every weight float
+    assert all(w.blend == 0.0 for w in in_order)
+    assert float(float_loss) < 0.05 * float(quantized_loss)  # what is left: the int8 activations
+    progress[0] = 0.125
+    half_loss = phase(student, teacher, {"tokens": tokens})[0].detach()
+    assert all(w.blend == 0.25 for w in in_order) and float(float_loss) < float(half_loss) < float(quantized_loss)
+    phase.quantize_all()
+    assert all(w.blend == 1.0 for w in in_order)
+    assert torch.equal(objective(student, teacher, {"tokens": tokens})[0].detach(), quantized_loss)
+    for order, fraction, match in (("sideways", 0.3, "progressive must be one of"), ("together", 1.0, "progressive_fraction"),
+                                   ("together", 0, "progressive_fraction"), ("bottom-up", True, "progressive_fraction")):
+        with pytest.raises(ValueError, match=match):
+            ProgressiveQuantization(objective, student, order, fraction, lambda: 0.0)
+    float_student = pyclipq.prepare_qat(teacher, pyclipq.QuantConfig.preset("ternary", exclude=("*",)), exact=False)
+    with pytest.raises(ValueError, match="no quantized weight whose latent trains"):
+        ProgressiveQuantization(objective, float_student, "together", 0.3, lambda: 0.0)
+
+
+def test_distillation_with_progressive_quantization_evaluates_and_exports_the_quantized_student():
+    from pyclipq.train.qat import quantized_weights
+
+    teacher = two_block_clip()
+    _, tokens = tiny_batch(32, seed=1)
+    data = [{"tokens": tokens[i:i + 8]} for i in range(0, 32, 8)]
+    train = TrainConfig(steps=12, lr=3e-3, warmup_steps=2, progress=False)
+    seen = []
+    result = distill(teacher, data, "ternary", train=train, progressive="bottom-up", progressive_fraction=0.5,
+                     evaluate=lambda m, step: seen.append([w.blend for w in quantized_weights(m)]) or {}, evaluate_every=3)
+    plain = distill(teacher, data, "ternary", train=train)
+    assert len(seen) == 5 and all(b == 1.0 for blends in seen for b in blends)
+    assert all(w.blend == 1.0 for w in quantized_weights(result.student))
+    assert result.history[0]["loss"] < 0.1 * plain.history[0]["loss"]  # the first step trains the float student
+    assert embedding_cosine(result.quantized, result.student, tokens=tokens) > 0.9999  # the export is what trained
+    for kwargs, match in (({"progressive": "sideways"}, "progressive must be one of"),
+                          ({"progressive": "together", "progressive_fraction": 1.5}, "progressive_fraction must be")):
+        with pytest.raises(ValueError, match=match):
+            distill(teacher, data, "ternary", train=train, **kwargs)
+
+
 def test_distillation_keeps_the_teachers_token_embeddings_unless_asked(tmp_path):
     teacher = two_block_clip()
     _, tokens = tiny_batch(32, seed=1)
@@ -660,6 +723,25 @@ def test_the_command_dampens_when_asked(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "pyclipq.cli", "train", "distill", *COMMON, "--data", str(texts),
                                "--dampen", bad, "--out", str(out)], capture_output=True, text=True, cwd="/", timeout=600)
         assert proc.returncode == 2 and f"--dampen must be a number > 0, got {bad!r}" in proc.stderr, proc.stderr
+
+
+def test_the_command_quantizes_progressively_when_asked(tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "star")))
+    runs = {}
+    for name, extra in (("plain", []), ("progressive", ["--progressive", "together", "--progressive-fraction", "0.5"])):
+        runs[name] = tmp_path / name
+        run_cli(*COMMON, "--data", str(texts), "--format", "ternary", "--steps", "4", *extra, "--out", str(runs[name]))
+    plain, progressive = logged_steps(runs["plain"]), logged_steps(runs["progressive"])
+    assert [r["step"] for r in progressive] == [1, 2, 3, 4]
+    assert progressive[0]["loss"] < 0.1 * plain[0]["loss"]  # its first step ran the float weights
+    for flag, bad, message in (("--progressive-fraction", "1", "--progressive-fraction must be a number in (0, 1), got '1'"),
+                               ("--progressive-fraction", "most", "--progressive-fraction must be a number in (0, 1)"),
+                               ("--progressive", "sideways", "invalid choice: 'sideways'")):
+        extra = [flag, bad] if flag == "--progressive" else ["--progressive", "together", flag, bad]
+        proc = subprocess.run([sys.executable, "-m", "pyclipq.cli", "train", "distill", *COMMON, "--data", str(texts),
+                               *extra, "--out", str(tmp_path / "bad")], capture_output=True, text=True, cwd="/", timeout=600)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
 class Interrupted(RuntimeError):

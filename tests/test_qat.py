@@ -15,6 +15,7 @@ from pyclipq.ops import reference
 from pyclipq.train import qat
 from pyclipq.train.fake_quant import (
     FakeQuantLinear,
+    FakeQuantParameter,
     fake_quant_multihead_attention,
     fake_quantize_activation,
     fake_quantize_weight,
@@ -171,6 +172,75 @@ def test_ste_gradients_are_those_of_the_dequantized_linear(exact, activation):
     torch.testing.assert_close(x.grad, (upstream @ w_fq) * mask, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lin.weight.grad, upstream.t() @ x_fq, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lin.bias.grad, upstream.sum(0))
+
+
+@pytest.mark.parametrize("learn_scales", [False, True])
+@pytest.mark.parametrize("activation", ["dynamic", "none"])
+@pytest.mark.parametrize("rotation", [0, 32])
+def test_a_blended_layer_applies_that_share_of_its_weight_rounding_with_the_ste_gradient(learn_scales, activation, rotation):
+    """Progressive quantization's forward: F.linear(x_fq, w + blend (w_fq - w)) in the rotated space
+    the layer quantizes in; the latent's gradient mixes the float and the straight-through one (the
+    same with the identity STE), the learned scales' shrinks with the blend; blend 1 is the
+    quantized layer itself, bit for bit."""
+    from pyclipq.nn.linear import rotate_input_dim
+
+    torch.manual_seed(0)
+    layer = LayerConfig("int4", 32, activation=activation, rotation=rotation)
+    lin = nn.Linear(64, 24)
+    fake = FakeQuantLinear.from_parameters(lin.weight, lin.bias, layer, exact=False, learn_scales=learn_scales)
+    x = torch.randn(5, 64) * 1.2
+    upstream = torch.randn(5, 24)
+    quantized = fake(x)
+
+    def run(blend):
+        for p in fake.parameters():
+            p.grad = None
+        fake.set_blend(blend)
+        out = fake(x)
+        (out * upstream).sum().backward()
+        return out.detach(), lin.weight.grad.clone(), None if fake.log_scale is None else fake.log_scale.grad.clone()
+
+    block = fake.rotation_block
+    w = rotate_input_dim(lin.weight.detach(), block)
+    w_fq = fake.quantized_weight().dequantize()
+    x_in = rotate_input_dim(x, block)
+    x_fq = x_in if activation == "none" else fake_quantize_activation(x_in)
+    full, full_grad, full_scale_grad = run(1.0)
+    assert torch.equal(full, quantized)
+    _, float_grad, _ = run(0.0)
+    if not learn_scales:  # the identity STE: the latent's gradient is the float layer's whatever the blend
+        torch.testing.assert_close(float_grad, full_grad, rtol=1e-5, atol=1e-5)
+    for blend in (0.0, 0.25, 0.5):
+        out, grad, scale_grad = run(blend)
+        torch.testing.assert_close(out, F.linear(x_fq, w + blend * (w_fq - w), lin.bias), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(out, full, rtol=1e-3, atol=1e-3)  # a blend < 1 changes the output
+        # LSQ's STE passes nothing where a weight clips: the blend mixes the float and the quantized gradient
+        torch.testing.assert_close(grad, (1 - blend) * float_grad + blend * full_grad, rtol=1e-5, atol=1e-5)
+        if learn_scales:
+            torch.testing.assert_close(scale_grad, blend * full_scale_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_an_exact_layer_takes_the_float_path_while_blended_and_blends_are_checked():
+    lin = nn.Linear(40, 8)
+    fake = FakeQuantLinear.from_linear(lin, LayerConfig("ternary"), exact=True)
+    x = torch.randn(3, 40)
+    exact = fake(x)
+    torch.testing.assert_close(exact, reference_linear(LayerConfig("ternary"), x, lin.weight.detach(), lin.bias.detach()),
+                               rtol=0, atol=0)
+    fake.set_blend(0.0)
+    torch.testing.assert_close(fake(x), F.linear(fake_quantize_activation(x), lin.weight, lin.bias))
+    fake.set_blend(1)
+    assert torch.equal(fake(x), exact)
+    for bad in (1.5, -0.1, True, "half", float("nan")):
+        with pytest.raises(ValueError, match="blend must be a number in \\[0, 1\\]"):
+            fake.set_blend(bad)
+    parameter = FakeQuantParameter("out_rows", LayerConfig("int8"))
+    table = torch.randn(6, 10)
+    quantized = parameter(table)
+    parameter.set_blend(0.5)
+    torch.testing.assert_close(parameter(table), table + 0.5 * (quantized - table))
+    with pytest.raises(ValueError, match="blend must be a number in"):
+        parameter.set_blend(2)
 
 
 def test_fake_quant_linear_shares_parameters_and_rejects_bad_input():

@@ -155,17 +155,28 @@ def _run_p4q(args, loaded: LoadedModel, train, context: DistributedContext) -> d
             "head": str(args.out / "p4q_head.safetensors"), "history": result.history}
 
 
-def _positive(flag: str):
-    """An argparse type: a finite number > 0, refused with `flag` named."""
+def _number_between(flag: str, low: float, high: float, expected: str):
+    """An argparse type: a number strictly between `low` and `high`, refused with `flag` and
+    `expected` named."""
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = math.nan
-        if not 0 < value < math.inf:  # NaN fails too
-            raise argparse.ArgumentTypeError(f"{flag} must be a number > 0, got {text!r}")
+        if not low < value < high:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{flag} must be {expected}, got {text!r}")
         return value
     return parse
+
+
+def _fraction(flag: str):
+    """An argparse type: a number in (0, 1)."""
+    return _number_between(flag, 0.0, 1.0, "a number in (0, 1)")
+
+
+def _positive(flag: str):
+    """An argparse type: a finite number > 0."""
+    return _number_between(flag, 0.0, math.inf, "a number > 0")
 
 
 def distill_arguments(parser: argparse.ArgumentParser) -> None:
@@ -210,6 +221,13 @@ def distill_arguments(parser: argparse.ArgumentParser) -> None:
                         help="oscillation dampening: add the latent weights' mean squared distance from their levels "
                              "(in units of their scales) to the loss, its weight rising from 0 to STRENGTH along the run "
                              "(recipes.distill's dampen). Default: off")
+    parser.add_argument("--progressive", choices=recipes.PROGRESSIVE_ORDERS, default=None,
+                        help="bring the quantization in progressively over the first --progressive-fraction of the "
+                             "steps: every weight's share of its rounding error rising from 0 to 1 at once (together), "
+                             "or one weight after the other from the input side (bottom-up) or the output side "
+                             "(top-down) (recipes.distill's progressive). Default: quantized from the first step")
+    parser.add_argument("--progressive-fraction", type=_fraction("--progressive-fraction"), default=0.3,
+                        metavar="F", help="the share of the steps --progressive takes (default: 0.3)")
     parser.add_argument("--keep-padding", action="store_true",
                         help="match block outputs at a text encoder's padding tokens too (default: real tokens only)")
     parser.add_argument("--train-embeddings", action="store_true",
@@ -236,7 +254,8 @@ def _run_distill(args, loaded: LoadedModel, train, context: DistributedContext) 
     result = recipes.distill(loaded.model, data, config, init=args.init, calibration_batches=args.calibration_batches,
                              train=train, loss=loss, exact=exact, learn_scales=learn_scales, resume=args.resume,
                              distributed=context, freeze_embeddings=not args.train_embeddings, minutes=args.minutes,
-                             dampen=args.dampen)
+                             dampen=args.dampen, progressive=args.progressive,
+                             progressive_fraction=args.progressive_fraction)
     model_path = args.out / "model.safetensors"
     if context.is_main:
         pyclipq.save(result.quantized, model_path)

@@ -244,6 +244,20 @@ class _ExactFakeQuantLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+def check_blend(blend) -> float:
+    """`blend` as a float in [0, 1], or a ValueError naming it."""
+    if isinstance(blend, bool) or not isinstance(blend, (int, float)) or not (0.0 <= blend <= 1.0):
+        raise ValueError(f"blend must be a number in [0, 1], got {blend!r}")
+    return float(blend)
+
+
+def blend_quantized(weight: torch.Tensor, quantized: torch.Tensor, blend: float) -> torch.Tensor:
+    """weight + blend x (quantized - weight): the share `blend` of the quantization error, for
+    progressive quantization (1: the quantized weight itself, returned as is). `quantized` carries
+    its own straight-through gradient to `weight`, so the latent's gradient stays the STE's."""
+    return quantized if blend >= 1.0 else torch.lerp(weight, quantized.to(weight.dtype), blend)
+
+
 def fake_quant_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -252,20 +266,24 @@ def fake_quant_linear(
     layer: LayerConfig,
     act_scale: torch.Tensor | None = None,
     exact: bool = True,
+    blend: float = 1.0,
 ) -> torch.Tensor:
-    """A linear layer as the kernels compute it, from the codes `qw` of `weight` (STE to `weight`)."""
+    """A linear layer as the kernels compute it, from the codes `qw` of `weight` (STE to `weight`).
+
+    blend < 1 (progressive quantization) applies that share of the weight's quantization error
+    (`blend_quantized`) on the float path: no longer a model the kernels run, so not exact."""
     if layer.activation == "none":
         # Weight-only: QuantLinear dequantizes and runs F.linear in x's dtype; so do we.
-        w = _StraightThrough.apply(weight, qw.dequantize()).to(x.dtype)
+        w = blend_quantized(weight, _StraightThrough.apply(weight, qw.dequantize()), blend).to(x.dtype)
         return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
     if layer.activation == "static" and act_scale is None:
         raise RuntimeError("act_scale: a static-activation layer needs its calibrated scale before it can run")
-    if exact:
+    if exact and blend >= 1.0:
         # Autocast would round the integer products' outputs to bf16: the exact path runs in fp32/fp64.
         with torch.autocast(device_type=x.device.type, enabled=False):
             return _ExactFakeQuantLinear.apply(x, weight, bias, qw, act_scale)
     x_fq = _FakeQuantActivation.apply(x, act_scale)
-    w_fq = _StraightThrough.apply(weight, qw.dequantize())
+    w_fq = blend_quantized(weight, _StraightThrough.apply(weight, qw.dequantize()), blend)
     return F.linear(x_fq, w_fq, bias)
 
 
@@ -371,6 +389,7 @@ class FakeQuantLinear(nn.Linear):
             self.register_buffer("act_scale", None)
         self._frozen: QuantizedWeight | None = None
         self._cache = _WeightCache()
+        self.blend = 1.0  # the share of the quantization error applied (set_blend); 1 but in progressive QAT
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, layer: LayerConfig, exact: bool = True) -> "FakeQuantLinear":
@@ -417,6 +436,12 @@ class FakeQuantLinear(nn.Linear):
     @property
     def frozen(self) -> bool:
         return self._frozen is not None
+
+    def set_blend(self, blend: float) -> None:
+        """Apply the share `blend` in [0, 1] of the weight's quantization error (`blend_quantized`):
+        1, the default, is the quantized layer the export packs; less only while progressive
+        quantization (recipes.ProgressiveQuantization) brings the layer in."""
+        self.blend = check_blend(blend)
 
     @property
     def int8_original_dtype(self) -> torch.dtype:
@@ -498,14 +523,15 @@ class FakeQuantLinear(nn.Linear):
         if rows is not None:
             weight, bias = weight[rows], (bias[rows] if bias is not None else None)
             qw = QuantizedWeight(qw.levels[rows], qw.scale[rows], qw.format, qw.in_features)
-        return fake_quant_linear(x, weight, bias, qw, self.layer, self._act_scale(), self.exact)
+        return fake_quant_linear(x, weight, bias, qw, self.layer, self._act_scale(), self.exact, self.blend)
 
     def _learned_scale_linear(self, x: torch.Tensor, rows: slice | None) -> torch.Tensor:
         weight, bias, scale = self.stored_weight(), self.bias, self.learned_scale()
         x = rotate_input_dim(x, self.rotation_block)
         if rows is not None:
             weight, bias, scale = weight[rows], (bias[rows] if bias is not None else None), scale[rows]
-        w_fq = learnable_fake_quantize(weight, self.layer.spec, scale, self.layer.group_size).to(x.dtype)
+        w_fq = learnable_fake_quantize(weight, self.layer.spec, scale, self.layer.group_size)
+        w_fq = blend_quantized(weight, w_fq, self.blend).to(x.dtype)
         if self.layer.activation == "none":  # weight-only: QuantLinear runs F.linear in x's dtype
             return F.linear(x, w_fq, bias.to(x.dtype) if bias is not None else None)
         return F.linear(_FakeQuantActivation.apply(x, self._act_scale()), w_fq, bias)
@@ -541,13 +567,18 @@ class FakeQuantParameter(nn.Module):
         self.layout = layout
         self.layer = _check_layer(layer).weight_only()
         self._cache = _WeightCache()
+        self.blend = 1.0  # as FakeQuantLinear's
+
+    def set_blend(self, blend: float) -> None:
+        """As FakeQuantLinear.set_blend."""
+        self.blend = check_blend(blend)
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         rows = to_rows(original, self.layout)
         if self.layer.is_float:
             return original
         qw = self._cache.get(rows, self.layer)
-        fq = _StraightThrough.apply(rows, qw.dequantize())
+        fq = blend_quantized(rows, _StraightThrough.apply(rows, qw.dequantize()), self.blend)
         return fq.t() if self.layout == "in_out" else fq.reshape(original.shape)
 
     def extra_repr(self) -> str:

@@ -300,6 +300,16 @@ def grid_distance(student: nn.Module) -> torch.Tensor:
     return torch.stack(distances).mean()
 
 
+def quantized_weights(student: nn.Module) -> list[nn.Module]:
+    """The prepared `student`'s fake-quant weights whose latents train, in module order (for a
+    tower, input to output): quantized, unfrozen FakeQuantLinears and quantized FakeQuantParameters."""
+    if not is_prepared(student):
+        raise ValueError("student must be prepared for QAT (pyclipq.prepare_qat returns one)")
+    return [m for m in student.modules()
+            if (isinstance(m, FakeQuantLinear) and not m.layer.is_float and not m.frozen)
+            or (isinstance(m, FakeQuantParameter) and not m.layer.is_float)]
+
+
 # ---------------------------------------------------------------- checking an export
 
 

@@ -33,7 +33,8 @@ from ..distributed import DistributedContext
 from .distributed import DistributedTrainer
 from .p4q import ExportedP4Q, FeatureBatches, P4QModel, P4QObjective, QAdapter, p4q_optimizers
 from .prompt import PromptLearner
-from .qat import clip_latent_weights_, convert_qat, deepcopy_model, grid_distance, latent_from_packed, prepare_qat
+from .qat import (clip_latent_weights_, convert_qat, deepcopy_model, grid_distance, latent_from_packed, prepare_qat,
+                  quantized_weights)
 from .trainer import CHECKPOINT_FILE, CLIPDistillation, EncoderDistillation, TrainConfig, Trainer, encoder_outputs
 
 TERNARY_PRESETS = {"qall": "ternary-qall", "qffn": "ternary-qffn"}
@@ -316,6 +317,62 @@ class GridDampening:
         return loss, parts
 
 
+PROGRESSIVE_ORDERS = ("together", "bottom-up", "top-down")
+
+
+class ProgressiveQuantization:
+    """`objective`, run with the student's quantization brought in progressively: before each step,
+    every trainable fake-quant weight (`qat.quantized_weights`) applies the share `blend` of its
+    quantization error (`FakeQuantLinear.set_blend`: w + blend x (q(w) - w), with the
+    straight-through gradient), rising from 0 to 1 over the first `fraction` of the run; the rest
+    of the run trains the quantized model as without it.
+
+    order: "together": every weight's share rises linearly at once (the lambda warm-up of
+    Hugging Face's 1.58-bit fine-tuning); "bottom-up" / "top-down": the weights come in one after
+    the other in module order (input side first / output side first), each over its own 1/n of
+    the phase, the others float or quantized. `progress()` is the run's progress, 0 at the start and
+    1 at the last step. `quantize_all()` puts every weight back at blend 1, for evaluations and the
+    export; the next step sets the schedule's shares again."""
+
+    def __init__(self, objective, student: nn.Module, order: str, fraction: float, progress: Callable[[], float]):
+        self.check(order, fraction)
+        self.objective = objective
+        self.weights = quantized_weights(student)
+        if not self.weights:
+            raise ValueError("student has no quantized weight whose latent trains: nothing to bring in progressively")
+        if order == "top-down":
+            self.weights.reverse()
+        self.order = order
+        self.fraction = float(fraction)
+        self.progress = progress
+        self.needs_teacher = getattr(objective, "needs_teacher", True)
+
+    @staticmethod
+    def check(order, fraction) -> None:
+        """A ValueError naming `progressive` or `progressive_fraction` (recipes.distill's) where they are invalid."""
+        if order not in PROGRESSIVE_ORDERS:
+            raise ValueError(f"progressive must be one of {list(PROGRESSIVE_ORDERS)} or None, got {order!r}")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+            raise ValueError(f"progressive_fraction must be a number in (0, 1), got {fraction!r}")
+
+    def blends(self, progress: float) -> list[float]:
+        """Each weight's share of its quantization error at the run's `progress` (in self.weights' order)."""
+        phase = min(1.0, max(0.0, progress / self.fraction))
+        if self.order == "together":
+            return [phase] * len(self.weights)
+        n = len(self.weights)
+        return [min(1.0, max(0.0, phase * n - i)) for i in range(n)]
+
+    def quantize_all(self) -> None:
+        for weight in self.weights:
+            weight.set_blend(1.0)
+
+    def __call__(self, student, teacher, batch):
+        for weight, blend in zip(self.weights, self.blends(self.progress())):
+            weight.set_blend(blend)
+        return self.objective(student, teacher, batch)
+
+
 def _steady_pace(records: list[dict]) -> float:
     """Seconds a step over the last two thirds of the last fit call's step records (their "seconds"
     count from that call's start), past the first steps' one-off costs."""
@@ -351,6 +408,8 @@ def distill(
     minutes: float | None = None,
     average: float | None = None,
     dampen: float | None = None,
+    progressive: str | None = None,
+    progressive_fraction: float = 0.3,
 ) -> DistillResult:
     """Label-free distillation QAT, in one call: the fake-quant student of `model` learns to give the
     float teacher's embeddings and block outputs on unlabelled images and/or texts.
@@ -396,6 +455,11 @@ def distill(
     dampening"): dampened runs lead at equal steps (ternary at step 500: 0.920-0.924 cosine against
     0.906) but do not end higher (ternary 0.924-0.926 against 0.930 in 30 minutes, its step 15%
     dearer; int4 0.9947 against 0.9943-0.9945); hence None by default.
+    progressive: bring the quantization in over the first `progressive_fraction` of the steps
+    (`ProgressiveQuantization`): "together", "bottom-up" or "top-down"; None: every weight
+    quantized from the first step. Evaluations and the export see the fully quantized student.
+    Under `minutes`, the phase is reckoned against the provisional step count until the run has
+    timed its first steps.
     evaluate: called with the fake-quant student (in eval mode, under no_grad) and the steps it has
     trained, before training, every `evaluate_every` steps and at the end; its dicts, with "step" and "seconds" of
     training so far (evaluation excluded), are the result's `evaluations`.
@@ -412,6 +476,8 @@ def distill(
     if dampen is not None and (isinstance(dampen, bool) or not isinstance(dampen, (int, float))
                                or not (0 < dampen < math.inf)):
         raise ValueError(f"dampen must be a finite number > 0 or None, got {dampen!r}")
+    if progressive is not None:
+        ProgressiveQuantization.check(progressive, progressive_fraction)
     config = resolve_config(config)
     init = default_init(config) if init == "auto" else init
     learn_scales = default_learn_scales(config) if learn_scales is None else bool(learn_scales)
@@ -438,8 +504,16 @@ def distill(
     ddp = {"find_unused_parameters": True} if distributed is not None else {}
     loss = loss if loss is not None else default_loss(model)
     objective = EncoderDistillation(loss)
-    if dampen is not None:  # the trainer and its schedule exist by the first step
-        objective = GridDampening(objective, student, float(dampen), lambda: trainer.position.step / schedule.steps)
+
+    def progress() -> float:  # the trainer and its schedule exist by the first step
+        return trainer.position.step / schedule.steps
+
+    if dampen is not None:
+        objective = GridDampening(objective, student, float(dampen), progress)
+    progressive_phase = None
+    if progressive is not None:
+        objective = progressive_phase = ProgressiveQuantization(objective, student, progressive, progressive_fraction,
+                                                                progress)
     trainer = _trainer(student, data, train, distributed, teacher=teacher, objective=objective, **ddp)
     checkpoint = trainer.checkpoint_path()
     schedule = trainer.config  # under torchrun a copy of `train`: the step count the schedule reads
@@ -453,6 +527,8 @@ def distill(
     averaged = ParameterAverage(trainer.params, trainer.optimizers[-1], average) if average is not None else None
 
     def evaluated():
+        if progressive_phase is not None:
+            progressive_phase.quantize_all()
         was_training = student.training
         with torch.no_grad(), (averaged.swapped() if averaged is not None else contextlib.nullcontext()):
             record = dict(evaluate(student.eval(), trainer.position.step))
@@ -476,6 +552,8 @@ def distill(
         if evaluate is not None and (trainer.position.step % every == 0 or trainer.position.step == schedule.steps):
             evaluated()
     history = trainer.history
+    if progressive_phase is not None:
+        progressive_phase.quantize_all()
     if averaged is not None:
         averaged.close(keep_average=True)
     quantized = convert_qat(student.cpu()).eval()  # packing runs on the CPU, which every build has kernels for
