@@ -38,6 +38,7 @@ from train_texts import CORPORA, mixed_texts  # noqa: E402
 import pyclipq  # noqa: E402
 from pyclipq.cli.loading import load_model  # noqa: E402
 from pyclipq.configs import QuantConfig, resolve_config  # noqa: E402
+from pyclipq.formats import THRESHOLD_RULES  # noqa: E402
 from pyclipq.data import TextCollate, Texts, train_loader  # noqa: E402
 from pyclipq.train import TrainConfig  # noqa: E402
 from pyclipq.train.distill import EncoderDistillationLoss  # noqa: E402
@@ -122,10 +123,16 @@ def text_batches(loaded, texts: list[str], batch: int, seed: int, group_by_lengt
 
 
 def format_config(name: str, args) -> QuantConfig:
-    """Format `name`'s preset with the --rotation asked (auto: recipes.default_rotation)."""
+    """Format `name`'s preset with the --rotation asked (auto: recipes.default_rotation) and, for
+    ternary, the --threshold-rule."""
     config = resolve_config(FORMATS[name])
+    overrides = {}
     rotation = default_rotation(config) if args.rotation == "auto" else int(args.rotation)
-    return QuantConfig.preset(FORMATS[name], rotation=rotation) if rotation else config
+    if rotation:
+        overrides["rotation"] = rotation
+    if config.layer.spec.threshold_rule and args.threshold_rule != config.threshold_rule:
+        overrides["threshold_rule"] = args.threshold_rule
+    return QuantConfig.preset(FORMATS[name], **overrides) if overrides else config
 
 
 def distillation_loss(args) -> EncoderDistillationLoss:
@@ -235,6 +242,9 @@ def main(argv=None) -> int:
                         help="decay of a moving average of the trained parameters, which the evaluations and the export use")
     parser.add_argument("--dampen", type=float, default=None,
                         help="final strength of the oscillation-dampening term (recipes.distill's dampen; default: none)")
+    parser.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default="absmean",
+                        help="ternary's scale rule: absmean (scale mean|w|, threshold half of it) or twice_mean "
+                             "(scale 2 mean|w|: sparser codes)")
     parser.add_argument("--progressive", choices=PROGRESSIVE_ORDERS, default=None,
                         help="bring the quantization in over the first --progressive-fraction of the steps "
                              "(recipes.distill's progressive; default: quantized from the first step)")
