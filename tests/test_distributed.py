@@ -79,9 +79,11 @@ def test_two_gloo_ranks_equal_one_process_and_resume_exactly(tmp_path):
     assert len(logs) == STEPS  # rank 0 alone writes the log
 
 
-def _distill_ranks(rank: int, world: int, store: str, csv, out):
+def _distill_ranks(rank: int, world: int, store: str, csv, out, progressive=None):
     """Label-free distillation QAT (recipes.distill, with the dampening term, whose gradient joins the
-    forward's outside DistributedDataParallel's forward) on 2 gloo ranks: each rank saves its student."""
+    forward's outside DistributedDataParallel's forward, and progressive quantization when asked) on
+    2 gloo ranks: each rank saves its student and its weights' final blends."""
+    from pyclipq.train.qat import quantized_weights
     from pyclipq.train.recipes import distill
 
     torch.set_num_threads(1)
@@ -90,23 +92,34 @@ def _distill_ranks(rank: int, world: int, store: str, csv, out):
         data = train_loader(CaptionPairs.from_csv(csv, T.ToTensor()), GLOBAL_BATCH, PairCollate(tiny_tokenizer()), seed=3)
         config = TrainConfig(steps=STEPS, lr=3e-3, warmup_steps=1, progress=False, output_dir=str(out), log_every=1)
         result = distill(tiny_clip(0), data, "int2", init="ptq", calibration_batches=2, train=config,
-                         distributed=context, dampen=1.0)
+                         distributed=context, dampen=1.0, progressive=progressive, progressive_fraction=0.5)
     finally:
         shutdown_distributed()
-    torch.save({"student": result.student.state_dict(), "history": result.history}, out / f"rank{rank}.pt")
+    torch.save({"student": result.student.state_dict(), "history": result.history,
+                "blends": [w.blend for w in quantized_weights(result.student)]}, out / f"rank{rank}.pt")
 
 
 def test_distillation_runs_on_two_gloo_ranks_with_replicas_in_step(tmp_path):
     csv = write_pairs(tmp_path)
-    mp.spawn(_distill_ranks, args=(2, str(tmp_path / "store"), csv, tmp_path), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    # DDP starts every replica from rank 0's weights (each rank calibrated its own PTQ start on its
-    # own batches) and averages the gradients: the replicas stay identical
-    for name, value in ranks[0]["student"].items():
-        assert torch.equal(ranks[1]["student"][name], value), name
-    losses = [r["loss"] for r in ranks[0]["history"]]
-    assert len(losses) == STEPS and losses[-1] < losses[0]
-    assert "grid_distance" in ranks[0]["history"][-1]
+    runs = {}
+    for progressive in (None, "bottom-up"):
+        out = tmp_path / str(progressive)
+        out.mkdir()
+        mp.spawn(_distill_ranks, args=(2, str(out / "store"), csv, out, progressive), nprocs=2, join=True)
+        runs[progressive] = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for progressive, ranks in runs.items():
+        # DDP starts every replica from rank 0's weights (each rank calibrated its own PTQ start on its
+        # own batches) and averages the gradients: the replicas stay identical, blended steps included
+        for name, value in ranks[0]["student"].items():
+            assert torch.equal(ranks[1]["student"][name], value), (progressive, name)
+        losses = [r["loss"] for r in ranks[0]["history"]]
+        assert len(losses) == STEPS and "grid_distance" in ranks[0]["history"][-1]
+        assert len(ranks[0]["blends"]) > 0 and all(b == 1.0 for r in ranks for b in r["blends"])
+    plain, progressive = runs[None][0], runs["bottom-up"][0]
+    assert plain["history"][-1]["loss"] < plain["history"][0]["loss"]
+    # the progressive run's first step ran the float latents, and its training went another way
+    assert progressive["history"][0]["loss"] != plain["history"][0]["loss"]
+    assert any(not torch.equal(progressive["student"][name], value) for name, value in plain["student"].items())
 
 
 def _budget_ranks(rank: int, world: int, store: str, out):
