@@ -291,10 +291,7 @@ def grid_distance(student: nn.Module) -> torch.Tensor:
     projections: how far their latent weights sit from their levels, in units of their scales
     (`primitives.grid_distance`). Differentiable in the latent weights; what
     `recipes.distill(dampen=...)` adds to the loss."""
-    if not is_prepared(student):
-        raise ValueError("student must be prepared for QAT (pyclipq.prepare_qat returns one)")
-    distances = [m.grid_distance() for m in student.modules()
-                 if isinstance(m, FakeQuantLinear) and not m.layer.is_float and not m.frozen]
+    distances = [m.grid_distance() for m in quantized_weights(student) if isinstance(m, FakeQuantLinear)]
     if not distances:
         raise ValueError("student has no quantized FakeQuantLinear whose latent weight trains")
     return torch.stack(distances).mean()
