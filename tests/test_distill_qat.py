@@ -21,7 +21,7 @@ from pyclipq.train.distill import EncoderDistillationLoss, attention_map_loss, h
 from pyclipq.train.qat import compare_layers
 from pyclipq.configs import resolve_config
 from pyclipq.train.recipes import (BUDGET_PROBE_STEPS, GridDampening, ParameterAverage, ProgressiveQuantization, budget_steps,
-                                    default_init, default_learn_scales, default_lr, distill, fast_fake_quant_default,
+                                    budget_stretch, default_init, default_learn_scales, default_lr, distill, fast_fake_quant_default,
                                     freeze_float_embeddings_)
 from pyclipq.train.trainer import Trainer, lr_factor
 from pyclipq.train.trainer import EncoderDistillation, encoder_outputs
@@ -241,13 +241,15 @@ class StepClock:
     """A perf_counter that only training steps advance, by `pace` seconds each: a time budget's
     step count then follows from the numbers alone."""
 
-    def __init__(self, monkeypatch, pace: float, stop_at: int | None = None):
+    def __init__(self, monkeypatch, pace: float, stop_at: int | None = None, slow_from: int | None = None):
+        """From step `slow_from` on (when given), a step takes twice `pace`."""
         self.now, self.pace, self.stop_at, self.steps = 0.0, pace, stop_at, 0
 
         def train_step(trainer, batch):
             if self.stop_at is not None and trainer.position.step >= self.stop_at:
                 raise Interrupted(f"step {trainer.position.step}")
-            self.now += self.pace
+            slow = slow_from is not None and trainer.position.step >= slow_from
+            self.now += 2 * self.pace if slow else self.pace
             self.steps += 1
             return TRAIN_STEP(trainer, batch)
 
@@ -284,6 +286,24 @@ def test_a_minutes_budget_sets_the_step_count_from_the_runs_own_pace(tmp_path, m
     for bad in (0, -1.0, float("inf"), float("nan"), True, "30"):
         with pytest.raises(ValueError, match="minutes must be a finite number > 0"):
             distill(teacher, data, "ternary", train=train, minutes=bad)
+
+
+def test_a_minutes_budget_follows_the_pace_when_it_drifts(monkeypatch):
+    """The count is re-reckoned after each stretch (budget_stretch): at 0.5 s a step the probe sets
+    120 steps for 1 minute; the steps from 40 on take 1 s. At step 60 the last 30 steps took 0.83 s
+    each and 40 s are spent: 60 + 24 steps. The run stops there, 64 s in, where the probe's count
+    alone would have trained 120 steps in 100 s; the cosine ends at the final count."""
+    teacher = two_block_clip()
+    _, tokens = tiny_batch(32, seed=1)
+    data = [{"tokens": tokens[i:i + 8]} for i in range(0, 32, 8)]
+    train = TrainConfig(steps=10, lr=3e-3, warmup_steps=5, progress=False)
+    clock = StepClock(monkeypatch, pace=0.5, slow_from=40)
+    result = distill(teacher, data, "ternary", train=train, minutes=1.0)
+    assert result.trainer.config.steps == 84 and result.trainer.position.step == 84 and clock.steps == 84
+    assert clock.now == pytest.approx(64.0)
+    assert result.history[-1]["lr"] == pytest.approx(3e-3 * lr_factor(83, 84, 5))
+    # the stretches: a quarter of the steps left, never fewer than the probe's
+    assert budget_stretch(30, 120) == BUDGET_PROBE_STEPS and budget_stretch(100, 1000) == 225
 
 
 def test_the_parameter_average_follows_each_step_and_swaps_in_and_out():

@@ -215,8 +215,9 @@ def distill_arguments(parser: argparse.ArgumentParser) -> None:
                              "rule otherwise")
     parser.add_argument("--minutes", type=_positive("--minutes"), default=None,
                         help="a training-time budget in place of --steps: the run times its own first steps and "
-                             "trains as many as fit, the warm-up + cosine schedule ending there (the evaluations and "
-                             "the ptq start are not counted)")
+                             "trains as many as fit, re-reckoning the count from its latest pace as it goes, the "
+                             "warm-up + cosine schedule ending there (the evaluations and the ptq start are not "
+                             "counted)")
     parser.add_argument("--dampen", type=_positive("--dampen"), default=None, metavar="STRENGTH",
                         help="oscillation dampening: add the latent weights' mean squared distance from their levels "
                              "(in units of their scales) to the loss, its weight rising from 0 to STRENGTH along the run "
