@@ -1,6 +1,7 @@
 """Label-free distillation QAT (pyclipq.train.recipes.distill, `pyclipq train distill`): the loss,
 the block capture, the unlabelled data sources, text encoders, the command, resume and errors."""
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -288,20 +289,31 @@ def test_a_minutes_budget_sets_the_step_count_from_the_runs_own_pace(tmp_path, m
             distill(teacher, data, "ternary", train=train, minutes=bad)
 
 
-def test_a_minutes_budget_follows_the_pace_when_it_drifts(monkeypatch):
+def test_a_minutes_budget_follows_the_pace_when_it_drifts(tmp_path, monkeypatch):
     """The count is re-reckoned after each stretch (budget_stretch): at 0.5 s a step the probe sets
     120 steps for 1 minute; the steps from 40 on take 1 s. At step 60 the last 30 steps took 0.83 s
     each and 40 s are spent: 60 + 24 steps. The run stops there, 64 s in, where the probe's count
-    alone would have trained 120 steps in 100 s; the cosine ends at the final count."""
+    alone would have trained 120 steps in 100 s; the cosine ends at the final count. An evaluation
+    inside a stretch does not cut it short. A run resumed inside the probe times the probe's rest."""
     teacher = two_block_clip()
     _, tokens = tiny_batch(32, seed=1)
     data = [{"tokens": tokens[i:i + 8]} for i in range(0, 32, 8)]
     train = TrainConfig(steps=10, lr=3e-3, warmup_steps=5, progress=False)
     clock = StepClock(monkeypatch, pace=0.5, slow_from=40)
-    result = distill(teacher, data, "ternary", train=train, minutes=1.0)
+    seen = []
+    result = distill(teacher, data, "ternary", train=train, minutes=1.0,
+                     evaluate=lambda m, step: seen.append(step) or {}, evaluate_every=50)
     assert result.trainer.config.steps == 84 and result.trainer.position.step == 84 and clock.steps == 84
-    assert clock.now == pytest.approx(64.0)
+    assert clock.now == pytest.approx(64.0) and seen == [0, 50, 84]
     assert result.history[-1]["lr"] == pytest.approx(3e-3 * lr_factor(83, 84, 5))
+    # stopped at step 20 and resumed: steps 21-30 at 0.5 s, 5 s of this process's budget spent
+    resumable = dataclasses.replace(train, checkpoint_every=10, output_dir=str(tmp_path))
+    StepClock(monkeypatch, pace=0.5, stop_at=20)
+    with pytest.raises(Interrupted):
+        distill(teacher, data, "ternary", train=resumable, minutes=1.0)
+    clock = StepClock(monkeypatch, pace=0.5)
+    result = distill(teacher, data, "ternary", train=resumable, minutes=1.0, resume=True)
+    assert result.trainer.config.steps == 140 and result.trainer.position.step == 140 and clock.steps == 120
     # the stretches: a quarter of the steps left, never fewer than the probe's
     assert budget_stretch(30, 120) == BUDGET_PROBE_STEPS and budget_stretch(100, 1000) == 225
 

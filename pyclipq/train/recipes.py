@@ -383,19 +383,6 @@ class ProgressiveQuantization:
         return self.objective(student, teacher, batch)
 
 
-def _recent_pace(records: list[dict], steps: int) -> float:
-    """Seconds a step over the last `steps` of the trainer's step records. A record's "seconds"
-    count from the start of its fit call, so a step takes its record's seconds less those of the
-    record before it in the same call."""
-    taken = []
-    for record, before in zip(reversed(records), reversed([None] + records[:-1])):
-        if len(taken) == steps:
-            break
-        same_call = before is not None and before["seconds"] <= record["seconds"]
-        taken.append(record["seconds"] - before["seconds"] if same_call else record["seconds"])
-    return sum(taken) / len(taken)
-
-
 def distill(
     model: nn.Module,
     data,
@@ -537,7 +524,11 @@ def distill(
         if minutes is not None and trainer.position.step >= probe:  # the first run decided the count
             schedule.steps, rebudget = int(state["config"]["steps"]), False
     evaluations, seconds = [], 0.0
-    reckoned = 0  # the step at which a `minutes` run last reckoned its count
+    # Under `minutes` the run stops at `reckon_at` to time its pace since `pace_mark` (a step and the
+    # training seconds then). The probe's first third carries the one-off costs: timed apart, left out.
+    start_step = trainer.position.step
+    reckon_at = (probe // 3 if start_step < probe // 3 else probe) if rebudget else None
+    pace_mark = (start_step, 0.0)
     averaged = ParameterAverage(trainer.params, trainer.optimizers[-1], average) if average is not None else None
 
     def evaluated():
@@ -554,18 +545,21 @@ def distill(
     while trainer.position.step < schedule.steps:
         every = evaluate_every if evaluate is not None and evaluate_every else schedule.steps
         until = min(schedule.steps, (trainer.position.step // every + 1) * every)
-        if rebudget:
-            done = trainer.position.step
-            until = min(until, probe if done < probe else done + budget_stretch(done, schedule.steps))
+        if reckon_at is not None:
+            until = min(until, reckon_at)
         started = time.perf_counter()
-        records = trainer.fit(until=until)
+        trainer.fit(until=until)
         seconds += time.perf_counter() - started
-        if rebudget and trainer.position.step >= probe:
-            done = trainer.position.step
-            # the probe's pace leaves out its first third, which carries the one-off costs
-            timed = probe - probe // 3 if reckoned == 0 else max(BUDGET_PROBE_STEPS, done - reckoned)
-            pace = _recent_pace(records, timed)
-            schedule.steps, reckoned = budget_steps(minutes * 60.0, seconds, pace, done, distributed), done
+        done = trainer.position.step
+        if done == reckon_at:
+            if done >= probe:
+                pace = (seconds - pace_mark[1]) / (done - pace_mark[0])
+                schedule.steps = budget_steps(minutes * 60.0, seconds, pace, done, distributed)
+            pace_mark = (done, seconds)
+            # the last stretch (at most BUDGET_PROBE_STEPS) runs to the end: no count moves after it
+            reckon_at = probe if done < probe else done + budget_stretch(done, schedule.steps)
+            if done >= probe and reckon_at >= schedule.steps:
+                reckon_at = None
         if evaluate is not None and (trainer.position.step % every == 0 or trainer.position.step == schedule.steps):
             evaluated()
     history = trainer.history
