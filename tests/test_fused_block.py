@@ -560,3 +560,28 @@ def test_fused_models_match_on_the_lower_tables(isa):
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["isa"] == isa and result["worst_cosine"] >= MIN_COSINE, result
+
+
+def test_the_tower_profile_counts_each_op_of_the_chain():
+    """benchmarks/profile_tower.py: one-op blocks show as transformer_block; --chain shows their ops."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import profile_tower
+    from pyclipq.cli.loading import load_model
+
+    loaded = load_model("testbed")
+    loaded.model = pyclipq.convert(loaded.model, "int8")
+    blocks = len(fused_blocks(loaded.model.visual))
+    assert blocks > 1
+
+    def calls(chain):
+        report = profile_tower.profile_tower(loaded, "image", 2, 2, chain=chain)
+        assert report["wall_ms_per_forward"] > 0
+        return {name: op["calls"] for name, op in report["ops"].items() if name.startswith("pyclipq::")}
+
+    # the last block computes only the pooled row after its q|k|v, so it always runs as the chain
+    assert calls(False) == {"pyclipq::transformer_block": blocks - 1, "pyclipq::quantized_linear": 4,
+                            "pyclipq::int8_linear": 1, "pyclipq::layer_norm_quantize": 2,
+                            "pyclipq::attention": 1, "pyclipq::quantize_per_token": 2}
+    assert calls(True) == {"pyclipq::quantized_linear": 4 * blocks, "pyclipq::int8_linear": 1,
+                           "pyclipq::layer_norm_quantize": 2 * blocks, "pyclipq::attention": blocks,
+                           "pyclipq::quantize_per_token": 2 * blocks}
