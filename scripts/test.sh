@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export TRITON_INTERPRET=1
 # `pytest`, not `python -m pytest`: the installed package is tested, not the source tree.
-pytest -q "$@"
+# -rs: every skipped test says why (a kernel table this CPU lacks, no CUDA device, ...).
+pytest -q -rs "$@"
