@@ -63,8 +63,11 @@ def main() -> None:
     parser.add_argument("--chain", action="store_true", help="run single-op blocks as their chain of ops")
     parser.add_argument("--json", help="write the full profile here")
     args = parser.parse_args()
-    if args.calls < 1:
-        parser.error(f"--calls must be at least 1, got {args.calls}")
+    for name in ("calls", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if min(args.batches) < 1:
+        parser.error(f"--batches must all be at least 1, got {args.batches}")
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model)
     loaded.model = pyclipq.convert(loaded.model, args.format)

@@ -586,3 +586,12 @@ def test_the_tower_profile_counts_each_op_of_the_chain():
                            "pyclipq::quantize_per_token": 2 * blocks}
     # the chain's patch is undone: no Fused<Class> is left with an _one_op of its own
     assert not [type(m) for m in loaded.model.modules() if isinstance(m, FusedBlock) and "_one_op" in vars(type(m))]
+
+
+@pytest.mark.parametrize("args,message", [(["--calls", "0"], "--calls must be at least 1, got 0"),
+                                          (["--threads", "0"], "--threads must be at least 1, got 0"),
+                                          (["--batches", "1", "0"], "--batches must all be at least 1, got [1, 0]")])
+def test_the_tower_profile_rejects_bad_arguments(args, message):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_tower.py"
+    r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, cwd="/")
+    assert r.returncode == 2 and message in r.stderr, r.stderr
